@@ -1,0 +1,66 @@
+//! Every metric Tempest emits, defined once: name, kind, labels and meaning.
+//!
+//! Targets (console, log, and later statsd, Prometheus, file) render these
+//! definitions; the README's metric table is generated from the same list
+//! ([`ALL`]), and a test checks that a running topology emits each of them.
+
+/// The kind of a metric.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// A monotonically increasing count.
+    Counter,
+    /// A value that goes up and down.
+    Gauge,
+    /// A distribution of latencies, recorded in microseconds.
+    Histogram,
+}
+
+/// One metric's definition.
+#[derive(Debug, PartialEq, Eq)]
+pub struct MetricDef {
+    /// The metric name, `tempest_`-prefixed, snake case.
+    pub name: &'static str,
+    /// Its kind.
+    pub kind: Kind,
+    /// The labels it carries besides `topology` (and `host` where set).
+    pub labels: &'static [&'static str],
+    /// What it means.
+    pub help: &'static str,
+}
+
+macro_rules! metrics {
+    ($($id:ident: $kind:ident, $name:literal, [$($label:literal),*], $help:literal;)*) => {
+        $(
+            #[doc = $help]
+            pub static $id: MetricDef = MetricDef {
+                name: $name,
+                kind: Kind::$kind,
+                labels: &[$($label),*],
+                help: $help,
+            };
+        )*
+        /// Every metric definition.
+        pub static ALL: &[&MetricDef] = &[$(&$id),*];
+    };
+}
+
+metrics! {
+    SOURCE_POLLED: Counter, "tempest_source_polled", [], "Messages polled from the source (roots admitted).";
+    SOURCE_ACKED: Counter, "tempest_source_acked", [], "Roots whose tree completed and that were acked at the source.";
+    SOURCE_FAILED: Counter, "tempest_source_failed", [], "Roots whose tree had an error (each attempt counts).";
+    SOURCE_TIMED_OUT: Counter, "tempest_source_timed_out", [], "Roots that did not complete within message_timeout (each attempt counts).";
+    SOURCE_DEAD_LETTERED: Counter, "tempest_source_dead_lettered", [], "Roots handed to the source's fail after the failure policy gave up.";
+    SOURCE_RETRIED: Counter, "tempest_source_retried", [], "Root replays scheduled by the retry policy.";
+    SOURCE_ERRORS: Counter, "tempest_source_errors", [], "Errors from the source (connect, poll, ack, fail).";
+    SOURCE_HEALTHY: Gauge, "tempest_source_healthy", [], "1 while the source reports healthy, 0 otherwise.";
+    ROOTS_IN_FLIGHT: Gauge, "tempest_roots_in_flight", [], "Roots admitted and not yet completed, failed or timed out.";
+    ROOT_COMPLETE_LATENCY: Histogram, "tempest_root_complete_latency", [], "Time from admitting a root to acking it (microseconds).";
+    TASK_MESSAGES_IN: Counter, "tempest_task_messages_in", ["task"], "Messages handed to the task's handle.";
+    TASK_MESSAGES_OUT: Counter, "tempest_task_messages_out", ["task"], "Messages the task returned for downstream.";
+    TASK_ERRORS: Counter, "tempest_task_errors", ["task"], "Messages whose handle returned an error or panicked.";
+    TASK_PANICS: Counter, "tempest_task_panics", ["task"], "Messages whose handle panicked (also counted in errors).";
+    TASK_HANDLE_LATENCY: Histogram, "tempest_task_handle_latency", ["task"], "Time in handle per message (microseconds; a batch's time spread over its messages).";
+    TASK_QUEUE_DEPTH: Gauge, "tempest_task_queue_depth", ["task"], "Messages queued for the task and not yet pulled.";
+    TASK_BUSY: Counter, "tempest_task_busy_micros", ["task"], "Microseconds the task's instances spent in handle.";
+    TASK_CAPACITY: Gauge, "tempest_task_capacity", ["task"], "Fraction of the last interval the task's instances were busy (Storm's capacity).";
+}

@@ -1,0 +1,507 @@
+//! [`Pipeline`]: the DAG of tasks, and [`Dag`], its validated form.
+//!
+//! A pipeline is built by name (tasks, then edges between them) and checked
+//! once by [`Pipeline::validate`], which reports every problem at once and
+//! never panics. The runtimes only ever see a [`Dag`]: tasks by index, each
+//! with its outgoing edges and groupings resolved.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::fmt;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::task::{Task, TaskFactory};
+
+/// How an edge spreads messages over the instances of its target task.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Grouping {
+    /// Any instance may take the message (load balancing).
+    #[default]
+    Shuffle,
+    /// Messages with equal keys reach the same instance. A message without a
+    /// key is treated as having the empty key.
+    Key,
+    /// Every instance gets a copy (broadcast).
+    All,
+}
+
+impl fmt::Display for Grouping {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Grouping::Shuffle => "shuffle",
+            Grouping::Key => "key",
+            Grouping::All => "all",
+        })
+    }
+}
+
+/// The most instances a task may run: key grouping and leases index
+/// instances with `u32`, and nothing sensible needs more.
+pub const MAX_WORKERS: u32 = 1024;
+
+struct TaskSpec {
+    name: String,
+    workers: u32,
+    factory: TaskFactory,
+}
+
+struct EdgeSpec {
+    from: String,
+    to: String,
+    grouping: Grouping,
+}
+
+/// A DAG of tasks under construction.
+///
+/// The first task added is the root, the one that receives messages from the
+/// source, unless [`Pipeline::root`] names another.
+///
+/// ```
+/// use tempest_core::{Grouping, Msg, Pipeline, TaskResult};
+///
+/// fn split(msg: Msg) -> TaskResult {
+///     let words = msg.payload_str().unwrap_or_default().split(' ')
+///         .map(|w| Msg::keyed_by_payload(w.to_owned())).collect();
+///     Ok(Some(words))
+/// }
+///
+/// let dag = Pipeline::new()
+///     .task("split", || split)
+///     .task_with_workers("count", 2, || |_m: Msg| -> TaskResult { Ok(None) })
+///     .edge_grouped("split", "count", Grouping::Key)
+///     .validate()
+///     .unwrap();
+/// assert_eq!(dag.task_count(), 2);
+/// assert_eq!(dag.task(dag.root()).name, "split");
+/// ```
+#[derive(Default)]
+pub struct Pipeline {
+    tasks: Vec<TaskSpec>,
+    edges: Vec<EdgeSpec>,
+    root: Option<String>,
+}
+
+impl Pipeline {
+    /// An empty pipeline.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a task with one instance. `factory` makes each instance.
+    pub fn task<T, F>(self, name: impl Into<String>, factory: F) -> Self
+    where
+        T: Task,
+        F: Fn() -> T + Send + Sync + 'static,
+    {
+        self.task_with_workers(name, 1, factory)
+    }
+
+    /// Adds a task with `workers` instances.
+    pub fn task_with_workers<T, F>(
+        mut self,
+        name: impl Into<String>,
+        workers: u32,
+        factory: F,
+    ) -> Self
+    where
+        T: Task,
+        F: Fn() -> T + Send + Sync + 'static,
+    {
+        self.tasks.push(TaskSpec {
+            name: name.into(),
+            workers,
+            factory: Arc::new(move || Box::new(factory()) as Box<dyn Task>),
+        });
+        self
+    }
+
+    /// Adds a shuffle-grouped edge.
+    pub fn edge(self, from: impl Into<String>, to: impl Into<String>) -> Self {
+        self.edge_grouped(from, to, Grouping::Shuffle)
+    }
+
+    /// Adds an edge with a grouping.
+    pub fn edge_grouped(
+        mut self,
+        from: impl Into<String>,
+        to: impl Into<String>,
+        grouping: Grouping,
+    ) -> Self {
+        self.edges.push(EdgeSpec {
+            from: from.into(),
+            to: to.into(),
+            grouping,
+        });
+        self
+    }
+
+    /// Names the root task (by default the first task added).
+    pub fn root(mut self, name: impl Into<String>) -> Self {
+        self.root = Some(name.into());
+        self
+    }
+
+    /// Sets the instance count of a task already added; used for overrides
+    /// from `Topology.toml`. Returns false when there is no such task.
+    pub fn set_workers(&mut self, name: &str, workers: u32) -> bool {
+        match self.tasks.iter_mut().find(|t| t.name == name) {
+            Some(t) => {
+                t.workers = workers;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The task names, in the order they were added.
+    pub fn task_names(&self) -> impl Iterator<Item = &str> {
+        self.tasks.iter().map(|t| t.name.as_str())
+    }
+
+    /// Checks the pipeline and compiles it, reporting every problem found.
+    pub fn validate(&self) -> Result<Dag, PipelineErrors> {
+        let mut errors = Vec::new();
+        if self.tasks.is_empty() {
+            return Err(PipelineErrors(vec![PipelineError::Empty]));
+        }
+
+        let mut index: HashMap<&str, usize> = HashMap::new();
+        for (i, t) in self.tasks.iter().enumerate() {
+            if t.name.is_empty() {
+                errors.push(PipelineError::EmptyName);
+            }
+            if index.insert(t.name.as_str(), i).is_some() {
+                errors.push(PipelineError::DuplicateTask(t.name.clone()));
+            }
+            if t.workers == 0 || t.workers > MAX_WORKERS {
+                errors.push(PipelineError::BadWorkers {
+                    task: t.name.clone(),
+                    workers: t.workers,
+                });
+            }
+        }
+
+        let root = match &self.root {
+            Some(r) => match index.get(r.as_str()) {
+                Some(&i) => Some(i),
+                None => {
+                    errors.push(PipelineError::UnknownRoot(r.clone()));
+                    None
+                }
+            },
+            None => Some(0),
+        };
+
+        let mut out: Vec<Vec<Edge>> = vec![Vec::new(); self.tasks.len()];
+        let mut seen_edges = HashSet::new();
+        for e in &self.edges {
+            let from = index.get(e.from.as_str()).copied();
+            let to = index.get(e.to.as_str()).copied();
+            for (end, name) in [(from, &e.from), (to, &e.to)] {
+                if end.is_none() {
+                    errors.push(PipelineError::UnknownTask {
+                        edge: format!("{} -> {}", e.from, e.to),
+                        task: name.clone(),
+                    });
+                }
+            }
+            if let (Some(f), Some(t)) = (from, to) {
+                if !seen_edges.insert((f, t)) {
+                    errors.push(PipelineError::DuplicateEdge {
+                        from: e.from.clone(),
+                        to: e.to.clone(),
+                    });
+                    continue;
+                }
+                if root == Some(t) {
+                    errors.push(PipelineError::EdgeIntoRoot {
+                        from: e.from.clone(),
+                    });
+                }
+                out[f].push(Edge {
+                    to: TaskIdx(t as u16),
+                    grouping: e.grouping,
+                });
+            }
+        }
+
+        if let Some(cycle) = find_cycle(&out) {
+            errors.push(PipelineError::Cycle(
+                cycle
+                    .into_iter()
+                    .map(|i| self.tasks[i].name.clone())
+                    .collect(),
+            ));
+        }
+
+        if let Some(root) = root {
+            let mut reached = vec![false; self.tasks.len()];
+            let mut queue = VecDeque::from([root]);
+            reached[root] = true;
+            while let Some(i) = queue.pop_front() {
+                for e in &out[i] {
+                    let t = e.to.0 as usize;
+                    if !reached[t] {
+                        reached[t] = true;
+                        queue.push_back(t);
+                    }
+                }
+            }
+            for (i, r) in reached.iter().enumerate() {
+                if !r {
+                    errors.push(PipelineError::Unreachable(self.tasks[i].name.clone()));
+                }
+            }
+        }
+
+        if self.tasks.len() > usize::from(u16::MAX) {
+            errors.push(PipelineError::TooManyTasks(self.tasks.len()));
+        }
+
+        match (errors.is_empty(), root) {
+            (true, Some(root)) => {
+                let mut keyed_input = vec![false; self.tasks.len()];
+                for edges in &out {
+                    for e in edges {
+                        if e.grouping != Grouping::Shuffle {
+                            keyed_input[e.to.0 as usize] = true;
+                        }
+                    }
+                }
+                let tasks = self
+                    .tasks
+                    .iter()
+                    .zip(out)
+                    .zip(keyed_input)
+                    .map(|((t, edges), routed)| DagTask {
+                        name: t.name.clone(),
+                        workers: t.workers,
+                        factory: t.factory.clone(),
+                        edges,
+                        routed_input: routed,
+                    })
+                    .collect();
+                Ok(Dag {
+                    tasks,
+                    root: TaskIdx(root as u16),
+                })
+            }
+            _ => Err(PipelineErrors(errors)),
+        }
+    }
+}
+
+/// Returns the tasks on one cycle, if the graph has any.
+fn find_cycle(out: &[Vec<Edge>]) -> Option<Vec<usize>> {
+    #[derive(Copy, Clone, PartialEq)]
+    enum Mark {
+        New,
+        Open,
+        Done,
+    }
+    let mut mark = vec![Mark::New; out.len()];
+    for start in 0..out.len() {
+        if mark[start] != Mark::New {
+            continue;
+        }
+        // Iterative DFS: (node, next edge to look at); `path` mirrors the stack.
+        let mut stack = vec![(start, 0usize)];
+        mark[start] = Mark::Open;
+        while let Some(&mut (node, ref mut next)) = stack.last_mut() {
+            if let Some(e) = out[node].get(*next) {
+                *next += 1;
+                let t = e.to.0 as usize;
+                match mark[t] {
+                    Mark::New => {
+                        mark[t] = Mark::Open;
+                        stack.push((t, 0));
+                    }
+                    Mark::Open => {
+                        let from = stack.iter().position(|&(n, _)| n == t).unwrap_or(0);
+                        let mut cycle: Vec<usize> = stack[from..].iter().map(|&(n, _)| n).collect();
+                        cycle.push(t);
+                        return Some(cycle);
+                    }
+                    Mark::Done => {}
+                }
+            } else {
+                mark[node] = Mark::Done;
+                stack.pop();
+            }
+        }
+    }
+    None
+}
+
+/// A task's position in a [`Dag`].
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TaskIdx(pub u16);
+
+impl TaskIdx {
+    /// The index as a `usize`.
+    pub fn get(self) -> usize {
+        usize::from(self.0)
+    }
+}
+
+/// An outgoing edge of a task.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Edge {
+    /// The downstream task.
+    pub to: TaskIdx,
+    /// How messages spread over its instances.
+    pub grouping: Grouping,
+}
+
+/// One task of a validated DAG.
+pub struct DagTask {
+    /// The task's name.
+    pub name: String,
+    /// How many instances run.
+    pub workers: u32,
+    /// Makes an instance.
+    pub factory: TaskFactory,
+    /// Outgoing edges.
+    pub edges: Vec<Edge>,
+    /// True when some incoming edge is key- or all-grouped, so messages may
+    /// be addressed to one instance.
+    pub routed_input: bool,
+}
+
+impl DagTask {
+    /// How many copies of one output message this task's edges make: one per
+    /// shuffle or key edge, one per instance for an all-grouped edge.
+    pub fn fan_out(&self, dag: &Dag) -> u32 {
+        self.edges
+            .iter()
+            .map(|e| match e.grouping {
+                Grouping::All => dag.task(e.to).workers,
+                _ => 1,
+            })
+            .sum()
+    }
+}
+
+impl fmt::Debug for DagTask {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DagTask")
+            .field("name", &self.name)
+            .field("workers", &self.workers)
+            .field("edges", &self.edges)
+            .finish()
+    }
+}
+
+/// A validated pipeline.
+#[derive(Debug)]
+pub struct Dag {
+    tasks: Vec<DagTask>,
+    root: TaskIdx,
+}
+
+impl Dag {
+    /// The root task, which receives source messages.
+    pub fn root(&self) -> TaskIdx {
+        self.root
+    }
+
+    /// A task by index.
+    pub fn task(&self, idx: TaskIdx) -> &DagTask {
+        &self.tasks[idx.get()]
+    }
+
+    /// A task's index by name.
+    pub fn find(&self, name: &str) -> Option<TaskIdx> {
+        self.tasks
+            .iter()
+            .position(|t| t.name == name)
+            .map(|i| TaskIdx(i as u16))
+    }
+
+    /// All tasks with their indices.
+    pub fn tasks(&self) -> impl Iterator<Item = (TaskIdx, &DagTask)> {
+        self.tasks
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (TaskIdx(i as u16), t))
+    }
+
+    /// The number of tasks.
+    pub fn task_count(&self) -> usize {
+        self.tasks.len()
+    }
+}
+
+/// One problem with a pipeline.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PipelineError {
+    /// No tasks at all.
+    #[error("the pipeline has no tasks")]
+    Empty,
+    /// A task with an empty name.
+    #[error("a task has an empty name")]
+    EmptyName,
+    /// Two tasks with one name.
+    #[error("task `{0}` is defined more than once")]
+    DuplicateTask(String),
+    /// An edge names a task that does not exist.
+    #[error("edge `{edge}` names unknown task `{task}`")]
+    UnknownTask {
+        /// The edge, as `from -> to`.
+        edge: String,
+        /// The missing task.
+        task: String,
+    },
+    /// The root names a task that does not exist.
+    #[error("the root names unknown task `{0}`")]
+    UnknownRoot(String),
+    /// The same edge twice.
+    #[error("edge `{from} -> {to}` is defined more than once")]
+    DuplicateEdge {
+        /// Upstream task.
+        from: String,
+        /// Downstream task.
+        to: String,
+    },
+    /// An edge into the root (the root only takes source messages).
+    #[error("edge from `{from}` leads into the root task; the root only receives source messages")]
+    EdgeIntoRoot {
+        /// Upstream task.
+        from: String,
+    },
+    /// The tasks on a cycle, first repeated at the end.
+    #[error("the pipeline has a cycle: {}", .0.join(" -> "))]
+    Cycle(Vec<String>),
+    /// A task that no path from the root reaches.
+    #[error("task `{0}` is not reachable from the root")]
+    Unreachable(String),
+    /// A worker count out of range.
+    #[error("task `{task}` has {workers} workers; it needs 1 to {max}", max = MAX_WORKERS)]
+    BadWorkers {
+        /// The task.
+        task: String,
+        /// The count given.
+        workers: u32,
+    },
+    /// More tasks than an index can hold.
+    #[error("the pipeline has {0} tasks; at most 65535 are supported")]
+    TooManyTasks(usize),
+}
+
+/// Every problem found in a pipeline.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PipelineErrors(pub Vec<PipelineError>);
+
+impl fmt::Display for PipelineErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid pipeline ({} problem(s))", self.0.len())?;
+        for e in &self.0 {
+            write!(f, "\n  - {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for PipelineErrors {}
