@@ -17,6 +17,7 @@ pub mod source;
 pub mod sources;
 pub mod task;
 pub mod topology;
+pub mod work;
 
 pub use async_trait::async_trait;
 pub use bytes::Bytes;
@@ -32,3 +33,4 @@ pub use task::{Task, TaskContext, TaskError, TaskFactory, TaskResult};
 pub use topology::{
     BuildError, FailurePolicy, MetricSettings, Settings, SourceKinds, Topology, TopologyBuilder,
 };
+pub use work::{Delivery, Handled};

@@ -1,0 +1,231 @@
+//! The source driver: the one async task that owns the [`Source`].
+//!
+//! It polls while fewer than `max_pending` roots are in flight, hands polled
+//! messages to the hub, acks and fails roots at the source in batches as the
+//! hub settles them, sweeps timeouts and replays on a timer, and reconnects
+//! with back-off after a retryable source error. On shutdown it stops
+//! polling and drains: it keeps acking until no root is in flight or the
+//! grace period ends; what is still in flight then stays un-acked at the
+//! source, so the broker redelivers it (at-least-once).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tokio::sync::watch;
+
+use tempest_core::metrics::{catalog, Counter, Gauge, Labels, Registry};
+use tempest_core::{Health, Polled, Settings, Source, SourceError};
+
+use crate::hub::{Hub, SourceWork};
+
+/// How the driver ended.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum DriveEnd {
+    /// A finite source was exhausted and every root settled.
+    Exhausted,
+    /// Shutdown was requested; `left` roots were still in flight when the
+    /// drain ended (0 when it drained completely).
+    Shutdown {
+        /// Roots left un-acked at the source.
+        left: usize,
+    },
+}
+
+/// Whether to stop when a finite source is exhausted (standalone) or keep
+/// serving (a topology server waits for shutdown).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum OnExhausted {
+    /// Finish the roots in flight and return.
+    Finish,
+    /// Keep running until shutdown.
+    Wait,
+}
+
+const MAX_IDLE_WAIT: Duration = Duration::from_millis(50);
+const MAX_SWEEP_WAIT: Duration = Duration::from_millis(100);
+const MAX_RECONNECT_WAIT: Duration = Duration::from_secs(5);
+
+/// Drives `source` into `hub` until it is exhausted or `shutdown` turns true.
+pub struct Driver {
+    source: Box<dyn Source>,
+    hub: Arc<Mutex<Hub>>,
+    max_pending: usize,
+    batch: usize,
+    grace: Duration,
+    on_exhausted: OnExhausted,
+    errors: Counter,
+    healthy: Gauge,
+}
+
+impl Driver {
+    /// A driver for `source` feeding `hub`.
+    pub fn new(
+        source: Box<dyn Source>,
+        hub: Arc<Mutex<Hub>>,
+        settings: &Settings,
+        registry: &Registry,
+        on_exhausted: OnExhausted,
+    ) -> Self {
+        Driver {
+            source,
+            hub,
+            max_pending: settings.max_pending,
+            batch: settings.batch_size,
+            grace: settings.grace_period,
+            on_exhausted,
+            errors: registry.counter(&catalog::SOURCE_ERRORS, &Labels::default()),
+            healthy: registry.gauge(&catalog::SOURCE_HEALTHY, &Labels::default()),
+        }
+    }
+
+    /// Runs the driver. Errors only for a source error that retrying cannot fix.
+    pub async fn run(
+        mut self,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<DriveEnd, SourceError> {
+        let wake = self.hub.lock().driver_waker();
+        let mut connected = false;
+        let mut reconnect_wait = Duration::from_millis(100);
+        let mut idle_wait = Duration::from_millis(1);
+        let mut exhausted = false;
+        let mut drain_until: Option<Instant> = None;
+
+        loop {
+            if drain_until.is_none() && *shutdown.borrow_and_update() {
+                tracing::info!(grace = ?self.grace, "shutdown: draining roots in flight");
+                drain_until = Some(Instant::now() + self.grace);
+            }
+
+            // One lock: sweep, then take everything the source has not heard
+            // of yet. Acking it before polling means the source never sees
+            // more than `max_pending` un-acked roots.
+            let (work, in_flight, next_sweep) = {
+                let mut hub = self.hub.lock();
+                let next = hub.sweep();
+                (hub.take_source_work(), hub.in_flight(), next)
+            };
+            if !work.is_empty() {
+                self.settle_at_source(work).await;
+            }
+
+            let finishing =
+                drain_until.is_some() || (exhausted && self.on_exhausted == OnExhausted::Finish);
+            if finishing && in_flight == 0 {
+                break;
+            }
+            if let Some(deadline) = drain_until {
+                if Instant::now() >= deadline {
+                    tracing::warn!(
+                        left = in_flight,
+                        "grace period over: leaving roots un-acked at the source"
+                    );
+                    self.shutdown_source().await;
+                    return Ok(DriveEnd::Shutdown { left: in_flight });
+                }
+            }
+
+            let mut wait = next_sweep.min(MAX_SWEEP_WAIT);
+            if drain_until.is_none() && !exhausted && in_flight < self.max_pending {
+                if !connected {
+                    match self.source.connect().await {
+                        Ok(()) => {
+                            connected = true;
+                            reconnect_wait = Duration::from_millis(100);
+                            self.healthy.set(1.0);
+                            tracing::info!("source connected");
+                            continue;
+                        }
+                        Err(e) => {
+                            self.source_error(&e)?;
+                            wait = reconnect_wait;
+                            reconnect_wait = (reconnect_wait * 2).min(MAX_RECONNECT_WAIT);
+                        }
+                    }
+                } else {
+                    let want = self.batch.min(self.max_pending - in_flight);
+                    match self.source.poll(want).await {
+                        Ok(Polled::Msgs(msgs)) => {
+                            idle_wait = Duration::from_millis(1);
+                            self.hub.lock().admit(msgs);
+                            // Let the workers on this thread run before polling again.
+                            tokio::task::yield_now().await;
+                            continue;
+                        }
+                        Ok(Polled::Idle) => {
+                            wait = wait.min(idle_wait);
+                            idle_wait = (idle_wait * 2).min(MAX_IDLE_WAIT);
+                        }
+                        Ok(Polled::Exhausted) => {
+                            tracing::info!("source exhausted");
+                            exhausted = true;
+                            continue;
+                        }
+                        Err(e) => {
+                            self.source_error(&e)?;
+                            connected = false;
+                            wait = reconnect_wait;
+                        }
+                    }
+                }
+            }
+            if let Some(deadline) = drain_until {
+                wait = wait.min(deadline.saturating_duration_since(Instant::now()));
+            }
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed(), if drain_until.is_none() => {}
+            }
+        }
+        self.shutdown_source().await;
+        Ok(if drain_until.is_some() {
+            DriveEnd::Shutdown { left: 0 }
+        } else {
+            DriveEnd::Exhausted
+        })
+    }
+
+    /// Acks and fails at the source what the hub has settled.
+    async fn settle_at_source(&mut self, work: SourceWork) {
+        if !work.acks.is_empty() {
+            if let Err(e) = self.source.ack(&work.acks).await {
+                // The roots stay un-acked at the broker, which redelivers them.
+                self.errors.inc();
+                tracing::warn!(count = work.acks.len(), "ack failed: {e}");
+            }
+        }
+        for (id, reason) in &work.fails {
+            if let Err(e) = self.source.fail(*id, reason).await {
+                self.errors.inc();
+                tracing::warn!(%id, "fail failed: {e}");
+            }
+        }
+    }
+
+    fn source_error(&mut self, e: &SourceError) -> Result<(), SourceError> {
+        self.errors.inc();
+        self.healthy.set(0.0);
+        if e.retryable {
+            tracing::warn!("source unhealthy, retrying: {e}");
+            Ok(())
+        } else {
+            tracing::error!("source failed: {e}");
+            Err(SourceError {
+                kind: e.kind,
+                message: e.message.clone(),
+                retryable: false,
+            })
+        }
+    }
+
+    async fn shutdown_source(&mut self) {
+        if let Health::Unhealthy(why) = self.source.health().await {
+            tracing::warn!("source unhealthy at shutdown: {why}");
+        }
+        if let Err(e) = self.source.shutdown().await {
+            self.errors.inc();
+            tracing::warn!("source shutdown: {e}");
+        }
+    }
+}

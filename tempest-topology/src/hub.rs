@@ -1,0 +1,536 @@
+//! The hub: admission, routing along the DAG, and settling roots.
+//!
+//! The hub is the single owner of the ledger and of every task's queue. The
+//! standalone runtime and the TCP topology server both drive this one type:
+//! the source side calls [`Hub::admit`], [`Hub::sweep`] and
+//! [`Hub::take_source_work`]; a task instance (an in-process worker or a TCP
+//! connection) calls [`Hub::exchange`] to hand back what it handled and take
+//! its next batch. It does no I/O and never waits: callers hold it behind a
+//! lock for the length of one batch and do their waiting outside.
+//!
+//! Queues: each task has a shared queue (shuffle-grouped input, which any
+//! instance may take) and one queue per instance (key- and all-grouped input,
+//! addressed to that instance). An instance drains its own queue first.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+use tempest_core::ledger::{Ledger, RootId, Settled, Tick};
+use tempest_core::metrics::{catalog, Counter, Gauge, Histogram, Labels, Registry};
+use tempest_core::msg::key_instance;
+use tempest_core::pipeline::{Dag, Grouping, TaskIdx};
+use tempest_core::{
+    Delivery, FailReason, FailurePolicy, Handled, Msg, Settings, SourceId, SourceMsg, TaskError,
+};
+
+/// What the hub keeps beside each root's ledger entry.
+#[derive(Default)]
+struct RootTag {
+    source: SourceId,
+    /// The root message, kept only when the policy may replay it.
+    payload: Option<Msg>,
+    /// Attempts so far, this one included.
+    attempts: u32,
+}
+
+/// How a root ended, as reported to an observer (the test runtime).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RootEvent {
+    /// The tree completed; the root was acked at the source.
+    Acked {
+        /// The source's id of the root.
+        id: SourceId,
+        /// Attempts it took.
+        attempts: u32,
+    },
+    /// The tree failed (an error or a timeout) and the policy handled it.
+    Failed {
+        /// The source's id of the root.
+        id: SourceId,
+        /// Why.
+        reason: FailReason,
+        /// What the policy did.
+        action: FailAction,
+    },
+}
+
+/// What the failure policy did with a failed root.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum FailAction {
+    /// Best effort: acked at the source anyway.
+    AckedAnyway,
+    /// Retry: a replay is scheduled.
+    Replaying,
+    /// Retry ran out (or the error was permanent): handed to the source's `fail`.
+    DeadLettered,
+    /// Policy none: left un-acked at the source.
+    LeftUnacked,
+}
+
+struct TaskQueue {
+    shared: VecDeque<Delivery>,
+    routed: Vec<VecDeque<Delivery>>,
+    wake: Vec<Arc<Notify>>,
+    idle: Vec<bool>,
+    depth: Gauge,
+}
+
+impl TaskQueue {
+    fn len(&self) -> usize {
+        self.shared.len() + self.routed.iter().map(VecDeque::len).sum::<usize>()
+    }
+
+    fn wake(&mut self, instance: usize) {
+        if std::mem::take(&mut self.idle[instance]) {
+            self.wake[instance].notify_one();
+        }
+    }
+
+    fn wake_all(&mut self) {
+        for i in 0..self.idle.len() {
+            self.wake(i);
+        }
+    }
+}
+
+struct HubMetrics {
+    polled: Counter,
+    acked: Counter,
+    failed: Counter,
+    timed_out: Counter,
+    dead_lettered: Counter,
+    retried: Counter,
+    in_flight: Gauge,
+    complete_latency: Histogram,
+}
+
+/// A replay waiting for its back-off to pass.
+struct Replay {
+    due: Instant,
+    seq: u64,
+    tag: RootTag,
+}
+
+impl PartialEq for Replay {
+    fn eq(&self, o: &Self) -> bool {
+        (self.due, self.seq) == (o.due, o.seq)
+    }
+}
+impl Eq for Replay {}
+impl PartialOrd for Replay {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Replay {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        (self.due, self.seq).cmp(&(o.due, o.seq))
+    }
+}
+
+/// Source-side work the hub has gathered: roots to ack and to fail.
+#[derive(Default, Debug)]
+pub struct SourceWork {
+    /// Roots to ack at the source.
+    pub acks: Vec<SourceId>,
+    /// Roots to hand to the source's `fail`.
+    pub fails: Vec<(SourceId, FailReason)>,
+}
+
+impl SourceWork {
+    /// True when there is nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.acks.is_empty() && self.fails.is_empty()
+    }
+}
+
+/// The hub. See the module docs.
+pub struct Hub {
+    dag: Arc<Dag>,
+    ledger: Ledger<RootTag>,
+    queues: Vec<TaskQueue>,
+    policy: FailurePolicy,
+    keep_payloads: bool,
+    timeout: Duration,
+    replays: BinaryHeap<Reverse<Replay>>,
+    replay_seq: u64,
+    work: SourceWork,
+    /// Wakes the source driver when there is source work or room to poll.
+    driver: Arc<Notify>,
+    events: Option<Vec<RootEvent>>,
+    sink_outputs: Option<Vec<Vec<Msg>>>,
+    metrics: HubMetrics,
+}
+
+impl Hub {
+    /// A hub for `dag` with `settings`, recording metrics in `registry`.
+    pub fn new(dag: Arc<Dag>, settings: &Settings, registry: &Registry) -> Self {
+        let none = Labels::default();
+        let queues = dag
+            .tasks()
+            .map(|(_, t)| {
+                let n = t.workers as usize;
+                TaskQueue {
+                    shared: VecDeque::new(),
+                    routed: (0..n).map(|_| VecDeque::new()).collect(),
+                    wake: (0..n).map(|_| Arc::new(Notify::new())).collect(),
+                    idle: vec![false; n],
+                    depth: registry.gauge(
+                        &catalog::TASK_QUEUE_DEPTH,
+                        &Labels::new([("task", t.name.as_str())]),
+                    ),
+                }
+            })
+            .collect();
+        Hub {
+            ledger: Ledger::with_capacity(
+                settings.message_timeout,
+                settings.max_pending.min(1 << 20),
+            ),
+            queues,
+            keep_payloads: matches!(settings.failure, FailurePolicy::Retry { .. }),
+            policy: settings.failure.clone(),
+            timeout: settings.message_timeout,
+            replays: BinaryHeap::new(),
+            replay_seq: 0,
+            work: SourceWork::default(),
+            driver: Arc::new(Notify::new()),
+            events: None,
+            sink_outputs: None,
+            metrics: HubMetrics {
+                polled: registry.counter(&catalog::SOURCE_POLLED, &none),
+                acked: registry.counter(&catalog::SOURCE_ACKED, &none),
+                failed: registry.counter(&catalog::SOURCE_FAILED, &none),
+                timed_out: registry.counter(&catalog::SOURCE_TIMED_OUT, &none),
+                dead_lettered: registry.counter(&catalog::SOURCE_DEAD_LETTERED, &none),
+                retried: registry.counter(&catalog::SOURCE_RETRIED, &none),
+                in_flight: registry.gauge(&catalog::ROOTS_IN_FLIGHT, &none),
+                complete_latency: registry.histogram(&catalog::ROOT_COMPLETE_LATENCY, &none),
+            },
+            dag,
+        }
+    }
+
+    /// Records every root's end in [`Hub::take_events`] (for tests).
+    pub fn record_events(&mut self) {
+        self.events = Some(Vec::new());
+    }
+
+    /// Keeps what tasks without outgoing edges emit, by task (for tests).
+    pub fn capture_sink_outputs(&mut self) {
+        self.sink_outputs = Some(vec![Vec::new(); self.dag.task_count()]);
+    }
+
+    /// The DAG.
+    pub fn dag(&self) -> &Arc<Dag> {
+        &self.dag
+    }
+
+    /// The notifier an instance waits on when [`Hub::exchange`] had nothing.
+    pub fn waker(&self, task: TaskIdx, instance: u32) -> Arc<Notify> {
+        self.queues[task.get()].wake[instance as usize].clone()
+    }
+
+    /// Wakes every waiting instance (at shutdown).
+    pub fn wake_all(&mut self) {
+        for q in &mut self.queues {
+            for w in &q.wake {
+                w.notify_one();
+            }
+            q.idle.iter_mut().for_each(|i| *i = false);
+        }
+    }
+
+    /// The notifier the source driver waits on.
+    pub fn driver_waker(&self) -> Arc<Notify> {
+        self.driver.clone()
+    }
+
+    /// Roots in flight, replays waiting included: what `max_pending` caps.
+    pub fn in_flight(&self) -> usize {
+        self.ledger.len() + self.replays.len()
+    }
+
+    /// The current ledger time.
+    pub fn now(&self) -> Tick {
+        self.ledger.now()
+    }
+
+    /// Admits polled messages as roots and queues them for the root task.
+    pub fn admit(&mut self, msgs: Vec<SourceMsg>) {
+        let now = self.ledger.now();
+        self.metrics.polled.add(msgs.len() as u64);
+        for SourceMsg { id, msg } in msgs {
+            let tag = RootTag {
+                source: id,
+                payload: self.keep_payloads.then(|| msg.clone()),
+                attempts: 1,
+            };
+            self.admit_root(tag, msg, now);
+        }
+        self.queues[self.dag.root().get()].wake_all();
+    }
+
+    fn admit_root(&mut self, tag: RootTag, msg: Msg, now: Tick) {
+        let root = self.ledger.admit(tag, 1, now);
+        self.queues[self.dag.root().get()]
+            .shared
+            .push_back(Delivery { root, msg });
+    }
+
+    /// Settles what an instance of `task` handled, then moves up to `max`
+    /// deliveries for that instance into `batch`. When nothing is queued for
+    /// it, the instance is marked idle and its [`Hub::waker`] fires when work
+    /// arrives.
+    pub fn exchange(
+        &mut self,
+        task: TaskIdx,
+        instance: u32,
+        handled: &mut Vec<Handled>,
+        max: usize,
+        batch: &mut Vec<Delivery>,
+    ) {
+        if !handled.is_empty() {
+            self.settle(task, handled);
+        }
+        let ledger = &self.ledger;
+        let q = &mut self.queues[task.get()];
+        let i = instance as usize;
+        while batch.len() < max {
+            let Some(d) = q.routed[i].pop_front().or_else(|| q.shared.pop_front()) else {
+                break;
+            };
+            // Work of a root that already failed or timed out is dropped here.
+            if ledger.is_live(d.root) {
+                batch.push(d);
+            }
+        }
+        if batch.is_empty() {
+            q.idle[i] = true;
+        } else if !q.shared.is_empty() {
+            // More shuffle work than this instance took: let an idle sibling help.
+            if let Some(j) = q.idle.iter().position(|&idle| idle) {
+                q.wake(j);
+            }
+        }
+    }
+
+    /// Settles handled messages of `task`: routes outputs, completes roots,
+    /// and hands failures to the policy.
+    pub fn settle(&mut self, task: TaskIdx, handled: &mut Vec<Handled>) {
+        let now = self.ledger.now();
+        let fan_out = self.dag.task(task).fan_out(&self.dag);
+        let mut completed = false;
+        for Handled { root, result } in handled.drain(..) {
+            match result {
+                Ok(out) => {
+                    let out = out.unwrap_or_default();
+                    let children = if fan_out == 0 {
+                        0
+                    } else {
+                        out.len() as u32 * fan_out
+                    };
+                    match self.ledger.settle(root, children, now) {
+                        Settled::Pending => self.route(task, root, out),
+                        Settled::Complete(tag, age) => {
+                            self.capture(task, fan_out, out);
+                            self.complete(tag, age);
+                            completed = true;
+                        }
+                        Settled::Stale => {}
+                    }
+                }
+                Err(e) => {
+                    if let Some((tag, _)) = self.ledger.remove(root, now) {
+                        self.metrics.failed.inc();
+                        self.fail(tag, &e);
+                        completed = true;
+                    }
+                }
+            }
+        }
+        if completed {
+            self.driver.notify_one();
+        }
+    }
+
+    fn capture(&mut self, task: TaskIdx, fan_out: u32, out: Vec<Msg>) {
+        if fan_out == 0 && !out.is_empty() {
+            if let Some(sinks) = &mut self.sink_outputs {
+                sinks[task.get()].extend(out);
+            }
+        }
+    }
+
+    fn route(&mut self, from: TaskIdx, root: RootId, out: Vec<Msg>) {
+        let dag = &*self.dag;
+        let edges = &dag.task(from).edges;
+        if edges.is_empty() {
+            if let Some(sinks) = &mut self.sink_outputs {
+                sinks[from.get()].extend(out);
+            }
+            return;
+        }
+        let last = edges.len() - 1;
+        let mut out = Some(out);
+        for (n, e) in edges.iter().enumerate() {
+            // The last edge takes the messages; earlier ones clone (cheap: Bytes).
+            let msgs = if n == last {
+                out.take().unwrap_or_default()
+            } else {
+                out.clone().unwrap_or_default()
+            };
+            let workers = dag.task(e.to).workers;
+            let q = &mut self.queues[e.to.get()];
+            match e.grouping {
+                Grouping::Shuffle => {
+                    q.shared
+                        .extend(msgs.into_iter().map(|msg| Delivery { root, msg }));
+                    q.wake_all();
+                }
+                Grouping::Key => {
+                    for msg in msgs {
+                        let key = msg.key().map_or(&[][..], |k| &k[..]);
+                        let i = key_instance(key, workers) as usize;
+                        q.routed[i].push_back(Delivery { root, msg });
+                        q.wake(i);
+                    }
+                }
+                Grouping::All => {
+                    for msg in msgs {
+                        for i in 0..workers as usize {
+                            q.routed[i].push_back(Delivery {
+                                root,
+                                msg: msg.clone(),
+                            });
+                            q.wake(i);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn complete(&mut self, tag: RootTag, age: Duration) {
+        self.metrics.acked.inc();
+        self.metrics.complete_latency.record(age.as_micros() as u64);
+        self.work.acks.push(tag.source);
+        if let Some(ev) = &mut self.events {
+            ev.push(RootEvent::Acked {
+                id: tag.source,
+                attempts: tag.attempts,
+            });
+        }
+    }
+
+    /// Applies the failure policy to a root that errored or timed out.
+    fn fail(&mut self, mut tag: RootTag, error: &TaskError) {
+        let reason = FailReason {
+            message: error.message().to_string(),
+            attempts: tag.attempts,
+        };
+        let action = match &self.policy {
+            FailurePolicy::BestEffort => {
+                self.work.acks.push(tag.source);
+                FailAction::AckedAnyway
+            }
+            FailurePolicy::None => FailAction::LeftUnacked,
+            FailurePolicy::Retry { .. } => match self.policy.replay_delay(tag.attempts) {
+                Some(delay) if error.is_retryable() && tag.payload.is_some() => {
+                    self.metrics.retried.inc();
+                    tag.attempts += 1;
+                    self.replay_seq += 1;
+                    let id = tag.source;
+                    self.replays.push(Reverse(Replay {
+                        due: Instant::now() + delay,
+                        seq: self.replay_seq,
+                        tag,
+                    }));
+                    self.record_failure(id, reason, FailAction::Replaying);
+                    return;
+                }
+                _ => {
+                    self.metrics.dead_lettered.inc();
+                    self.work.fails.push((tag.source, reason.clone()));
+                    FailAction::DeadLettered
+                }
+            },
+        };
+        self.record_failure(tag.source, reason, action);
+    }
+
+    fn record_failure(&mut self, id: SourceId, reason: FailReason, action: FailAction) {
+        if let Some(ev) = &mut self.events {
+            ev.push(RootEvent::Failed { id, reason, action });
+        }
+    }
+
+    /// Times out roots past `message_timeout` and re-admits replays whose
+    /// back-off has passed. Returns when it next needs to run.
+    pub fn sweep(&mut self) -> Duration {
+        let now = self.ledger.now();
+        let mut expired = Vec::new();
+        self.ledger.expire(now, |_, tag| expired.push(tag));
+        if !expired.is_empty() {
+            let err = TaskError::new(format!("timed out after {:?}", self.timeout));
+            for tag in expired {
+                self.metrics.timed_out.inc();
+                self.fail(tag, &err);
+            }
+        }
+        let wall = Instant::now();
+        let mut replayed = false;
+        while self.replays.peek().is_some_and(|r| r.0.due <= wall) {
+            let Some(Reverse(Replay { tag, .. })) = self.replays.pop() else {
+                break;
+            };
+            let msg = tag.payload.clone().unwrap_or_default();
+            self.admit_root(tag, msg, now);
+            replayed = true;
+        }
+        if replayed {
+            self.queues[self.dag.root().get()].wake_all();
+        }
+        self.metrics.in_flight.set(self.in_flight() as f64);
+        for q in &self.queues {
+            q.depth.set(q.len() as f64);
+        }
+        let next_timeout = self.ledger.next_deadline(now).unwrap_or(self.timeout);
+        let next_replay = self
+            .replays
+            .peek()
+            .map_or(Duration::MAX, |r| r.0.due.saturating_duration_since(wall));
+        next_timeout.min(next_replay)
+    }
+
+    /// Takes the acks and fails gathered for the source.
+    pub fn take_source_work(&mut self) -> SourceWork {
+        std::mem::take(&mut self.work)
+    }
+
+    /// True when there is source work waiting.
+    pub fn has_source_work(&self) -> bool {
+        !self.work.is_empty()
+    }
+
+    /// Takes the root events recorded so far.
+    pub fn take_events(&mut self) -> Vec<RootEvent> {
+        self.events.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// Takes the captured outputs of sink tasks, by task name.
+    pub fn take_sink_outputs(&mut self) -> Vec<(String, Vec<Msg>)> {
+        let Some(sinks) = &mut self.sink_outputs else {
+            return Vec::new();
+        };
+        self.dag
+            .tasks()
+            .zip(sinks.iter_mut())
+            .map(|((_, t), out)| (t.name.clone(), std::mem::take(out)))
+            .collect()
+    }
+}

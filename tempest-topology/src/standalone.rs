@@ -1,0 +1,287 @@
+//! The standalone runtime: a whole topology in one process.
+//!
+//! The same [`Hub`] and [`Driver`] as the topology server, with in-process
+//! workers instead of TCP connections: each task instance is a tokio task
+//! that swaps its handled batch for the next one in one short lock of the
+//! hub, and waits on its own notifier when there is nothing for it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tokio::sync::watch;
+
+use tempest_core::metrics::targets::spawn_flusher;
+use tempest_core::metrics::{catalog, Labels, Registry, Snapshot};
+use tempest_core::pipeline::TaskIdx;
+use tempest_core::{BuildError, PipelineErrors, Source, SourceError, TaskContext, Topology};
+use tempest_task::{Instance, TaskMetrics};
+
+use crate::driver::{DriveEnd, Driver, OnExhausted};
+use crate::hub::Hub;
+
+/// Why a topology could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The pipeline is invalid.
+    #[error("{0}")]
+    Pipeline(#[from] PipelineErrors),
+    /// A setting is invalid.
+    #[error("{0}")]
+    Settings(#[from] BuildError),
+    /// Neither the code nor `Topology.toml` gave a source.
+    #[error("the topology has no source: give one in code or as [source] kind in Topology.toml")]
+    NoSource,
+    /// The source failed in a way retrying cannot fix.
+    #[error("source: {0}")]
+    Source(#[from] SourceError),
+}
+
+/// What a run did.
+#[derive(Debug, Clone)]
+pub struct RunReport {
+    /// How the run ended.
+    pub end: DriveEnd,
+    /// Wall time from start to the end of the drain.
+    pub elapsed: Duration,
+    /// Every metric at the end.
+    pub metrics: Snapshot,
+}
+
+impl RunReport {
+    /// Roots polled from the source.
+    pub fn polled(&self) -> u64 {
+        self.metrics.counter(catalog::SOURCE_POLLED.name, &[])
+    }
+    /// Roots acked.
+    pub fn acked(&self) -> u64 {
+        self.metrics.counter(catalog::SOURCE_ACKED.name, &[])
+    }
+    /// Root failures (errors and timeouts, each attempt counted).
+    pub fn failed(&self) -> u64 {
+        self.metrics.counter(catalog::SOURCE_FAILED.name, &[])
+            + self.metrics.counter(catalog::SOURCE_TIMED_OUT.name, &[])
+    }
+    /// Roots dead-lettered at the source.
+    pub fn dead_lettered(&self) -> u64 {
+        self.metrics
+            .counter(catalog::SOURCE_DEAD_LETTERED.name, &[])
+    }
+}
+
+/// Options of a standalone run beyond the topology's settings.
+pub struct Standalone {
+    topology: Topology,
+    registry: Option<Registry>,
+    setup: Vec<Box<dyn FnOnce(&mut Hub) + Send>>,
+    worker_threads: Option<usize>,
+}
+
+impl Standalone {
+    /// A standalone run of `topology`.
+    pub fn new(topology: Topology) -> Self {
+        Standalone {
+            topology,
+            registry: None,
+            setup: Vec::new(),
+            worker_threads: None,
+        }
+    }
+
+    /// Records metrics in `registry` (by default a new one labelled with the
+    /// topology's name).
+    pub fn registry(mut self, registry: Registry) -> Self {
+        self.registry = Some(registry);
+        self
+    }
+
+    /// Adjusts the hub before the run starts (tests record events with it).
+    pub fn with_hub(mut self, f: impl FnOnce(&mut Hub) + Send + 'static) -> Self {
+        self.setup.push(Box::new(f));
+        self
+    }
+
+    /// The tokio worker threads [`Standalone::run_blocking`] uses (default:
+    /// one per core).
+    pub fn worker_threads(mut self, n: usize) -> Self {
+        self.worker_threads = Some(n);
+        self
+    }
+
+    /// Builds a multi-threaded tokio runtime and runs on it until the source
+    /// is exhausted or `shutdown` turns true.
+    pub fn run_blocking(
+        self,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<(RunReport, Arc<Mutex<Hub>>), RunError> {
+        let mut rt = tokio::runtime::Builder::new_multi_thread();
+        if let Some(n) = self.worker_threads {
+            rt.worker_threads(n);
+        }
+        let rt = rt.enable_all().build().map_err(|e| {
+            RunError::Source(SourceError::fatal(
+                tempest_core::SourceErrorKind::Connect,
+                format!("cannot start the tokio runtime: {e}"),
+            ))
+        })?;
+        rt.block_on(self.run(shutdown))
+    }
+
+    /// Runs until a finite source is exhausted and every root settled, or
+    /// until `shutdown` turns true and the drain ends. Returns the report and
+    /// the hub (for what it recorded).
+    pub async fn run(
+        mut self,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<(RunReport, Arc<Mutex<Hub>>), RunError> {
+        let problems = self.topology.settings.problems();
+        if !problems.is_empty() {
+            return Err(BuildError(problems).into());
+        }
+        let settings = self.topology.settings.clone();
+        let dag = Arc::new(self.topology.dag()?);
+        let source: Box<dyn Source> = self.topology.take_source().ok_or(RunError::NoSource)?;
+        let registry = self
+            .registry
+            .unwrap_or_else(|| Registry::new(Labels::new([("topology", settings.name.as_str())])));
+
+        let mut hub = Hub::new(dag.clone(), &settings, &registry);
+        for f in self.setup {
+            f(&mut hub);
+        }
+        let hub = Arc::new(Mutex::new(hub));
+
+        let flush_stop = Arc::new(tokio::sync::Notify::new());
+        let targets = settings.metrics.targets.iter().map(|t| t.build()).collect();
+        let flusher = spawn_flusher(
+            registry.clone(),
+            targets,
+            settings.metrics.flush_interval,
+            flush_stop.clone(),
+        );
+
+        let started = Instant::now();
+        let (stop_workers, workers_stopped) = watch::channel(false);
+        let mut workers = Vec::new();
+        for (idx, task) in dag.tasks() {
+            let metrics = TaskMetrics::new(&registry, &task.name);
+            for i in 0..task.workers {
+                let ctx = TaskContext {
+                    topology: settings.name.clone(),
+                    task: task.name.clone(),
+                    instance: i,
+                    instances: task.workers,
+                };
+                let instance = Instance::new((task.factory)(), ctx, metrics.clone());
+                workers.push(tokio::spawn(work(
+                    hub.clone(),
+                    idx,
+                    i,
+                    instance,
+                    settings.batch_size,
+                    workers_stopped.clone(),
+                )));
+            }
+        }
+        let capacity = tokio::spawn(track_capacity(
+            registry.clone(),
+            dag.clone(),
+            workers_stopped.clone(),
+        ));
+
+        let driver = Driver::new(
+            source,
+            hub.clone(),
+            &settings,
+            &registry,
+            OnExhausted::Finish,
+        );
+        let end = driver.run(shutdown).await;
+
+        let _ = stop_workers.send(true);
+        hub.lock().wake_all();
+        for w in workers {
+            if let Err(e) = w.await {
+                tracing::error!("worker task ended abnormally: {e}");
+            }
+        }
+        let _ = capacity.await;
+        let elapsed = started.elapsed();
+        hub.lock().sweep(); // final gauges
+        flush_stop.notify_one();
+        let _ = flusher.await;
+        let end = end?;
+        Ok((
+            RunReport {
+                end,
+                elapsed,
+                metrics: registry.snapshot(),
+            },
+            hub,
+        ))
+    }
+}
+
+/// One in-process task instance: swap handled for new work until stopped.
+async fn work(
+    hub: Arc<Mutex<Hub>>,
+    task: TaskIdx,
+    instance: u32,
+    mut inst: Instance,
+    batch_size: usize,
+    stop: watch::Receiver<bool>,
+) {
+    let wake = hub.lock().waker(task, instance);
+    let mut handled = Vec::with_capacity(batch_size);
+    let mut batch = Vec::with_capacity(batch_size);
+    inst.start();
+    loop {
+        hub.lock()
+            .exchange(task, instance, &mut handled, batch_size, &mut batch);
+        if batch.is_empty() {
+            if *stop.borrow() {
+                break;
+            }
+            wake.notified().await;
+            continue;
+        }
+        inst.run_batch(batch.drain(..), &mut handled);
+        tokio::task::yield_now().await;
+    }
+    inst.shutdown();
+}
+
+/// Keeps each task's capacity gauge: busy time over wall time and workers.
+async fn track_capacity(
+    registry: Registry,
+    dag: Arc<tempest_core::Dag>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let every = Duration::from_secs(1);
+    let tasks: Vec<_> = dag
+        .tasks()
+        .map(|(_, t)| {
+            let l = Labels::new([("task", t.name.as_str())]);
+            (
+                registry.counter(&catalog::TASK_BUSY, &l),
+                registry.gauge(&catalog::TASK_CAPACITY, &l),
+                f64::from(t.workers),
+            )
+        })
+        .collect();
+    let mut last: Vec<u64> = tasks.iter().map(|(busy, _, _)| busy.get()).collect();
+    let mut at = Instant::now();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.changed() => return,
+        }
+        let secs = at.elapsed().as_secs_f64();
+        at = Instant::now();
+        for ((busy, gauge, workers), last) in tasks.iter().zip(last.iter_mut()) {
+            let now = busy.get();
+            gauge.set(((now - *last) as f64 / 1e6 / secs / workers).min(1.0));
+            *last = now;
+        }
+    }
+}
