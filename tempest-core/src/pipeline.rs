@@ -505,3 +505,176 @@ impl fmt::Display for PipelineErrors {
 }
 
 impl std::error::Error for PipelineErrors {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Msg, TaskResult};
+
+    fn noop(_: Msg) -> TaskResult {
+        Ok(None)
+    }
+
+    fn errors(p: Pipeline) -> Vec<PipelineError> {
+        match p.validate() {
+            Ok(_) => Vec::new(),
+            Err(PipelineErrors(e)) => e,
+        }
+    }
+
+    #[test]
+    fn empty_pipeline() {
+        assert_eq!(errors(Pipeline::new()), vec![PipelineError::Empty]);
+    }
+
+    #[test]
+    fn duplicate_and_unknown_names_are_all_reported() {
+        let e = errors(
+            Pipeline::new()
+                .task("a", || noop)
+                .task("a", || noop)
+                .task("b", || noop)
+                .edge("a", "b")
+                .edge("a", "nope")
+                .edge("ghost", "b"),
+        );
+        assert!(
+            e.contains(&PipelineError::DuplicateTask("a".into())),
+            "{e:?}"
+        );
+        assert!(e.contains(&PipelineError::UnknownTask {
+            edge: "a -> nope".into(),
+            task: "nope".into()
+        }));
+        assert!(e.contains(&PipelineError::UnknownTask {
+            edge: "ghost -> b".into(),
+            task: "ghost".into()
+        }));
+    }
+
+    #[test]
+    fn cycles_are_named() {
+        let e = errors(
+            Pipeline::new()
+                .task("a", || noop)
+                .task("b", || noop)
+                .task("c", || noop)
+                .edge("a", "b")
+                .edge("b", "c")
+                .edge("c", "b"),
+        );
+        assert_eq!(
+            e,
+            vec![PipelineError::Cycle(vec![
+                "b".into(),
+                "c".into(),
+                "b".into()
+            ])]
+        );
+        let e = errors(
+            Pipeline::new()
+                .task("a", || noop)
+                .task("b", || noop)
+                .edge("a", "b")
+                .edge("b", "b"),
+        );
+        assert_eq!(e, vec![PipelineError::Cycle(vec!["b".into(), "b".into()])]);
+    }
+
+    #[test]
+    fn unreachable_tasks_and_edges_into_the_root() {
+        let e = errors(
+            Pipeline::new()
+                .task("a", || noop)
+                .task("b", || noop)
+                .task("island", || noop)
+                .edge("a", "b")
+                .edge("b", "a"),
+        );
+        assert!(
+            e.contains(&PipelineError::Unreachable("island".into())),
+            "{e:?}"
+        );
+        assert!(
+            e.contains(&PipelineError::EdgeIntoRoot { from: "b".into() }),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn bad_worker_counts_and_root() {
+        let e = errors(
+            Pipeline::new()
+                .task_with_workers("a", 0, || noop)
+                .root("zzz"),
+        );
+        assert!(
+            e.contains(&PipelineError::BadWorkers {
+                task: "a".into(),
+                workers: 0
+            }),
+            "{e:?}"
+        );
+        assert!(
+            e.contains(&PipelineError::UnknownRoot("zzz".into())),
+            "{e:?}"
+        );
+        let e = errors(Pipeline::new().task_with_workers("a", MAX_WORKERS + 1, || noop));
+        assert_eq!(e.len(), 1);
+    }
+
+    #[test]
+    fn diamond_compiles_with_fan_out() {
+        let dag = Pipeline::new()
+            .task("a", || noop)
+            .task("b", || noop)
+            .task_with_workers("c", 3, || noop)
+            .task("d", || noop)
+            .edge("a", "b")
+            .edge_grouped("a", "c", Grouping::All)
+            .edge("b", "d")
+            .edge_grouped("c", "d", Grouping::Key)
+            .validate()
+            .unwrap();
+        let a = dag.find("a").unwrap();
+        // One copy to b, one per instance of c.
+        assert_eq!(dag.task(a).fan_out(&dag), 4);
+        assert!(dag.task(dag.find("c").unwrap()).routed_input);
+        assert!(!dag.task(dag.find("b").unwrap()).routed_input);
+        assert_eq!(dag.task(dag.find("d").unwrap()).fan_out(&dag), 0);
+    }
+
+    #[test]
+    fn errors_display_every_problem() {
+        let err = Pipeline::new()
+            .task("a", || noop)
+            .task("a", || noop)
+            .edge("a", "x")
+            .validate()
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("3 problem(s)")
+                && text.contains("`a` is defined more than once")
+                && text.contains("`x`"),
+            "{text}"
+        );
+    }
+
+    proptest::proptest! {
+        /// Any set of names and edges validates or errors; it never panics.
+        #[test]
+        fn validate_never_panics(tasks in proptest::collection::vec(0u8..6, 0..6),
+                                 edges in proptest::collection::vec((0u8..7, 0u8..7, 0u8..3), 0..12)) {
+            let mut p = Pipeline::new();
+            for t in tasks {
+                p = p.task(format!("t{t}"), || noop);
+            }
+            for (a, b, g) in edges {
+                let g = [Grouping::Shuffle, Grouping::Key, Grouping::All][g as usize];
+                p = p.edge_grouped(format!("t{a}"), format!("t{b}"), g);
+            }
+            let _ = p.validate();
+        }
+    }
+}

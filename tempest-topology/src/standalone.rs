@@ -69,11 +69,14 @@ impl RunReport {
     }
 }
 
+/// A change to the hub before a run starts.
+type HubSetup = Box<dyn FnOnce(&mut Hub) + Send>;
+
 /// Options of a standalone run beyond the topology's settings.
 pub struct Standalone {
     topology: Topology,
     registry: Option<Registry>,
-    setup: Vec<Box<dyn FnOnce(&mut Hub) + Send>>,
+    setup: Vec<HubSetup>,
     worker_threads: Option<usize>,
 }
 

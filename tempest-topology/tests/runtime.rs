@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use tempest_core::sources::{GeneratorSource, MemorySource};
 use tempest_core::{
     async_trait, FailReason, FailurePolicy, Grouping, Msg, Pipeline, Polled, Source, SourceError,
-    SourceId, SourceMsg, TaskError, TaskResult, Topology,
+    SourceId, TaskError, TaskResult, Topology,
 };
 use tempest_topology::testing::{RootStatus, TestRuntime};
 use tempest_topology::{DriveEnd, Standalone};

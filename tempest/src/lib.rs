@@ -39,3 +39,8 @@ pub use tempest_core::{
     Task, TaskContext, TaskError, TaskResult, Topology, TopologyBuilder, TopologyFile,
 };
 pub use tempest_topology::{testing, RunReport, Standalone};
+
+/// The README's examples, compiled and run as doctests so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;

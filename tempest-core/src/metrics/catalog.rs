@@ -64,3 +64,28 @@ metrics! {
     TASK_BUSY: Counter, "tempest_task_busy_micros", ["task"], "Microseconds the task's instances spent in handle.";
     TASK_CAPACITY: Gauge, "tempest_task_capacity", ["task"], "Fraction of the last interval the task's instances were busy (Storm's capacity).";
 }
+
+#[cfg(test)]
+mod tests {
+    /// The README's metric table lists every metric, with its kind.
+    #[test]
+    fn readme_documents_every_metric() {
+        let readme = include_str!("../../../README.md");
+        for def in super::ALL {
+            let kind = match def.kind {
+                super::Kind::Counter => "counter",
+                super::Kind::Gauge => "gauge",
+                super::Kind::Histogram => "histogram",
+            };
+            let row = readme
+                .lines()
+                .find(|l| l.starts_with(&format!("| `{}` |", def.name)))
+                .unwrap_or_else(|| panic!("README has no row for {}", def.name));
+            assert!(
+                row.contains(kind),
+                "README row of {} does not say {kind}: {row}",
+                def.name
+            );
+        }
+    }
+}

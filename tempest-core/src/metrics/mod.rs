@@ -143,11 +143,14 @@ enum Handle {
     Histogram(Histogram),
 }
 
+/// The registered metrics, by name and full label set.
+type MetricMap = BTreeMap<(&'static str, Labels), (&'static MetricDef, Handle)>;
+
 /// Creates and lists a process's metrics. Clones share one registry.
 #[derive(Clone, Default)]
 pub struct Registry {
     common: Labels,
-    metrics: Arc<Mutex<BTreeMap<(&'static str, Labels), (&'static MetricDef, Handle)>>>,
+    metrics: Arc<Mutex<MetricMap>>,
 }
 
 impl Registry {
