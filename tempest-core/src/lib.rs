@@ -17,6 +17,7 @@ pub mod source;
 pub mod sources;
 pub mod task;
 pub mod topology;
+pub mod wire;
 pub mod work;
 
 pub use async_trait::async_trait;

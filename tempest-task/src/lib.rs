@@ -11,6 +11,8 @@
 
 #![warn(missing_docs)]
 
+pub mod worker;
+
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Instant;
 

@@ -13,7 +13,7 @@
 //! addressed to that instance). An instance drains its own queue first.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -106,6 +106,7 @@ struct HubMetrics {
     retried: Counter,
     in_flight: Gauge,
     complete_latency: Histogram,
+    requeued: Counter,
 }
 
 /// A replay waiting for its back-off to pass.
@@ -164,6 +165,57 @@ pub struct Hub {
     events: Option<Vec<RootEvent>>,
     sink_outputs: Option<Vec<Vec<Msg>>>,
     metrics: HubMetrics,
+    leases: HashMap<LeaseId, LeaseBook>,
+    next_lease: u64,
+    claimed: Vec<Vec<bool>>,
+}
+
+/// A remote worker's claim on what it pulled (one per connection).
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct LeaseId(u64);
+
+struct LeaseBook {
+    task: TaskIdx,
+    instance: u32,
+    /// Deliveries sent and not yet answered, oldest first, with whether each
+    /// came from the instance's own queue.
+    out: VecDeque<(Delivery, bool)>,
+}
+
+/// Why a lease operation was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LeaseError {
+    /// The instance number is out of range.
+    #[error("instance {instance} does not exist: the task has {workers} instance(s)")]
+    BadInstance {
+        /// Asked for.
+        instance: u32,
+        /// Instances of the task.
+        workers: u32,
+    },
+    /// Another connection holds the instance.
+    #[error("instance {0} is already connected")]
+    InstanceTaken(u32),
+    /// Every instance is connected.
+    #[error("all {workers} instance(s) of the task are connected")]
+    NoFreeInstance {
+        /// Instances of the task.
+        workers: u32,
+    },
+    /// More results than deliveries leased.
+    #[error("{results} result(s) for {leased} leased deliveries")]
+    Unexpected {
+        /// Results sent.
+        results: usize,
+        /// Deliveries leased.
+        leased: usize,
+    },
+    /// Results that do not answer the oldest leased deliveries in order.
+    #[error("results out of delivery order")]
+    OutOfOrder,
+    /// The lease was closed.
+    #[error("the lease is closed")]
+    Closed,
 }
 
 impl Hub {
@@ -201,6 +253,12 @@ impl Hub {
             driver: Arc::new(Notify::new()),
             events: None,
             sink_outputs: None,
+            leases: HashMap::new(),
+            next_lease: 0,
+            claimed: dag
+                .tasks()
+                .map(|(_, t)| vec![false; t.workers as usize])
+                .collect(),
             metrics: HubMetrics {
                 polled: registry.counter(&catalog::SOURCE_POLLED, &none),
                 acked: registry.counter(&catalog::SOURCE_ACKED, &none),
@@ -210,6 +268,7 @@ impl Hub {
                 retried: registry.counter(&catalog::SOURCE_RETRIED, &none),
                 in_flight: registry.gauge(&catalog::ROOTS_IN_FLIGHT, &none),
                 complete_latency: registry.histogram(&catalog::ROOT_COMPLETE_LATENCY, &none),
+                requeued: registry.counter(&catalog::LEASES_REQUEUED, &none),
             },
             dag,
         }
@@ -297,19 +356,38 @@ impl Hub {
         if !handled.is_empty() {
             self.settle(task, handled);
         }
+        self.take(task, instance, max, |d, _| batch.push(d));
+    }
+
+    /// Moves up to `max` live deliveries for `instance` of `task` to `sink`
+    /// (with whether each came from the instance's own queue), marking the
+    /// instance idle when there are none.
+    fn take(
+        &mut self,
+        task: TaskIdx,
+        instance: u32,
+        max: usize,
+        mut sink: impl FnMut(Delivery, bool),
+    ) -> usize {
         let ledger = &self.ledger;
         let q = &mut self.queues[task.get()];
         let i = instance as usize;
-        while batch.len() < max {
-            let Some(d) = q.routed[i].pop_front().or_else(|| q.shared.pop_front()) else {
-                break;
+        let mut taken = 0;
+        while taken < max {
+            let (d, routed) = match q.routed[i].pop_front() {
+                Some(d) => (d, true),
+                None => match q.shared.pop_front() {
+                    Some(d) => (d, false),
+                    None => break,
+                },
             };
             // Work of a root that already failed or timed out is dropped here.
             if ledger.is_live(d.root) {
-                batch.push(d);
+                sink(d, routed);
+                taken += 1;
             }
         }
-        if batch.is_empty() {
+        if taken == 0 {
             q.idle[i] = true;
         } else if !q.shared.is_empty() {
             // More shuffle work than this instance took: let an idle sibling help.
@@ -317,6 +395,119 @@ impl Hub {
                 q.wake(j);
             }
         }
+        taken
+    }
+
+    /// Opens a lease for a remote worker of `task`: `instance` if given (it
+    /// must be free), else the lowest free one. Everything the lease takes
+    /// stays claimed by it until its results come back or it is closed.
+    pub fn open_lease(
+        &mut self,
+        task: TaskIdx,
+        instance: Option<u32>,
+    ) -> Result<(LeaseId, u32), LeaseError> {
+        let workers = self.dag.task(task).workers;
+        let claimed = &mut self.claimed[task.get()];
+        let instance = match instance {
+            Some(i) if i >= workers => {
+                return Err(LeaseError::BadInstance {
+                    instance: i,
+                    workers,
+                })
+            }
+            Some(i) if claimed[i as usize] => return Err(LeaseError::InstanceTaken(i)),
+            Some(i) => i,
+            None => claimed
+                .iter()
+                .position(|c| !c)
+                .map(|i| i as u32)
+                .ok_or(LeaseError::NoFreeInstance { workers })?,
+        };
+        claimed[instance as usize] = true;
+        self.next_lease += 1;
+        let id = LeaseId(self.next_lease);
+        self.leases.insert(
+            id,
+            LeaseBook {
+                task,
+                instance,
+                out: VecDeque::new(),
+            },
+        );
+        Ok((id, instance))
+    }
+
+    /// The remote counterpart of [`Hub::exchange`]: `handled` must answer the
+    /// lease's oldest deliveries, in order; the new batch is leased to it.
+    pub fn lease_exchange(
+        &mut self,
+        lease: LeaseId,
+        handled: &mut Vec<Handled>,
+        max: usize,
+        batch: &mut Vec<Delivery>,
+    ) -> Result<(), LeaseError> {
+        let book = self.leases.get_mut(&lease).ok_or(LeaseError::Closed)?;
+        let (task, instance) = (book.task, book.instance);
+        if handled.len() > book.out.len() {
+            return Err(LeaseError::Unexpected {
+                results: handled.len(),
+                leased: book.out.len(),
+            });
+        }
+        for h in handled.iter() {
+            match book.out.pop_front() {
+                Some((d, _)) if d.root == h.root => {}
+                _ => return Err(LeaseError::OutOfOrder),
+            }
+        }
+        if !handled.is_empty() {
+            self.settle(task, handled);
+        }
+        if max > 0 {
+            let mut leased = Vec::new();
+            self.take(task, instance, max, |d, routed| leased.push((d, routed)));
+            if let Some(book) = self.leases.get_mut(&lease) {
+                for (d, routed) in leased {
+                    batch.push(d.clone());
+                    book.out.push_back((d, routed));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Deliveries leased and not yet answered.
+    pub fn leased(&self, lease: LeaseId) -> usize {
+        self.leases.get(&lease).map_or(0, |b| b.out.len())
+    }
+
+    /// Closes a lease (its connection dropped or said goodbye): everything it
+    /// still holds goes back to the front of its queues at once, and its
+    /// instance is free again. Returns how many deliveries were re-queued.
+    pub fn close_lease(&mut self, lease: LeaseId) -> usize {
+        let Some(book) = self.leases.remove(&lease) else {
+            return 0;
+        };
+        self.claimed[book.task.get()][book.instance as usize] = false;
+        let q = &mut self.queues[book.task.get()];
+        let i = book.instance as usize;
+        let mut n = 0;
+        for (d, routed) in book.out.into_iter().rev() {
+            if !self.ledger.is_live(d.root) {
+                continue;
+            }
+            n += 1;
+            if routed {
+                q.routed[i].push_front(d);
+            } else {
+                q.shared.push_front(d);
+            }
+        }
+        if n > 0 {
+            self.metrics.requeued.add(n as u64);
+            q.wake_all();
+        }
+        n
     }
 
     /// Settles handled messages of `task`: routes outputs, completes roots,

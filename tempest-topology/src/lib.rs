@@ -10,9 +10,11 @@
 
 pub mod driver;
 pub mod hub;
+pub mod server;
 pub mod standalone;
 pub mod testing;
 
 pub use driver::DriveEnd;
+pub use server::{ServerConfig, TopologyServer};
 pub use standalone::{RunError, RunReport, Standalone};
 pub use testing::{RootOutcome, RootStatus, TestReport, TestRuntime};

@@ -35,6 +35,14 @@ pub enum RunError {
     /// The source failed in a way retrying cannot fix.
     #[error("source: {0}")]
     Source(#[from] SourceError),
+    /// Binding or serving the network.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The error.
+        source: std::io::Error,
+    },
 }
 
 /// What a run did.
@@ -134,26 +142,83 @@ impl Standalone {
     /// until `shutdown` turns true and the drain ends. Returns the report and
     /// the hub (for what it recorded).
     pub async fn run(
-        mut self,
+        self,
         shutdown: watch::Receiver<bool>,
     ) -> Result<(RunReport, Arc<Mutex<Hub>>), RunError> {
-        let problems = self.topology.settings.problems();
+        let mut parts = Parts::prepare(self.topology, self.registry, self.setup)?;
+        let started = Instant::now();
+        let (stop_workers, workers_stopped) = watch::channel(false);
+        let mut workers = Vec::new();
+        for (idx, task) in parts.dag.tasks() {
+            let metrics = TaskMetrics::new(&parts.registry, &task.name);
+            for i in 0..task.workers {
+                let ctx = TaskContext {
+                    topology: parts.settings.name.clone(),
+                    task: task.name.clone(),
+                    instance: i,
+                    instances: task.workers,
+                };
+                let instance = Instance::new((task.factory)(), ctx, metrics.clone());
+                workers.push(tokio::spawn(work(
+                    parts.hub.clone(),
+                    idx,
+                    i,
+                    instance,
+                    parts.settings.batch_size,
+                    workers_stopped.clone(),
+                )));
+            }
+        }
+        let capacity = tokio::spawn(track_capacity(
+            parts.registry.clone(),
+            parts.dag.clone(),
+            workers_stopped.clone(),
+        ));
+        let end = parts.drive(shutdown).await;
+
+        let _ = stop_workers.send(true);
+        parts.hub.lock().wake_all();
+        for w in workers {
+            if let Err(e) = w.await {
+                tracing::error!("worker task ended abnormally: {e}");
+            }
+        }
+        let _ = capacity.await;
+        parts.finish(end?, started).await
+    }
+}
+
+/// What every runtime of a topology sets up the same way: the validated
+/// DAG, the source, the metrics registry and flusher, and the hub.
+pub(crate) struct Parts {
+    pub settings: tempest_core::Settings,
+    pub dag: Arc<tempest_core::Dag>,
+    pub registry: Registry,
+    pub hub: Arc<Mutex<Hub>>,
+    source: Option<Box<dyn Source>>,
+    flush_stop: Arc<tokio::sync::Notify>,
+    flusher: tokio::task::JoinHandle<()>,
+}
+
+impl Parts {
+    pub fn prepare(
+        mut topology: Topology,
+        registry: Option<Registry>,
+        setup: Vec<HubSetup>,
+    ) -> Result<Parts, RunError> {
+        let problems = topology.settings.problems();
         if !problems.is_empty() {
             return Err(BuildError(problems).into());
         }
-        let settings = self.topology.settings.clone();
-        let dag = Arc::new(self.topology.dag()?);
-        let source: Box<dyn Source> = self.topology.take_source().ok_or(RunError::NoSource)?;
-        let registry = self
-            .registry
+        let settings = topology.settings.clone();
+        let dag = Arc::new(topology.dag()?);
+        let source: Box<dyn Source> = topology.take_source().ok_or(RunError::NoSource)?;
+        let registry = registry
             .unwrap_or_else(|| Registry::new(Labels::new([("topology", settings.name.as_str())])));
-
         let mut hub = Hub::new(dag.clone(), &settings, &registry);
-        for f in self.setup {
+        for f in setup {
             f(&mut hub);
         }
-        let hub = Arc::new(Mutex::new(hub));
-
         let flush_stop = Arc::new(tokio::sync::Notify::new());
         let targets = settings.metrics.targets.iter().map(|t| t.build()).collect();
         let flusher = spawn_flusher(
@@ -162,65 +227,47 @@ impl Standalone {
             settings.metrics.flush_interval,
             flush_stop.clone(),
         );
+        Ok(Parts {
+            settings,
+            dag,
+            registry,
+            hub: Arc::new(Mutex::new(hub)),
+            source: Some(source),
+            flush_stop,
+            flusher,
+        })
+    }
 
-        let started = Instant::now();
-        let (stop_workers, workers_stopped) = watch::channel(false);
-        let mut workers = Vec::new();
-        for (idx, task) in dag.tasks() {
-            let metrics = TaskMetrics::new(&registry, &task.name);
-            for i in 0..task.workers {
-                let ctx = TaskContext {
-                    topology: settings.name.clone(),
-                    task: task.name.clone(),
-                    instance: i,
-                    instances: task.workers,
-                };
-                let instance = Instance::new((task.factory)(), ctx, metrics.clone());
-                workers.push(tokio::spawn(work(
-                    hub.clone(),
-                    idx,
-                    i,
-                    instance,
-                    settings.batch_size,
-                    workers_stopped.clone(),
-                )));
-            }
-        }
-        let capacity = tokio::spawn(track_capacity(
-            registry.clone(),
-            dag.clone(),
-            workers_stopped.clone(),
-        ));
-
+    /// Runs the source driver until the source is exhausted or the drain ends.
+    pub async fn drive(&mut self, shutdown: watch::Receiver<bool>) -> Result<DriveEnd, RunError> {
+        let source = self.source.take().ok_or(RunError::NoSource)?;
         let driver = Driver::new(
             source,
-            hub.clone(),
-            &settings,
-            &registry,
+            self.hub.clone(),
+            &self.settings,
+            &self.registry,
             OnExhausted::Finish,
         );
-        let end = driver.run(shutdown).await;
+        Ok(driver.run(shutdown).await?)
+    }
 
-        let _ = stop_workers.send(true);
-        hub.lock().wake_all();
-        for w in workers {
-            if let Err(e) = w.await {
-                tracing::error!("worker task ended abnormally: {e}");
-            }
-        }
-        let _ = capacity.await;
+    /// Flushes the metrics a last time and makes the report.
+    pub async fn finish(
+        self,
+        end: DriveEnd,
+        started: Instant,
+    ) -> Result<(RunReport, Arc<Mutex<Hub>>), RunError> {
         let elapsed = started.elapsed();
-        hub.lock().sweep(); // final gauges
-        flush_stop.notify_one();
-        let _ = flusher.await;
-        let end = end?;
+        self.hub.lock().sweep(); // final gauges
+        self.flush_stop.notify_one();
+        let _ = self.flusher.await;
         Ok((
             RunReport {
                 end,
                 elapsed,
-                metrics: registry.snapshot(),
+                metrics: self.registry.snapshot(),
             },
-            hub,
+            self.hub,
         ))
     }
 }

@@ -8,12 +8,17 @@ use clap::{Parser, Subcommand};
 use tokio::sync::watch;
 
 use tempest_core::metrics::catalog;
+use tempest_core::metrics::targets::spawn_flusher;
+use tempest_core::metrics::{Labels, Registry};
 use tempest_core::{Topology, TopologyFile};
-use tempest_topology::{DriveEnd, Standalone};
+use tempest_task::worker::{run_worker, WorkerConfig};
+use tempest_topology::{DriveEnd, RunReport, ServerConfig, Standalone, TopologyServer};
 
 /// A Tempest topology package.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about = None)]
+#[command(
+    about = "A Tempest topology package: one binary, run as standalone, topology server or task worker"
+)]
 pub struct Cli {
     /// Log level (error, warn, info, debug, trace); `RUST_LOG` overrides it.
     #[arg(long, global = true, default_value = "info", env = "TEMPEST_LOG_LEVEL")]
@@ -34,6 +39,63 @@ pub enum Mode {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Runs the topology server: polls the source, routes messages along the
+    /// DAG to the task workers that connect to it, and acks every root whose
+    /// tree completed. SIGTERM drains roots in flight up to the grace period,
+    /// tells the workers, and exits 0.
+    Topology {
+        /// A Topology.toml whose settings override the ones in code.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The address to listen on.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: std::net::IpAddr,
+        /// The port to listen on (0 picks a free one; the address is printed).
+        #[arg(long, default_value_t = 7311)]
+        port: u16,
+        /// Token and frame limits.
+        #[command(flatten)]
+        wire: WireArgs,
+        /// How often an idle connection must show life, in milliseconds; a
+        /// worker silent for three times this is dropped and its messages re-queued.
+        #[arg(long, default_value_t = 1000)]
+        heartbeat_ms: u64,
+    },
+    /// Runs one worker of a task: connects to the topology server, pulls
+    /// batches of the task's messages, handles them and returns the results.
+    /// Reconnects with back-off when the server goes away. SIGTERM finishes
+    /// the current batch, returns its results and exits 0.
+    Task {
+        /// The task to run.
+        #[arg(long)]
+        name: String,
+        /// The topology server's address, HOST:PORT.
+        #[arg(long)]
+        topology_addr: String,
+        /// The instance to claim (default: the server assigns a free one).
+        #[arg(long)]
+        instance: Option<u32>,
+        /// A Topology.toml whose settings override the ones in code.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Token and frame limits.
+        #[command(flatten)]
+        wire: WireArgs,
+        /// Pulls kept in flight.
+        #[arg(long, default_value_t = 2)]
+        pulls: usize,
+    },
+}
+
+/// Settings both ends of a worker connection share.
+#[derive(Debug, clap::Args)]
+pub struct WireArgs {
+    /// The shared token workers present to the server.
+    #[arg(long, env = "TEMPEST_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// The largest frame accepted or sent, in bytes.
+    #[arg(long, default_value_t = tempest_core::wire::DEFAULT_MAX_FRAME)]
+    pub max_frame: usize,
 }
 
 /// Starts `tracing` output on stderr at `level`, unless `RUST_LOG` is set.
@@ -41,8 +103,10 @@ pub fn init_logging(level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .try_init();
 }
@@ -51,7 +115,23 @@ pub fn init_logging(level: &str) {
 /// topology that `build` makes in the mode asked for. Errors are printed on
 /// one line and give exit code 1.
 pub fn main(build: impl FnOnce() -> Topology) -> ExitCode {
-    let cli = Cli::parse();
+    // The package is the user's binary: name it after itself, not this crate.
+    let bin = std::env::args_os()
+        .next()
+        .and_then(|a| {
+            std::path::Path::new(&a)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+        })
+        .unwrap_or_else(|| "topology".into());
+    let matches = <Cli as clap::CommandFactory>::command()
+        .name(bin)
+        .version(concat!("(tempest ", env!("CARGO_PKG_VERSION"), ")"))
+        .get_matches();
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     init_logging(&cli.log_level);
     match run(cli, build) {
         Ok(()) => ExitCode::SUCCESS,
@@ -62,35 +142,146 @@ pub fn main(build: impl FnOnce() -> Topology) -> ExitCode {
     }
 }
 
+fn configured(
+    build: impl FnOnce() -> Topology,
+    config: Option<&PathBuf>,
+) -> anyhow::Result<Topology> {
+    let mut topology = build();
+    if let Some(path) = config {
+        let file = TopologyFile::load(path)?;
+        topology.apply(&file)?;
+    }
+    Ok(topology)
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")
+}
+
+/// A channel that turns true on Ctrl-C or SIGTERM. The signal handlers are
+/// installed before this returns, so a signal right after start is not lost.
+/// Must be called inside the runtime.
+fn shutdown_on_signal() -> watch::Receiver<bool> {
+    let (stop, shutdown) = watch::channel(false);
+    let signals = Signals::install();
+    tokio::spawn(async move {
+        signals.wait().await;
+        tracing::info!("signal received: shutting down");
+        let _ = stop.send(true);
+    });
+    shutdown
+}
+
 fn run(cli: Cli, build: impl FnOnce() -> Topology) -> anyhow::Result<()> {
     match cli.mode {
-        Mode::Standalone { config } => {
-            let mut topology = build();
-            if let Some(path) = &config {
-                let file = TopologyFile::load(path)?;
-                topology.apply(&file)?;
-            }
-            standalone(topology)
+        Mode::Standalone { config } => standalone(configured(build, config.as_ref())?),
+        Mode::Topology {
+            config,
+            host,
+            port,
+            wire,
+            heartbeat_ms,
+        } => {
+            let topology = configured(build, config.as_ref())?;
+            let server = ServerConfig {
+                listen: std::net::SocketAddr::new(host, port),
+                token: wire.token,
+                max_frame: wire.max_frame,
+                heartbeat: std::time::Duration::from_millis(heartbeat_ms.max(10)),
+                ..ServerConfig::default()
+            };
+            topology_server(topology, server)
+        }
+        Mode::Task {
+            name,
+            topology_addr,
+            instance,
+            config,
+            wire,
+            pulls,
+        } => {
+            let mut topology = configured(build, config.as_ref())?;
+            let dag = topology.dag()?;
+            let idx = dag.find(&name).with_context(|| {
+                format!("topology `{}` has no task `{name}`", topology.settings.name)
+            })?;
+            let task = dag.task(idx);
+            let mut worker =
+                WorkerConfig::new(topology_addr, topology.settings.name.clone(), name.clone());
+            worker.instance = instance;
+            worker.token = wire.token;
+            worker.max_frame = wire.max_frame;
+            worker.pulls_in_flight = pulls.max(1);
+            worker.batch_size = u32::try_from(topology.settings.batch_size).unwrap_or(u32::MAX);
+            let registry =
+                Registry::new(Labels::new([("topology", topology.settings.name.as_str())]));
+            let rt = runtime()?;
+            let (factory, workers) = (task.factory.clone(), task.workers);
+            let settings = topology.settings.clone();
+            let report = rt.block_on(async move {
+                let shutdown = shutdown_on_signal();
+                let stop_flush = std::sync::Arc::new(tokio::sync::Notify::new());
+                let targets = settings.metrics.targets.iter().map(|t| t.build()).collect();
+                let flusher = spawn_flusher(
+                    registry.clone(),
+                    targets,
+                    settings.metrics.flush_interval,
+                    stop_flush.clone(),
+                );
+                let report = run_worker(factory, workers, worker, registry, shutdown).await;
+                stop_flush.notify_one();
+                let _ = flusher.await;
+                report
+            })?;
+            println!(
+                "worker {name}: handled {} messages over {} connection(s)",
+                report.handled, report.connections
+            );
+            Ok(())
         }
     }
 }
 
+fn topology_server(topology: Topology, config: ServerConfig) -> anyhow::Result<()> {
+    let name = topology.settings.name.clone();
+    let rt = runtime()?;
+    let report = rt.block_on(async move {
+        let server = TopologyServer::bind(topology, config).await?;
+        let addr = server.local_addr()?;
+        println!("tempest topology server for `{name}` listening on {addr}");
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        let shutdown = shutdown_on_signal();
+        server.run(shutdown).await
+    });
+    let report = report.context("topology server")?;
+    summary(&report);
+    Ok(())
+}
+
 fn standalone(topology: Topology) -> anyhow::Result<()> {
     let name = topology.settings.name.clone();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the tokio runtime")?;
-    let (stop, shutdown) = watch::channel(false);
-    let report = runtime.block_on(async move {
-        tokio::spawn(async move {
-            wait_for_signal().await;
-            tracing::info!("signal received: draining");
-            let _ = stop.send(true);
-        });
+    let report = runtime()?.block_on(async move {
+        let shutdown = shutdown_on_signal();
         Standalone::new(topology).run(shutdown).await
     });
     let (report, _) = report.with_context(|| format!("topology `{name}`"))?;
+    summary(&report);
+    Ok(())
+}
+
+/// Prints the one-line summary of a run.
+fn summary(report: &RunReport) {
+    let name = report
+        .metrics
+        .samples
+        .first()
+        .and_then(|s| s.labels.get("topology"))
+        .unwrap_or("topology")
+        .to_owned();
     let secs = report.elapsed.as_secs_f64();
     let latency = report
         .metrics
@@ -111,28 +302,50 @@ fn standalone(topology: Topology) -> anyhow::Result<()> {
             _ => String::new(),
         }
     );
-    Ok(())
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
-async fn wait_for_signal() {
+/// SIGINT and SIGTERM, installed.
+struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
+    streams: Vec<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn install() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let streams = [SignalKind::interrupt(), SignalKind::terminate()]
+                .into_iter()
+                .filter_map(|k| match signal(k) {
+                    Ok(s) => Some(s),
+                    Err(e) => {
+                        tracing::warn!("cannot install a signal handler: {e}");
+                        None
+                    }
+                })
+                .collect();
+            Signals { streams }
         }
+        #[cfg(not(unix))]
+        Signals {}
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+
+    async fn wait(self) {
+        #[cfg(unix)]
+        {
+            let waits = self
+                .streams
+                .into_iter()
+                .map(|mut s| Box::pin(async move { s.recv().await }));
+            if waits.len() == 0 {
+                std::future::pending::<()>().await;
+            }
+            futures_util::future::select_all(waits).await;
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }

@@ -34,20 +34,25 @@ impl Task for Split {
     }
 }
 
-/// The words of `text`: split on whitespace, trimmed of punctuation, lowercased.
+/// The words of `text`: split on whitespace, trimmed of anything that is not
+/// a letter or digit at either end, lowercased. Text that is not UTF-8 is
+/// read lossily.
 pub fn split_words(text: &Bytes) -> Vec<Msg> {
+    let Ok(s) = std::str::from_utf8(text) else {
+        let owned = Bytes::from(String::from_utf8_lossy(text).into_owned());
+        return split_words(&owned);
+    };
     let mut words = Vec::with_capacity(8);
-    for word in text.split(|b| b.is_ascii_whitespace()) {
-        let start = word.iter().position(|b| b.is_ascii_alphanumeric());
-        let end = word.iter().rposition(|b| b.is_ascii_alphanumeric());
-        let (Some(start), Some(end)) = (start, end) else {
+    for word in s.split_whitespace() {
+        let word = word.trim_matches(|c: char| !c.is_alphanumeric());
+        if word.is_empty() {
             continue;
-        };
-        let word = &word[start..=end];
-        let bytes = if word.iter().any(u8::is_ascii_uppercase) {
-            Bytes::from(word.to_ascii_lowercase())
+        }
+        // Words that are already lowercase are zero-copy slices of the text.
+        let bytes = if word.chars().any(char::is_uppercase) {
+            Bytes::from(word.to_lowercase())
         } else {
-            text.slice_ref(word)
+            text.slice_ref(word.as_bytes())
         };
         words.push(Msg::keyed_by_payload(bytes));
     }
@@ -193,4 +198,25 @@ pub fn topology_with(source: impl Source, counts: Counts, print_top: bool) -> To
 /// The topology the package runs: the embedded sentences, totals printed at the end.
 pub fn topology() -> Topology {
     topology_with(default_source(), Counts::default(), true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn words(s: &str) -> Vec<String> {
+        split_words(&Bytes::from(s.to_owned()))
+            .iter()
+            .map(|m| m.payload_str().unwrap().to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn unicode_words_keep_their_letters() {
+        assert_eq!(
+            words("Café «École» ZÜRICH 日本語!"),
+            ["café", "école", "zürich", "日本語"]
+        );
+        assert_eq!(words(" -- ... "), Vec::<String>::new());
+    }
 }

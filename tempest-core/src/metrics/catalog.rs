@@ -55,6 +55,10 @@ metrics! {
     SOURCE_HEALTHY: Gauge, "tempest_source_healthy", [], "1 while the source reports healthy, 0 otherwise.";
     ROOTS_IN_FLIGHT: Gauge, "tempest_roots_in_flight", [], "Roots admitted and not yet completed, failed or timed out.";
     ROOT_COMPLETE_LATENCY: Histogram, "tempest_root_complete_latency", [], "Time from admitting a root to acking it (microseconds).";
+    LEASES_REQUEUED: Counter, "tempest_leases_requeued", [], "Leased messages re-queued because their worker's connection closed.";
+    WORKER_CONNECTIONS: Gauge, "tempest_worker_connections", [], "Task worker connections open at the topology server.";
+    WORKER_REJECTED: Counter, "tempest_worker_rejected", [], "Worker connections refused at the handshake (bad version, token, task or instance) or by malformed frames.";
+    WORKER_RECONNECTS: Counter, "tempest_worker_reconnects", ["task"], "Times a task worker reconnected to its topology server.";
     TASK_MESSAGES_IN: Counter, "tempest_task_messages_in", ["task"], "Messages handed to the task's handle.";
     TASK_MESSAGES_OUT: Counter, "tempest_task_messages_out", ["task"], "Messages the task returned for downstream.";
     TASK_ERRORS: Counter, "tempest_task_errors", ["task"], "Messages whose handle returned an error or panicked.";
