@@ -13,11 +13,21 @@ use clap::{Parser, ValueEnum};
 use serde_json::json;
 use tokio::sync::watch;
 
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use tempest::sources::GeneratorSource;
-use tempest::{Bytes, Grouping, Msg, Pipeline, TaskResult, Topology};
+use tempest::{
+    Bytes, Grouping, Msg, Pipeline, Polled, Source, SourceError, SourceId, TaskResult, Topology,
+};
 use tempest_core::ledger::Ledger;
 use tempest_core::metrics::catalog;
+use tempest_core::metrics::Registry;
+use tempest_task::worker::{run_worker, WorkerConfig};
 use tempest_topology::Standalone;
+use tempest_topology::{ServerConfig, TopologyServer};
 
 /// Counts bytes held by the process, for the ledger's memory per root.
 struct CountingAlloc;
@@ -63,12 +73,26 @@ enum Workload {
     Wordcount,
     /// Bytes of ledger per in-flight root, with `--messages` roots in flight.
     Ledger,
+    /// Word count fed at a fixed `--rate` (open loop): root complete latency
+    /// measured from each sentence's intended send time.
+    Latency,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Mode {
     /// One process, in-process channels.
     Standalone,
+    /// A topology server process and one worker process per task instance, over loopback TCP.
+    Distributed,
+}
+
+/// The part a process of a distributed run plays (set by the parent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Role {
+    /// The topology server.
+    Serve,
+    /// A task worker.
+    Work,
 }
 
 /// Tempest's benchmark.
@@ -92,16 +116,37 @@ struct Args {
     /// Messages per batch (worker pulls and source polls).
     #[arg(long, default_value_t = 512)]
     batch_size: usize,
+    /// Sentences per second for the `latency` workload.
+    #[arg(long, default_value_t = 50_000.0)]
+    rate: f64,
     /// Print one JSON object on the last line of stdout.
     #[arg(long)]
     json: bool,
+    /// (internal) The part this process plays in a distributed run.
+    #[arg(long, hide = true)]
+    role: Option<Role>,
+    /// (internal) The task a worker runs.
+    #[arg(long, hide = true)]
+    task: Option<String>,
+    /// (internal) A worker's instance.
+    #[arg(long, hide = true)]
+    instance: Option<u32>,
+    /// (internal) The topology server's address.
+    #[arg(long, hide = true)]
+    addr: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let result = match args.workload {
-        Workload::Ledger => ledger(args.messages.unwrap_or(1_000_000)),
-        Workload::Passthrough | Workload::Wordcount => throughput(&args)?,
+    match args.role {
+        Some(Role::Serve) => return serve(&args),
+        Some(Role::Work) => return work(&args),
+        None => {}
+    }
+    let result = match (args.workload, args.mode) {
+        (Workload::Ledger, _) => ledger(args.messages.unwrap_or(1_000_000)),
+        (_, Mode::Standalone) => throughput(&args)?,
+        (_, Mode::Distributed) => distributed(&args)?,
     };
     eprintln!("{}", human(&result));
     if args.json {
@@ -153,58 +198,147 @@ fn passthrough(m: Msg) -> TaskResult {
     Ok(Some(vec![m]))
 }
 
-fn topology(args: &Args, messages: u64) -> Topology {
+fn messages(args: &Args) -> u64 {
+    args.messages.unwrap_or(match args.workload {
+        // Ten seconds at the rate.
+        Workload::Latency => (args.rate * 10.0) as u64,
+        _ => 1_000_000,
+    })
+}
+
+fn workload_name(w: Workload) -> &'static str {
+    match w {
+        Workload::Passthrough => "passthrough",
+        Workload::Wordcount => "wordcount",
+        Workload::Ledger => "ledger",
+        Workload::Latency => "latency",
+    }
+}
+
+/// The tasks of a workload's pipeline with their instance counts.
+fn tasks(args: &Args) -> Vec<(&'static str, u32)> {
+    match args.workload {
+        Workload::Wordcount | Workload::Latency => {
+            vec![
+                ("split", args.workers.unwrap_or(1)),
+                ("count", args.workers.unwrap_or(2)),
+            ]
+        }
+        _ => {
+            let w = args.workers.unwrap_or(1);
+            vec![("t1", w), ("t2", w), ("t3", w)]
+        }
+    }
+}
+
+/// Root latency measured from each message's intended send time.
+type Probe = Arc<Mutex<hdrhistogram::Histogram<u64>>>;
+
+/// A generator at a fixed rate whose acks record latency from the time each
+/// message was due, so a stall delays the measurement instead of the sends
+/// (no coordinated omission).
+struct RateProbe {
+    inner: GeneratorSource,
+    start: Option<Instant>,
+    rate: f64,
+    probe: Probe,
+}
+
+#[tempest::async_trait]
+impl Source for RateProbe {
+    async fn poll(&mut self, max: usize) -> Result<Polled, SourceError> {
+        self.start.get_or_insert_with(Instant::now);
+        self.inner.poll(max).await
+    }
+    async fn ack(&mut self, ids: &[SourceId]) -> Result<(), SourceError> {
+        let now = Instant::now();
+        if let Some(start) = self.start {
+            let mut h = self.probe.lock();
+            for id in ids {
+                // The generator schedules message i at start + i / rate.
+                let due = start + Duration::from_secs_f64(id.parts().1 as f64 / self.rate);
+                let micros = now.saturating_duration_since(due).as_micros() as u64;
+                let _ = h.record(micros.max(1));
+            }
+        }
+        self.inner.ack(ids).await
+    }
+}
+
+fn topology(args: &Args, messages: u64, probe: Option<Probe>) -> Topology {
     let builder = Topology::builder(match args.workload {
-        Workload::Wordcount => "bench-wordcount",
+        Workload::Wordcount | Workload::Latency => "bench-wordcount",
         _ => "bench-passthrough",
     })
     .max_pending(args.max_pending)
     .batch_size(args.batch_size)
     .message_timeout(Duration::from_secs(60));
-    match args.workload {
-        Workload::Wordcount => {
-            let sentences = STORM_SENTENCES
-                .iter()
-                .map(|s| Bytes::from_static(s.as_bytes()))
-                .collect();
-            builder
-                .source(GeneratorSource::new().cycle(sentences).count(messages))
-                .pipeline(
-                    Pipeline::new()
-                        .task_with_workers("split", args.workers.unwrap_or(1), || wordcount::Split)
-                        .task_with_workers(
-                            "count",
-                            args.workers.unwrap_or(2),
-                            wordcount::Count::silent,
-                        )
-                        .edge_grouped("split", "count", Grouping::Key),
-                )
+    let sentences = || {
+        STORM_SENTENCES
+            .iter()
+            .map(|s| Bytes::from_static(s.as_bytes()))
+            .collect()
+    };
+    let builder = match (args.workload, probe) {
+        (Workload::Latency, Some(probe)) => builder.source(RateProbe {
+            inner: GeneratorSource::new()
+                .cycle(sentences())
+                .count(messages)
+                .rate(args.rate),
+            start: None,
+            rate: args.rate,
+            probe,
+        }),
+        (Workload::Wordcount | Workload::Latency, _) => {
+            builder.source(GeneratorSource::new().cycle(sentences()).count(messages))
         }
-        _ => {
-            let w = args.workers.unwrap_or(1);
-            builder
-                .source(GeneratorSource::new().payload_size(100).count(messages))
-                .pipeline(
-                    Pipeline::new()
-                        .task_with_workers("t1", w, || passthrough)
-                        .task_with_workers("t2", w, || passthrough)
-                        .task_with_workers("t3", w, || passthrough)
-                        .edge("t1", "t2")
-                        .edge("t2", "t3"),
-                )
-        }
-    }
-    .build()
-    .expect("benchmark topologies are valid")
+        _ => builder.source(GeneratorSource::new().payload_size(100).count(messages)),
+    };
+    let workers = tasks(args);
+    let pipeline = match args.workload {
+        Workload::Wordcount | Workload::Latency => Pipeline::new()
+            .task_with_workers("split", workers[0].1, || wordcount::Split)
+            .task_with_workers("count", workers[1].1, wordcount::Count::silent)
+            .edge_grouped("split", "count", Grouping::Key),
+        _ => Pipeline::new()
+            .task_with_workers("t1", workers[0].1, || passthrough)
+            .task_with_workers("t2", workers[1].1, || passthrough)
+            .task_with_workers("t3", workers[2].1, || passthrough)
+            .edge("t1", "t2")
+            .edge("t2", "t3"),
+    };
+    builder
+        .pipeline(pipeline)
+        .build()
+        .expect("benchmark topologies are valid")
+}
+
+fn new_probe() -> Probe {
+    Arc::new(Mutex::new(
+        hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3)
+            .expect("valid histogram bounds"),
+    ))
 }
 
 fn throughput(args: &Args) -> anyhow::Result<serde_json::Value> {
-    let messages = args.messages.unwrap_or(1_000_000);
-    let topology = topology(args, messages);
+    let messages = messages(args);
+    let probe = new_probe();
+    let topology = topology(args, messages, Some(probe.clone()));
     let (_stop, shutdown) = watch::channel(false);
     let (report, _) = Standalone::new(topology)
         .run_blocking(shutdown)
         .context("running the benchmark topology")?;
+    result(args, "standalone", messages, &report, &probe)
+}
+
+/// The JSON result of a run.
+fn result(
+    args: &Args,
+    mode: &str,
+    messages: u64,
+    report: &tempest::RunReport,
+    probe: &Probe,
+) -> anyhow::Result<serde_json::Value> {
     let acked = report.acked();
     if acked != messages {
         bail!(
@@ -213,24 +347,175 @@ fn throughput(args: &Args) -> anyhow::Result<serde_json::Value> {
         );
     }
     let secs = report.elapsed.as_secs_f64();
-    let latency = report
-        .metrics
-        .histogram(catalog::ROOT_COMPLETE_LATENCY.name, &[])
-        .cloned()
-        .unwrap_or_default();
     let handled: u64 = report.metrics.counter(catalog::TASK_MESSAGES_IN.name, &[]);
-    Ok(json!({
-        "workload": match args.workload { Workload::Wordcount => "wordcount", _ => "passthrough" },
-        "mode": "standalone",
+    let (p50, p99, p999) = if args.workload == Workload::Latency {
+        let h = probe.lock();
+        let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        (ms(0.5), ms(0.99), ms(0.999))
+    } else {
+        let h = report
+            .metrics
+            .histogram(catalog::ROOT_COMPLETE_LATENCY.name, &[])
+            .cloned()
+            .unwrap_or_default();
+        let ms = |q: f64| h.quantile(q) as f64 / 1000.0;
+        (ms(0.5), ms(0.99), ms(0.999))
+    };
+    let mut v = json!({
+        "workload": workload_name(args.workload),
+        "mode": mode,
         "messages": messages,
         "acked": acked,
         "seconds": secs,
         "msgs_per_sec": acked as f64 / secs,
-        "task_msgs_per_sec": handled as f64 / secs,
-        "p50_ms": latency.quantile(0.5) as f64 / 1000.0,
-        "p99_ms": latency.quantile(0.99) as f64 / 1000.0,
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "p999_ms": p999,
         "max_pending": args.max_pending,
         "batch_size": args.batch_size,
         "cores": std::thread::available_parallelism().map_or(1, |n| n.get()),
-    }))
+    });
+    if mode == "standalone" {
+        v["task_msgs_per_sec"] = json!(handled as f64 / secs);
+    }
+    if args.workload == Workload::Latency {
+        v["rate"] = json!(args.rate);
+    }
+    Ok(v)
+}
+
+/// The parent of a distributed run: a server process and one worker process
+/// per task instance, over loopback.
+fn distributed(args: &Args) -> anyhow::Result<serde_json::Value> {
+    let exe = std::env::current_exe().context("finding this executable")?;
+    let common = |cmd: &mut Command| {
+        cmd.arg(workload_name(args.workload))
+            .args(["--messages", &messages(args).to_string()])
+            .args(["--max-pending", &args.max_pending.to_string()])
+            .args(["--batch-size", &args.batch_size.to_string()])
+            .args(["--rate", &args.rate.to_string()]);
+        if let Some(w) = args.workers {
+            cmd.args(["--workers", &w.to_string()]);
+        }
+    };
+    let mut server = Command::new(&exe);
+    common(&mut server);
+    let mut server = server
+        .args(["--role", "serve"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting the topology server")?;
+    let mut lines = BufReader::new(server.stdout.take().context("server stdout")?).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .context("the server exited before listening")?
+            .context("reading the server's output")?;
+        if let Some(addr) = line.strip_prefix("listening on ") {
+            break addr.to_owned();
+        }
+    };
+    let mut workers = Vec::new();
+    for (task, n) in tasks(args) {
+        for i in 0..n {
+            let mut w = Command::new(&exe);
+            common(&mut w);
+            workers.push(
+                w.args([
+                    "--role",
+                    "work",
+                    "--task",
+                    task,
+                    "--instance",
+                    &i.to_string(),
+                    "--addr",
+                    &addr,
+                ])
+                .stdout(Stdio::null())
+                .spawn()
+                .with_context(|| format!("starting worker {task}/{i}"))?,
+            );
+        }
+    }
+    let mut result = None;
+    for line in lines {
+        let line = line.context("reading the server's output")?;
+        if line.starts_with('{') {
+            result = Some(
+                serde_json::from_str::<serde_json::Value>(&line)
+                    .context("parsing the server's result")?,
+            );
+        }
+    }
+    let status = server.wait().context("waiting for the server")?;
+    for w in &mut workers {
+        // SAFETY: kill(2) on a child we started and have not reaped.
+        unsafe { libc::kill(w.id() as libc::pid_t, libc::SIGTERM) };
+    }
+    for mut w in workers {
+        let _ = w.wait();
+    }
+    if !status.success() {
+        bail!("the topology server failed: {status}");
+    }
+    let mut result = result.context("the server printed no result")?;
+    result["workers"] = json!(tasks(args).iter().map(|(_, n)| n).sum::<u32>());
+    Ok(result)
+}
+
+/// A distributed run's server process.
+fn serve(args: &Args) -> anyhow::Result<()> {
+    let messages = messages(args);
+    let probe = new_probe();
+    let topology = topology(args, messages, Some(probe.clone()));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let report = rt.block_on(async move {
+        let server = TopologyServer::bind(topology, ServerConfig::default()).await?;
+        println!("listening on {}", server.local_addr()?);
+        let (_stop, shutdown) = watch::channel(false);
+        server.run(shutdown).await
+    })?;
+    println!(
+        "{}",
+        result(args, "distributed", messages, &report, &probe)?
+    );
+    Ok(())
+}
+
+/// A distributed run's worker process: runs until SIGTERM.
+fn work(args: &Args) -> anyhow::Result<()> {
+    let mut topology = topology(args, messages(args), None);
+    let name = args.task.clone().context("--task")?;
+    let dag = topology.dag()?;
+    let task = dag.task(dag.find(&name).context("unknown task")?);
+    let mut config = WorkerConfig::new(
+        args.addr.clone().context("--addr")?,
+        topology.settings.name.clone(),
+        name,
+    );
+    config.instance = args.instance;
+    config.batch_size = args.batch_size as u32;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let (stop, shutdown) = watch::channel(false);
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::spawn(async move {
+            term.recv().await;
+            let _ = stop.send(true);
+        });
+        run_worker(
+            task.factory.clone(),
+            task.workers,
+            config,
+            Registry::default(),
+            shutdown,
+        )
+        .await?;
+        anyhow::Ok(())
+    })
 }

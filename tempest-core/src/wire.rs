@@ -314,17 +314,17 @@ pub enum Frame {
     /// Server → worker, the answer to an accepted `Hello`. (v1)
     Welcome(Welcome),
     /// Worker → server: the results of earlier batches, in delivery order,
-    /// and a request for up to `max` more deliveries. Every `Pull` gets
-    /// exactly one `Batch`; `max == 0` (results only) gets an empty one at
-    /// once. (v1)
+    /// and a request for up to `max` more deliveries. Every `Pull` with
+    /// `max > 0` gets exactly one `Batch`; `max == 0` carries results only
+    /// and gets none. (v1)
     Pull {
         /// How many deliveries the worker asks for; 0 asks for none.
         max: u32,
         /// Results of earlier deliveries, in the order they were delivered.
         results: Vec<WireResult>,
     },
-    /// Server → worker: the answer to one `Pull`, in the order the pulls
-    /// came; empty after a long-poll timeout. (v1)
+    /// Server → worker: the answer to one `Pull` with `max > 0`, in the order
+    /// the pulls came; empty after a long-poll timeout. (v1)
     Batch {
         /// At most `max` deliveries, each leased to this connection.
         deliveries: Vec<WireDelivery>,
@@ -602,18 +602,12 @@ impl postcard::ser_flavors::Flavor for Counter {
     }
 }
 
-impl Encoder<Frame> for FrameCodec {
-    type Error = WireError;
-
-    fn encode(&mut self, frame: Frame, dst: &mut BytesMut) -> Result<(), WireError> {
-        self.encode(&frame, dst)
-    }
-}
-
-impl Encoder<&Frame> for FrameCodec {
-    type Error = WireError;
-
-    fn encode(&mut self, frame: &Frame, dst: &mut BytesMut) -> Result<(), WireError> {
+impl FrameCodec {
+    /// Appends `frame`, length prefix and body, to `dst`: what
+    /// [`Encoder::encode`] does, without taking the frame.
+    ///
+    /// On error `dst` is left as it was.
+    pub fn encode_ref(&self, frame: &Frame, dst: &mut BytesMut) -> Result<(), WireError> {
         let start = dst.len();
         dst.put_u32(0); // patched below
         let flavor = CappedBytesMut {
@@ -648,6 +642,14 @@ impl Encoder<&Frame> for FrameCodec {
     }
 }
 
+impl Encoder<Frame> for FrameCodec {
+    type Error = WireError;
+
+    fn encode(&mut self, frame: Frame, dst: &mut BytesMut) -> Result<(), WireError> {
+        self.encode_ref(&frame, dst)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -655,7 +657,7 @@ mod tests {
 
     fn encode(codec: &mut FrameCodec, frame: &Frame) -> BytesMut {
         let mut buf = BytesMut::new();
-        codec.encode(frame, &mut buf).unwrap();
+        codec.encode_ref(frame, &mut buf).unwrap();
         buf
     }
 
@@ -745,7 +747,7 @@ mod tests {
             let mut buf = BytesMut::new();
             for f in &frames {
                 let before = buf.len();
-                codec.encode(f, &mut buf).unwrap();
+                codec.encode_ref(f, &mut buf).unwrap();
                 let len = u32::from_be_bytes(buf[before..before + 4].try_into().unwrap());
                 prop_assert_eq!(len as usize, buf.len() - before - 4);
             }
@@ -789,7 +791,7 @@ mod tests {
             let mut codec = FrameCodec::default();
             let mut wire = BytesMut::new();
             for f in &frames {
-                codec.encode(f, &mut wire).unwrap();
+                codec.encode_ref(f, &mut wire).unwrap();
             }
             let mut buf = BytesMut::new();
             let mut got = Vec::new();
@@ -964,7 +966,7 @@ mod tests {
 
     #[test]
     fn wire_oversized_frame_is_not_encoded() {
-        let mut codec = FrameCodec::new(1000);
+        let codec = FrameCodec::new(1000);
         let frame = Frame::Batch {
             deliveries: vec![WireDelivery {
                 root: 1,
@@ -975,7 +977,7 @@ mod tests {
             }],
         };
         let mut buf = BytesMut::from(&b"keep"[..]);
-        match codec.encode(&frame, &mut buf) {
+        match codec.encode_ref(&frame, &mut buf) {
             Err(WireError::FrameTooLarge { len, max: 1000 }) => assert!(len > 5000, "{len}"),
             other => panic!("{other:?}"),
         }
@@ -989,12 +991,12 @@ mod tests {
         let size = postcard::serialize_with_flavor(&frame, body).unwrap();
         let mut codec = FrameCodec::new(size);
         let mut buf = BytesMut::new();
-        codec.encode(&frame, &mut buf).unwrap();
+        codec.encode_ref(&frame, &mut buf).unwrap();
         assert_eq!(buf.len(), size + 4);
         assert_eq!(codec.decode(&mut buf).unwrap(), Some(frame.clone()));
-        let mut codec = FrameCodec::new(size - 1);
+        let codec = FrameCodec::new(size - 1);
         assert!(matches!(
-            codec.encode(&frame, &mut buf),
+            codec.encode_ref(&frame, &mut buf),
             Err(WireError::FrameTooLarge { .. })
         ));
     }
