@@ -103,6 +103,14 @@ pub trait Task: Send + 'static {
     /// the instance keeps running.
     fn handle(&mut self, msg: Msg) -> TaskResult;
 
+    /// Called after each batch of messages, before their results go back
+    /// to the topology server. A task that writes to an output buffers in
+    /// `handle` and makes the writes durable here, so nothing is acked before
+    /// it is written. An error fails every message of the batch.
+    fn flush(&mut self) -> Result<(), TaskError> {
+        Ok(())
+    }
+
     /// Called once before the first message.
     fn started(&mut self, _ctx: &TaskContext) {}
 

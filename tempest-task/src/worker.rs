@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::codec::Framed;
 
 use tempest_core::metrics::{Labels, Registry};
-use tempest_core::wire::{ErrorCode, Frame, FrameCodec, Hello, WireError, WireResult};
+use tempest_core::wire::{ErrorCode, Frame, FrameCodec, Hello, WireError, WireOutcome, WireResult};
 use tempest_core::{Delivery, Handled, TaskContext, TaskFactory};
 
 use crate::{Instance, TaskMetrics};
@@ -384,6 +384,14 @@ async fn connection(
                 busy -= 1;
                 let n = handled.len() as u64;
                 let results: Vec<WireResult> = handled.into_iter().map(Into::into).collect();
+                let mut chunks = chunk_results(results, config.max_frame / 2);
+                let last = chunks.pop().unwrap_or_default();
+                for chunk in chunks {
+                    if let Err(e) = framed.send(Frame::Pull { max: 0, results: chunk }).await {
+                        return lost(e);
+                    }
+                }
+                let results = last;
                 let frame = if stopping || server_leaving {
                     if busy == 0 { Frame::Goodbye { results } } else { Frame::Pull { max: 0, results } }
                 } else {
@@ -413,5 +421,95 @@ async fn connection(
                 stopping = *shutdown.borrow();
             }
         }
+    }
+}
+
+/// What a result costs on the wire beyond its payloads, rounded up.
+const RESULT_OVERHEAD: usize = 24;
+
+fn result_size(r: &WireResult) -> usize {
+    RESULT_OVERHEAD
+        + match &r.outcome {
+            WireOutcome::Done => 0,
+            WireOutcome::Emit(msgs) => msgs
+                .iter()
+                .map(|m| m.payload.len() + m.key.as_ref().map_or(0, |k| k.len()) + RESULT_OVERHEAD)
+                .sum(),
+            WireOutcome::Failed { message, .. } => message.len(),
+        }
+}
+
+/// Splits results into frames of at most about `limit` bytes, in order. A
+/// single result that cannot fit in a frame becomes a permanent failure of
+/// its message, so the root is dead-lettered rather than retried forever.
+fn chunk_results(results: Vec<WireResult>, limit: usize) -> Vec<Vec<WireResult>> {
+    let mut chunks = vec![Vec::new()];
+    let mut bytes = 0;
+    for mut r in results {
+        let mut size = result_size(&r);
+        if size > limit {
+            r.outcome = WireOutcome::Failed {
+                message: format!(
+                    "the task's output of {size} bytes exceeds the frame limit of {limit} bytes"
+                ),
+                retryable: false,
+            };
+            size = result_size(&r);
+        }
+        if bytes + size > limit && chunks.last().is_some_and(|c| !c.is_empty()) {
+            chunks.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += size;
+        if let Some(c) = chunks.last_mut() {
+            c.push(r);
+        }
+    }
+    chunks
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tempest_core::wire::WireMsg;
+
+    fn emit(root: u64, bytes: usize) -> WireResult {
+        WireResult {
+            root,
+            outcome: WireOutcome::Emit(vec![WireMsg {
+                key: None,
+                payload: vec![b'x'; bytes].into(),
+            }]),
+        }
+    }
+
+    #[test]
+    fn results_split_into_frames_in_order() {
+        let results: Vec<_> = (0..10).map(|i| emit(i, 300)).collect();
+        let chunks = chunk_results(results, 1000);
+        assert!(chunks.len() >= 4, "{}", chunks.len());
+        let roots: Vec<u64> = chunks.iter().flatten().map(|r| r.root).collect();
+        assert_eq!(roots, (0..10).collect::<Vec<_>>());
+        for c in &chunks {
+            assert!(c.iter().map(result_size).sum::<usize>() <= 1000);
+        }
+    }
+
+    #[test]
+    fn an_oversized_result_fails_its_message() {
+        let chunks = chunk_results(vec![emit(1, 10), emit(2, 5000), emit(3, 10)], 1000);
+        let all: Vec<_> = chunks.into_iter().flatten().collect();
+        assert_eq!(all.len(), 3);
+        match &all[1].outcome {
+            WireOutcome::Failed { message, retryable } => {
+                assert!(!retryable);
+                assert!(message.contains("exceeds the frame limit"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            chunk_results(Vec::new(), 1000),
+            vec![Vec::<WireResult>::new()]
+        );
     }
 }

@@ -167,7 +167,19 @@ pub struct Hub {
     metrics: HubMetrics,
     leases: HashMap<LeaseId, LeaseBook>,
     next_lease: u64,
+    limits: Limits,
     claimed: Vec<Vec<bool>>,
+}
+
+/// What a delivery costs on the wire beyond its key and payload (root id,
+/// lengths, option tags), rounded up.
+const DELIVERY_OVERHEAD: usize = 24;
+
+/// Byte bounds on batches; see [`Hub::set_limits`].
+#[derive(Copy, Clone, Debug)]
+struct Limits {
+    batch_bytes: usize,
+    message_bytes: usize,
 }
 
 /// A remote worker's claim on what it pulled (one per connection).
@@ -255,6 +267,10 @@ impl Hub {
             sink_outputs: None,
             leases: HashMap::new(),
             next_lease: 0,
+            limits: Limits {
+                batch_bytes: usize::MAX,
+                message_bytes: usize::MAX,
+            },
             claimed: dag
                 .tasks()
                 .map(|(_, t)| vec![false; t.workers as usize])
@@ -360,8 +376,8 @@ impl Hub {
     }
 
     /// Moves up to `max` live deliveries for `instance` of `task` to `sink`
-    /// (with whether each came from the instance's own queue), marking the
-    /// instance idle when there are none.
+    /// (with whether each came from the instance's own queue), within the
+    /// batch byte budget, marking the instance idle when there are none.
     fn take(
         &mut self,
         task: TaskIdx,
@@ -369,10 +385,12 @@ impl Hub {
         max: usize,
         mut sink: impl FnMut(Delivery, bool),
     ) -> usize {
+        let limits = self.limits;
         let ledger = &self.ledger;
         let q = &mut self.queues[task.get()];
         let i = instance as usize;
-        let mut taken = 0;
+        let (mut taken, mut bytes) = (0, 0);
+        let mut oversized = Vec::new();
         while taken < max {
             let (d, routed) = match q.routed[i].pop_front() {
                 Some(d) => (d, true),
@@ -382,10 +400,25 @@ impl Hub {
                 },
             };
             // Work of a root that already failed or timed out is dropped here.
-            if ledger.is_live(d.root) {
-                sink(d, routed);
-                taken += 1;
+            if !ledger.is_live(d.root) {
+                continue;
             }
+            let size = d.msg.len() + DELIVERY_OVERHEAD;
+            if size > limits.message_bytes {
+                oversized.push((d.root, size));
+                continue;
+            }
+            if taken > 0 && bytes + size > limits.batch_bytes {
+                if routed {
+                    q.routed[i].push_front(d);
+                } else {
+                    q.shared.push_front(d);
+                }
+                break;
+            }
+            bytes += size;
+            sink(d, routed);
+            taken += 1;
         }
         if taken == 0 {
             q.idle[i] = true;
@@ -395,7 +428,37 @@ impl Hub {
                 q.wake(j);
             }
         }
+        for (root, size) in oversized {
+            let limit = limits.message_bytes;
+            self.fail_root(
+                root,
+                &TaskError::permanent(format!(
+                    "a message of {size} bytes exceeds the limit of {limit} bytes"
+                )),
+            );
+        }
         taken
+    }
+
+    /// Fails a live root at once, as if a task had returned `error` for it.
+    pub fn fail_root(&mut self, root: RootId, error: &TaskError) {
+        let now = self.ledger.now();
+        if let Some((tag, _)) = self.ledger.remove(root, now) {
+            self.metrics.failed.inc();
+            self.fail(tag, error);
+            self.driver.notify_one();
+        }
+    }
+
+    /// Bounds what one batch may carry, for a transport with a frame limit:
+    /// a batch stops short of `batch_bytes` (but always carries one message),
+    /// and a message above `message_bytes` fails its root permanently rather
+    /// than being sent.
+    pub fn set_limits(&mut self, batch_bytes: usize, message_bytes: usize) {
+        self.limits = Limits {
+            batch_bytes,
+            message_bytes,
+        };
     }
 
     /// Opens a lease for a remote worker of `task`: `instance` if given (it
@@ -454,12 +517,16 @@ impl Hub {
                 leased: book.out.len(),
             });
         }
-        for h in handled.iter() {
-            match book.out.pop_front() {
-                Some((d, _)) if d.root == h.root => {}
-                _ => return Err(LeaseError::OutOfOrder),
-            }
+        // Check before taking anything off the lease: a refused exchange
+        // closes the connection, and its lease must still hold everything.
+        if handled
+            .iter()
+            .zip(&book.out)
+            .any(|(h, (d, _))| h.root != d.root)
+        {
+            return Err(LeaseError::OutOfOrder);
         }
+        book.out.drain(..handled.len());
         if !handled.is_empty() {
             self.settle(task, handled);
         }
@@ -723,5 +790,100 @@ impl Hub {
             .zip(sinks.iter_mut())
             .map(|((_, t), out)| (t.name.clone(), std::mem::take(out)))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tempest_core::{Pipeline, TaskResult};
+
+    fn hub(workers: u32) -> Hub {
+        let dag = Pipeline::new()
+            .task_with_workers("t", workers, || |_m: Msg| -> TaskResult { Ok(None) })
+            .validate()
+            .unwrap();
+        let mut hub = Hub::new(Arc::new(dag), &Settings::new("h"), &Registry::default());
+        hub.record_events();
+        hub
+    }
+
+    fn msgs(sizes: &[usize]) -> Vec<SourceMsg> {
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| SourceMsg::new(i as u64, vec![b'x'; n]))
+            .collect()
+    }
+
+    #[test]
+    fn batches_stop_at_the_byte_budget_and_oversized_messages_fail() {
+        let mut h = hub(1);
+        h.set_limits(200, 150);
+        h.admit(msgs(&[50, 50, 500, 50, 50, 50]));
+        let (t, mut handled, mut batch) = (TaskIdx(0), Vec::new(), Vec::new());
+        h.exchange(t, 0, &mut handled, 100, &mut batch);
+        // 50 + 24 bytes each: two fit in 200, the third would not.
+        assert_eq!(batch.len(), 2);
+        batch.clear();
+        h.exchange(t, 0, &mut handled, 100, &mut batch);
+        assert_eq!(batch.len(), 2, "the oversized message is skipped, not sent");
+        let events = h.take_events();
+        assert_eq!(events.len(), 1);
+        match &events[0] {
+            RootEvent::Failed { id, reason, .. } => {
+                assert_eq!(*id, SourceId::from(2u64));
+                assert!(
+                    reason.message.contains("exceeds the limit"),
+                    "{}",
+                    reason.message
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_closed_lease_requeues_at_the_front_in_order() {
+        let mut h = hub(2);
+        h.admit(msgs(&[1, 1, 1, 1]));
+        let t = TaskIdx(0);
+        let (lease, instance) = h.open_lease(t, None).unwrap();
+        assert_eq!(instance, 0);
+        assert_eq!(h.open_lease(t, Some(0)), Err(LeaseError::InstanceTaken(0)));
+        assert_eq!(
+            h.open_lease(t, Some(5)),
+            Err(LeaseError::BadInstance {
+                instance: 5,
+                workers: 2
+            })
+        );
+        let mut batch = Vec::new();
+        h.lease_exchange(lease, &mut Vec::new(), 3, &mut batch)
+            .unwrap();
+        assert_eq!(batch.len(), 3);
+        assert_eq!(h.leased(lease), 3);
+        // Results out of order are refused.
+        let mut wrong = vec![Handled {
+            root: batch[1].root,
+            result: Ok(None),
+        }];
+        assert_eq!(
+            h.lease_exchange(lease, &mut wrong, 0, &mut Vec::new()),
+            Err(LeaseError::OutOfOrder)
+        );
+        assert_eq!(
+            h.close_lease(lease),
+            3,
+            "a refused exchange leaves the lease whole"
+        );
+        // The instance is free again and the re-queued deliveries come first, in order.
+        let (lease, _) = h.open_lease(t, Some(0)).unwrap();
+        let mut again = Vec::new();
+        h.lease_exchange(lease, &mut Vec::new(), 10, &mut again)
+            .unwrap();
+        let roots: Vec<_> = again.iter().map(|d| d.root).collect();
+        assert_eq!(roots[..3], [batch[0].root, batch[1].root, batch[2].root]);
+        assert_eq!(again.len(), 4);
     }
 }

@@ -442,6 +442,13 @@ impl TopologyServer {
             connections,
             rejected,
         };
+        // Batches stay well inside the frame limit; a single message that
+        // cannot fit in a frame fails its root instead of wedging the queue.
+        let max_frame = self.config.max_frame;
+        self.parts
+            .hub
+            .lock()
+            .set_limits(max_frame / 2, max_frame.saturating_sub(1024).max(1));
         let goodbye_wait = self.parts.settings.grace_period.min(Duration::from_secs(5));
         let acceptor = tokio::spawn(accept(self.listener, shared, goodbye_wait));
         let end = self.parts.drive(shutdown).await;

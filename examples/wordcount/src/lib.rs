@@ -124,17 +124,49 @@ impl Counts {
     }
 }
 
+/// The environment variable naming a file that `output` appends every total
+/// it receives to, one `word total` line each (a durable record of what was
+/// counted, for checking at-least-once across crashes).
+pub const OUTPUT_ENV: &str = "WORDCOUNT_OUTPUT";
+
 /// Keeps the latest total per word in [`Counts`]; prints the top words at
-/// shutdown when `print_top` is set.
+/// shutdown when `print_top` is set; appends every total to the file named
+/// by [`OUTPUT_ENV`], if set, flushed before the batch is acked.
 pub struct Output {
     counts: Counts,
     print_top: bool,
     instance: u32,
+    log: Option<std::io::BufWriter<std::fs::File>>,
 }
 
 impl Task for Output {
     fn started(&mut self, ctx: &TaskContext) {
         self.instance = ctx.instance;
+        if let Some(path) = std::env::var_os(OUTPUT_ENV) {
+            match std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+            {
+                Ok(f) => self.log = Some(std::io::BufWriter::new(f)),
+                // Every message will fail (and be retried or reported) rather
+                // than be acked unrecorded.
+                Err(e) => eprintln!("cannot open {}: {e}", path.to_string_lossy()),
+            }
+        }
+    }
+
+    fn flush(&mut self) -> Result<(), tempest::TaskError> {
+        use std::io::Write;
+        match &mut self.log {
+            Some(log) => log
+                .flush()
+                .map_err(|e| tempest::TaskError::new(format!("writing totals: {e}"))),
+            None if std::env::var_os(OUTPUT_ENV).is_some() => {
+                Err(tempest::TaskError::new("the totals file is not open"))
+            }
+            None => Ok(()),
+        }
     }
 
     fn handle(&mut self, msg: Msg) -> TaskResult {
@@ -143,6 +175,10 @@ impl Task for Output {
             .map_err(|_| "count payload is not 8 bytes")?;
         let word = msg.key().ok_or("count message has no key")?;
         let word = std::str::from_utf8(word).map_err(|_| "word is not UTF-8")?;
+        if let Some(log) = &mut self.log {
+            use std::io::Write;
+            writeln!(log, "{word} {total}").map_err(|e| format!("writing totals: {e}"))?;
+        }
         let mut counts = self.counts.0.lock();
         // Totals only grow; a redelivered older total must not win.
         let n = counts.entry(word.to_owned()).or_insert(0);
@@ -168,6 +204,7 @@ pub fn pipeline(counts: Counts, print_top: bool) -> Pipeline {
             counts: counts.clone(),
             print_top,
             instance: 0,
+            log: None,
         })
         .edge_grouped("split", "count", Grouping::Key)
         .edge_grouped("count", "output", Grouping::Key)
