@@ -214,6 +214,14 @@ impl SourceError {
 /// ```
 #[async_trait]
 pub trait Source: Send + 'static {
+    /// Called once before the first `connect`, with the topology's settings,
+    /// so a source can keep its broker consistent with them (a JetStream
+    /// `ack_wait` longer than `message_timeout`, a batch size). An error here
+    /// stops the topology before it starts.
+    async fn configure(&mut self, _settings: &crate::Settings) -> Result<(), SourceError> {
+        Ok(())
+    }
+
     /// Connects to the broker. Called before the first poll and after a
     /// retryable error; must be safe to call again.
     async fn connect(&mut self) -> Result<(), SourceError> {
@@ -232,6 +240,15 @@ pub trait Source: Send + 'static {
     /// record it. The default does nothing, which leaves it un-acked at the
     /// broker.
     async fn fail(&mut self, _id: SourceId, _reason: &FailReason) -> Result<(), SourceError> {
+        Ok(())
+    }
+
+    /// A root that failed under the `none` policy: Tempest leaves it to the
+    /// broker. A source may hand it back for a prompt redelivery (a JetStream
+    /// nak with a delay); the default does nothing, so the broker redelivers
+    /// it by its own rules (a Redis pending entry is claimed after its idle
+    /// time).
+    async fn release(&mut self, _id: SourceId, _reason: &FailReason) -> Result<(), SourceError> {
         Ok(())
     }
 
@@ -259,6 +276,12 @@ pub trait FromConfig: Sized {
 
 #[async_trait]
 impl Source for Box<dyn Source> {
+    async fn configure(&mut self, settings: &crate::Settings) -> Result<(), SourceError> {
+        (**self).configure(settings).await
+    }
+    async fn release(&mut self, id: SourceId, reason: &FailReason) -> Result<(), SourceError> {
+        (**self).release(id, reason).await
+    }
     async fn connect(&mut self) -> Result<(), SourceError> {
         (**self).connect().await
     }

@@ -54,6 +54,7 @@ pub struct Driver {
     batch: usize,
     grace: Duration,
     on_exhausted: OnExhausted,
+    settings: Settings,
     errors: Counter,
     healthy: Gauge,
 }
@@ -74,6 +75,7 @@ impl Driver {
             batch: settings.batch_size,
             grace: settings.grace_period,
             on_exhausted,
+            settings: settings.clone(),
             errors: registry.counter(&catalog::SOURCE_ERRORS, &Labels::default()),
             healthy: registry.gauge(&catalog::SOURCE_HEALTHY, &Labels::default()),
         }
@@ -85,6 +87,7 @@ impl Driver {
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<DriveEnd, SourceError> {
         let wake = self.hub.lock().driver_waker();
+        self.source.configure(&self.settings).await?;
         let mut connected = false;
         let mut reconnect_wait = Duration::from_millis(100);
         let mut idle_wait = Duration::from_millis(1);
@@ -199,6 +202,12 @@ impl Driver {
             if let Err(e) = self.source.fail(*id, reason).await {
                 self.errors.inc();
                 tracing::warn!(%id, "fail failed: {e}");
+            }
+        }
+        for (id, reason) in &work.releases {
+            if let Err(e) = self.source.release(*id, reason).await {
+                self.errors.inc();
+                tracing::warn!(%id, "release failed: {e}");
             }
         }
     }

@@ -140,12 +140,14 @@ pub struct SourceWork {
     pub acks: Vec<SourceId>,
     /// Roots to hand to the source's `fail`.
     pub fails: Vec<(SourceId, FailReason)>,
+    /// Roots the `none` policy leaves to the broker (the source's `release`).
+    pub releases: Vec<(SourceId, FailReason)>,
 }
 
 impl SourceWork {
     /// True when there is nothing to do.
     pub fn is_empty(&self) -> bool {
-        self.acks.is_empty() && self.fails.is_empty()
+        self.acks.is_empty() && self.fails.is_empty() && self.releases.is_empty()
     }
 }
 
@@ -696,7 +698,10 @@ impl Hub {
                 self.work.acks.push(tag.source);
                 FailAction::AckedAnyway
             }
-            FailurePolicy::None => FailAction::LeftUnacked,
+            FailurePolicy::None => {
+                self.work.releases.push((tag.source, reason.clone()));
+                FailAction::LeftUnacked
+            }
             FailurePolicy::Retry { .. } => match self.policy.replay_delay(tag.attempts) {
                 Some(delay) if error.is_retryable() && tag.payload.is_some() => {
                     self.metrics.retried.inc();

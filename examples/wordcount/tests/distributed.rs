@@ -1,0 +1,742 @@
+//! The distributed runtime with real processes: a `wordcount topology`
+//! server and one `wordcount task` worker process per task instance
+//! (split ×1 → count ×2 → output ×1), killed, restarted and stopped while
+//! they run. The `output` workers append every total they receive to a
+//! shared file ([`wordcount::OUTPUT_ENV`]), flushed before the batch is
+//! acked: the durable record these tests check for lost and duplicated work.
+
+#![cfg(unix)]
+
+use std::collections::HashMap;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use wordcount::OUTPUT_ENV;
+
+const BIN: &str = env!("CARGO_BIN_EXE_wordcount");
+
+/// The longest any single wait may take (a debug build, several tests and
+/// their processes sharing the machine). Past it every process is killed and
+/// the test fails.
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// How often a bounded wait looks at its condition again.
+const POLL: Duration = Duration::from_millis(10);
+
+/// Storm's word count sentences.
+const SENTENCES: [&str; 5] = [
+    "the cow jumped over the moon",
+    "an apple a day keeps the doctor away",
+    "four score and seven years ago",
+    "snow white and the seven dwarfs",
+    "i am at two with nature",
+];
+
+/// The batch size written into every Topology.toml below: the most
+/// deliveries one Pull brings to a worker.
+const BATCH_SIZE: u64 = 256;
+
+/// The pulls a worker keeps in flight (`--pulls`, passed explicitly).
+const PULLS: u64 = 2;
+
+/// The words of a sentence, independently of the example: split on ASCII
+/// whitespace, trim what is not ASCII alphanumeric, lowercase ASCII.
+fn words(sentence: &str) -> impl Iterator<Item = String> + '_ {
+    sentence
+        .split(|c: char| c.is_ascii_whitespace())
+        .map(|w| w.trim_matches(|c: char| !c.is_ascii_alphanumeric()))
+        .filter(|w| !w.is_empty())
+        .map(str::to_ascii_lowercase)
+}
+
+/// The totals of `SENTENCES[i % len]` for `i` in `0..n`: what the
+/// generator source sends when it has sent `n` messages.
+fn cycled_counts(n: u64) -> HashMap<String, u64> {
+    let len = SENTENCES.len() as u64;
+    let mut counts = HashMap::new();
+    for (i, s) in SENTENCES.iter().enumerate() {
+        // Sentence i is sent at i, i + len, i + 2 len, ... below n.
+        let times = n / len + u64::from((i as u64) < n % len);
+        for w in words(s) {
+            *counts.entry(w).or_insert(0) += times;
+        }
+    }
+    counts
+}
+
+/// A Topology.toml selecting the generator source over [`SENTENCES`]:
+/// `count` messages, at `rate` per second if given. The console metrics are
+/// turned off, so stdout carries only the lines the tests look for.
+fn config_text(count: u64, rate: Option<f64>) -> String {
+    let payloads: Vec<String> = SENTENCES.iter().map(|s| format!("{s:?}")).collect();
+    let rate = rate.map(|r| format!("rate = {r:?}\n")).unwrap_or_default();
+    format!(
+        "batch_size = {BATCH_SIZE}\n\
+         [source]\n\
+         kind = \"generator\"\n\
+         [source.config]\n\
+         count = {count}\n\
+         {rate}\
+         payloads = [{}]\n\
+         [metric]\n\
+         targets = []\n",
+        payloads.join(", ")
+    )
+}
+
+/// A child's stream, read to its end by a thread.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<String>>);
+
+impl Captured {
+    fn read_from(r: impl Read + Send + 'static) -> (Self, JoinHandle<()>) {
+        let captured = Captured::default();
+        let text = captured.0.clone();
+        let reader = std::thread::spawn(move || {
+            let mut r = r;
+            let mut buf = [0u8; 8192];
+            loop {
+                match r.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => text
+                        .lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n])),
+                }
+            }
+        });
+        (captured, reader)
+    }
+
+    fn text(&self) -> String {
+        self.0.lock().unwrap().clone()
+    }
+
+    fn contains(&self, needle: &str) -> bool {
+        self.0.lock().unwrap().contains(needle)
+    }
+}
+
+/// One `wordcount` process.
+struct Proc {
+    /// What the test calls it (`server`, `split/0`, `output/0 (2nd)`, ...).
+    label: String,
+    child: Child,
+    /// Its exit status, once reaped.
+    status: Option<ExitStatus>,
+    stdout: Captured,
+    stderr: Captured,
+    readers: Vec<JoinHandle<()>>,
+}
+
+impl Proc {
+    /// Its exit status if it has exited (reaping it).
+    fn exited(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().expect("waiting for wordcount");
+        }
+        self.status
+    }
+
+    /// Sends `sig` to it; it must not have been reaped yet (its pid is still its).
+    fn signal(&mut self, sig: libc::c_int) {
+        assert!(
+            self.exited().is_none(),
+            "{} exited before it could be signalled",
+            self.label
+        );
+        let pid = libc::pid_t::try_from(self.child.id()).expect("a pid fits in pid_t");
+        // SAFETY: kill(2) with a valid signal number has no memory effects;
+        // the child is ours and not yet reaped, so the pid is still its.
+        let rc = unsafe { libc::kill(pid, sig) };
+        assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
+    }
+
+    /// Its whole stdout and stderr; it must have exited.
+    fn output(&mut self) -> (String, String) {
+        assert!(self.status.is_some(), "{} is still running", self.label);
+        // The pipes close when the process exits (they are not inherited by
+        // any other child), so the readers end.
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+        (self.stdout.text(), self.stderr.text())
+    }
+}
+
+/// The `word total` lines of the totals file, counted as they are appended.
+struct Totals {
+    path: PathBuf,
+    read: u64,
+    lines: u64,
+}
+
+impl Totals {
+    /// Lines appended so far (complete lines only).
+    fn lines(&mut self) -> u64 {
+        let Ok(mut f) = std::fs::File::open(&self.path) else {
+            return 0; // not created yet
+        };
+        f.seek(SeekFrom::Start(self.read))
+            .expect("seeking the totals");
+        let mut buf = Vec::new();
+        f.read_to_end(&mut buf).expect("reading the totals");
+        // Count only up to the last newline: a line being written is counted
+        // (and its bytes consumed) once it is complete.
+        if let Some(end) = buf.iter().rposition(|&b| b == b'\n') {
+            self.lines += buf[..=end].iter().filter(|&&b| b == b'\n').count() as u64;
+            self.read += end as u64 + 1;
+        }
+        self.lines
+    }
+}
+
+/// What the totals file holds: for every word, how many times each total
+/// was written.
+struct Seen {
+    lines: u64,
+    totals: HashMap<String, HashMap<u64, u64>>,
+}
+
+impl Seen {
+    fn read(path: &Path) -> Seen {
+        let text = std::fs::read_to_string(path).expect("reading the totals");
+        let mut totals: HashMap<String, HashMap<u64, u64>> = HashMap::new();
+        let mut lines = 0;
+        for line in text.lines() {
+            let (w, n) = line
+                .split_once(' ')
+                .unwrap_or_else(|| panic!("not a `word total` line: {line:?}"));
+            let n: u64 = n
+                .parse()
+                .unwrap_or_else(|_| panic!("not a `word total` line: {line:?}"));
+            *totals
+                .entry(w.to_owned())
+                .or_default()
+                .entry(n)
+                .or_insert(0) += 1;
+            lines += 1;
+        }
+        Seen { lines, totals }
+    }
+
+    /// Every problem with "each word `w` has every total `1..=want[w]` and
+    /// none above it": one line per word, naming the first missing totals.
+    fn problems(&self, want: &HashMap<String, u64>) -> Vec<String> {
+        let mut problems = Vec::new();
+        for (w, &e) in want {
+            let got = self.totals.get(w);
+            let missing: Vec<u64> = (1..=e)
+                .filter(|n| !got.is_some_and(|g| g.contains_key(n)))
+                .collect();
+            if !missing.is_empty() {
+                problems.push(format!(
+                    "`{w}`: {} of the totals 1..={e} missing, first {:?}",
+                    missing.len(),
+                    &missing[..missing.len().min(10)]
+                ));
+            }
+            let above = got.map_or(0, |g| g.keys().filter(|&&n| n > e).count());
+            if above > 0 {
+                problems.push(format!("`{w}`: {above} totals above {e}"));
+            }
+        }
+        for w in self.totals.keys() {
+            if !want.contains_key(w) {
+                problems.push(format!("`{w}`: not a word of the input"));
+            }
+        }
+        problems.sort();
+        problems
+    }
+}
+
+/// A distributed run: a directory with the Topology.toml and the totals
+/// file, and every process started. Dropping it kills whatever still runs.
+struct Cluster {
+    /// Holds the files below; removed when the run is dropped.
+    _dir: tempfile::TempDir,
+    config: PathBuf,
+    totals: PathBuf,
+    procs: Vec<Proc>,
+}
+
+/// A process of a [`Cluster`].
+#[derive(Clone, Copy, Debug)]
+struct Id(usize);
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for p in &mut self.procs {
+            if p.exited().is_none() {
+                let _ = p.child.kill();
+                let _ = p.child.wait();
+            }
+        }
+    }
+}
+
+impl Cluster {
+    fn new(config: &str) -> Cluster {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let path = dir.path().join("Topology.toml");
+        std::fs::write(&path, config).expect("writing Topology.toml");
+        let totals = dir.path().join("totals.txt");
+        Cluster {
+            _dir: dir,
+            config: path,
+            totals,
+            procs: Vec::new(),
+        }
+    }
+
+    fn proc(&mut self, id: Id) -> &mut Proc {
+        &mut self.procs[id.0]
+    }
+
+    /// Starts `wordcount --log-level info <args>`.
+    fn spawn(&mut self, label: String, args: &[&str], output: bool) -> Id {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["--log-level", "info"])
+            .args(args)
+            .env_remove("RUST_LOG")
+            .env_remove("TEMPEST_LOG_LEVEL")
+            .env_remove("TEMPEST_TOKEN")
+            .env_remove(OUTPUT_ENV)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if output {
+            cmd.env(OUTPUT_ENV, &self.totals);
+        }
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {label}: {e}"));
+        let (stdout, r1) = Captured::read_from(child.stdout.take().unwrap());
+        let (stderr, r2) = Captured::read_from(child.stderr.take().unwrap());
+        self.procs.push(Proc {
+            label,
+            child,
+            status: None,
+            stdout,
+            stderr,
+            readers: vec![r1, r2],
+        });
+        Id(self.procs.len() - 1)
+    }
+
+    /// Starts the topology server on `port` (0: any) and waits until it
+    /// listens; returns it and its address.
+    fn server(&mut self, port: u16) -> (Id, String) {
+        let config = self.config.to_str().unwrap().to_owned();
+        let port = port.to_string();
+        let id = self.spawn(
+            "server".into(),
+            &["topology", "--config", &config, "--port", &port],
+            false,
+        );
+        const LISTENING: &str = "tempest topology server for `wordcount` listening on ";
+        self.wait_until("the server listens", |c| {
+            let p = c.proc(id);
+            if p.stdout.contains(LISTENING) {
+                return Ok(true);
+            }
+            match p.exited() {
+                Some(status) => Err(format!("the server exited ({status}) before listening")),
+                None => Ok(false),
+            }
+        });
+        let stdout = self.proc(id).stdout.text();
+        let addr = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(LISTENING))
+            .expect("the listening line")
+            .trim()
+            .to_owned();
+        (id, addr)
+    }
+
+    /// Starts a worker of `task`, claiming `instance`, connecting to `addr`.
+    /// Only `output` workers get the totals file.
+    fn worker(&mut self, task: &str, instance: u32, addr: &str) -> Id {
+        let nth = self
+            .procs
+            .iter()
+            .filter(|p| p.label.starts_with(&format!("{task}/{instance}")))
+            .count();
+        let label = match nth {
+            0 => format!("{task}/{instance}"),
+            n => format!("{task}/{instance} (#{})", n + 1),
+        };
+        let config = self.config.to_str().unwrap().to_owned();
+        let instance = instance.to_string();
+        let pulls = PULLS.to_string();
+        let args = [
+            "task",
+            "--name",
+            task,
+            "--topology-addr",
+            addr,
+            "--instance",
+            &instance,
+            "--pulls",
+            &pulls,
+            "--config",
+            &config,
+        ];
+        self.spawn(label, &args, task == "output")
+    }
+
+    /// One worker per instance of the word count: split ×1, count ×2, output ×1.
+    fn workers(&mut self, addr: &str) -> Workers {
+        Workers {
+            split: self.worker("split", 0, addr),
+            count: [self.worker("count", 0, addr), self.worker("count", 1, addr)],
+            output: self.worker("output", 0, addr),
+        }
+    }
+
+    /// Everything every process printed so far, for a failure message.
+    fn dump(&self) -> String {
+        let mut s = String::new();
+        for p in &self.procs {
+            let status = p
+                .status
+                .map_or_else(|| "running".to_owned(), |s| s.to_string());
+            s += &format!(
+                "\n===== {} ({status}) stdout:\n{}\n===== {} stderr:\n{}",
+                p.label,
+                p.stdout.text(),
+                p.label,
+                p.stderr.text()
+            );
+        }
+        s
+    }
+
+    /// Kills every process and fails the test with `why` and their output.
+    fn fail(&mut self, why: &str) -> ! {
+        for p in &mut self.procs {
+            if p.exited().is_none() {
+                let _ = p.child.kill();
+                p.status = p.child.wait().ok();
+            }
+        }
+        panic!("{why}{}", self.dump())
+    }
+
+    /// Waits until `cond` holds, at most [`LIMIT`]; fails the test when
+    /// `cond` errs or time is up.
+    fn wait_until(&mut self, what: &str, mut cond: impl FnMut(&mut Self) -> Result<bool, String>) {
+        let deadline = Instant::now() + LIMIT;
+        loop {
+            match cond(self) {
+                Ok(true) => return,
+                Ok(false) => {}
+                Err(e) => self.fail(&format!("waiting until {what}: {e}")),
+            }
+            if Instant::now() > deadline {
+                self.fail(&format!("{what}: not within {LIMIT:?}"));
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// Waits until `id` exits; returns its status, stdout and stderr.
+    fn wait_exit(&mut self, id: Id) -> (ExitStatus, String, String) {
+        let what = format!("{} exits", self.proc(id).label);
+        self.wait_until(&what, |c| Ok(c.proc(id).exited().is_some()));
+        let p = self.proc(id);
+        let (stdout, stderr) = p.output();
+        (p.status.unwrap(), stdout, stderr)
+    }
+
+    /// Waits until `id` exits with status 0; returns its stdout and stderr.
+    fn wait_success(&mut self, id: Id) -> (String, String) {
+        let (status, stdout, stderr) = self.wait_exit(id);
+        if !status.success() {
+            let label = self.proc(id).label.clone();
+            self.fail(&format!("{label} failed: {status}"));
+        }
+        (stdout, stderr)
+    }
+
+    /// Waits until the totals file has more than `n` lines, while `server`
+    /// runs (the run ending first fails the test: what was to happen
+    /// mid-stream would not).
+    fn wait_lines(&mut self, server: Id, n: u64) {
+        let mut totals = Totals {
+            path: self.totals.clone(),
+            read: 0,
+            lines: 0,
+        };
+        self.wait_until(&format!("the totals file has {n} lines"), |c| {
+            if totals.lines() > n {
+                return Ok(true);
+            }
+            match c.proc(server).exited() {
+                Some(status) => Err(format!(
+                    "the server exited ({status}) with only {} lines written",
+                    totals.lines()
+                )),
+                None => Ok(false),
+            }
+        });
+    }
+
+    /// SIGKILLs `id` and reaps it.
+    fn kill_9(&mut self, id: Id) {
+        self.proc(id).signal(libc::SIGKILL);
+        let (status, _, _) = self.wait_exit(id);
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "{status}");
+    }
+
+    /// SIGTERMs the worker `id` and checks that it exits 0 and prints how many
+    /// messages it handled; returns that number.
+    fn stop_worker(&mut self, id: Id) -> u64 {
+        self.proc(id).signal(libc::SIGTERM);
+        let (stdout, _) = self.wait_success(id);
+        let label = self.proc(id).label.clone();
+        let task = label.split('/').next().unwrap();
+        let prefix = format!("worker {task}: handled ");
+        match stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|n| n.parse().ok())
+        {
+            Some(n) => n,
+            None => self.fail(&format!("{label}: no `{prefix}N messages` line")),
+        }
+    }
+
+    /// The server's summary line, after it exited 0.
+    fn summary(&mut self, server: Id) -> String {
+        let (stdout, _) = self.wait_success(server);
+        let lines: Vec<&str> = stdout
+            .lines()
+            .filter(|l| l.starts_with("wordcount: "))
+            .collect();
+        if lines.len() != 1 {
+            self.fail("the server printed no single summary line");
+        }
+        lines[0].to_owned()
+    }
+}
+
+/// The worker processes of a run.
+struct Workers {
+    split: Id,
+    count: [Id; 2],
+    output: Id,
+}
+
+impl Workers {
+    fn all(&self) -> [Id; 4] {
+        [self.split, self.count[0], self.count[1], self.output]
+    }
+}
+
+/// The number of roots acked that a summary line reports.
+fn acked_in(summary: &str) -> u64 {
+    summary
+        .strip_prefix("wordcount: ")
+        .and_then(|s| s.split_once(" roots acked"))
+        .and_then(|(n, _)| n.parse().ok())
+        .unwrap_or_else(|| panic!("no acked count in {summary:?}"))
+}
+
+/// Kills a worker with SIGKILL twice mid-stream (split, then output) and
+/// restarts it: no word occurrence is lost, and the duplicates are bounded by
+/// what the killed workers held.
+#[test]
+fn kill_9_loses_nothing() {
+    const COUNT: u64 = 100_000;
+    let expected = cycled_counts(COUNT);
+    let expected_lines: u64 = expected.values().sum();
+
+    let mut c = Cluster::new(&config_text(COUNT, None));
+    let (server, addr) = c.server(0);
+    let w = c.workers(&addr);
+
+    // Under way: kill the split worker and start another in its place.
+    c.wait_lines(server, 20_000);
+    c.kill_9(w.split);
+    let split = c.worker("split", 0, &addr);
+
+    // Later: the same for the output worker.
+    c.wait_lines(server, expected_lines * 6 / 10);
+    c.kill_9(w.output);
+    let output = c.worker("output", 0, &addr);
+
+    let summary = c.summary(server);
+    if !summary.starts_with(&format!("wordcount: {COUNT} roots acked, 0 failed, ")) {
+        c.fail(&format!("not every root acked: {summary}"));
+    }
+    // Both replacements did work: the run could not have ended otherwise.
+    for id in [split, output] {
+        if !c
+            .proc(id)
+            .stderr
+            .contains("connected to the topology server")
+        {
+            let label = c.proc(id).label.clone();
+            c.fail(&format!("{label} never connected"));
+        }
+    }
+
+    // The count workers ran throughout, so each emitted every running total
+    // of its words exactly once: every total 1..=E(w) written at least once
+    // means every occurrence of every word was counted and recorded.
+    let seen = Seen::read(&c.totals);
+    let problems = seen.problems(&expected);
+    if !problems.is_empty() {
+        c.fail(&format!("lost or wrong totals:\n{}", problems.join("\n")));
+    }
+    // A delivery is written twice only when the worker handling it died
+    // before its result reached the server: then the server re-queues it.
+    // A worker holds at most PULLS batches of BATCH_SIZE deliveries, and two
+    // workers were killed (the split worker's deliveries re-queued are
+    // sentences, whose words were never emitted, so they add none).
+    let duplicates = seen.lines - expected_lines;
+    let bound = 2 * PULLS * BATCH_SIZE;
+    eprintln!(
+        "kill_9_loses_nothing: {} lines for {expected_lines} word occurrences: \
+         {duplicates} duplicates (bound {bound})",
+        seen.lines
+    );
+    assert!(
+        duplicates <= bound,
+        "{duplicates} duplicate totals, more than the {bound} deliveries the killed workers could hold"
+    );
+}
+
+/// Workers started before their server retry until it listens; the run
+/// then completes.
+#[test]
+fn worker_started_before_its_server_connects() {
+    const COUNT: u64 = 5_000;
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("binding a free port");
+        l.local_addr().unwrap().port()
+    };
+    let addr = format!("127.0.0.1:{port}");
+    let mut c = Cluster::new(&config_text(COUNT, None));
+    let w = c.workers(&addr);
+    for id in w.all() {
+        let what = format!("{} retries", c.proc(id).label);
+        c.wait_until(&what, |c| {
+            let p = c.proc(id);
+            if p.stderr.contains("cannot reach the topology server") {
+                return Ok(true);
+            }
+            match p.exited() {
+                Some(status) => Err(format!("it exited ({status})")),
+                None => Ok(false),
+            }
+        });
+    }
+
+    let (server, _) = c.server(port);
+    let summary = c.summary(server);
+    if !summary.starts_with(&format!("wordcount: {COUNT} roots acked, 0 failed, ")) {
+        c.fail(&format!("not every root acked: {summary}"));
+    }
+    let expected = cycled_counts(COUNT);
+    let seen = Seen::read(&c.totals);
+    let problems = seen.problems(&expected);
+    if !problems.is_empty() {
+        c.fail(&format!("wrong totals:\n{}", problems.join("\n")));
+    }
+    for id in w.all() {
+        c.stop_worker(id);
+    }
+}
+
+/// SIGTERM on the server drains the roots in flight, tells the workers, and
+/// exits 0; the workers then stop cleanly on SIGTERM.
+#[test]
+fn sigterm_on_the_server_drains_cleanly() {
+    let mut c = Cluster::new(&config_text(10_000_000, Some(20_000.0)));
+    let (server, addr) = c.server(0);
+    let w = c.workers(&addr);
+
+    c.wait_lines(server, 20_000);
+    c.proc(server).signal(libc::SIGTERM);
+    let summary = c.summary(server);
+    let acked = acked_in(&summary);
+    if acked == 0
+        || !summary.contains(" roots acked, 0 failed, 0 dead-lettered")
+        || summary.contains("left un-acked")
+    {
+        c.fail(&format!("not a clean drain: {summary}"));
+    }
+
+    for id in w.all() {
+        let what = format!("{} hears that the server left", c.proc(id).label);
+        c.wait_until(&what, |c| {
+            let p = c.proc(id);
+            if p.stderr.contains("server shutting down")
+                || p.stderr.contains("cannot reach the topology server")
+            {
+                return Ok(true);
+            }
+            match p.exited() {
+                Some(status) => Err(format!("it exited ({status})")),
+                None => Ok(false),
+            }
+        });
+    }
+    let mut handled = Vec::new();
+    for id in w.all() {
+        let n = c.stop_worker(id);
+        handled.push((c.proc(id).label.clone(), n));
+    }
+    eprintln!("sigterm_on_the_server_drains_cleanly: {summary}; workers handled {handled:?}");
+
+    // Drained completely: the sentences sent, 0..acked, were all counted,
+    // and for every word the totals written are 1..=max without a gap.
+    let expected = cycled_counts(acked);
+    let seen = Seen::read(&c.totals);
+    let problems = seen.problems(&expected);
+    if !problems.is_empty() {
+        c.fail(&format!("lost or wrong totals:\n{}", problems.join("\n")));
+    }
+    let duplicates = seen.lines - expected.values().sum::<u64>();
+    eprintln!("sigterm_on_the_server_drains_cleanly: {duplicates} duplicates");
+}
+
+/// SIGTERM on a count worker: it finishes its batch, returns the results and
+/// exits 0; a replacement takes over and every root is acked.
+#[test]
+fn sigterm_on_a_worker_finishes_its_batch() {
+    const COUNT: u64 = 60_000;
+    let mut c = Cluster::new(&config_text(COUNT, Some(20_000.0)));
+    let (server, addr) = c.server(0);
+    let w = c.workers(&addr);
+
+    c.wait_lines(server, 20_000);
+    let handled = c.stop_worker(w.count[0]);
+    if handled == 0 {
+        c.fail("count/0 handled nothing before its SIGTERM");
+    }
+    let count = c.worker("count", 0, &addr);
+
+    let summary = c.summary(server);
+    if !summary.starts_with(&format!("wordcount: {COUNT} roots acked, 0 failed, ")) {
+        c.fail(&format!("not every root acked: {summary}"));
+    }
+    let replaced = c.stop_worker(count);
+    eprintln!(
+        "sigterm_on_a_worker_finishes_its_batch: count/0 handled {handled} messages, \
+         its replacement {replaced}; {summary}"
+    );
+    if replaced == 0 {
+        c.fail("the replacement count/0 handled nothing");
+    }
+}
