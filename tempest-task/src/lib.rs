@@ -122,6 +122,27 @@ impl Instance {
                 result,
             });
         }
+        let task = &mut self.task;
+        let flushed = match catch_unwind(AssertUnwindSafe(|| task.flush())) {
+            Ok(r) => r,
+            Err(payload) => {
+                panics += 1;
+                Err(TaskError::new(format!(
+                    "task panicked in flush: {}",
+                    panic_message(&*payload)
+                )))
+            }
+        };
+        if let Err(e) = flushed {
+            // Nothing of this batch may be acked: its writes are not durable.
+            let start = out.len() - n as usize;
+            for h in &mut out[start..] {
+                if h.result.is_ok() {
+                    errors += 1;
+                    h.result = Err(TaskError::new(format!("flush failed: {}", e.message())));
+                }
+            }
+        }
         let micros = t0.elapsed().as_micros() as u64;
         let m = &self.metrics;
         m.messages_in.add(n);
@@ -191,5 +212,55 @@ mod tests {
         assert_eq!(s.counter("tempest_task_errors", &[]), 1);
         assert_eq!(s.counter("tempest_task_panics", &[]), 1);
         assert_eq!(s.counter("tempest_task_messages_out", &[]), 2);
+    }
+
+    #[test]
+    fn a_failed_flush_fails_the_whole_batch() {
+        struct Unflushable(u32);
+        impl Task for Unflushable {
+            fn handle(&mut self, _m: Msg) -> TaskResult {
+                Ok(None)
+            }
+            fn flush(&mut self) -> Result<(), TaskError> {
+                self.0 += 1;
+                if self.0 == 1 {
+                    Err(TaskError::new("disk full"))
+                } else {
+                    Ok(())
+                }
+            }
+        }
+        let registry = Registry::default();
+        let ctx = TaskContext {
+            topology: "t".into(),
+            task: "sink".into(),
+            instance: 0,
+            instances: 1,
+        };
+        let mut inst = Instance::new(
+            Box::new(Unflushable(0)),
+            ctx,
+            TaskMetrics::new(&registry, "sink"),
+        );
+        let mut ledger = Ledger::new(std::time::Duration::from_secs(1));
+        let batch = |ledger: &mut Ledger<()>| -> Vec<Delivery> {
+            (0..3)
+                .map(|_| Delivery {
+                    root: ledger.admit((), 1, 0),
+                    msg: Msg::from("x"),
+                })
+                .collect()
+        };
+        let mut out = Vec::new();
+        inst.run_batch(batch(&mut ledger).into_iter(), &mut out);
+        assert_eq!(out.len(), 3);
+        for h in &out {
+            let e = h.result.clone().unwrap_err();
+            assert!(e.message().contains("flush failed: disk full"), "{e}");
+        }
+        out.clear();
+        inst.run_batch(batch(&mut ledger).into_iter(), &mut out);
+        assert!(out.iter().all(|h| h.result.is_ok()));
+        assert_eq!(registry.snapshot().counter("tempest_task_errors", &[]), 3);
     }
 }

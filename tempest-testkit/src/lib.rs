@@ -69,7 +69,9 @@ impl Process {
     }
 
     fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 }
 
@@ -79,18 +81,27 @@ impl Drop for Process {
     }
 }
 
-fn wait_until(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool, proc: &mut Process) -> Result<()> {
+fn wait_until(
+    what: &str,
+    timeout: Duration,
+    mut ready: impl FnMut() -> bool,
+    proc: &mut Process,
+) -> Result<()> {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         if let Some(status) = proc.exited() {
-            return Err(FixtureError(format!("{what} exited during start-up: {status}")));
+            return Err(FixtureError(format!(
+                "{what} exited during start-up: {status}"
+            )));
         }
         if ready() {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    Err(FixtureError(format!("{what} did not answer within {timeout:?}")))
+    Err(FixtureError(format!(
+        "{what} did not answer within {timeout:?}"
+    )))
 }
 
 /// A `redis-server` on a free loopback port, with its data (and an
@@ -119,11 +130,25 @@ impl RedisServer {
     fn spawn(dir: &Path, port: u16) -> Result<Process> {
         let bin = find_binary("redis-server")?;
         let child = Command::new(bin)
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
             .args(["--appendonly", "yes", "--appendfsync", "always"])
             .arg("--dir")
             .arg(dir)
-            .args(["--daemonize", "no", "--protected-mode", "no", "--loglevel", "warning"])
+            .args([
+                "--daemonize",
+                "no",
+                "--protected-mode",
+                "no",
+                "--loglevel",
+                "warning",
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -181,7 +206,8 @@ fn redis_ping(port: u16) -> bool {
 fn resp_command(port: u16, words: &[&str]) -> Result<String> {
     let err = |e: std::io::Error| FixtureError(format!("redis command {words:?}: {e}"));
     let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(err)?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).map_err(err)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(err)?;
     let mut req = format!("*{}\r\n", words.len());
     for w in words {
         req.push_str(&format!("${}\r\n{w}\r\n", w.len()));
@@ -253,7 +279,12 @@ impl NatsServer {
             .spawn()
             .map_err(|e| FixtureError(format!("starting nats-server: {e}")))?;
         let mut proc = Process { child: Some(child) };
-        wait_until("nats-server", Duration::from_secs(10), || nats_info(port), &mut proc)?;
+        wait_until(
+            "nats-server",
+            Duration::from_secs(10),
+            || nats_info(port),
+            &mut proc,
+        )?;
         Ok(proc)
     }
 
@@ -305,7 +336,11 @@ mod tests {
         let pid = r.pid().unwrap();
         r.restart().unwrap();
         assert_ne!(r.pid().unwrap(), pid);
-        assert_eq!(r.command(&["GET", "k"]).unwrap(), "v", "append-only data survives a restart");
+        assert_eq!(
+            r.command(&["GET", "k"]).unwrap(),
+            "v",
+            "append-only data survives a restart"
+        );
         r.kill();
         assert!(r.command(&["PING"]).is_err());
     }

@@ -302,7 +302,11 @@ async fn serve(
             }
             pulls.pop_front();
             let deliveries = batch.drain(..).map(Into::into).collect();
-            framed.send(Frame::Batch { deliveries }).await?;
+            if let Err(e) = framed.send(Frame::Batch { deliveries }).await {
+                // After Shutdown a worker may say goodbye and close before
+                // our empty answers reach it: that is a normal end.
+                return if told_to_go { Ok(()) } else { Err(e.into()) };
+            }
         }
         if *stopping.borrow() && !told_to_go {
             told_to_go = true;

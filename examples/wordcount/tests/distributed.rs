@@ -91,7 +91,7 @@ fn config_text(count: u64, rate: Option<f64>) -> String {
 
 /// A child's stream, read to its end by a thread.
 #[derive(Clone, Default)]
-struct Captured(Arc<Mutex<String>>);
+struct Captured(Arc<Mutex<Vec<u8>>>);
 
 impl Captured {
     fn read_from(r: impl Read + Send + 'static) -> (Self, JoinHandle<()>) {
@@ -103,10 +103,7 @@ impl Captured {
             loop {
                 match r.read(&mut buf) {
                     Ok(0) | Err(_) => break,
-                    Ok(n) => text
-                        .lock()
-                        .unwrap()
-                        .push_str(&String::from_utf8_lossy(&buf[..n])),
+                    Ok(n) => text.lock().unwrap().extend_from_slice(&buf[..n]),
                 }
             }
         });
@@ -114,17 +111,17 @@ impl Captured {
     }
 
     fn text(&self) -> String {
-        self.0.lock().unwrap().clone()
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
     }
 
     fn contains(&self, needle: &str) -> bool {
-        self.0.lock().unwrap().contains(needle)
+        self.text().contains(needle)
     }
 }
 
 /// One `wordcount` process.
 struct Proc {
-    /// What the test calls it (`server`, `split/0`, `output/0 (2nd)`, ...).
+    /// What the test calls it (`server`, `split/0`, `output/0 (#2)`, ...).
     label: String,
     child: Child,
     /// Its exit status, once reaped.
@@ -377,6 +374,7 @@ impl Cluster {
 
     /// Starts the topology server on `port` (0: any) and waits until it
     /// listens; returns it and its address.
+    #[track_caller]
     fn server(&mut self, port: u16) -> (Id, String) {
         let config = self.config.to_str().unwrap().to_owned();
         let port = port.to_string();
@@ -465,6 +463,7 @@ impl Cluster {
     }
 
     /// Kills every process and fails the test with `why` and their output.
+    #[track_caller]
     fn fail(&mut self, why: &str) -> ! {
         for p in &mut self.procs {
             if p.exited().is_none() {
@@ -477,6 +476,7 @@ impl Cluster {
 
     /// Waits until `cond` holds, at most [`LIMIT`]; fails the test when
     /// `cond` errs or time is up.
+    #[track_caller]
     fn wait_until(&mut self, what: &str, mut cond: impl FnMut(&mut Self) -> Result<bool, String>) {
         let deadline = Instant::now() + LIMIT;
         loop {
@@ -493,6 +493,7 @@ impl Cluster {
     }
 
     /// Waits until `id` exits; returns its status, stdout and stderr.
+    #[track_caller]
     fn wait_exit(&mut self, id: Id) -> (ExitStatus, String, String) {
         let what = format!("{} exits", self.proc(id).label);
         self.wait_until(&what, |c| Ok(c.proc(id).exited().is_some()));
@@ -502,6 +503,7 @@ impl Cluster {
     }
 
     /// Waits until `id` exits with status 0; returns its stdout and stderr.
+    #[track_caller]
     fn wait_success(&mut self, id: Id) -> (String, String) {
         let (status, stdout, stderr) = self.wait_exit(id);
         if !status.success() {
@@ -514,6 +516,7 @@ impl Cluster {
     /// Waits until the totals file has more than `n` lines, while `server`
     /// runs (the run ending first fails the test: what was to happen
     /// mid-stream would not).
+    #[track_caller]
     fn wait_lines(&mut self, server: Id, n: u64) {
         let mut totals = Totals {
             path: self.totals.clone(),
@@ -534,7 +537,19 @@ impl Cluster {
         });
     }
 
+    /// Fails the test unless `server` still runs: what is about to happen was
+    /// meant to happen mid-stream.
+    #[track_caller]
+    fn still_running(&mut self, server: Id, what: &str) {
+        if let Some(status) = self.proc(server).exited() {
+            self.fail(&format!(
+                "the run ended ({status}) before {what}: nothing was left to test"
+            ));
+        }
+    }
+
     /// SIGKILLs `id` and reaps it.
+    #[track_caller]
     fn kill_9(&mut self, id: Id) {
         self.proc(id).signal(libc::SIGKILL);
         let (status, _, _) = self.wait_exit(id);
@@ -543,6 +558,7 @@ impl Cluster {
 
     /// SIGTERMs the worker `id` and checks that it exits 0 and prints how many
     /// messages it handled; returns that number.
+    #[track_caller]
     fn stop_worker(&mut self, id: Id) -> u64 {
         self.proc(id).signal(libc::SIGTERM);
         let (stdout, _) = self.wait_success(id);
@@ -561,6 +577,7 @@ impl Cluster {
     }
 
     /// The server's summary line, after it exited 0.
+    #[track_caller]
     fn summary(&mut self, server: Id) -> String {
         let (stdout, _) = self.wait_success(server);
         let lines: Vec<&str> = stdout
@@ -611,17 +628,25 @@ fn kill_9_loses_nothing() {
 
     // Under way: kill the split worker and start another in its place.
     c.wait_lines(server, 20_000);
+    c.still_running(server, "the split worker was killed");
     c.kill_9(w.split);
     let split = c.worker("split", 0, &addr);
 
     // Later: the same for the output worker.
     c.wait_lines(server, expected_lines * 6 / 10);
+    c.still_running(server, "the output worker was killed");
     c.kill_9(w.output);
     let output = c.worker("output", 0, &addr);
 
     let summary = c.summary(server);
     if !summary.starts_with(&format!("wordcount: {COUNT} roots acked, 0 failed, ")) {
         c.fail(&format!("not every root acked: {summary}"));
+    }
+    // What the server re-queued when the killed workers' connections dropped.
+    for line in c.proc(server).stderr.text().lines() {
+        if line.contains("worker connection closed") {
+            eprintln!("kill_9_loses_nothing: server: {line}");
+        }
     }
     // Both replacements did work: the run could not have ended otherwise.
     for id in [split, output] {
@@ -740,15 +765,10 @@ fn sigterm_on_the_server_drains_cleanly() {
             }
         });
     }
-    let mut handled = Vec::new();
-    for id in w.all() {
-        let n = c.stop_worker(id);
-        handled.push((c.proc(id).label.clone(), n));
-    }
-    eprintln!("sigterm_on_the_server_drains_cleanly: {summary}; workers handled {handled:?}");
 
     // Drained completely: the sentences sent, 0..acked, were all counted,
-    // and for every word the totals written are 1..=max without a gap.
+    // so for every word the totals written are 1..=max without a gap. Read
+    // while the workers still run: what was acked was written already.
     let expected = cycled_counts(acked);
     let seen = Seen::read(&c.totals);
     let problems = seen.problems(&expected);
@@ -757,7 +777,19 @@ fn sigterm_on_the_server_drains_cleanly() {
     }
     assert_eq!(seen.torn, 0, "torn lines without a kill");
     let duplicates = seen.lines - expected.values().sum::<u64>();
-    eprintln!("sigterm_on_the_server_drains_cleanly: {duplicates} duplicates");
+    let written = std::fs::metadata(&c.totals).unwrap().len();
+
+    let mut handled = Vec::new();
+    for id in w.all() {
+        let n = c.stop_worker(id);
+        handled.push((c.proc(id).label.clone(), n));
+    }
+    eprintln!(
+        "sigterm_on_the_server_drains_cleanly: {summary}; workers handled {handled:?}; \
+         {duplicates} duplicates"
+    );
+    // The output worker had nothing left to write when it stopped.
+    assert_eq!(std::fs::metadata(&c.totals).unwrap().len(), written);
 }
 
 /// SIGTERM on a count worker: it finishes its batch, returns the results and
@@ -770,6 +802,7 @@ fn sigterm_on_a_worker_finishes_its_batch() {
     let w = c.workers(&addr);
 
     c.wait_lines(server, 20_000);
+    c.still_running(server, "count/0 was stopped");
     let handled = c.stop_worker(w.count[0]);
     if handled == 0 {
         c.fail("count/0 handled nothing before its SIGTERM");
