@@ -122,8 +122,18 @@ pub fn key_hash(key: &[u8]) -> u64 {
 /// The instance (of `instances`) that owns `key`.
 pub fn key_instance(key: &[u8], instances: u32) -> u32 {
     debug_assert!(instances > 0);
+    // FNV-1a moves a change in the last bytes of a key into the high bits
+    // only through carries, and multiply-shift reads the high bits: mix
+    // first (murmur3's finaliser), or `key-1`, `key-2`, ... pile onto one
+    // instance.
+    let mut h = key_hash(key);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^= h >> 33;
     // Multiply-shift maps the hash onto 0..instances without modulo bias.
-    ((u128::from(key_hash(key)) * u128::from(instances)) >> 64) as u32
+    ((u128::from(h) * u128::from(instances)) >> 64) as u32
 }
 
 #[cfg(test)]
@@ -142,6 +152,23 @@ mod tests {
         // Pinned values: a change here would re-shard every running key-grouped task.
         assert_eq!(key_hash(b""), 0xcbf2_9ce4_8422_2325);
         assert_eq!(key_hash(b"a"), 0xaf63_dc4c_8601_ec8c);
+    }
+
+    /// Regression: similar keys (`key-0`, `key-1`, ...) all landed on one
+    /// instance before the hash was mixed.
+    #[test]
+    fn similar_keys_spread_over_instances() {
+        for n in [2u32, 3, 4] {
+            let mut seen = vec![0u32; n as usize];
+            for i in 0..600 {
+                seen[key_instance(format!("key-{i}").as_bytes(), n) as usize] += 1;
+            }
+            let fair = 600 / n;
+            assert!(
+                seen.iter().all(|&c| c > fair * 3 / 4),
+                "{n} instances: {seen:?}"
+            );
+        }
     }
 
     #[test]

@@ -145,7 +145,7 @@ pub async fn run_worker(
                 let mut sd = shutdown.clone();
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
-                    _ = sd.changed() => {}
+                    _ = tempest_core::shutdown::changed(&mut sd) => {}
                 }
                 wait = (wait * 2).min(config.reconnect_max);
                 continue;
@@ -417,7 +417,7 @@ async fn connection(
                 }
                 sent = Instant::now();
             }
-            _ = shutdown.changed(), if !stopping => {
+            _ = tempest_core::shutdown::changed(&mut shutdown), if !stopping => {
                 stopping = *shutdown.borrow();
             }
         }

@@ -178,7 +178,7 @@ impl Driver {
             tokio::select! {
                 _ = wake.notified() => {}
                 _ = tokio::time::sleep(wait) => {}
-                _ = shutdown.changed(), if drain_until.is_none() => {}
+                _ = tempest_core::shutdown::changed(&mut shutdown), if drain_until.is_none() => {}
             }
         }
         self.shutdown_source().await;

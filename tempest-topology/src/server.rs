@@ -98,7 +98,7 @@ pub(crate) async fn accept(listener: TcpListener, shared: Shared, grace: Duratio
                 }
             },
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            _ = stopping.changed() => {
+            _ = tempest_core::shutdown::changed(&mut stopping) => {
                 if *stopping.borrow() { break; }
             }
         }
@@ -138,6 +138,11 @@ async fn connection(stream: TcpStream, peer: SocketAddr, shared: Shared) {
     let mut framed = Framed::new(stream, FrameCodec::new(shared.config.max_frame));
     let (lease, task, instance) = match handshake(&mut framed, &shared).await {
         Ok(ok) => ok,
+        Err((_, message)) if message == CLOSED_BEFORE_HELLO => {
+            // A port probe or a health check: not a worker, nothing to refuse.
+            tracing::debug!(%peer, "connection closed before Hello");
+            return;
+        }
         Err((code, message)) => {
             shared.rejected.inc();
             tracing::warn!(%peer, ?code, "refused worker: {message}");
@@ -168,6 +173,8 @@ async fn connection(stream: TcpStream, peer: SocketAddr, shared: Shared) {
 
 type Conn = Framed<TcpStream, FrameCodec>;
 
+const CLOSED_BEFORE_HELLO: &str = "closed before Hello";
+
 async fn handshake(
     framed: &mut Conn,
     shared: &Shared,
@@ -189,7 +196,7 @@ async fn handshake(
             ))
         }
         Some(Err(e)) => return Err((e.code(), e.to_string())),
-        None => return Err((ErrorCode::HandshakeTimeout, "closed before Hello".into())),
+        None => return Err((ErrorCode::HandshakeTimeout, CLOSED_BEFORE_HELLO.into())),
     };
     if hello.magic != MAGIC {
         return Err((ErrorCode::BadMagic, format!("bad magic {:#x}", hello.magic)));
@@ -280,6 +287,8 @@ async fn serve(
     let mut stopping = shared.stopping.clone();
     let silence = shared.config.heartbeat * 3;
     let mut heard = Instant::now();
+    let mut sent = Instant::now();
+    let mut beats = 0u64;
     let mut told_to_go = false;
     // Pulls not yet answered, oldest first: (max, long-poll deadline).
     let mut pulls: std::collections::VecDeque<(usize, Instant)> = Default::default();
@@ -307,6 +316,7 @@ async fn serve(
                 // our empty answers reach it: that is a normal end.
                 return if told_to_go { Ok(()) } else { Err(e.into()) };
             }
+            sent = Instant::now();
         }
         if *stopping.borrow() && !told_to_go {
             told_to_go = true;
@@ -338,7 +348,10 @@ async fn serve(
                             pulls.push_back((max, Instant::now() + shared.config.long_poll));
                         }
                     }
-                    Frame::Heartbeat { seq } => framed.send(Frame::HeartbeatAck { seq }).await?,
+                    Frame::Heartbeat { seq } => {
+                        framed.send(Frame::HeartbeatAck { seq }).await?;
+                        sent = Instant::now();
+                    }
                     Frame::HeartbeatAck { .. } => {}
                     Frame::Goodbye { results } => {
                         let mut h: Vec<Handled> = results.into_iter().map(Into::into).collect();
@@ -366,7 +379,13 @@ async fn serve(
                     return Err(ConnError::Silent(silence));
                 }
             }
-            _ = stopping.changed(), if !told_to_go => {}
+            _ = tokio::time::sleep_until((sent + shared.config.heartbeat).into()) => {
+                // Quiet for a heartbeat: show the worker we are alive.
+                beats += 1;
+                framed.send(Frame::Heartbeat { seq: beats }).await?;
+                sent = Instant::now();
+            }
+            _ = tempest_core::shutdown::changed(&mut stopping), if !told_to_go => {}
         }
     }
 }

@@ -159,14 +159,17 @@ impl Standalone {
                     instances: task.workers,
                 };
                 let instance = Instance::new((task.factory)(), ctx, metrics.clone());
-                workers.push(tokio::spawn(work(
-                    parts.hub.clone(),
-                    idx,
-                    i,
-                    instance,
-                    parts.settings.batch_size,
-                    workers_stopped.clone(),
-                )));
+                let (hub, stop) = (parts.hub.clone(), workers_stopped.clone());
+                let (batch_size, rt) =
+                    (parts.settings.batch_size, tokio::runtime::Handle::current());
+                let thread = std::thread::Builder::new()
+                    .name(format!("{}-{i}", task.name))
+                    .spawn(move || work(hub, idx, i, instance, batch_size, stop, rt))
+                    .map_err(|source| RunError::Io {
+                        context: format!("starting a thread for task `{}`", task.name),
+                        source,
+                    })?;
+                workers.push(thread);
             }
         }
         let capacity = tokio::spawn(track_capacity(
@@ -178,10 +181,15 @@ impl Standalone {
 
         let _ = stop_workers.send(true);
         parts.hub.lock().wake_all();
-        for w in workers {
-            if let Err(e) = w.await {
-                tracing::error!("worker task ended abnormally: {e}");
+        let joined = tokio::task::spawn_blocking(move || {
+            for w in workers {
+                if w.join().is_err() {
+                    tracing::error!("a task instance's thread ended abnormally");
+                }
             }
+        });
+        if let Err(e) = joined.await {
+            tracing::error!("joining task instances: {e}");
         }
         let _ = capacity.await;
         parts.finish(end?, started).await
@@ -272,14 +280,17 @@ impl Parts {
     }
 }
 
-/// One in-process task instance: swap handled for new work until stopped.
-async fn work(
+/// One in-process task instance, on its own thread: swap handled for new
+/// work until stopped. Handlers run off the tokio runtime, so one that blocks
+/// (or runs long) never stalls the source driver or another task.
+fn work(
     hub: Arc<Mutex<Hub>>,
     task: TaskIdx,
     instance: u32,
     mut inst: Instance,
     batch_size: usize,
     stop: watch::Receiver<bool>,
+    rt: tokio::runtime::Handle,
 ) {
     let wake = hub.lock().waker(task, instance);
     let mut handled = Vec::with_capacity(batch_size);
@@ -292,11 +303,11 @@ async fn work(
             if *stop.borrow() {
                 break;
             }
-            wake.notified().await;
+            // Woken by the hub when work arrives, and by `wake_all` at stop.
+            rt.block_on(wake.notified());
             continue;
         }
         inst.run_batch(batch.drain(..), &mut handled);
-        tokio::task::yield_now().await;
     }
     inst.shutdown();
 }
@@ -324,7 +335,7 @@ async fn track_capacity(
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
-            _ = stop.changed() => return,
+            _ = tempest_core::shutdown::changed(&mut stop) => return,
         }
         let secs = at.elapsed().as_secs_f64();
         at = Instant::now();

@@ -197,7 +197,9 @@ impl RedisOutput {
             return Ok(());
         }
         let result = self.send();
-        self.pipe.clear();
+        if result.is_ok() {
+            self.pipe.clear();
+        }
         result
     }
 

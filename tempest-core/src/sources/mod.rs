@@ -28,7 +28,7 @@ pub mod file;
 pub mod generator;
 pub mod memory;
 
-pub use file::FileSource;
+pub use file::{DoneRange, FileCheckpoint, FileSource};
 pub use generator::{GeneratorSource, GeneratorStats};
 pub use memory::{MemoryLog, MemorySource};
 
