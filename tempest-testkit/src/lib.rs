@@ -81,6 +81,24 @@ impl Drop for Process {
     }
 }
 
+/// Starts a server on a free port with a new data directory, trying a few
+/// ports in case another process takes the one found free first.
+fn start_on_free_port(
+    name: &str,
+    spawn: impl Fn(&Path, u16) -> Result<Process>,
+) -> Result<(Process, u16, tempfile::TempDir)> {
+    let dir = tempfile::tempdir().map_err(|e| FixtureError(format!("temp dir: {e}")))?;
+    let mut last = None;
+    for _ in 0..5 {
+        let port = free_port()?;
+        match spawn(dir.path(), port) {
+            Ok(proc) => return Ok((proc, port, dir)),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| FixtureError(format!("{name} did not start"))))
+}
+
 fn wait_until(
     what: &str,
     timeout: Duration,
@@ -115,16 +133,8 @@ pub struct RedisServer {
 impl RedisServer {
     /// Starts a server and waits until it answers PING.
     pub fn start() -> Result<Self> {
-        let dir = tempfile::tempdir().map_err(|e| FixtureError(format!("temp dir: {e}")))?;
-        let mut last = None;
-        for _ in 0..5 {
-            let port = free_port()?;
-            match Self::spawn(dir.path(), port) {
-                Ok(proc) => return Ok(RedisServer { proc, port, dir }),
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| FixtureError("redis-server did not start".into())))
+        let (proc, port, dir) = start_on_free_port("redis-server", Self::spawn)?;
+        Ok(RedisServer { proc, port, dir })
     }
 
     fn spawn(dir: &Path, port: u16) -> Result<Process> {
@@ -256,16 +266,8 @@ pub struct NatsServer {
 impl NatsServer {
     /// Starts a server and waits until it greets a client with INFO.
     pub fn start() -> Result<Self> {
-        let dir = tempfile::tempdir().map_err(|e| FixtureError(format!("temp dir: {e}")))?;
-        let mut last = None;
-        for _ in 0..5 {
-            let port = free_port()?;
-            match Self::spawn(dir.path(), port) {
-                Ok(proc) => return Ok(NatsServer { proc, port, dir }),
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| FixtureError("nats-server did not start".into())))
+        let (proc, port, dir) = start_on_free_port("nats-server", Self::spawn)?;
+        Ok(NatsServer { proc, port, dir })
     }
 
     fn spawn(dir: &Path, port: u16) -> Result<Process> {

@@ -192,7 +192,7 @@ async fn handshake(
         Some(Ok(other)) => {
             return Err((
                 ErrorCode::UnexpectedFrame,
-                format!("expected Hello, got {}", frame_name(&other)),
+                format!("expected Hello, got {}", other.name()),
             ))
         }
         Some(Err(e)) => return Err((e.code(), e.to_string())),
@@ -363,7 +363,7 @@ async fn serve(
                         return Err(ConnError::Protocol(format!("worker sent error {code:?}: {message}")));
                     }
                     other => {
-                        let name = frame_name(&other);
+                        let name = other.name();
                         let _ = framed.send(Frame::Error {
                             code: ErrorCode::UnexpectedFrame,
                             message: format!("unexpected {name} frame from a worker"),
@@ -394,20 +394,6 @@ async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at.into()).await,
         None => std::future::pending().await,
-    }
-}
-
-fn frame_name(f: &Frame) -> &'static str {
-    match f {
-        Frame::Hello(_) => "Hello",
-        Frame::Welcome(_) => "Welcome",
-        Frame::Pull { .. } => "Pull",
-        Frame::Batch { .. } => "Batch",
-        Frame::Heartbeat { .. } => "Heartbeat",
-        Frame::HeartbeatAck { .. } => "HeartbeatAck",
-        Frame::Goodbye { .. } => "Goodbye",
-        Frame::Shutdown { .. } => "Shutdown",
-        Frame::Error { .. } => "Error",
     }
 }
 
