@@ -401,6 +401,12 @@ impl JetStreamSource {
         self.held.len()
     }
 
+    fn is_connected(&self) -> bool {
+        self.conn
+            .as_ref()
+            .is_some_and(|c| c.client.connection_state() == State::Connected)
+    }
+
     /// Drops the handles that a reconnect made stale, and the consumer
     /// handle with them.
     fn sync_epoch(&mut self) {
@@ -507,7 +513,7 @@ impl JetStreamSource {
             .map_err(|e| {
                 let message = format!("stream {:?}: {e}", config.stream);
                 match e.kind() {
-                    K::JetStream(err) if !is_transient_api_error(err.code()) => {
+                    K::JetStream(err) if !is_transient_api_error(&err) => {
                         SourceError::fatal(SourceErrorKind::Connect, message)
                     }
                     K::EmptyStreamName | K::InvalidStreamName | K::DomainAndExternalSet => {
@@ -538,7 +544,7 @@ impl JetStreamSource {
                     config.consumer, config.stream
                 );
                 match e.kind() {
-                    C::JetStream(err) if !is_transient_api_error(err.code()) => {
+                    C::JetStream(err) if !is_transient_api_error(&err) => {
                         SourceError::fatal(SourceErrorKind::Connect, message)
                     }
                     C::InvalidName | C::InvalidConsumerType => {
@@ -638,7 +644,8 @@ impl JetStreamSource {
         (confirmed, why)
     }
 
-    /// Settles one held message with `kind`; `what` names it in errors.
+    /// Settles one held message with `kind` (confirmed by the server); false
+    /// when its handle is no longer held.
     async fn settle_one(
         &mut self,
         id: SourceId,
@@ -707,9 +714,21 @@ impl JetStreamSource {
     }
 }
 
-/// True for JetStream API errors that may pass (unavailable, timeout).
-fn is_transient_api_error(code: usize) -> bool {
-    matches!(code, 408 | 500 | 503 | 504)
+/// True for JetStream API errors that may pass: the service unavailable
+/// or timing out, a cluster without a leader, a stream deleted under us (the
+/// next connect creates it again). Everything else, such as a consumer
+/// update that JetStream refuses (nats-server 2.9 answers those with code
+/// 500), is a configuration problem that retrying will not fix.
+fn is_transient_api_error(err: &async_nats::jetstream::Error) -> bool {
+    use async_nats::jetstream::ErrorCode;
+    matches!(err.code(), 404 | 408 | 503 | 504)
+        || [
+            ErrorCode::CLUSTER_NOT_ACTIVE,
+            ErrorCode::CLUSTER_NOT_AVAILABLE,
+            ErrorCode::CLUSTER_NOT_LEADER,
+            ErrorCode::INSUFFICIENT_RESOURCES,
+        ]
+        .contains(&err.error_code())
 }
 
 impl FromConfig for JetStreamSource {
@@ -800,6 +819,12 @@ impl Source for JetStreamSource {
             return Err(SourceError::transient(
                 SourceErrorKind::Poll,
                 "reconnected to NATS during a pull",
+            ));
+        }
+        if msgs.is_empty() && !self.is_connected() {
+            return Err(SourceError::transient(
+                SourceErrorKind::Poll,
+                format!("connection to {} lost; reconnecting", self.config.url),
             ));
         }
         if let Some(why) = failure {
@@ -935,7 +960,7 @@ mod tests {
     }
 
     fn err_key(text: &str) -> String {
-        let e = parse(text).err().expect("an error");
+        let e = parse(text).expect_err("an error");
         e.key.clone().unwrap_or_else(|| panic!("no key in {e}"))
     }
 

@@ -2,6 +2,8 @@
 //! package): acks, naks, terms, configuration errors, a broker that is down
 //! at start and a broker restarted mid-stream.
 
+#![cfg(feature = "nats")]
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,12 +15,13 @@ use async_nats::HeaderMap;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use tempest_connectors::nats::{JetStreamConfig, JetStreamSource, KEY_HEADER};
+use tempest_connectors::nats::{DeliverPolicy, JetStreamConfig, JetStreamSource, KEY_HEADER};
 use tempest_core::config::TopologyFile;
 use tempest_core::metrics::{catalog, Labels, Registry};
 use tempest_core::sources::SourceStats;
 use tempest_core::{
-    FailurePolicy, Msg, Pipeline, SourceErrorKind, SourceId, TaskError, TaskResult, Topology,
+    FailurePolicy, Msg, Pipeline, Polled, Settings, Source, SourceErrorKind, SourceId, TaskError,
+    TaskResult, Topology,
 };
 use tempest_testkit::NatsServer;
 use tempest_topology::hub::{FailAction, RootEvent};
@@ -33,7 +36,10 @@ const LIMIT: Duration = Duration::from_secs(30);
 
 /// Handles per payload, with when each happened, and the key each carried.
 #[derive(Clone, Default)]
-struct Handled(Arc<Mutex<HashMap<String, (Vec<Instant>, Option<String>)>>>);
+struct Handled(Arc<Mutex<HashMap<String, Handles>>>);
+
+/// When one payload was handled, and the key it carried.
+type Handles = (Vec<Instant>, Option<String>);
 
 impl Handled {
     /// Records a handle and returns how many times it was handled before.
@@ -414,6 +420,64 @@ async fn dead_letter_is_terminated_and_never_redelivered() {
     assert_eq!(info.delivered.stream_sequence, 20);
 }
 
+/// Retry replays keep a root in flight longer than `ack_wait`: the source
+/// tells JetStream it is still working on it, so JetStream does not
+/// redeliver it meanwhile; it is tried exactly `max_attempts` times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replays_past_ack_wait_are_not_redelivered() {
+    const MAX_ATTEMPTS: usize = 4;
+    const ACK_WAIT: Duration = Duration::from_millis(1_200);
+    let server = NatsServer::start().unwrap();
+    let js = publisher(&server.url()).await;
+    create_stream(&js).await;
+    let msgs = payloads("m", 5);
+    publish(&js, &msgs, |_| None).await;
+
+    let handled = Handled::default();
+    let (source, stats) = source(JetStreamConfig {
+        ack_wait_ms: Some(ACK_WAIT.as_millis() as u64),
+        ..config(&server.url())
+    });
+    let verdict = |p: &str, _: usize| -> TaskResult {
+        if p == "m0" {
+            return Err(TaskError::new("poison"));
+        }
+        Ok(None)
+    };
+    let topology = Topology::builder("nats-keep-alive")
+        .source(source)
+        .pipeline(recording(&handled, verdict))
+        .failure_policy(FailurePolicy::Retry {
+            max_attempts: MAX_ATTEMPTS as u32,
+            backoff: Duration::from_millis(800),
+            max_backoff: Duration::from_millis(800),
+        })
+        .message_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let running = Running::start(topology, None);
+    wait_until("m0 dead-lettered and the others acked", || {
+        let (js, h, msgs, stats) = (js.clone(), handled.clone(), msgs.clone(), stats.clone());
+        async move { h.all(&msgs) && stats.failed() == 1 && drained(&js).await }
+    })
+    .await;
+    let (_report, events) = running.finish().await;
+    let t = handled.times("m0");
+    assert!(
+        t[MAX_ATTEMPTS - 1] - t[0] > ACK_WAIT,
+        "the replays outlast ack_wait"
+    );
+    assert_eq!(
+        handled.count("m0"),
+        MAX_ATTEMPTS,
+        "a redelivery was handled too"
+    );
+    assert_eq!(failed_events(&events, 1, FailAction::DeadLettered), 1);
+    let info = consumer_info(&js).await.unwrap();
+    assert_eq!(info.num_redelivered, 0);
+    assert_eq!(info.delivered.stream_sequence, 5);
+}
+
 /// `ack_wait_ms` not above `message_timeout` stops the topology before it
 /// connects, with an error naming the key; one millisecond more runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -574,11 +638,8 @@ async fn broker_restart_mid_stream_loses_nothing() {
         move |m: Msg| -> TaskResult {
             // The first message waits until the broker has been restarted,
             // so that max_pending messages are in flight then.
-            // (block_in_place: the other tasks of this worker thread,
-            // the source driver among them, move to another thread.)
             if !e.swap(true, Ordering::SeqCst) {
-                let opened = tokio::task::block_in_place(|| g.wait(LIMIT));
-                assert!(opened, "the gate never opened");
+                assert!(g.wait(LIMIT), "the gate never opened");
             }
             h.record(&m);
             Ok(None)
@@ -628,4 +689,93 @@ async fn broker_restart_mid_stream_loses_nothing() {
     assert_eq!(info.num_ack_pending, 0);
     assert_eq!(info.num_pending, 0);
     assert_eq!(info.ack_floor.stream_sequence, 2 * N as u64);
+}
+
+/// Driven directly: every connect brings the durable consumer in line with
+/// the configuration, a change JetStream refuses is a fatal error, and a
+/// broker that goes away makes polls fail with retryable errors (and the
+/// health unhealthy) until it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn consumer_follows_the_config_and_outages_are_retryable() {
+    let mut server = NatsServer::start().unwrap();
+    let mut settings = Settings::new("direct");
+    settings.message_timeout = Duration::from_secs(1);
+    let connect = |config: JetStreamConfig| {
+        let settings = settings.clone();
+        async move {
+            let mut s = JetStreamSource::new(config).unwrap();
+            s.configure(&settings).await.unwrap();
+            let r = s.connect().await;
+            (s, r)
+        }
+    };
+    let (mut first, r) = connect(JetStreamConfig {
+        ack_wait_ms: Some(5_000),
+        ..config(&server.url())
+    })
+    .await;
+    r.unwrap();
+    let js = publisher(&server.url()).await;
+    assert_eq!(
+        consumer_info(&js).await.unwrap().config.ack_wait,
+        Duration::from_secs(5)
+    );
+
+    // New settings for the same durable consumer are applied.
+    let (_, r) = connect(JetStreamConfig {
+        ack_wait_ms: Some(7_000),
+        max_deliver: Some(3),
+        ..config(&server.url())
+    })
+    .await;
+    r.unwrap();
+    let info = consumer_info(&js).await.unwrap();
+    assert_eq!(info.config.ack_wait, Duration::from_secs(7));
+    assert_eq!(info.config.max_deliver, 3);
+
+    // JetStream cannot change where an existing consumer starts.
+    let (_, r) = connect(JetStreamConfig {
+        deliver_policy: DeliverPolicy::New,
+        ..config(&server.url())
+    })
+    .await;
+    let e = r.expect_err("a refused consumer update");
+    assert!(!e.retryable, "{e}");
+    assert!(e.message.contains(CONSUMER), "{e}");
+
+    // An outage: retryable errors and unhealthy until the broker is back.
+    assert!(first.health().await.is_healthy());
+    assert_eq!(first.poll(10).await.unwrap(), Polled::Idle);
+    server.kill();
+    // A pull already under way when the broker died may still end Idle.
+    let deadline = Instant::now() + LIMIT;
+    let err = loop {
+        match first.poll(10).await {
+            Ok(Polled::Idle) => assert!(Instant::now() < deadline, "polls never failed"),
+            Ok(other) => panic!("{other:?} with no broker"),
+            Err(e) => break e,
+        }
+    };
+    assert!(err.retryable, "{err}");
+    assert!(!first.health().await.is_healthy());
+    server.restart().unwrap();
+    let deadline = Instant::now() + LIMIT;
+    while let Err(e) = first.connect().await {
+        assert!(e.retryable, "{e}");
+        assert!(Instant::now() < deadline, "no reconnect: {e}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(first.health().await.is_healthy());
+    let js = publisher(&server.url()).await;
+    publish(&js, &payloads("m", 3), |_| None).await;
+    let Polled::Msgs(msgs) = first.poll(10).await.unwrap() else {
+        panic!("the messages published after the restart");
+    };
+    let ids: Vec<SourceId> = msgs.iter().map(|m| m.id).collect();
+    assert_eq!(ids, [1u64.into(), 2u64.into(), 3u64.into()]);
+    assert_eq!(first.held(), 3);
+    first.ack(&ids).await.unwrap();
+    assert_eq!(first.held(), 0);
+    assert!(drained(&js).await);
+    first.shutdown().await.unwrap();
 }
