@@ -5,9 +5,11 @@
 use std::collections::{BTreeSet, VecDeque};
 use std::io::{self, SeekFrom, Write as _};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::fs::File;
 use tokio::io::{AsyncBufReadExt, AsyncSeekExt, BufReader};
@@ -101,12 +103,18 @@ pub const MAX_DONE_RANGES: usize = 1024;
 /// dead letter); a line handed to `release` (policy `none`) stays not done,
 /// so it is read again after a restart, which is how this source redelivers.
 ///
-/// The checkpoint is written after every batch of acks (or at most every
-/// `checkpoint_every`, see [`FileSource::checkpoint_every`]), on `fail`, and
-/// at shutdown, atomically: to a hidden temporary file beside it, synced,
-/// then renamed over it (and the directory synced). After a crash, at most
-/// the lines in flight when it was last written are read again (with
-/// `checkpoint_every`, also those acked since).
+/// The checkpoint is written after every batch of acks and every `fail` (or
+/// at most once per `checkpoint_every`, see
+/// [`FileSource::checkpoint_every`]), and at shutdown, atomically: to a
+/// hidden temporary file beside it, synced, then renamed over it (and the
+/// directory synced). Writes run on a background thread, one at a time,
+/// always of the latest checkpoint, so acking and polling never wait for the
+/// disk: acks that come while a write runs go into the next write, which
+/// begins as soon as it ends. A failed write is logged (as an ack error) and
+/// tried again. `shutdown` waits for the last write. After a crash, the
+/// lines in flight when the last completed write began are read again, and
+/// so are those done since then (the acks of one write's duration; with
+/// `checkpoint_every`, up to that long).
 ///
 /// At the first connect the checkpoint is read and reading starts at its
 /// watermark, skipping its done ranges; a missing checkpoint starts from the
@@ -141,6 +149,7 @@ pub const MAX_DONE_RANGES: usize = 1024;
 ///
 /// // Only the second line is acked: the first one is still to do.
 /// source.ack(&[msgs[1].id]).await.unwrap();
+/// source.shutdown().await.unwrap();
 /// let checkpoint = FileCheckpoint::load(&source.checkpoint_path()).unwrap().unwrap();
 /// assert_eq!((checkpoint.file.as_str(), checkpoint.offset), ("input.txt", 0));
 ///
@@ -227,6 +236,16 @@ impl FileSource {
     /// The message counters (a shared handle).
     pub fn stats(&self) -> SourceStats {
         self.stats.clone()
+    }
+
+    /// Waits until the checkpoints submitted so far are written (tests
+    /// observe the file after an ack with it).
+    #[cfg(test)]
+    async fn wait_for_write(&mut self) {
+        if let Some(state) = self.state.as_mut() {
+            state.checkpoint.writer.wait().await;
+            assert!(state.checkpoint.writer.take_error().is_none());
+        }
     }
 
     /// The checkpoint as it stands now (what the next write would contain):
@@ -512,9 +531,13 @@ struct CheckpointState {
     /// The checkpoint read at the first connect, the watermark while no
     /// file is read.
     resumed: Option<FileCheckpoint>,
-    /// What was last written (or read), to skip writing it again.
-    written: Option<String>,
-    written_at: Option<Instant>,
+    /// What was last handed to the writer (or read), to skip writing it again.
+    submitted: Option<String>,
+    /// When it was handed to the writer.
+    submitted_at: Option<Instant>,
+    writer: Writer,
+    /// Lines were done since the last checkpoint was handed to the writer.
+    dirty: bool,
     /// The checkpoint's canonical path, to leave it out of a directory listing.
     canonical: Option<PathBuf>,
 }
@@ -627,9 +650,11 @@ fn prepare(path: &Path, checkpoint: Option<&Path>) -> Result<State, SourceError>
         skips: skips.into(),
         checkpoint: CheckpointState {
             path: checkpoint_path,
-            written: resumed.as_ref().map(FileCheckpoint::to_json),
+            submitted: resumed.as_ref().map(FileCheckpoint::to_json),
             resumed,
-            written_at: None,
+            submitted_at: None,
+            writer: Writer::default(),
+            dirty: false,
             canonical,
         },
         scan: Scan {
@@ -893,10 +918,12 @@ impl State {
             .handed
             .binary_search_by_key(&(file, offset), |h| (h.file, h.offset))
         {
-            Ok(i) => {
+            Ok(i) if !self.handed[i].done => {
                 self.handed[i].done = true;
+                self.checkpoint.dirty = true;
                 true
             }
+            Ok(_) => false,
             Err(_) => false,
         }
     }
@@ -970,37 +997,120 @@ impl State {
         push(to.0, 0, to.1);
     }
 
-    /// Writes the checkpoint if it changed (and, unless `force`, if
-    /// `every` has passed since the last write).
+    /// Hands the checkpoint to the writer if lines were done since the
+    /// last time (and, unless `force`, `every` has passed since then), and
+    /// reports a write that failed since the last call. With `force`, waits
+    /// until it is written.
     async fn save(&mut self, every: Option<Duration>, force: bool) -> Result<(), SourceError> {
-        if !force {
-            if let (Some(every), Some(at)) = (every, self.checkpoint.written_at) {
-                if at.elapsed() < every {
-                    return Ok(());
+        let cp = &mut self.checkpoint;
+        let failed = cp.writer.take_error();
+        if failed.is_some() {
+            // Write it again.
+            cp.submitted = None;
+            cp.dirty = true;
+        }
+        let throttled = match (every, cp.submitted_at) {
+            (Some(every), Some(at)) => at.elapsed() < every,
+            _ => false,
+        };
+        if force || (cp.dirty && !throttled) {
+            if let Some(checkpoint) = self.checkpoint() {
+                let cp = &mut self.checkpoint;
+                cp.dirty = false;
+                let text = checkpoint.to_json();
+                if cp.submitted.as_deref() != Some(text.as_str()) {
+                    cp.writer.submit(&cp.path, text.clone());
+                    cp.submitted = Some(text);
+                    cp.submitted_at = Some(Instant::now());
                 }
             }
         }
-        let Some(checkpoint) = self.checkpoint() else {
-            return Ok(());
-        };
-        let text = checkpoint.to_json();
-        if self.checkpoint.written.as_deref() == Some(text.as_str()) {
+        let cp = &mut self.checkpoint;
+        if force {
+            cp.writer.wait().await;
+            if let Some(e) = cp.writer.take_error() {
+                cp.submitted = None;
+                cp.dirty = true;
+                return Err(e);
+            }
             return Ok(());
         }
-        let path = self.checkpoint.path.clone();
-        let bytes = text.clone().into_bytes();
-        blocking(SourceErrorKind::Ack, move || {
-            write_atomically(&path, &bytes).map_err(|e| {
+        failed.map_or(Ok(()), Err)
+    }
+}
+
+/// Writes checkpoints in the background, one at a time, always the latest
+/// one handed to it: acking and polling never wait for the disk, and a
+/// checkpoint handed over while another is being written is written next
+/// (the ones in between are skipped).
+#[derive(Default)]
+struct Writer {
+    shared: Arc<Mutex<WriterShared>>,
+    /// The writing thread's task, while one may be running.
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct WriterShared {
+    /// The checkpoint to write next.
+    next: Option<(PathBuf, String)>,
+    /// A writing task is running (it takes `next` until there is none).
+    running: bool,
+    /// The last write's error, until reported.
+    error: Option<SourceError>,
+}
+
+impl Writer {
+    fn submit(&mut self, path: &Path, text: String) {
+        let mut shared = self.shared.lock();
+        shared.next = Some((path.to_path_buf(), text));
+        if shared.running {
+            return;
+        }
+        shared.running = true;
+        drop(shared);
+        let shared = self.shared.clone();
+        self.task = Some(tokio::task::spawn_blocking(move || loop {
+            let (path, text) = {
+                let mut s = shared.lock();
+                match s.next.take() {
+                    Some(next) => next,
+                    None => {
+                        // Under the lock: a submit after this starts a new task.
+                        s.running = false;
+                        return;
+                    }
+                }
+            };
+            let result = write_atomically(&path, text.as_bytes());
+            let mut s = shared.lock();
+            s.error = result.err().map(|e| {
                 SourceError::transient(
                     SourceErrorKind::Ack,
                     format!("cannot write checkpoint {}: {e}", path.display()),
                 )
-            })
-        })
-        .await?;
-        self.checkpoint.written = Some(text);
-        self.checkpoint.written_at = Some(Instant::now());
-        Ok(())
+            });
+        }));
+    }
+
+    /// Waits until everything submitted is written (or failed).
+    async fn wait(&mut self) {
+        if let Some(task) = self.task.take() {
+            if let Err(e) = task.await {
+                self.shared.lock().error = Some(SourceError::transient(
+                    SourceErrorKind::Ack,
+                    format!("the checkpoint writer failed: {e}"),
+                ));
+            }
+        }
+    }
+
+    fn has_error(&self) -> bool {
+        self.shared.lock().error.is_some()
+    }
+
+    fn take_error(&mut self) -> Option<SourceError> {
+        self.shared.lock().error.take()
     }
 }
 
@@ -1067,6 +1177,12 @@ impl Source for FileSource {
         let Some(state) = self.state.as_mut() else {
             unreachable!("connect prepares the state");
         };
+        // Catch up on acks held back by `checkpoint_every`, or a failed write.
+        if state.checkpoint.dirty || state.checkpoint.writer.has_error() {
+            if let Err(e) = state.save(self.checkpoint_every, false).await {
+                tracing::warn!("{e}");
+            }
+        }
 
         let mut buf = Vec::with_capacity(READ_BUFFER);
         let mut lines = Vec::with_capacity(max.min(4096));
@@ -1227,7 +1343,9 @@ mod tests {
         }
     }
 
-    fn stored(source: &FileSource) -> FileCheckpoint {
+    /// The checkpoint on disk once the write in flight (if any) is done.
+    async fn stored(source: &mut FileSource) -> FileCheckpoint {
+        source.wait_for_write().await;
         FileCheckpoint::load(&source.checkpoint_path())
             .unwrap()
             .expect("a checkpoint was written")
@@ -1424,12 +1542,12 @@ mod tests {
         let id = |offset: u64| SourceId::from_parts(0, offset);
 
         source.ack(&[id(4)]).await.unwrap();
-        let ck = stored(&source);
+        let ck = stored(&mut source).await;
         assert_eq!((ck.file.as_str(), ck.offset), ("input.txt", 0));
         assert_eq!(ck.done, [range("input.txt", 4, 6)]);
 
         source.ack(&[id(8), id(0)]).await.unwrap();
-        let ck = stored(&source);
+        let ck = stored(&mut source).await;
         assert_eq!(ck.offset, 2);
         assert_eq!(
             ck.done,
@@ -1439,7 +1557,7 @@ mod tests {
         // A dead letter is done; a released line is not.
         source.fail(id(2), &reason()).await.unwrap();
         source.release(id(6), &reason()).await.unwrap();
-        let ck = stored(&source);
+        let ck = stored(&mut source).await;
         assert_eq!(ck.offset, 6);
         assert_eq!(ck.done, [range("input.txt", 8, 10)]);
         assert_eq!(source.current_checkpoint(), Some(ck));
@@ -1449,7 +1567,7 @@ mod tests {
             .ack(&[id(6), id(6), id(3), SourceId::from_parts(7, 0)])
             .await
             .unwrap();
-        let ck = stored(&source);
+        let ck = stored(&mut source).await;
         assert_eq!((ck.offset, ck.done), (10, vec![]));
         assert_eq!(
             std::fs::read_to_string(source.checkpoint_path()).unwrap(),
@@ -1521,9 +1639,12 @@ mod tests {
                     if let Some((id, line)) = in_flight.pop() {
                         acked[line] = true;
                         source.fail(id, &reason()).await.unwrap();
+                        source.wait_for_write().await;
                     }
                 }
+                // Each batch's checkpoint is written before the next batch.
                 source.ack(&batch).await.unwrap();
+                source.wait_for_write().await;
             }
             let ck = source.current_checkpoint().unwrap();
             assert!(ck.done.len() <= 210, "{} done ranges", ck.done.len());
@@ -1664,7 +1785,7 @@ mod tests {
             .await
             .unwrap();
         source.shutdown().await.unwrap();
-        let ck = stored(&source);
+        let ck = stored(&mut source).await;
         assert_eq!((ck.file.as_str(), ck.offset), ("b.txt", 3));
         // b2's line ends b.txt; c-empty.txt is empty; d1 is done up to the
         // end of d.log.
@@ -1750,7 +1871,7 @@ mod tests {
             .collect();
         source.ack(&ids).await.unwrap();
         source.shutdown().await.unwrap();
-        let ck = stored(&source);
+        let ck = stored(&mut source).await;
         assert_eq!((ck.file.as_str(), ck.offset, ck.done), ("b.txt", 4, vec![]));
         append(&d.join("b.txt"), "8\n");
         let mut again = FileSource::new(d);
@@ -1780,6 +1901,45 @@ mod tests {
         assert_eq!(poll_texts(&mut source, 10).await, ["f"]);
     }
 
+    #[tokio::test]
+    async fn a_failed_checkpoint_write_is_reported_and_tried_again() {
+        let file = file_with(b"a\nb\n");
+        let missing = file.path().with_file_name("missing");
+        let mut source = FileSource::new(file.path()).checkpoint(missing.join("cp"));
+        drain(&mut source, 10).await;
+        let id = |offset: u64| SourceId::from_parts(0, offset);
+        // The write runs in the background: the ack that began it succeeds,
+        // the next call reports its failure.
+        source.ack(&[id(0)]).await.unwrap();
+        source
+            .state
+            .as_mut()
+            .unwrap()
+            .checkpoint
+            .writer
+            .wait()
+            .await;
+        let err = source.ack(&[id(2)]).await.unwrap_err();
+        assert_eq!(err.kind, SourceErrorKind::Ack);
+        assert!(err.retryable);
+        assert!(err.message.contains("missing/cp"), "{err}");
+        source
+            .state
+            .as_mut()
+            .unwrap()
+            .checkpoint
+            .writer
+            .wait()
+            .await;
+        let err = source.shutdown().await.unwrap_err();
+        assert!(err.message.contains("cannot write checkpoint"), "{err}");
+
+        // Once it can be written, the next save writes the latest state.
+        std::fs::create_dir(&missing).unwrap();
+        source.shutdown().await.unwrap();
+        assert_eq!(stored(&mut source).await.offset, 4);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn checkpoint_every_limits_writes_and_shutdown_writes_the_last() {
         let file = file_with(b"a\nb\nc\n");
@@ -1787,20 +1947,24 @@ mod tests {
         drain(&mut source, 10).await;
         let id = |offset: u64| SourceId::from_parts(0, offset);
         source.ack(&[id(0)]).await.unwrap();
-        assert_eq!(stored(&source).offset, 2);
+        assert_eq!(stored(&mut source).await.offset, 2);
         source.ack(&[id(2)]).await.unwrap();
-        assert_eq!(stored(&source).offset, 2, "written within the second");
+        assert_eq!(
+            stored(&mut source).await.offset,
+            2,
+            "written within the second"
+        );
         tokio::time::advance(Duration::from_secs(1)).await;
         source.fail(id(4), &reason()).await.unwrap();
-        assert_eq!(stored(&source).offset, 6);
+        assert_eq!(stored(&mut source).await.offset, 6);
 
         let file = file_with(b"a\nb\n");
         let mut source = FileSource::new(file.path()).checkpoint_every(Duration::from_secs(60));
         drain(&mut source, 10).await;
         source.ack(&[id(0)]).await.unwrap();
         source.ack(&[id(2)]).await.unwrap();
-        assert_eq!(stored(&source).offset, 2);
+        assert_eq!(stored(&mut source).await.offset, 2);
         source.shutdown().await.unwrap();
-        assert_eq!(stored(&source).offset, 4);
+        assert_eq!(stored(&mut source).await.offset, 4);
     }
 }
