@@ -33,7 +33,7 @@ mod cli;
 
 pub use cli::{init_logging, main, Cli, Mode};
 pub use tempest_core::{
-    async_trait, config, ledger, metrics, sources, BuildError, Bytes, ConfigError, ConfigErrors,
+    async_trait, config, ledger, metrics, outputs, sources, BuildError, Bytes, ConfigError, ConfigErrors,
     Dag, FailReason, FailurePolicy, FromConfig, Grouping, Health, Msg, Pipeline, PipelineError,
     PipelineErrors, Polled, Settings, Source, SourceError, SourceErrorKind, SourceId, SourceMsg,
     Task, TaskContext, TaskError, TaskResult, Topology, TopologyBuilder, TopologyFile,
