@@ -197,9 +197,7 @@ impl RedisOutput {
             return Ok(());
         }
         let result = self.send();
-        if result.is_ok() {
-            self.pipe.clear();
-        }
+        self.pipe.clear();
         result
     }
 

@@ -872,8 +872,8 @@ impl Source for RedisStreamSource {
             if e.retryable {
                 let room = MAX_OWED_ACKS.saturating_sub(self.owed_acks.len());
                 if room < ids.len() {
-                    let drop = (ids.len() - room).min(self.owed_acks.len());
-                    self.owed_acks.drain(..drop);
+                    let excess = (ids.len() - room).min(self.owed_acks.len());
+                    self.owed_acks.drain(..excess);
                 }
                 self.owed_acks.extend_from_slice(ids);
                 return Err(SourceError::transient(
