@@ -258,6 +258,13 @@ impl TopologyBuilder {
         self
     }
 
+    /// Registers several source kinds at once (a connector crate's
+    /// `register`, for instance).
+    pub fn source_kinds(mut self, register: impl FnOnce(&mut SourceKinds)) -> Self {
+        register(&mut self.topology.source_kinds);
+        self
+    }
+
     /// The pipeline.
     pub fn pipeline(mut self, pipeline: Pipeline) -> Self {
         self.topology.pipeline = pipeline;

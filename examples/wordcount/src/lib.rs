@@ -129,19 +129,38 @@ impl Counts {
 /// counted, for checking at-least-once across crashes).
 pub const OUTPUT_ENV: &str = "WORDCOUNT_OUTPUT";
 
+/// The environment variable naming a Redis server (`redis://HOST:PORT`)
+/// whose hash [`REDIS_HASH_ENV`] (default `wordcount`) `output` increments
+/// once per word occurrence, in one atomic pipeline per batch, before the
+/// batch is acked. The hash then holds every word's count, durably: a killed
+/// `count` worker loses its running totals, not the hash's.
+pub const REDIS_ENV: &str = "WORDCOUNT_REDIS";
+
+/// The environment variable naming the Redis hash of counts.
+pub const REDIS_HASH_ENV: &str = "WORDCOUNT_REDIS_HASH";
+
 /// Keeps the latest total per word in [`Counts`]; prints the top words at
 /// shutdown when `print_top` is set; appends every total to the file named
-/// by [`OUTPUT_ENV`], if set, flushed before the batch is acked.
+/// by [`OUTPUT_ENV`], and counts every word in the Redis hash named by
+/// [`REDIS_ENV`], if set, both made durable before the batch is acked.
 pub struct Output {
     counts: Counts,
     print_top: bool,
     instance: u32,
     log: Option<std::io::BufWriter<std::fs::File>>,
+    redis: Option<(tempest_connectors::redis::RedisOutput, String)>,
 }
 
 impl Task for Output {
     fn started(&mut self, ctx: &TaskContext) {
         self.instance = ctx.instance;
+        if let Ok(url) = std::env::var(REDIS_ENV) {
+            let hash = std::env::var(REDIS_HASH_ENV).unwrap_or_else(|_| "wordcount".into());
+            match tempest_connectors::redis::RedisOutput::new(&url) {
+                Ok(out) => self.redis = Some((out, hash)),
+                Err(e) => eprintln!("cannot use Redis at {url}: {e}"),
+            }
+        }
         if let Some(path) = std::env::var_os(OUTPUT_ENV) {
             match std::fs::OpenOptions::new()
                 .create(true)
@@ -158,6 +177,11 @@ impl Task for Output {
 
     fn flush(&mut self) -> Result<(), tempest::TaskError> {
         use std::io::Write;
+        if let Some((redis, _)) = &mut self.redis {
+            redis.flush()?;
+        } else if std::env::var_os(REDIS_ENV).is_some() {
+            return Err(tempest::TaskError::new("the Redis output is not available"));
+        }
         match &mut self.log {
             Some(log) => log
                 .flush()
@@ -178,6 +202,9 @@ impl Task for Output {
         if let Some(log) = &mut self.log {
             use std::io::Write;
             writeln!(log, "{word} {total}").map_err(|e| format!("writing totals: {e}"))?;
+        }
+        if let Some((redis, hash)) = &mut self.redis {
+            redis.hincr(hash.as_bytes(), word.as_bytes(), 1);
         }
         let mut counts = self.counts.0.lock();
         // Totals only grow; a redelivered older total must not win.
@@ -205,6 +232,7 @@ pub fn pipeline(counts: Counts, print_top: bool) -> Pipeline {
             print_top,
             instance: 0,
             log: None,
+            redis: None,
         })
         .edge_grouped("split", "count", Grouping::Key)
         .edge_grouped("count", "output", Grouping::Key)
@@ -225,6 +253,8 @@ pub fn default_source() -> GeneratorSource {
 pub fn topology_with(source: impl Source, counts: Counts, print_top: bool) -> Topology {
     Topology::builder("wordcount")
         .source(source)
+        // Topology.toml may select `kind = "redis"` or `"nats"` instead.
+        .source_kinds(tempest_connectors::register)
         .pipeline(pipeline(counts, print_top))
         .metric_flush_interval(std::time::Duration::from_secs(1))
         .metric_target(tempest::metrics::TargetSpec::Console)

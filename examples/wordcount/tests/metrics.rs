@@ -1,0 +1,475 @@
+//! Metrics from real processes: a `wordcount topology` server and its
+//! `wordcount task` workers, with the targets chosen on the command line
+//! (`--metrics-target`, `--metrics-interval`) replacing the ones in
+//! Topology.toml. Both the server and a worker serve `/metrics` on a port
+//! they pick (printed as `metrics on http://ADDR/metrics`); the test scrapes
+//! them over HTTP while the run goes on, parses the exposition with a real
+//! parser, receives a worker's statsd datagrams on a loopback socket, and
+//! checks the server's file target against the run's own summary.
+
+#![cfg(unix)]
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{TcpStream, UdpSocket};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_wordcount");
+
+/// The bound on any single wait.
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// Roots the generator sends, at [`RATE`] per second: long enough to scrape
+/// the processes while every worker is connected.
+const COUNT: u64 = 3000;
+const RATE: f64 = 500.0;
+
+/// A child process whose stdout and stderr are read by threads.
+struct Proc {
+    label: String,
+    child: Child,
+    stdout: Arc<Mutex<String>>,
+    stderr: Arc<Mutex<String>>,
+    readers: Vec<JoinHandle<()>>,
+}
+
+fn capture(r: impl Read + Send + 'static) -> (Arc<Mutex<String>>, JoinHandle<()>) {
+    let text = Arc::new(Mutex::new(String::new()));
+    let t = text.clone();
+    let reader = std::thread::spawn(move || {
+        let mut r = r;
+        let mut buf = [0u8; 8192];
+        loop {
+            match r.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => t
+                    .lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n])),
+            }
+        }
+    });
+    (text, reader)
+}
+
+impl Proc {
+    fn spawn(label: &str, args: &[&str]) -> Proc {
+        let mut child = Command::new(BIN)
+            .args(["--log-level", "info"])
+            .args(args)
+            .env_remove("RUST_LOG")
+            .env_remove("TEMPEST_LOG_LEVEL")
+            .env_remove("TEMPEST_TOKEN")
+            .env_remove(wordcount::OUTPUT_ENV)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {label}: {e}"));
+        let (stdout, r1) = capture(child.stdout.take().unwrap());
+        let (stderr, r2) = capture(child.stderr.take().unwrap());
+        Proc {
+            label: label.to_owned(),
+            child,
+            stdout,
+            stderr,
+            readers: vec![r1, r2],
+        }
+    }
+
+    fn stdout(&self) -> String {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    fn running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Waits until the line starting with `prefix` is printed; returns the rest.
+    fn wait_line(&mut self, prefix: &str) -> String {
+        let deadline = Instant::now() + LIMIT;
+        loop {
+            if let Some(rest) = self.stdout().lines().find_map(|l| l.strip_prefix(prefix)) {
+                return rest.trim().to_owned();
+            }
+            assert!(
+                self.running(),
+                "{} exited before printing {prefix:?}:\n{}\n{}",
+                self.label,
+                self.stdout(),
+                self.stderr.lock().unwrap()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "{}: no {prefix:?} line",
+                self.label
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The address of its `/metrics` endpoint.
+    fn metrics_addr(&mut self) -> String {
+        let url = self.wait_line("metrics on http://");
+        url.strip_suffix("/metrics")
+            .unwrap_or_else(|| panic!("{url}"))
+            .to_owned()
+    }
+
+    fn sigterm(&mut self) {
+        let pid = libc::pid_t::try_from(self.child.id()).unwrap();
+        // SAFETY: kill(2) has no memory effects; the child is ours and not
+        // yet reaped.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    }
+
+    /// Waits (bounded) for it to exit 0; returns its stdout.
+    fn wait_success(&mut self) -> String {
+        let deadline = Instant::now() + LIMIT;
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("{} did not exit", self.label);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+        assert!(
+            status.success(),
+            "{} failed ({status}):\n{}\n{}",
+            self.label,
+            self.stdout(),
+            self.stderr.lock().unwrap()
+        );
+        self.stdout()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.running() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// `GET /metrics` over a plain TCP connection, parsed.
+fn scrape(addr: &str) -> prometheus_parse::Scrape {
+    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).unwrap()
+}
+
+/// The value of `name` whose labels include `labels`, if present.
+fn value(s: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    s.samples
+        .iter()
+        .filter(|x| x.metric == name && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
+        .find_map(|x| match x.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => Some(v),
+            _ => None,
+        })
+}
+
+/// Collects statsd lines sent to a loopback socket.
+struct Statsd {
+    addr: String,
+    lines: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
+}
+
+impl Statsd {
+    fn start() -> Statsd {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
+        let addr = socket.local_addr().unwrap().to_string();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (l, s) = (lines.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            let deadline = Instant::now() + LIMIT * 2;
+            while Instant::now() < deadline {
+                match socket.recv(&mut buf) {
+                    Ok(n) => l.lock().unwrap().extend(
+                        String::from_utf8_lossy(&buf[..n])
+                            .lines()
+                            .map(str::to_owned),
+                    ),
+                    Err(_) if s.load(Ordering::SeqCst) => return,
+                    Err(_) => {}
+                }
+            }
+        });
+        Statsd {
+            addr,
+            lines,
+            stop,
+            thread,
+        }
+    }
+
+    fn finish(self) -> Vec<String> {
+        std::thread::sleep(Duration::from_millis(200));
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.join().unwrap();
+        std::mem::take(&mut *self.lines.lock().unwrap())
+    }
+}
+
+/// Sum of the counter lines `name:N|c|#tags` whose tags include `want`.
+fn statsd_sum(lines: &[String], name: &str, want: &[(&str, &str)]) -> u64 {
+    lines
+        .iter()
+        .filter_map(|l| {
+            let (metric, tags) = l.split_once("|#")?;
+            let (nv, kind) = metric.split_once('|')?;
+            let (n, v) = nv.rsplit_once(':')?;
+            let tags: BTreeMap<&str, &str> =
+                tags.split(',').filter_map(|t| t.split_once(':')).collect();
+            (n == name && kind == "c" && want.iter().all(|(k, w)| tags.get(k) == Some(w)))
+                .then(|| v.parse::<u64>().ok())
+                .flatten()
+        })
+        .sum()
+}
+
+#[test]
+fn processes_serve_metrics_and_the_numbers_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("Topology.toml");
+    // The console target in the file is replaced by the command line's.
+    std::fs::write(
+        &config,
+        format!(
+            "batch_size = 64\n\
+             [source]\nkind = \"generator\"\n\
+             [source.config]\ncount = {COUNT}\nrate = {RATE:?}\n\
+             payloads = [\"the cow jumped over the moon\", \"an apple a day\"]\n\
+             [metric]\nflush_interval = \"1h\"\ntargets = [{{ kind = \"console\" }}]\n"
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap().to_owned();
+    let file = dir.path().join("server.jsonl");
+    let file_target = format!("file={}", file.display());
+
+    let mut server = Proc::spawn(
+        "server",
+        &[
+            "topology",
+            "--config",
+            &config,
+            "--port",
+            "0",
+            "--metrics-target",
+            "prometheus=127.0.0.1:0",
+            "--metrics-target",
+            &file_target,
+            "--metrics-interval",
+            "50ms",
+        ],
+    );
+    let addr = server.wait_line("tempest topology server for `wordcount` listening on ");
+    let server_metrics = server.metrics_addr();
+
+    // Before any worker: the endpoint serves, nothing connected.
+    let s = scrape(&server_metrics);
+    assert_eq!(value(&s, "tempest_worker_connections", &[]), Some(0.0));
+    assert_eq!(
+        value(
+            &s,
+            "tempest_source_acked_total",
+            &[("topology", "wordcount")]
+        ),
+        Some(0.0)
+    );
+
+    let statsd = Statsd::start();
+    let split_targets = format!("statsd={},wc", statsd.addr);
+    let mut split = Proc::spawn(
+        "split/0",
+        &[
+            "task",
+            "--name",
+            "split",
+            "--topology-addr",
+            &addr,
+            "--instance",
+            "0",
+            "--config",
+            &config,
+            "--metrics-target",
+            "prometheus=127.0.0.1:0",
+            "--metrics-target",
+            &split_targets,
+            "--metrics-interval",
+            "50ms",
+        ],
+    );
+    let mut others: Vec<Proc> = [("count", "0"), ("count", "1"), ("output", "0")]
+        .into_iter()
+        .map(|(task, i)| {
+            Proc::spawn(
+                &format!("{task}/{i}"),
+                &[
+                    "task",
+                    "--name",
+                    task,
+                    "--topology-addr",
+                    &addr,
+                    "--instance",
+                    i,
+                    "--config",
+                    &config,
+                    "--metrics-target",
+                    "none",
+                ],
+            )
+        })
+        .collect();
+    let split_metrics = split.metrics_addr();
+
+    // While the run goes on: four connections, leases per connection, and
+    // the worker's own task metrics.
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        assert!(
+            server.running(),
+            "the run ended before all workers were seen"
+        );
+        let s = scrape(&server_metrics);
+        let connected = value(&s, "tempest_worker_connections", &[]) == Some(4.0);
+        let leases = ["0", "1"].iter().all(|i| {
+            value(
+                &s,
+                "tempest_worker_leases",
+                &[("task", "count"), ("instance", i)],
+            )
+            .is_some()
+        });
+        if connected && leases {
+            let host = s
+                .samples
+                .iter()
+                .find(|x| x.metric == "tempest_worker_connections")
+                .and_then(|x| x.labels.get("host").map(str::to_owned));
+            assert!(host.is_some_and(|h| !h.is_empty()), "no host label");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the workers never all connected");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let w = scrape(&split_metrics);
+    let handled = value(
+        &w,
+        "tempest_task_messages_in_total",
+        &[
+            ("task", "split"),
+            ("instance", "0"),
+            ("topology", "wordcount"),
+        ],
+    )
+    .expect("the worker's messages_in");
+    let latency_count = value(
+        &w,
+        "tempest_task_handle_latency_seconds_count",
+        &[("task", "split")],
+    )
+    .expect("the worker's handle latency");
+    assert_eq!(handled, latency_count, "one latency per message");
+    assert!(w
+        .samples
+        .iter()
+        .any(|x| x.metric == "tempest_task_handle_latency_seconds"
+            && matches!(x.value, prometheus_parse::Value::Histogram(_))));
+
+    // The run ends by itself; its summary and its file agree.
+    let out = server.wait_success();
+    let summary = out
+        .lines()
+        .find(|l| l.starts_with("wordcount: "))
+        .unwrap_or_else(|| panic!("no summary in {out}"));
+    assert!(
+        summary.starts_with(&format!("wordcount: {COUNT} roots acked, 0 failed")),
+        "{summary}"
+    );
+    assert!(
+        !out.lines().any(|l| l.starts_with("acked ")),
+        "the console target of Topology.toml was not replaced:\n{out}"
+    );
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let acked = lines
+        .iter()
+        .rev()
+        .find(|l| l["name"] == "tempest_source_acked")
+        .expect("acked in the file");
+    assert_eq!(acked["value"], COUNT);
+    assert_eq!(acked["labels"]["topology"], "wordcount");
+    assert!(
+        lines
+            .iter()
+            .filter(|l| l["name"] == "tempest_source_acked")
+            .count()
+            > 2,
+        "flushed every 50ms, not once an hour"
+    );
+
+    // The workers are told to go; the split worker's last flush is sent as
+    // it stops.
+    split.sigterm();
+    for p in &mut others {
+        p.sigterm();
+    }
+    split.wait_success();
+    for p in &mut others {
+        p.wait_success();
+    }
+    let datagrams = statsd.finish();
+    assert_eq!(
+        statsd_sum(
+            &datagrams,
+            "wc.tempest_task_messages_in",
+            &[
+                ("task", "split"),
+                ("instance", "0"),
+                ("topology", "wordcount")
+            ]
+        ),
+        COUNT,
+        "{datagrams:#?}"
+    );
+}
