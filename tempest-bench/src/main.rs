@@ -5,7 +5,7 @@
 //! it. Targets live here, never in timed tests.
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -122,6 +122,11 @@ struct Args {
     /// Print one JSON object on the last line of stdout.
     #[arg(long)]
     json: bool,
+    /// Record no metrics (a disabled registry whose handles do nothing), to
+    /// measure what the metrics cost. Standalone mode only; the acked count
+    /// then comes from the source's acks.
+    #[arg(long)]
+    no_metrics: bool,
     /// (internal) The part this process plays in a distributed run.
     #[arg(long, hide = true)]
     role: Option<Role>,
@@ -138,6 +143,9 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.no_metrics && args.mode != Mode::Standalone {
+        bail!("--no-metrics applies to --mode standalone only");
+    }
     match args.role {
         Some(Role::Serve) => return serve(&args),
         Some(Role::Work) => return work(&args),
@@ -265,7 +273,60 @@ impl Source for RateProbe {
     }
 }
 
+/// Counts the roots acked at the source, so a run without metrics still
+/// knows how many completed.
+struct Counted<S> {
+    inner: S,
+    acked: Arc<AtomicU64>,
+}
+
+#[tempest::async_trait]
+impl<S: Source> Source for Counted<S> {
+    async fn configure(&mut self, settings: &tempest::Settings) -> Result<(), SourceError> {
+        self.inner.configure(settings).await
+    }
+    async fn connect(&mut self) -> Result<(), SourceError> {
+        self.inner.connect().await
+    }
+    async fn poll(&mut self, max: usize) -> Result<Polled, SourceError> {
+        self.inner.poll(max).await
+    }
+    async fn ack(&mut self, ids: &[SourceId]) -> Result<(), SourceError> {
+        self.acked.fetch_add(ids.len() as u64, Relaxed);
+        self.inner.ack(ids).await
+    }
+    async fn fail(
+        &mut self,
+        id: SourceId,
+        reason: &tempest::FailReason,
+    ) -> Result<(), SourceError> {
+        self.inner.fail(id, reason).await
+    }
+    async fn release(
+        &mut self,
+        id: SourceId,
+        reason: &tempest::FailReason,
+    ) -> Result<(), SourceError> {
+        self.inner.release(id, reason).await
+    }
+    async fn health(&mut self) -> tempest::Health {
+        self.inner.health().await
+    }
+    async fn shutdown(&mut self) -> Result<(), SourceError> {
+        self.inner.shutdown().await
+    }
+}
+
 fn topology(args: &Args, messages: u64, probe: Option<Probe>) -> Topology {
+    topology_counted(args, messages, probe, Arc::default())
+}
+
+fn topology_counted(
+    args: &Args,
+    messages: u64,
+    probe: Option<Probe>,
+    acked: Arc<AtomicU64>,
+) -> Topology {
     let builder = Topology::builder(match args.workload {
         Workload::Wordcount | Workload::Latency => "bench-wordcount",
         _ => "bench-passthrough",
@@ -280,19 +341,26 @@ fn topology(args: &Args, messages: u64, probe: Option<Probe>) -> Topology {
             .collect()
     };
     let builder = match (args.workload, probe) {
-        (Workload::Latency, Some(probe)) => builder.source(RateProbe {
-            inner: GeneratorSource::new()
-                .cycle(sentences())
-                .count(messages)
-                .rate(args.rate),
-            start: None,
-            rate: args.rate,
-            probe,
+        (Workload::Latency, Some(probe)) => builder.source(Counted {
+            inner: RateProbe {
+                inner: GeneratorSource::new()
+                    .cycle(sentences())
+                    .count(messages)
+                    .rate(args.rate),
+                start: None,
+                rate: args.rate,
+                probe,
+            },
+            acked,
         }),
-        (Workload::Wordcount | Workload::Latency, _) => {
-            builder.source(GeneratorSource::new().cycle(sentences()).count(messages))
-        }
-        _ => builder.source(GeneratorSource::new().payload_size(100).count(messages)),
+        (Workload::Wordcount | Workload::Latency, _) => builder.source(Counted {
+            inner: GeneratorSource::new().cycle(sentences()).count(messages),
+            acked,
+        }),
+        _ => builder.source(Counted {
+            inner: GeneratorSource::new().payload_size(100).count(messages),
+            acked,
+        }),
     };
     let workers = tasks(args);
     let pipeline = match args.workload {
@@ -323,12 +391,19 @@ fn new_probe() -> Probe {
 fn throughput(args: &Args) -> anyhow::Result<serde_json::Value> {
     let messages = messages(args);
     let probe = new_probe();
-    let topology = topology(args, messages, Some(probe.clone()));
+    let acked = Arc::new(AtomicU64::new(0));
+    let topology = topology_counted(args, messages, Some(probe.clone()), acked.clone());
     let (_stop, shutdown) = watch::channel(false);
-    let (report, _) = Standalone::new(topology)
+    let mut run = Standalone::new(topology);
+    if args.no_metrics {
+        run = run.registry(Registry::disabled());
+    }
+    let (report, _) = run
         .run_blocking(shutdown)
         .context("running the benchmark topology")?;
-    result(args, "standalone", messages, &report, &probe)
+    let mut v = result(args, "standalone", messages, &report, &probe, &acked)?;
+    v["metrics"] = json!(!args.no_metrics);
+    Ok(v)
 }
 
 /// The JSON result of a run.
@@ -338,8 +413,13 @@ fn result(
     messages: u64,
     report: &tempest::RunReport,
     probe: &Probe,
+    source_acked: &AtomicU64,
 ) -> anyhow::Result<serde_json::Value> {
-    let acked = report.acked();
+    let acked = if args.no_metrics {
+        source_acked.load(Relaxed)
+    } else {
+        report.acked()
+    };
     if acked != messages {
         bail!(
             "only {acked} of {messages} roots were acked ({} failed)",
@@ -375,7 +455,7 @@ fn result(
         "batch_size": args.batch_size,
         "cores": std::thread::available_parallelism().map_or(1, |n| n.get()),
     });
-    if mode == "standalone" {
+    if mode == "standalone" && !args.no_metrics {
         v["task_msgs_per_sec"] = json!(handled as f64 / secs);
     }
     if args.workload == Workload::Latency {
@@ -479,7 +559,14 @@ fn serve(args: &Args) -> anyhow::Result<()> {
     })?;
     println!(
         "{}",
-        result(args, "distributed", messages, &report, &probe)?
+        result(
+            args,
+            "distributed",
+            messages,
+            &report,
+            &probe,
+            &AtomicU64::new(0)
+        )?
     );
     Ok(())
 }

@@ -911,7 +911,20 @@ impl Check<'_, '_> {
                 continue;
             };
             match deserialize_table::<TargetSpec>(table) {
-                Ok(t) => out.push(t),
+                Ok(t) => match t.validate() {
+                    Ok(()) => out.push(t),
+                    Err(problem) => {
+                        let mut path = base;
+                        path.push(Seg::Key(problem.field.into()));
+                        let span = self
+                            .doc
+                            .tree
+                            .as_ref()
+                            .and_then(|tree| lookup(tree.get_ref(), &path))
+                            .unwrap_or_else(|| v.span());
+                        self.push(span, &fmt_path(&path), problem.message);
+                    }
+                },
                 Err((key, message)) => {
                     let mut path = base;
                     if let Some(key) = key {
@@ -1476,7 +1489,7 @@ targets = [{ kind = "console" }, { kind = "log", level = "debug" }]
 
     #[test]
     fn bad_target_names_its_key() {
-        let text = "[metric]\ntargets = [\n  { kind = \"console\" },\n  { kind = \"log\", levle = \"info\" },\n  { kind = \"prometheus\" },\n  3,\n]\n";
+        let text = "[metric]\ntargets = [\n  { kind = \"console\" },\n  { kind = \"log\", levle = \"info\" },\n  { kind = \"graphite\" },\n  3,\n]\n";
         let errs = errors(text);
         assert_eq!(errs.len(), 3, "{errs:#?}");
         assert_eq!(errs[0].key.as_deref(), Some("metric.targets[1].levle"));
@@ -1484,9 +1497,65 @@ targets = [{ kind = "console" }, { kind = "log", level = "debug" }]
         assert!(errs[0].message.contains("unknown field"), "{}", errs[0]);
         assert_eq!(errs[1].key.as_deref(), Some("metric.targets[2].kind"));
         assert_eq!(errs[1].line, Some(5));
-        assert!(errs[1].message.contains("prometheus"), "{}", errs[1]);
+        assert!(errs[1].message.contains("graphite"), "{}", errs[1]);
         assert_eq!(errs[2].key.as_deref(), Some("metric.targets[3]"));
         assert_eq!(errs[2].line, Some(6));
+    }
+
+    #[test]
+    fn every_target_kind_parses() {
+        let text = "[metric]\ntargets = [\n  { kind = \"statsd\", address = \"127.0.0.1:8125\", prefix = \"app\" },\n  { kind = \"prometheus\" },\n  { kind = \"prometheus\", listen = \"0.0.0.0:0\" },\n  { kind = \"file\", path = \"/tmp/m.jsonl\" },\n]\n";
+        let t = TopologyFile::parse(text, None).unwrap_or_else(|e| panic!("{e}"));
+        let mut topology = topology();
+        t.apply(&mut topology).unwrap();
+        assert_eq!(
+            topology.settings.metrics.targets,
+            vec![
+                TargetSpec::Statsd {
+                    address: "127.0.0.1:8125".into(),
+                    prefix: Some("app".into())
+                },
+                TargetSpec::Prometheus {
+                    listen: "127.0.0.1:9464".into()
+                },
+                TargetSpec::Prometheus {
+                    listen: "0.0.0.0:0".into()
+                },
+                TargetSpec::File {
+                    path: "/tmp/m.jsonl".into()
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_target_values_name_their_key() {
+        let text = "[metric]\ntargets = [\n  { kind = \"statsd\", address = \"localhost\" },\n  { kind = \"statsd\", address = \"h:1\", prefix = \"a b\" },\n  { kind = \"prometheus\", listen = \"127.0.0.1:99999\" },\n  { kind = \"file\", path = \"\" },\n  { kind = \"statsd\" },\n]\n";
+        let errs = errors(text);
+        let keys: Vec<_> = errs
+            .iter()
+            .map(|e| (e.line, e.key.as_deref().unwrap_or("")))
+            .collect();
+        assert_eq!(
+            keys,
+            vec![
+                (Some(3), "metric.targets[0].address"),
+                (Some(4), "metric.targets[1].prefix"),
+                (Some(5), "metric.targets[2].listen"),
+                (Some(6), "metric.targets[3].path"),
+                (Some(7), "metric.targets[4]"),
+            ],
+            "{errs:#?}"
+        );
+        assert!(
+            errs[0]
+                .message
+                .contains("\"localhost\" is not a statsd address"),
+            "{}",
+            errs[0]
+        );
+        assert!(errs[2].message.contains("99999"), "{}", errs[2]);
+        assert!(errs[4].message.contains("address"), "{}", errs[4]);
     }
 
     #[test]

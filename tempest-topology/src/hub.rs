@@ -107,6 +107,8 @@ struct HubMetrics {
     in_flight: Gauge,
     complete_latency: Histogram,
     requeued: Counter,
+    /// Where the per-connection gauges are made.
+    registry: Registry,
 }
 
 /// A replay waiting for its back-off to pass.
@@ -194,6 +196,8 @@ struct LeaseBook {
     /// Deliveries sent and not yet answered, oldest first, with whether each
     /// came from the instance's own queue.
     out: VecDeque<(Delivery, bool)>,
+    /// `out.len()`, as `tempest_worker_leases`.
+    held: Gauge,
 }
 
 /// Why a lease operation was refused.
@@ -287,6 +291,7 @@ impl Hub {
                 in_flight: registry.gauge(&catalog::ROOTS_IN_FLIGHT, &none),
                 complete_latency: registry.histogram(&catalog::ROOT_COMPLETE_LATENCY, &none),
                 requeued: registry.counter(&catalog::LEASES_REQUEUED, &none),
+                registry: registry.clone(),
             },
             dag,
         }
@@ -491,12 +496,22 @@ impl Hub {
         claimed[instance as usize] = true;
         self.next_lease += 1;
         let id = LeaseId(self.next_lease);
+        let instance_label = instance.to_string();
+        let held = self.metrics.registry.gauge(
+            &catalog::WORKER_LEASES,
+            &Labels::new([
+                ("task", self.dag.task(task).name.as_str()),
+                ("instance", instance_label.as_str()),
+            ]),
+        );
+        held.set(0.0);
         self.leases.insert(
             id,
             LeaseBook {
                 task,
                 instance,
                 out: VecDeque::new(),
+                held,
             },
         );
         Ok((id, instance))
@@ -529,6 +544,7 @@ impl Hub {
             return Err(LeaseError::OutOfOrder);
         }
         book.out.drain(..handled.len());
+        book.held.set(book.out.len() as f64);
         if !handled.is_empty() {
             self.settle(task, handled);
         }
@@ -540,6 +556,7 @@ impl Hub {
                     batch.push(d.clone());
                     book.out.push_back((d, routed));
                 }
+                book.held.set(book.out.len() as f64);
             }
         }
         Ok(())
@@ -557,6 +574,7 @@ impl Hub {
         let Some(book) = self.leases.remove(&lease) else {
             return 0;
         };
+        book.held.set(0.0);
         self.claimed[book.task.get()][book.instance as usize] = false;
         let q = &mut self.queues[book.task.get()];
         let i = book.instance as usize;
@@ -890,5 +908,40 @@ mod tests {
         let roots: Vec<_> = again.iter().map(|d| d.root).collect();
         assert_eq!(roots[..3], [batch[0].root, batch[1].root, batch[2].root]);
         assert_eq!(again.len(), 4);
+    }
+
+    #[test]
+    fn the_leases_gauge_follows_each_connection() {
+        let dag = Pipeline::new()
+            .task_with_workers("t", 2, || |_m: Msg| -> TaskResult { Ok(None) })
+            .validate()
+            .unwrap();
+        let registry = Registry::default();
+        let mut h = Hub::new(Arc::new(dag), &Settings::new("h"), &registry);
+        h.admit(msgs(&[1, 1, 1, 1, 1]));
+        let t = TaskIdx(0);
+        let leases = |i: &str| {
+            registry
+                .snapshot()
+                .gauge("tempest_worker_leases", &[("task", "t"), ("instance", i)])
+        };
+        let (a, _) = h.open_lease(t, Some(1)).unwrap();
+        assert_eq!(leases("1"), Some(0.0));
+        let mut batch = Vec::new();
+        h.lease_exchange(a, &mut Vec::new(), 3, &mut batch).unwrap();
+        assert_eq!(leases("1"), Some(3.0));
+        let mut answered: Vec<Handled> = batch[..2]
+            .iter()
+            .map(|d| Handled {
+                root: d.root,
+                result: Ok(None),
+            })
+            .collect();
+        h.lease_exchange(a, &mut answered, 0, &mut Vec::new())
+            .unwrap();
+        assert_eq!(leases("1"), Some(1.0));
+        h.close_lease(a);
+        assert_eq!(leases("1"), Some(0.0));
+        assert_eq!(leases("0"), None, "no connection, no series");
     }
 }

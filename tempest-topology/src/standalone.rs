@@ -11,14 +11,15 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
-use tempest_core::metrics::targets::spawn_flusher;
-use tempest_core::metrics::{catalog, Labels, Registry, Snapshot};
+use tempest_core::metrics::targets::{push_targets, spawn_flusher, Flusher};
+use tempest_core::metrics::{catalog, Labels, Registry, Snapshot, TargetSpec};
 use tempest_core::pipeline::TaskIdx;
 use tempest_core::{BuildError, PipelineErrors, Source, SourceError, TaskContext, Topology};
 use tempest_task::{Instance, TaskMetrics};
 
 use crate::driver::{DriveEnd, Driver, OnExhausted};
 use crate::hub::Hub;
+use crate::scrape::ScrapeEndpoint;
 
 /// Why a topology could not run.
 #[derive(Debug, thiserror::Error)]
@@ -100,7 +101,7 @@ impl Standalone {
     }
 
     /// Records metrics in `registry` (by default a new one labelled with the
-    /// topology's name).
+    /// topology's name and the host; [`Registry::disabled`] turns metrics off).
     pub fn registry(mut self, registry: Registry) -> Self {
         self.registry = Some(registry);
         self
@@ -204,8 +205,8 @@ pub(crate) struct Parts {
     pub registry: Registry,
     pub hub: Arc<Mutex<Hub>>,
     source: Option<Box<dyn Source>>,
-    flush_stop: Arc<tokio::sync::Notify>,
-    flusher: tokio::task::JoinHandle<()>,
+    flusher: Flusher,
+    scrape: Vec<ScrapeEndpoint>,
 }
 
 impl Parts {
@@ -214,26 +215,24 @@ impl Parts {
         registry: Option<Registry>,
         setup: Vec<HubSetup>,
     ) -> Result<Parts, RunError> {
-        let problems = topology.settings.problems();
+        let mut problems = topology.settings.problems();
+        problems.extend(target_problems(&topology.settings.metrics.targets));
         if !problems.is_empty() {
             return Err(BuildError(problems).into());
         }
         let settings = topology.settings.clone();
         let dag = Arc::new(topology.dag()?);
         let source: Box<dyn Source> = topology.take_source().ok_or(RunError::NoSource)?;
-        let registry = registry
-            .unwrap_or_else(|| Registry::new(Labels::new([("topology", settings.name.as_str())])));
+        let registry = registry.unwrap_or_else(|| Registry::for_topology(&settings.name));
         let mut hub = Hub::new(dag.clone(), &settings, &registry);
         for f in setup {
             f(&mut hub);
         }
-        let flush_stop = Arc::new(tokio::sync::Notify::new());
-        let targets = settings.metrics.targets.iter().map(|t| t.build()).collect();
+        let scrape = start_scrape(&registry, &settings.metrics.targets)?;
         let flusher = spawn_flusher(
             registry.clone(),
-            targets,
+            push_targets(&settings.metrics.targets),
             settings.metrics.flush_interval,
-            flush_stop.clone(),
         );
         Ok(Parts {
             settings,
@@ -241,8 +240,8 @@ impl Parts {
             registry,
             hub: Arc::new(Mutex::new(hub)),
             source: Some(source),
-            flush_stop,
             flusher,
+            scrape,
         })
     }
 
@@ -267,8 +266,13 @@ impl Parts {
     ) -> Result<(RunReport, Arc<Mutex<Hub>>), RunError> {
         let elapsed = started.elapsed();
         self.hub.lock().sweep(); // final gauges
-        self.flush_stop.notify_one();
-        let _ = self.flusher.await;
+        let flusher = self.flusher;
+        if let Err(e) = tokio::task::spawn_blocking(move || flusher.stop()).await {
+            tracing::error!("stopping the metrics flusher: {e}");
+        }
+        for endpoint in self.scrape {
+            endpoint.stop().await;
+        }
         Ok((
             RunReport {
                 end,
@@ -278,6 +282,47 @@ impl Parts {
             self.hub,
         ))
     }
+}
+
+/// The problems of metric targets set in code (`Topology.toml` reports its
+/// own with their line).
+pub fn target_problems(targets: &[TargetSpec]) -> Vec<String> {
+    targets
+        .iter()
+        .enumerate()
+        .filter_map(|(i, t)| {
+            t.validate()
+                .err()
+                .map(|p| format!("metric target {i} ({}): {p}", t.kind()))
+        })
+        .collect()
+}
+
+/// Starts a `/metrics` endpoint for each Prometheus target, and prints
+/// `metrics on http://ADDR/metrics` for each on stdout (so the address is
+/// known when port 0 picked it).
+pub fn start_scrape(
+    registry: &Registry,
+    targets: &[TargetSpec],
+) -> Result<Vec<ScrapeEndpoint>, RunError> {
+    let mut endpoints = Vec::new();
+    for t in targets {
+        if let TargetSpec::Prometheus { listen } = t {
+            let endpoint =
+                ScrapeEndpoint::start(registry.clone(), listen).map_err(|source| RunError::Io {
+                    context: format!("serving metrics on {listen}"),
+                    source,
+                })?;
+            let addr = endpoint.local_addr();
+            tracing::info!(target: "tempest::metrics", "serving Prometheus metrics on http://{addr}/metrics");
+            // println! (not a raw stdout handle) so that tests capture it.
+            println!("metrics on http://{addr}/metrics");
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+            endpoints.push(endpoint);
+        }
+    }
+    Ok(endpoints)
 }
 
 /// One in-process task instance, on its own thread: swap handled for new

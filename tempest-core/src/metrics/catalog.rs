@@ -1,6 +1,6 @@
 //! Every metric Tempest emits, defined once: name, kind, labels and meaning.
 //!
-//! Targets (console, log, and later statsd, Prometheus, file) render these
+//! Targets (console, log, statsd, Prometheus, file) render these
 //! definitions; the README's metric table is generated from the same list
 //! ([`ALL`]), and a test checks that a running topology emits each of them.
 
@@ -58,6 +58,7 @@ metrics! {
     LEASES_REQUEUED: Counter, "tempest_leases_requeued", [], "Leased messages re-queued because their worker's connection closed.";
     WORKER_CONNECTIONS: Gauge, "tempest_worker_connections", [], "Task worker connections open at the topology server.";
     WORKER_REJECTED: Counter, "tempest_worker_rejected", [], "Worker connections refused at the handshake (bad version, token, task or instance) or by malformed frames.";
+    WORKER_LEASES: Gauge, "tempest_worker_leases", ["task", "instance"], "Deliveries leased to the worker connection of a task instance and not yet answered.";
     WORKER_RECONNECTS: Counter, "tempest_worker_reconnects", ["task"], "Times a task worker reconnected to its topology server.";
     TASK_MESSAGES_IN: Counter, "tempest_task_messages_in", ["task"], "Messages handed to the task's handle.";
     TASK_MESSAGES_OUT: Counter, "tempest_task_messages_out", ["task"], "Messages the task returned for downstream.";
@@ -90,6 +91,14 @@ mod tests {
                 "README row of {} does not say {kind}: {row}",
                 def.name
             );
+            let labels = row.split('|').nth(3).unwrap_or_default();
+            for label in def.labels {
+                assert!(
+                    labels.contains(label),
+                    "README row of {} does not list label {label}: {row}",
+                    def.name
+                );
+            }
         }
     }
 }

@@ -26,6 +26,11 @@ fn index(v: u64) -> usize {
     (SUB + u64::from(exp - SUB_BITS) * SUB + sub) as usize
 }
 
+/// The bucket value `v` is counted in (see [`bucket_upper`]).
+pub fn bucket_index(v: u64) -> usize {
+    index(v)
+}
+
 /// The largest value that falls in bucket `i` (its inclusive upper bound).
 pub fn bucket_upper(i: usize) -> u64 {
     let i = i as u64;
@@ -126,6 +131,32 @@ impl HistogramSnapshot {
         }
     }
 
+    /// What was recorded after `earlier` (a snapshot of the same histogram):
+    /// bucket counts, count and sum are differences; `max` is the upper
+    /// bound of the highest bucket that grew, capped at the overall max (the
+    /// largest value of the interval is not kept). Empty when nothing grew.
+    pub fn since(&self, earlier: &HistogramSnapshot) -> HistogramSnapshot {
+        if self.count <= earlier.count {
+            return HistogramSnapshot::default();
+        }
+        let buckets: Vec<u64> = self
+            .buckets
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| c.saturating_sub(earlier.buckets.get(i).copied().unwrap_or(0)))
+            .collect();
+        let max = buckets
+            .iter()
+            .rposition(|&c| c > 0)
+            .map_or(0, |i| bucket_upper(i).min(self.max));
+        HistogramSnapshot {
+            count: buckets.iter().sum(),
+            sum: self.sum.saturating_sub(earlier.sum),
+            max,
+            buckets,
+        }
+    }
+
     /// Cumulative counts at the given upper bounds (Prometheus `le` buckets).
     pub fn cumulative(&self, bounds: &[u64]) -> Vec<u64> {
         let mut out = Vec::with_capacity(bounds.len());
@@ -177,6 +208,23 @@ mod tests {
             assert!((got - want).abs() / want <= 0.125, "q{q}: {got} vs {want}");
         }
         assert_eq!(s.quantile(1.0), 10_000);
+    }
+
+    #[test]
+    fn since_is_the_interval() {
+        let h = AtomicHistogram::default();
+        h.record_n(3, 2);
+        h.record(100_000);
+        let first = h.snapshot();
+        h.record(10);
+        h.record(20);
+        let second = h.snapshot();
+        let d = second.since(&first);
+        assert_eq!((d.count, d.sum), (2, 30));
+        assert_eq!(d.max, bucket_upper(bucket_index(20)));
+        assert_eq!(d.quantile(0.5), 10);
+        assert_eq!(second.since(&second), HistogramSnapshot::default());
+        assert_eq!(first.since(&HistogramSnapshot::default()).count, 3);
     }
 
     #[test]

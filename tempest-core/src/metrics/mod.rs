@@ -6,7 +6,10 @@
 //! take a [`Snapshot`], which flushing hands to the targets on its own task.
 
 pub mod catalog;
+pub mod file;
 pub mod histogram;
+pub mod prometheus;
+pub mod statsd;
 pub mod targets;
 
 use std::collections::BTreeMap;
@@ -18,7 +21,7 @@ use parking_lot::Mutex;
 
 pub use catalog::{Kind, MetricDef};
 pub use histogram::{AtomicHistogram, HistogramSnapshot};
-pub use targets::{MetricTarget, TargetError, TargetSpec};
+pub use targets::{spawn_flusher, Flusher, MetricTarget, TargetError, TargetSpec};
 
 /// Label pairs, kept sorted by name.
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -73,58 +76,109 @@ impl fmt::Display for Labels {
     }
 }
 
-/// A monotonically increasing count.
-#[derive(Clone, Default, Debug)]
-pub struct Counter(Arc<AtomicU64>);
+/// A monotonically increasing count. A handle from a
+/// [disabled](Registry::disabled) registry does nothing.
+#[derive(Clone, Debug)]
+pub struct Counter(Option<Arc<AtomicU64>>);
+
+impl Default for Counter {
+    /// A live counter that belongs to no registry.
+    fn default() -> Self {
+        Counter(Some(Arc::default()))
+    }
+}
 
 impl Counter {
+    /// A counter that records nothing.
+    pub fn noop() -> Self {
+        Counter(None)
+    }
     /// Adds `n`.
+    #[inline]
     pub fn add(&self, n: u64) {
-        if n > 0 {
-            self.0.fetch_add(n, Relaxed);
+        if let Some(c) = &self.0 {
+            if n > 0 {
+                c.fetch_add(n, Relaxed);
+            }
         }
     }
     /// Adds one.
+    #[inline]
     pub fn inc(&self) {
-        self.0.fetch_add(1, Relaxed);
+        if let Some(c) = &self.0 {
+            c.fetch_add(1, Relaxed);
+        }
     }
-    /// The current value.
+    /// The current value (0 for a no-op counter).
     pub fn get(&self) -> u64 {
-        self.0.load(Relaxed)
+        self.0.as_ref().map_or(0, |c| c.load(Relaxed))
     }
 }
 
 /// A value that goes up and down (an `f64`).
-#[derive(Clone, Default, Debug)]
-pub struct Gauge(Arc<AtomicU64>);
+#[derive(Clone, Debug)]
+pub struct Gauge(Option<Arc<AtomicU64>>);
+
+impl Default for Gauge {
+    /// A live gauge that belongs to no registry.
+    fn default() -> Self {
+        Gauge(Some(Arc::default()))
+    }
+}
 
 impl Gauge {
-    /// Sets the value.
-    pub fn set(&self, v: f64) {
-        self.0.store(v.to_bits(), Relaxed);
+    /// A gauge that records nothing.
+    pub fn noop() -> Self {
+        Gauge(None)
     }
-    /// The current value.
+    /// Sets the value.
+    #[inline]
+    pub fn set(&self, v: f64) {
+        if let Some(g) = &self.0 {
+            g.store(v.to_bits(), Relaxed);
+        }
+    }
+    /// The current value (0 for a no-op gauge).
     pub fn get(&self) -> f64 {
-        f64::from_bits(self.0.load(Relaxed))
+        self.0
+            .as_ref()
+            .map_or(0.0, |g| f64::from_bits(g.load(Relaxed)))
     }
 }
 
 /// A latency histogram (microseconds).
-#[derive(Clone, Default)]
-pub struct Histogram(Arc<AtomicHistogram>);
+#[derive(Clone)]
+pub struct Histogram(Option<Arc<AtomicHistogram>>);
+
+impl Default for Histogram {
+    /// A live histogram that belongs to no registry.
+    fn default() -> Self {
+        Histogram(Some(Arc::default()))
+    }
+}
 
 impl Histogram {
+    /// A histogram that records nothing.
+    pub fn noop() -> Self {
+        Histogram(None)
+    }
     /// Records one value.
+    #[inline]
     pub fn record(&self, micros: u64) {
-        self.0.record(micros);
+        if let Some(h) = &self.0 {
+            h.record(micros);
+        }
     }
     /// Records `n` observations of one value.
+    #[inline]
     pub fn record_n(&self, micros: u64, n: u64) {
-        self.0.record_n(micros, n);
+        if let Some(h) = &self.0 {
+            h.record_n(micros, n);
+        }
     }
-    /// The current distribution.
+    /// The current distribution (empty for a no-op histogram).
     pub fn snapshot(&self) -> HistogramSnapshot {
-        self.0.snapshot()
+        self.0.as_ref().map(|h| h.snapshot()).unwrap_or_default()
     }
 }
 
@@ -147,10 +201,18 @@ enum Handle {
 type MetricMap = BTreeMap<(&'static str, Labels), (&'static MetricDef, Handle)>;
 
 /// Creates and lists a process's metrics. Clones share one registry.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Registry {
     common: Labels,
     metrics: Arc<Mutex<MetricMap>>,
+    enabled: bool,
+}
+
+impl Default for Registry {
+    /// An enabled registry without common labels.
+    fn default() -> Self {
+        Registry::new(Labels::default())
+    }
 }
 
 impl Registry {
@@ -159,7 +221,33 @@ impl Registry {
         Registry {
             common,
             metrics: Arc::default(),
+            enabled: true,
         }
+    }
+
+    /// The registry of a process running (part of) topology `name`: every
+    /// metric carries `topology` and `host` (this machine's host name).
+    pub fn for_topology(name: &str) -> Self {
+        Registry::new(Labels::new([
+            ("topology", name.to_owned()),
+            ("host", hostname()),
+        ]))
+    }
+
+    /// A registry whose handles do nothing (one branch per update) and whose
+    /// snapshots are empty: metrics off, as `tempest-bench --no-metrics`
+    /// measures.
+    pub fn disabled() -> Self {
+        Registry {
+            common: Labels::default(),
+            metrics: Arc::default(),
+            enabled: false,
+        }
+    }
+
+    /// False for a [disabled](Registry::disabled) registry.
+    pub fn is_enabled(&self) -> bool {
+        self.enabled
     }
 
     /// The labels every metric carries.
@@ -184,6 +272,9 @@ impl Registry {
     /// The counter `def` with `labels` (created on first use).
     pub fn counter(&self, def: &'static MetricDef, labels: &Labels) -> Counter {
         debug_assert_eq!(def.kind, Kind::Counter, "{}", def.name);
+        if !self.enabled {
+            return Counter::noop();
+        }
         match self.handle(def, labels, || Handle::Counter(Counter::default())) {
             Handle::Counter(c) => c,
             _ => Counter::default(),
@@ -193,6 +284,9 @@ impl Registry {
     /// The gauge `def` with `labels`.
     pub fn gauge(&self, def: &'static MetricDef, labels: &Labels) -> Gauge {
         debug_assert_eq!(def.kind, Kind::Gauge, "{}", def.name);
+        if !self.enabled {
+            return Gauge::noop();
+        }
         match self.handle(def, labels, || Handle::Gauge(Gauge::default())) {
             Handle::Gauge(g) => g,
             _ => Gauge::default(),
@@ -202,6 +296,9 @@ impl Registry {
     /// The histogram `def` with `labels`.
     pub fn histogram(&self, def: &'static MetricDef, labels: &Labels) -> Histogram {
         debug_assert_eq!(def.kind, Kind::Histogram, "{}", def.name);
+        if !self.enabled {
+            return Histogram::noop();
+        }
         match self.handle(def, labels, || Handle::Histogram(Histogram::default())) {
             Handle::Histogram(h) => h,
             _ => Histogram::default(),
@@ -228,6 +325,29 @@ impl Registry {
             samples,
         }
     }
+}
+
+/// This machine's host name (the `host` label), `"unknown"` if it cannot be read.
+pub fn hostname() -> String {
+    #[cfg(unix)]
+    {
+        let mut buf = [0u8; 256];
+        // SAFETY: the buffer is valid for its whole length, and gethostname
+        // writes at most that many bytes.
+        let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+        if rc == 0 {
+            let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+            let name = String::from_utf8_lossy(&buf[..end]).trim().to_owned();
+            if !name.is_empty() {
+                return name;
+            }
+        }
+    }
+    std::env::var("HOSTNAME")
+        .or_else(|_| std::env::var("COMPUTERNAME"))
+        .ok()
+        .filter(|h| !h.trim().is_empty())
+        .unwrap_or_else(|| "unknown".to_owned())
 }
 
 /// A metric's value in a snapshot.
@@ -344,5 +464,35 @@ mod tests {
             r.snapshot().gauge("tempest_roots_in_flight", &[]),
             Some(4.0)
         );
+    }
+
+    #[test]
+    fn a_disabled_registry_records_nothing() {
+        let r = Registry::disabled();
+        assert!(!r.is_enabled());
+        let c = r.counter(&catalog::SOURCE_ACKED, &Labels::default());
+        c.add(3);
+        c.inc();
+        assert_eq!(c.get(), 0);
+        let g = r.gauge(&catalog::ROOTS_IN_FLIGHT, &Labels::default());
+        g.set(2.0);
+        assert_eq!(g.get(), 0.0);
+        let h = r.histogram(&catalog::ROOT_COMPLETE_LATENCY, &Labels::default());
+        h.record(5);
+        assert_eq!(h.snapshot().count, 0);
+        assert!(r.snapshot().samples.is_empty());
+        // Handles made outside a registry are live.
+        let live = Counter::default();
+        live.inc();
+        assert_eq!(live.get(), 1);
+    }
+
+    #[test]
+    fn topology_registries_carry_the_host() {
+        let r = Registry::for_topology("t");
+        assert_eq!(r.common_labels().get("topology"), Some("t"));
+        let host = r.common_labels().get("host").unwrap();
+        assert!(!host.is_empty());
+        assert_eq!(host, hostname());
     }
 }
