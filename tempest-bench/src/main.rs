@@ -4,6 +4,8 @@
 //! one JSON object on the last line of stdout, so scripts and CI can record
 //! it. Targets live here, never in timed tests.
 
+mod redis;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
@@ -76,6 +78,11 @@ enum Workload {
     /// Word count fed at a fixed `--rate` (open loop): root complete latency
     /// measured from each sentence's intended send time.
     Latency,
+    /// The passthrough pipeline draining a Redis stream pre-filled with
+    /// `--messages` entries (with the raw loop's figure of the same run).
+    Redis,
+    /// The bare XREADGROUP + XACK loop over the same stream: the broker's ceiling.
+    RedisRaw,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -119,6 +126,10 @@ struct Args {
     /// Sentences per second for the `latency` workload.
     #[arg(long, default_value_t = 50_000.0)]
     rate: f64,
+    /// The Redis server for `redis` and `redis-raw` (default: start one on a
+    /// free loopback port).
+    #[arg(long)]
+    redis_url: Option<String>,
     /// Print one JSON object on the last line of stdout.
     #[arg(long)]
     json: bool,
@@ -151,8 +162,17 @@ fn main() -> anyhow::Result<()> {
         Some(Role::Work) => return work(&args),
         None => {}
     }
+    let redis_args = || redis::RedisArgs {
+        messages: args.messages.unwrap_or(200_000),
+        batch_size: args.batch_size,
+        max_pending: args.max_pending,
+        url: args.redis_url.clone(),
+    };
     let result = match (args.workload, args.mode) {
         (Workload::Ledger, _) => ledger(args.messages.unwrap_or(1_000_000)),
+        (Workload::Redis, Mode::Standalone) => redis::redis(&redis_args())?,
+        (Workload::RedisRaw, _) => redis::redis_raw(&redis_args())?,
+        (Workload::Redis, Mode::Distributed) => bail!("the redis workload runs standalone"),
         (_, Mode::Standalone) => throughput(&args)?,
         (_, Mode::Distributed) => distributed(&args)?,
     };
@@ -220,6 +240,8 @@ fn workload_name(w: Workload) -> &'static str {
         Workload::Wordcount => "wordcount",
         Workload::Ledger => "ledger",
         Workload::Latency => "latency",
+        Workload::Redis => "redis",
+        Workload::RedisRaw => "redis-raw",
     }
 }
 
