@@ -1,0 +1,196 @@
+//! Assignments and heartbeats: what the director wants an agent to run, and
+//! what the agent reports it is running.
+//!
+//! The agent sends a [`Heartbeat`] every interval; the director answers with
+//! the agent's whole [`Assignment`], and the agent converges to it: starts
+//! what is missing, stops what is no longer assigned, leaves the rest alone.
+//! Assignments are declarative, so applying one twice changes nothing.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// The part a process plays in a topology.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// The topology server (`PKG topology`).
+    Topology,
+    /// A task worker (`PKG task`).
+    Task,
+}
+
+/// One process the director wants running on an agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessSpec {
+    /// Stable id, unique in the cluster, e.g. `wordcount/server` or
+    /// `wordcount/count/1`.
+    pub id: String,
+    /// The topology's deployed name.
+    pub topology: String,
+    /// The package's content hash (sha256 of the archive, hex).
+    pub package: String,
+    /// Server or worker.
+    pub role: Role,
+    /// The task a worker runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
+    /// The instance a worker claims.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<u32>,
+    /// Where a worker finds its topology server, `host:port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topology_addr: Option<String>,
+    /// A `Topology.toml` to run with instead of the package's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<String>,
+    /// Extra environment variables.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Bumped each time the director re-places or changes this process; a
+    /// process of an older generation is stopped and replaced (fencing).
+    #[serde(default)]
+    pub generation: u64,
+}
+
+/// The state of a supervised process.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProcessState {
+    /// Fetching its package or being started.
+    Starting,
+    /// Running.
+    Running,
+    /// Exited; waiting to be restarted.
+    Backoff,
+    /// Being stopped (SIGTERM sent, SIGKILL after the grace period).
+    Stopping,
+    /// Stopped on purpose.
+    Stopped,
+    /// Cannot be started (bad package, no free port), with the reason in
+    /// [`ProcessStatus::error`].
+    Failed,
+}
+
+/// What an agent reports of one process.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessStatus {
+    /// The spec's id.
+    pub id: String,
+    /// The topology.
+    pub topology: String,
+    /// Server or worker.
+    pub role: Role,
+    /// The task of a worker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
+    /// The instance of a worker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<u32>,
+    /// The OS process id while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// Its state.
+    pub state: ProcessState,
+    /// Times it was restarted after exiting.
+    pub restarts: u32,
+    /// Seconds since it was last started.
+    pub uptime_secs: u64,
+    /// For a topology server: the address workers connect to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// For a process that serves metrics: its scrape address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_address: Option<String>,
+    /// The spec generation it runs.
+    #[serde(default)]
+    pub generation: u64,
+    /// Why it failed, if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A node's figures.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// The host name.
+    pub hostname: String,
+    /// The agent's version.
+    pub agent_version: String,
+    /// CPU cores.
+    pub cores: u32,
+    /// Memory in all, bytes.
+    pub memory_total: u64,
+    /// Memory available, bytes.
+    pub memory_available: u64,
+    /// Load averages over 1, 5 and 15 minutes.
+    pub load: [f64; 3],
+    /// Free bytes on the data directory's file system.
+    pub disk_free: u64,
+}
+
+/// What an agent sends the director every heartbeat interval.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// The agent's stable id (kept in its data directory).
+    pub agent_id: String,
+    /// The address of the agent's HTTP API, as others should reach it.
+    pub address: String,
+    /// The node's figures.
+    pub node: NodeInfo,
+    /// Every process the agent supervises.
+    pub processes: Vec<ProcessStatus>,
+}
+
+/// The director's answer to a heartbeat: every process this agent should run.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    /// The processes, by id.
+    pub processes: Vec<ProcessSpec>,
+}
+
+/// An error body of every Tempest HTTP API.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    /// What is wrong.
+    pub error: String,
+}
+
+impl ApiError {
+    /// An error with this message.
+    pub fn new(error: impl Into<String>) -> Self {
+        ApiError {
+            error: error.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_round_trip_and_refuse_unknown_fields() {
+        let spec = ProcessSpec {
+            id: "wc/count/1".into(),
+            topology: "wc".into(),
+            package: "ab".repeat(32),
+            role: Role::Task,
+            task: Some("count".into()),
+            instance: Some(1),
+            topology_addr: Some("10.0.0.2:7311".into()),
+            config: None,
+            env: BTreeMap::new(),
+            generation: 3,
+        };
+        let json = serde_json::to_string(&Assignment {
+            processes: vec![spec.clone()],
+        })
+        .unwrap();
+        let back: Assignment = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.processes, vec![spec]);
+        let bad = json.replace("\"generation\"", "\"generatoin\"");
+        assert!(serde_json::from_str::<Assignment>(&bad).is_err());
+    }
+}

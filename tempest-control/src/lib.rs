@@ -1,0 +1,16 @@
+//! # tempest-control
+//!
+//! The model the control plane shares: the CLI writes [`package`]s, the
+//! director stores them and assigns processes ([`assignment`]), the agents
+//! run those processes and report back in heartbeats. Only data and pure
+//! functions live here; no daemon depends on another's code.
+
+#![warn(missing_docs)]
+
+pub mod assignment;
+pub mod package;
+
+pub use assignment::{
+    ApiError, Assignment, Heartbeat, NodeInfo, ProcessSpec, ProcessState, ProcessStatus, Role,
+};
+pub use package::{Manifest, PackageError};
