@@ -90,6 +90,9 @@ impl Driver {
         self.source.configure(&self.settings).await?;
         let mut connected = false;
         let mut reconnect_wait = Duration::from_millis(100);
+        // Wakes from the hub (results, failures) must not cut the back-off
+        // short: the broker is retried no sooner than this.
+        let mut next_connect = Instant::now();
         let mut idle_wait = Duration::from_millis(1);
         let mut exhausted = false;
         let mut drain_until: Option<Instant> = None;
@@ -130,7 +133,10 @@ impl Driver {
 
             let mut wait = next_sweep.min(MAX_SWEEP_WAIT);
             if drain_until.is_none() && !exhausted && in_flight < self.max_pending {
-                if !connected {
+                let now = Instant::now();
+                if !connected && now < next_connect {
+                    wait = wait.min(next_connect - now);
+                } else if !connected {
                     match self.source.connect().await {
                         Ok(()) => {
                             connected = true;
@@ -142,6 +148,7 @@ impl Driver {
                         Err(e) => {
                             self.source_error(&e)?;
                             wait = reconnect_wait;
+                            next_connect = Instant::now() + reconnect_wait;
                             reconnect_wait = (reconnect_wait * 2).min(MAX_RECONNECT_WAIT);
                         }
                     }
@@ -168,6 +175,8 @@ impl Driver {
                             self.source_error(&e)?;
                             connected = false;
                             wait = reconnect_wait;
+                            next_connect = Instant::now() + reconnect_wait;
+                            reconnect_wait = (reconnect_wait * 2).min(MAX_RECONNECT_WAIT);
                         }
                     }
                 }

@@ -619,3 +619,81 @@ async fn shutdown_past_the_grace_period_leaves_roots_unacked() {
     assert!(log.acked().is_empty(), "the stuck root must stay un-acked");
     assert!(log.failed().is_empty());
 }
+
+/// A source whose broker is down for its first `down` connects.
+struct DownAtFirst {
+    inner: MemorySource,
+    down: usize,
+    attempts: Arc<Mutex<Vec<std::time::Instant>>>,
+}
+
+#[async_trait]
+impl Source for DownAtFirst {
+    async fn connect(&mut self) -> Result<(), SourceError> {
+        let mut a = self.attempts.lock();
+        a.push(std::time::Instant::now());
+        if a.len() <= self.down {
+            return Err(SourceError::transient(
+                tempest_core::SourceErrorKind::Connect,
+                "broker down",
+            ));
+        }
+        Ok(())
+    }
+    async fn poll(&mut self, max: usize) -> Result<Polled, SourceError> {
+        self.inner.poll(max).await
+    }
+    async fn ack(&mut self, ids: &[SourceId]) -> Result<(), SourceError> {
+        self.inner.ack(ids).await
+    }
+}
+
+/// Regression: wakes from the hub cut the reconnect back-off short, so a
+/// down broker was retried every few milliseconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_back_off_holds_while_the_hub_wakes_the_driver() {
+    let attempts: Arc<Mutex<Vec<std::time::Instant>>> = Arc::default();
+    let topology = Topology::builder("backoff")
+        .source(DownAtFirst {
+            inner: MemorySource::new(["a", "b"]),
+            down: 3,
+            attempts: attempts.clone(),
+        })
+        .pipeline(Pipeline::new().task("t", || echo))
+        .build()
+        .unwrap();
+    let waker: Arc<Mutex<Option<Arc<tokio::sync::Notify>>>> = Arc::default();
+    let w = waker.clone();
+    let (_stop, shutdown) = watch::channel(false);
+    let run = tokio::spawn(
+        Standalone::new(topology)
+            .with_hub(move |hub| *w.lock() = Some(hub.driver_waker()))
+            .run(shutdown),
+    );
+    // Wake the driver constantly, as settling work would, until the run ends.
+    let spam = tokio::spawn(async move {
+        loop {
+            if let Some(w) = waker.lock().as_ref() {
+                w.notify_one();
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    });
+    let (report, _) = tokio::time::timeout(Duration::from_secs(20), run)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    spam.abort();
+    assert_eq!(report.acked(), 2);
+    let a = attempts.lock().clone();
+    assert_eq!(a.len(), 4, "three failed connects, then one that worked");
+    for (i, want) in [100u64, 200, 400].into_iter().enumerate() {
+        let gap = a[i + 1] - a[i];
+        assert!(
+            gap >= Duration::from_millis(want),
+            "attempt {} came {gap:?} after the one before",
+            i + 2
+        );
+    }
+}
