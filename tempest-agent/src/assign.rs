@@ -1,0 +1,851 @@
+//! Assignments: from the director's (or the API's) [`Assignment`] to the
+//! [`Launch`]es the supervisor converges to, and the heartbeat that fetches
+//! them.
+//!
+//! One reconciler task owns the turning of specs into launches, so port
+//! allocation and convergence never race. For each spec it needs the
+//! package ([`crate::packages`]), ports from the range ([`Ports`]) and a
+//! config file; a spec that cannot have one of them is reported `Failed`
+//! with the reason (or `Starting` while its package is fetched) and the
+//! others are launched regardless. The assignment last received is kept in
+//! the data directory, so an agent restarted while the director is away
+//! goes on converging to it. The supervisor, not this module, decides what
+//! a change in a launch means for the running process.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, Ipv4Addr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tempest_control::{Assignment, Heartbeat, ProcessSpec, ProcessState, ProcessStatus, Role};
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use crate::config::{split_host_port, PortRange};
+use crate::packages::{chain, truncate, Lookup, Package, Packages};
+use crate::supervisor::{Converged, Launch, Supervisor};
+use crate::Agent;
+
+/// The file the last assignment is kept in, in the data directory.
+pub const ASSIGNMENT_FILE: &str = "assignment.json";
+/// How often specs waiting on a package or a port are looked at again.
+const RETRY_TICK: Duration = Duration::from_secs(1);
+
+/// The ports one process holds.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Held {
+    /// A topology server's listening port.
+    pub server: Option<u16>,
+    /// Its Prometheus endpoint's port.
+    pub metrics: u16,
+}
+
+/// Ports of the range, allocated to processes by id. A process keeps its
+/// ports for as long as it is assigned, across agent restarts (they are
+/// read back from the launches the supervisor adopted).
+#[derive(Debug)]
+pub struct Ports {
+    range: PortRange,
+    server_ip: IpAddr,
+    held: BTreeMap<String, Held>,
+}
+
+impl Ports {
+    /// An empty allocation over `range`; topology servers bind `server_ip`.
+    pub fn new(range: PortRange, server_ip: IpAddr) -> Self {
+        Ports {
+            range,
+            server_ip,
+            held: BTreeMap::new(),
+        }
+    }
+
+    /// Takes the ports that running launches use back into the allocation.
+    pub fn seed(&mut self, launches: &[Launch]) {
+        let port = |addr: &Option<String>| {
+            let addr = addr.as_deref()?;
+            let p: u16 = split_host_port(addr).1?.parse().ok()?;
+            (self.range.first..=self.range.last)
+                .contains(&p)
+                .then_some(p)
+        };
+        let mut seeded = BTreeMap::new();
+        for l in launches {
+            let Some(metrics) = port(&l.metrics_address) else {
+                continue;
+            };
+            let server = match l.spec.role {
+                Role::Topology => port(&l.address),
+                Role::Task => None,
+            };
+            seeded.insert(l.spec.id.clone(), Held { server, metrics });
+        }
+        self.held.extend(seeded);
+    }
+
+    /// Releases the ports of every process `keep` says no to.
+    pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
+        self.held.retain(|id, _| keep(id));
+    }
+
+    /// Releases the ports of `id`.
+    pub fn release(&mut self, id: &str) {
+        self.held.remove(id);
+    }
+
+    /// The ports `id` holds.
+    pub fn get(&self, id: &str) -> Option<Held> {
+        self.held.get(id).copied()
+    }
+
+    /// The ports `spec` needs: the ones it holds, or free ones from the
+    /// range (free of other processes of the agent, and bindable now).
+    pub fn allocate(&mut self, spec: &ProcessSpec) -> Result<Held, String> {
+        let wants_server = spec.role == Role::Topology;
+        let current = self.held.get(&spec.id).copied();
+        if let Some(mut h) = current {
+            if !wants_server {
+                h.server = None;
+            }
+            if h.server.is_some() == wants_server {
+                self.held.insert(spec.id.clone(), h);
+                return Ok(h);
+            }
+        }
+        let mut taken: BTreeSet<u16> = self
+            .held
+            .iter()
+            .filter(|(id, _)| **id != spec.id)
+            .flat_map(|(_, h)| h.server.into_iter().chain([h.metrics]))
+            .collect();
+        let mut busy = 0usize;
+        let mut pick = |ip: IpAddr, taken: &mut BTreeSet<u16>| {
+            for p in self.range.iter() {
+                if taken.contains(&p) {
+                    continue;
+                }
+                if TcpListener::bind((ip, p)).is_err() {
+                    busy += 1;
+                    continue;
+                }
+                taken.insert(p);
+                return Some(p);
+            }
+            None
+        };
+        let metrics = match current {
+            Some(h) => Some(h.metrics),
+            None => pick(IpAddr::V4(Ipv4Addr::LOCALHOST), &mut taken),
+        };
+        let server = match (wants_server, metrics) {
+            (true, Some(_)) => pick(self.server_ip, &mut taken).map(Some),
+            (false, _) => Some(None),
+            (true, None) => None,
+        };
+        match (metrics, server) {
+            (Some(metrics), Some(server)) => {
+                let h = Held { server, metrics };
+                self.held.insert(spec.id.clone(), h);
+                Ok(h)
+            }
+            _ => Err(format!(
+                "no free port for `{}` in the port range {} ({} held by this agent's other \
+                 processes, {busy} in use by other programs); widen port_range",
+                spec.id,
+                self.range,
+                taken.len()
+            )),
+        }
+    }
+}
+
+/// What every launch shares.
+#[derive(Clone, Debug)]
+pub struct LaunchContext {
+    /// The IP topology servers bind.
+    pub server_ip: IpAddr,
+    /// The host in the addresses workers are told.
+    pub advertise_host: String,
+    /// The cluster token, given to processes as `TEMPEST_TOKEN`.
+    pub token: Option<String>,
+    /// Where configs given in specs are written.
+    pub configs_dir: PathBuf,
+}
+
+/// The command line and environment of `spec`'s process.
+pub fn build_launch(
+    spec: &ProcessSpec,
+    package: &Package,
+    ports: Held,
+    config: Option<&Path>,
+    ctx: &LaunchContext,
+) -> Launch {
+    let mut args: Vec<String> = Vec::new();
+    let mut address = None;
+    match spec.role {
+        Role::Topology => {
+            let port = ports.server.unwrap_or_default();
+            args.extend([
+                "topology".into(),
+                "--host".into(),
+                ctx.server_ip.to_string(),
+                "--port".into(),
+                port.to_string(),
+            ]);
+            address = Some(join_host_port(&ctx.advertise_host, port));
+        }
+        Role::Task => {
+            args.extend([
+                "task".into(),
+                "--name".into(),
+                spec.task.clone().unwrap_or_default(),
+                "--topology-addr".into(),
+                spec.topology_addr.clone().unwrap_or_default(),
+            ]);
+            if let Some(i) = spec.instance {
+                args.extend(["--instance".into(), i.to_string()]);
+            }
+        }
+    }
+    if let Some(c) = config {
+        args.extend(["--config".into(), c.display().to_string()]);
+    }
+    let metrics_address = format!("127.0.0.1:{}", ports.metrics);
+    args.extend([
+        "--metrics-target".into(),
+        format!("prometheus={metrics_address}"),
+    ]);
+    let mut env = spec.env.clone();
+    if let Some(t) = &ctx.token {
+        env.insert("TEMPEST_TOKEN".into(), t.clone());
+    }
+    Launch {
+        spec: spec.clone(),
+        program: package.binary.clone(),
+        args,
+        env,
+        address,
+        metrics_address: Some(metrics_address),
+    }
+}
+
+/// `host:port`, with an IPv6 host in brackets.
+pub fn join_host_port(host: &str, port: u16) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// A spec's own problems (those no package or port can fix).
+pub fn check_spec(spec: &ProcessSpec) -> Result<(), String> {
+    if spec.id.is_empty() || spec.id.len() > 256 {
+        return Err("a process id must be 1 to 256 bytes long".into());
+    }
+    if spec.id.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(format!(
+            "process id {:?} contains white space or control characters",
+            spec.id
+        ));
+    }
+    if spec.role == Role::Task {
+        match spec.task.as_deref() {
+            None | Some("") => return Err(format!("task process `{}` names no task", spec.id)),
+            Some(_) => {}
+        }
+        match spec.topology_addr.as_deref() {
+            None | Some("") => {
+                return Err(format!(
+                    "task process `{}` has no topology_addr to connect to",
+                    spec.id
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    for key in spec.env.keys() {
+        if key.is_empty() || key.contains('=') || key.contains('\0') {
+            return Err(format!("environment variable name {key:?} is not valid"));
+        }
+    }
+    Ok(())
+}
+
+/// Checks an assignment as a whole: ids are unique.
+pub fn check_assignment(a: &Assignment) -> Result<(), String> {
+    let mut seen = BTreeSet::new();
+    for s in &a.processes {
+        if !seen.insert(s.id.as_str()) {
+            return Err(format!(
+                "process id `{}` appears more than once in the assignment",
+                s.id
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The status of a spec that has no process.
+fn status_of(spec: &ProcessSpec, state: ProcessState, error: Option<String>) -> ProcessStatus {
+    ProcessStatus {
+        id: spec.id.clone(),
+        topology: spec.topology.clone(),
+        role: spec.role,
+        task: spec.task.clone(),
+        instance: spec.instance,
+        pid: None,
+        state,
+        restarts: 0,
+        uptime_secs: 0,
+        address: None,
+        metrics_address: None,
+        generation: spec.generation,
+        error,
+    }
+}
+
+enum Cmd {
+    Apply {
+        assignment: Assignment,
+        reply: Option<oneshot::Sender<Converged>>,
+    },
+}
+
+#[derive(Default)]
+struct State {
+    desired: Option<Assignment>,
+    /// Specs without a process: fetching their package, or failed.
+    pending: BTreeMap<String, ProcessStatus>,
+}
+
+/// The assignment the agent converges to, and the specs it could not launch.
+pub struct Assigner {
+    state: Mutex<State>,
+    tx: mpsc::UnboundedSender<Cmd>,
+}
+
+impl Assigner {
+    /// The assignment being converged to, if any was received.
+    pub fn desired(&self) -> Option<Assignment> {
+        self.state.lock().desired.clone()
+    }
+
+    /// The specs that have no process (fetching or failed), by id.
+    pub fn pending(&self) -> BTreeMap<String, ProcessStatus> {
+        self.state.lock().pending.clone()
+    }
+
+    /// Converges to `a` and waits for the supervisor's answer.
+    pub async fn apply(&self, a: Assignment) -> Result<Converged, String> {
+        check_assignment(&a)?;
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Cmd::Apply {
+                assignment: a,
+                reply: Some(reply),
+            })
+            .map_err(|_| "the agent is shutting down".to_owned())?;
+        answer
+            .await
+            .map_err(|_| "the agent is shutting down".to_owned())
+    }
+
+    /// Converges to `a` without waiting.
+    pub fn offer(&self, a: Assignment) -> Result<(), String> {
+        check_assignment(&a)?;
+        self.tx
+            .send(Cmd::Apply {
+                assignment: a,
+                reply: None,
+            })
+            .map_err(|_| "the agent is shutting down".to_owned())
+    }
+}
+
+/// The task that turns assignments into launches.
+pub struct Reconciler {
+    assigner: Arc<Assigner>,
+    rx: mpsc::UnboundedReceiver<Cmd>,
+    supervisor: Supervisor,
+    packages: Arc<Packages>,
+    packages_changed: Arc<Notify>,
+    ports: Ports,
+    ctx: LaunchContext,
+    data_dir: PathBuf,
+    reported: HashMap<String, String>,
+}
+
+impl Reconciler {
+    /// The assigner (for the API and the heartbeat) and its reconciler,
+    /// which [`Reconciler::run`] runs. The ports processes adopted by the
+    /// supervisor hold are kept; the assignment kept in `data_dir`, if any,
+    /// is the first one converged to.
+    pub fn new(
+        supervisor: Supervisor,
+        packages: Arc<Packages>,
+        packages_changed: Arc<Notify>,
+        range: PortRange,
+        ctx: LaunchContext,
+        data_dir: PathBuf,
+    ) -> (Arc<Assigner>, Reconciler) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let assigner = Arc::new(Assigner {
+            state: Mutex::new(State::default()),
+            tx,
+        });
+        let mut ports = Ports::new(range, ctx.server_ip);
+        ports.seed(&supervisor.launches());
+        match read_kept(&data_dir) {
+            Ok(Some(a)) => {
+                tracing::info!(
+                    "converging to the assignment kept from the last run ({} processes)",
+                    a.processes.len()
+                );
+                assigner.state.lock().desired = Some(a);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!("ignoring the kept assignment: {e}"),
+        }
+        let r = Reconciler {
+            assigner: assigner.clone(),
+            rx,
+            supervisor,
+            packages,
+            packages_changed,
+            ports,
+            ctx,
+            data_dir,
+            reported: HashMap::new(),
+        };
+        (assigner, r)
+    }
+
+    /// Converges whenever an assignment arrives, a package fetch ends, or a
+    /// second passes with specs waiting; until every [`Assigner`] is gone.
+    pub async fn run(mut self) {
+        if self.assigner.desired().is_some() {
+            self.reconcile().await;
+        }
+        let mut tick = tokio::time::interval(RETRY_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let mut replies = Vec::new();
+            let waiting = !self.assigner.state.lock().pending.is_empty();
+            tokio::select! {
+                cmd = self.rx.recv() => match cmd {
+                    Some(cmd) => self.take(cmd, &mut replies),
+                    None => return,
+                },
+                _ = self.packages_changed.notified() => {}
+                _ = tick.tick(), if waiting => {}
+            }
+            // A burst of assignments converges once, to the last.
+            while let Ok(cmd) = self.rx.try_recv() {
+                self.take(cmd, &mut replies);
+            }
+            let converged = self.reconcile().await;
+            for reply in replies {
+                let _ = reply.send(converged.clone());
+            }
+        }
+    }
+
+    fn take(&mut self, cmd: Cmd, replies: &mut Vec<oneshot::Sender<Converged>>) {
+        let Cmd::Apply { assignment, reply } = cmd;
+        replies.extend(reply);
+        let mut state = self.assigner.state.lock();
+        if state.desired.as_ref() == Some(&assignment) {
+            return;
+        }
+        tracing::info!("new assignment: {} process(es)", assignment.processes.len());
+        if let Err(e) = keep(&self.data_dir, &assignment) {
+            tracing::warn!("cannot keep the assignment in the data directory: {e}");
+        }
+        state.desired = Some(assignment);
+    }
+
+    /// Converges to the desired assignment once.
+    async fn reconcile(&mut self) -> Converged {
+        let Some(desired) = self.assigner.desired() else {
+            return Converged::default();
+        };
+        let current: HashMap<String, Launch> = self
+            .supervisor
+            .launches()
+            .into_iter()
+            .map(|l| (l.spec.id.clone(), l))
+            .collect();
+        let ids: BTreeSet<&str> = desired.processes.iter().map(|s| s.id.as_str()).collect();
+        self.ports.retain(|id| ids.contains(id));
+        let mut launches = Vec::with_capacity(desired.processes.len());
+        let mut pending = BTreeMap::new();
+        for spec in &desired.processes {
+            match self.launch_for(spec) {
+                Ok(l) => {
+                    self.reported.remove(&spec.id);
+                    launches.push(l);
+                }
+                Err(Problem::Wait) => match current.get(&spec.id) {
+                    // Keep what runs until its replacement can start.
+                    Some(old) => launches.push(old.clone()),
+                    None => {
+                        pending.insert(
+                            spec.id.clone(),
+                            status_of(spec, ProcessState::Starting, None),
+                        );
+                    }
+                },
+                Err(Problem::Fail(why)) => {
+                    self.ports.release(&spec.id);
+                    if self.reported.get(&spec.id) != Some(&why) {
+                        tracing::warn!("process `{}` cannot run: {why}", spec.id);
+                        self.reported.insert(spec.id.clone(), why.clone());
+                    }
+                    pending.insert(
+                        spec.id.clone(),
+                        status_of(spec, ProcessState::Failed, Some(why)),
+                    );
+                }
+            }
+        }
+        self.reported.retain(|id, _| ids.contains(id.as_str()));
+        self.assigner.state.lock().pending = pending;
+        let supervisor = self.supervisor.clone();
+        let converged =
+            match tokio::task::spawn_blocking(move || supervisor.converge(launches)).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!("converging ended abnormally: {e}");
+                    Converged::default()
+                }
+            };
+        if converged != Converged::default() {
+            tracing::debug!(
+                "converged: started {:?}, stopped {:?}, replaced {:?}",
+                converged.started,
+                converged.stopped,
+                converged.replaced
+            );
+        }
+        converged
+    }
+
+    fn launch_for(&mut self, spec: &ProcessSpec) -> Result<Launch, Problem> {
+        check_spec(spec).map_err(Problem::Fail)?;
+        let package = match self.packages.lookup(&spec.package) {
+            Lookup::Ready(p) => p,
+            Lookup::Fetching => return Err(Problem::Wait),
+            Lookup::Failed(e) => return Err(Problem::Fail(e)),
+        };
+        let ports = self.ports.allocate(spec).map_err(Problem::Fail)?;
+        let config = match &spec.config {
+            Some(text) => Some(write_config(&self.ctx.configs_dir, text).map_err(Problem::Fail)?),
+            None => package.topology_toml.clone(),
+        };
+        Ok(build_launch(
+            spec,
+            &package,
+            ports,
+            config.as_deref(),
+            &self.ctx,
+        ))
+    }
+}
+
+enum Problem {
+    /// Its package is being fetched.
+    Wait,
+    Fail(String),
+}
+
+/// Writes a spec's `Topology.toml` under its content hash (so the same text
+/// is the same path, and the launch built from it the same launch).
+fn write_config(dir: &Path, text: &str) -> Result<PathBuf, String> {
+    let path = dir.join(format!(
+        "{}.toml",
+        tempest_control::package::sha256_hex(text.as_bytes())
+    ));
+    if !path.is_file() {
+        write_atomic(&path, text.as_bytes())
+            .map_err(|e| format!("writing the config {}: {e}", path.display()))?;
+    }
+    Ok(path)
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
+fn keep(data_dir: &Path, a: &Assignment) -> std::io::Result<()> {
+    let json = serde_json::to_vec_pretty(a).map_err(std::io::Error::other)?;
+    write_atomic(&data_dir.join(ASSIGNMENT_FILE), &json)
+}
+
+fn read_kept(data_dir: &Path) -> Result<Option<Assignment>, String> {
+    let path = data_dir.join(ASSIGNMENT_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let a: Assignment =
+        serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    check_assignment(&a).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(Some(a))
+}
+
+/// How the director link stands, for logging once per change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Link {
+    Unknown,
+    Up,
+    Down(String),
+}
+
+/// Heartbeats to the director until the task is dropped: sends the node and
+/// its processes, converges to the assignment answered. When the director
+/// is away or answers nonsense the agent keeps running what it has; that is
+/// logged once per change of state, not every beat.
+pub async fn heartbeat(agent: Arc<Agent>, director: String) {
+    let url = format!("{director}/api/v1/agents/heartbeat");
+    let period = agent.config.heartbeat;
+    let timeout = (period * 3).clamp(Duration::from_secs(1), Duration::from_secs(10));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut link = Link::Unknown;
+    loop {
+        tick.tick().await;
+        let beat = Heartbeat {
+            agent_id: agent.id.clone(),
+            address: agent.address.clone(),
+            node: crate::node::info(&agent.config.data_dir),
+            processes: agent.processes(),
+        };
+        let answer = beat_once(&agent, &url, &beat, timeout).await;
+        let now = match answer {
+            Ok(a) => match agent.assigner.offer(a) {
+                Ok(()) => Link::Up,
+                Err(e) => Link::Down(format!("the director sent an unusable assignment: {e}")),
+            },
+            Err(e) => Link::Down(e),
+        };
+        let stats = &agent.stats;
+        match &now {
+            Link::Up => {
+                stats.heartbeats.fetch_add(1, Ordering::Relaxed);
+                stats.director_up.store(true, Ordering::Relaxed);
+            }
+            Link::Down(_) | Link::Unknown => {
+                stats.heartbeat_errors.fetch_add(1, Ordering::Relaxed);
+                stats.director_up.store(false, Ordering::Relaxed);
+            }
+        }
+        if kind(&now) != kind(&link) {
+            match &now {
+                Link::Up => tracing::info!("heartbeating to the director at {director}"),
+                Link::Down(e) => tracing::warn!(
+                    "heartbeat to {url} failed: {e}; keeping the processes running (logged again when this changes)"
+                ),
+                Link::Unknown => {}
+            }
+        }
+        link = now;
+    }
+}
+
+/// The class of a link state, so that errors differing only in detail (a
+/// port, a byte offset) are not logged again.
+fn kind(l: &Link) -> String {
+    match l {
+        Link::Unknown => "unknown".into(),
+        Link::Up => "up".into(),
+        Link::Down(e) => e.split(':').next().unwrap_or_default().to_owned(),
+    }
+}
+
+async fn beat_once(
+    agent: &Agent,
+    url: &str,
+    beat: &Heartbeat,
+    timeout: Duration,
+) -> Result<Assignment, String> {
+    let mut request = agent.client.post(url).json(beat).timeout(timeout);
+    if let Some(t) = &agent.config.token {
+        request = request.bearer_auth(t);
+    }
+    let response = request
+        .send()
+        .await
+        .map_err(|e| format!("cannot reach the director: {}", chain(&e)))?;
+    let status = response.status();
+    let body = response
+        .bytes()
+        .await
+        .map_err(|e| format!("reading the director's answer: {}", chain(&e)))?;
+    if !status.is_success() {
+        let text = String::from_utf8_lossy(&body);
+        return Err(format!(
+            "the director answered {status}: {}",
+            truncate(text.trim(), 300)
+        ));
+    }
+    serde_json::from_slice(&body)
+        .map_err(|e| format!("the director's answer is not an assignment: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(id: &str, role: Role) -> ProcessSpec {
+        ProcessSpec {
+            id: id.into(),
+            topology: "wc".into(),
+            package: "a".repeat(64),
+            role,
+            task: (role == Role::Task).then(|| "count".into()),
+            instance: Some(1),
+            topology_addr: Some("10.0.0.1:7311".into()),
+            config: None,
+            env: BTreeMap::new(),
+            generation: 1,
+        }
+    }
+
+    fn free_range(n: u16) -> PortRange {
+        // A range of ports that are free now (best effort: found by binding).
+        for base in (20000u16..60000).step_by(97) {
+            if (base..base + n).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok()) {
+                return PortRange {
+                    first: base,
+                    last: base + n - 1,
+                };
+            }
+        }
+        panic!("no free port range");
+    }
+
+    #[test]
+    fn ports_are_stable_and_run_out_cleanly() {
+        let range = free_range(3);
+        let mut ports = Ports::new(range, IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let server = ports.allocate(&spec("wc/server", Role::Topology)).unwrap();
+        assert!(server.server.is_some());
+        assert_ne!(server.server, Some(server.metrics));
+        let worker = ports.allocate(&spec("wc/count/1", Role::Task)).unwrap();
+        assert_eq!(worker.server, None);
+        // The same ids get the same ports.
+        assert_eq!(
+            ports.allocate(&spec("wc/server", Role::Topology)).unwrap(),
+            server
+        );
+        assert_eq!(
+            ports.allocate(&spec("wc/count/1", Role::Task)).unwrap(),
+            worker
+        );
+        // The range is used up.
+        let err = ports.allocate(&spec("wc/count/2", Role::Task)).unwrap_err();
+        assert!(
+            err.contains("no free port") && err.contains(&range.to_string()),
+            "{err}"
+        );
+        // Released ports are reused.
+        ports.retain(|id| id != "wc/count/1");
+        assert_eq!(
+            ports
+                .allocate(&spec("wc/count/2", Role::Task))
+                .unwrap()
+                .metrics,
+            worker.metrics
+        );
+    }
+
+    #[test]
+    fn ports_are_seeded_from_launches() {
+        let range = free_range(4);
+        let package = Package {
+            hash: "a".repeat(64),
+            dir: "/p".into(),
+            manifest: tempest_control::Manifest {
+                name: "wc".into(),
+                version: "1".into(),
+                binary: "wc".into(),
+                sha256: String::new(),
+                target: String::new(),
+                tempest_version: String::new(),
+            },
+            binary: "/p/wc".into(),
+            topology_toml: None,
+        };
+        let ctx = LaunchContext {
+            server_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            advertise_host: "node1".into(),
+            token: Some("t".into()),
+            configs_dir: "/c".into(),
+        };
+        let held = Held {
+            server: Some(range.first + 3),
+            metrics: range.first + 2,
+        };
+        let s = spec("wc/server", Role::Topology);
+        let launch = build_launch(&s, &package, held, None, &ctx);
+        assert_eq!(
+            launch.address.as_deref(),
+            Some(format!("node1:{}", range.first + 3).as_str())
+        );
+        assert_eq!(
+            launch.env.get("TEMPEST_TOKEN").map(String::as_str),
+            Some("t")
+        );
+        assert_eq!(launch.args[0], "topology");
+        let mut ports = Ports::new(range, IpAddr::V4(Ipv4Addr::LOCALHOST));
+        ports.seed(std::slice::from_ref(&launch));
+        assert_eq!(ports.allocate(&s).unwrap(), held);
+        // And the launch built again is the same launch.
+        assert_eq!(build_launch(&s, &package, held, None, &ctx), launch);
+        let w = build_launch(
+            &spec("wc/count/1", Role::Task),
+            &package,
+            held,
+            Some(Path::new("/c/x.toml")),
+            &ctx,
+        );
+        assert_eq!(
+            w.args,
+            [
+                "task",
+                "--name",
+                "count",
+                "--topology-addr",
+                "10.0.0.1:7311",
+                "--instance",
+                "1",
+                "--config",
+                "/c/x.toml",
+                "--metrics-target",
+                &format!("prometheus=127.0.0.1:{}", range.first + 2)
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_specs_and_assignments() {
+        let mut s = spec("wc/count/1", Role::Task);
+        s.topology_addr = None;
+        assert!(check_spec(&s).unwrap_err().contains("topology_addr"));
+        let a = Assignment {
+            processes: vec![spec("x", Role::Topology), spec("x", Role::Topology)],
+        };
+        assert!(check_assignment(&a).unwrap_err().contains("`x`"));
+        assert_eq!(join_host_port("::1", 5), "[::1]:5");
+    }
+}

@@ -1,0 +1,1270 @@
+//! End-to-end tests of the agent: a real `tempest-agent` process, a small
+//! director test double (a raw HTTP server on 127.0.0.1:0 that records
+//! heartbeats, answers with a chosen assignment and serves package archives),
+//! and packages built here around tiny shell scripts, or around the real
+//! word count example for the metrics test.
+//!
+//! Nothing waits by sleeping for a fixed time: every wait polls the agent's
+//! API (or the double's records) until what is expected holds, within a
+//! bound.
+
+#![cfg(target_os = "linux")]
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tempest_control::package::{pack, sha256_hex};
+use tempest_control::{
+    Assignment, Heartbeat, Manifest, ProcessSpec, ProcessState, ProcessStatus, Role,
+};
+
+const WAIT: Duration = Duration::from_secs(60);
+const TOKEN: &str = "test-token";
+
+// ---------------------------------------------------------------------------
+// A minimal HTTP/1.1 client (one request per connection).
+
+struct Response {
+    status: u16,
+    body: String,
+}
+
+impl Response {
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {} {}", self.status, self.body))
+    }
+}
+
+fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<Response> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes())?;
+    s.write_all(body)?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other("no end of headers"))?;
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut body = raw[split + 4..].to_vec();
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line: {head}")))?;
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body = dechunk(&body);
+    }
+    Ok(Response {
+        status,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(end) = b.windows(2).position(|w| w == b"\r\n") else {
+            return out;
+        };
+        let size = usize::from_str_radix(
+            String::from_utf8_lossy(&b[..end])
+                .split(';')
+                .next()
+                .unwrap_or("0")
+                .trim(),
+            16,
+        )
+        .unwrap_or(0);
+        if size == 0 {
+            return out;
+        }
+        let start = end + 2;
+        out.extend_from_slice(&b[start..(start + size).min(b.len())]);
+        b = &b[(start + size + 2).min(b.len())..];
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The director test double.
+
+#[derive(Default)]
+struct DirectorState {
+    assignment: Assignment,
+    garbage: bool,
+    heartbeats: Vec<Heartbeat>,
+    packages: HashMap<String, Vec<u8>>,
+    downloads: HashMap<String, usize>,
+    unauthorized: usize,
+}
+
+struct Director {
+    addr: String,
+    state: Arc<Mutex<DirectorState>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Director {
+    fn start() -> Director {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let state = Arc::new(Mutex::new(DirectorState::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (st, sp) = (state.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if sp.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(conn) = conn else { continue };
+                let st = st.clone();
+                std::thread::spawn(move || serve(conn, &st));
+            }
+        });
+        Director {
+            addr,
+            state,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn assign(&self, processes: Vec<ProcessSpec>) {
+        self.state.lock().unwrap().assignment = Assignment { processes };
+    }
+
+    fn serve_package(&self, hash: &str, bytes: Vec<u8>) {
+        self.state
+            .lock()
+            .unwrap()
+            .packages
+            .insert(hash.to_owned(), bytes);
+    }
+
+    fn heartbeats(&self) -> usize {
+        self.state.lock().unwrap().heartbeats.len()
+    }
+
+    fn downloads(&self, hash: &str) -> usize {
+        self.state
+            .lock()
+            .unwrap()
+            .downloads
+            .get(hash)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Stops listening: from now on the agent's connections are refused.
+    fn shutdown(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(&self.addr);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+    }
+}
+
+impl Drop for Director {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn serve(mut conn: TcpStream, state: &Mutex<DirectorState>) {
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let mut line = String::new();
+    if reader.read_line(&mut line).is_err() || line.is_empty() {
+        return;
+    }
+    let mut parts = line.split_whitespace();
+    let method = parts.next().unwrap_or_default().to_owned();
+    let path = parts.next().unwrap_or_default().to_owned();
+    let mut length = 0usize;
+    let mut auth = None;
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h).is_err() || h == "\r\n" || h.is_empty() {
+            break;
+        }
+        let lower = h.to_ascii_lowercase();
+        if let Some(v) = lower.strip_prefix("content-length:") {
+            length = v.trim().parse().unwrap_or(0);
+        }
+        if lower.starts_with("authorization:") {
+            auth = Some(h["authorization:".len()..].trim().to_owned());
+        }
+    }
+    let mut body = vec![0u8; length];
+    if reader.read_exact(&mut body).is_err() {
+        return;
+    }
+    let authorized = auth.as_deref() == Some(&format!("Bearer {TOKEN}"));
+    let (status, ctype, out): (&str, &str, Vec<u8>) = {
+        let mut st = state.lock().unwrap();
+        if !authorized {
+            st.unauthorized += 1;
+            (
+                "401 Unauthorized",
+                "application/json",
+                b"{\"error\":\"token\"}".to_vec(),
+            )
+        } else if method == "POST" && path == "/api/v1/agents/heartbeat" {
+            match serde_json::from_slice::<Heartbeat>(&body) {
+                Ok(hb) => {
+                    st.heartbeats.push(hb);
+                    if st.garbage {
+                        (
+                            "200 OK",
+                            "text/html",
+                            b"<html>not an assignment</html>".to_vec(),
+                        )
+                    } else {
+                        (
+                            "200 OK",
+                            "application/json",
+                            serde_json::to_vec(&st.assignment).unwrap(),
+                        )
+                    }
+                }
+                Err(e) => (
+                    "400 Bad Request",
+                    "application/json",
+                    serde_json::to_vec(&serde_json::json!({"error": e.to_string()})).unwrap(),
+                ),
+            }
+        } else if let Some(hash) = path
+            .strip_prefix("/api/v1/packages/")
+            .and_then(|r| r.strip_suffix("/archive"))
+            .filter(|_| method == "GET")
+        {
+            match st.packages.get(hash).cloned() {
+                Some(bytes) => {
+                    *st.downloads.entry(hash.to_owned()).or_default() += 1;
+                    ("200 OK", "application/octet-stream", bytes)
+                }
+                None => (
+                    "404 Not Found",
+                    "application/json",
+                    b"{\"error\":\"no such package\"}".to_vec(),
+                ),
+            }
+        } else {
+            (
+                "404 Not Found",
+                "application/json",
+                b"{\"error\":\"no such call\"}".to_vec(),
+            )
+        }
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        out.len()
+    );
+    let _ = conn.write_all(head.as_bytes());
+    let _ = conn.write_all(&out);
+}
+
+// ---------------------------------------------------------------------------
+// Packages.
+
+/// A package around a shell script; returns the archive and its hash.
+fn script_package(dir: &Path, name: &str, script: &str) -> (Vec<u8>, String) {
+    let bin = dir.join(name);
+    std::fs::write(&bin, script).unwrap();
+    let manifest = Manifest {
+        name: name.into(),
+        version: "0.1.0".into(),
+        binary: String::new(),
+        sha256: String::new(),
+        target: "x86_64-unknown-linux-gnu".into(),
+        tempest_version: "0.1.0".into(),
+    };
+    let mut out = Vec::new();
+    pack(&bin, None, manifest, &mut out).unwrap();
+    let hash = sha256_hex(&out);
+    (out, hash)
+}
+
+/// A "topology binary" that says how it was started, then sleeps.
+fn sleeper(dir: &Path, tag: &str) -> (Vec<u8>, String) {
+    script_package(
+        dir,
+        "sleeper",
+        &format!(
+            "#!/bin/sh\n# {tag}\necho \"started $TEMPEST_PROCESS_ID with $*\"\necho \"to stderr\" >&2\nexec sleep 600\n"
+        ),
+    )
+}
+
+fn spec(id: &str, package: &str, role: Role) -> ProcessSpec {
+    ProcessSpec {
+        id: id.into(),
+        topology: id.split('/').next().unwrap_or(id).into(),
+        package: package.into(),
+        role,
+        task: (role == Role::Task).then(|| id.split('/').nth(1).unwrap_or("t").into()),
+        instance: (role == Role::Task).then_some(0),
+        topology_addr: (role == Role::Task).then(|| "127.0.0.1:1".into()),
+        config: None,
+        env: BTreeMap::new(),
+        generation: 1,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The agent process.
+
+/// A free port range for one test (tests run in parallel; each agent gets
+/// its own range).
+fn port_range(n: u16) -> String {
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    loop {
+        let slot = NEXT.fetch_add(1, Ordering::SeqCst);
+        let first = 24_000 + slot * 50;
+        assert!(first < 60_000, "no free port range");
+        if (first..first + n).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok()) {
+            return format!("{first}-{}", first + n - 1);
+        }
+    }
+}
+
+struct Agent {
+    child: Child,
+    addr: String,
+    data_dir: PathBuf,
+    stderr: PathBuf,
+}
+
+impl Agent {
+    fn start(data_dir: &Path, args: &[&str]) -> Agent {
+        std::fs::create_dir_all(data_dir).unwrap();
+        let stderr = data_dir.with_extension(format!("stderr.{}", unique()));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tempest-agent"))
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .args(args)
+            .env_remove("TEMPEST_TOKEN")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(l)) = lines.next() {
+                let _ = tx.send(l);
+            }
+            for _ in lines {}
+        });
+        let line = match rx.recv_timeout(WAIT) {
+            Ok(l) => l,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "the agent did not start: {}",
+                    std::fs::read_to_string(&stderr).unwrap_or_default()
+                );
+            }
+        };
+        let addr = line
+            .split("listening on http://")
+            .nth(1)
+            .unwrap_or_else(|| panic!("unexpected first line: {line}"))
+            .trim()
+            .to_owned();
+        Agent {
+            child,
+            addr,
+            data_dir: data_dir.canonicalize().unwrap(),
+            stderr,
+        }
+    }
+
+    fn get(&self, path: &str) -> Response {
+        http(&self.addr, "GET", path, &[], b"").unwrap()
+    }
+
+    fn post(&self, path: &str, token: Option<&str>, body: &[u8]) -> Response {
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let mut headers = vec![("Content-Type", "application/json")];
+        if let Some(a) = &auth {
+            headers.push(("Authorization", a));
+        }
+        http(&self.addr, "POST", path, &headers, body).unwrap()
+    }
+
+    fn put(&self, path: &str, token: Option<&str>, body: &[u8]) -> Response {
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let mut headers = vec![];
+        if let Some(a) = &auth {
+            headers.push(("Authorization", a.as_str()));
+        }
+        http(&self.addr, "PUT", path, &headers, body).unwrap()
+    }
+
+    fn assign(&self, token: Option<&str>, processes: Vec<ProcessSpec>) -> Response {
+        let body = serde_json::to_vec(&Assignment { processes }).unwrap();
+        self.post("/api/v1/assignment", token, &body)
+    }
+
+    fn processes(&self) -> Vec<ProcessStatus> {
+        let r = self.get("/api/v1/processes");
+        assert_eq!(r.status, 200, "{}", r.body);
+        serde_json::from_str(&r.body).unwrap()
+    }
+
+    fn process(&self, id: &str) -> Option<ProcessStatus> {
+        self.processes().into_iter().find(|p| p.id == id)
+    }
+
+    fn metrics(&self) -> String {
+        let r = self.get("/api/v1/metrics");
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.body
+    }
+
+    /// Polls until every id in `ids` runs; returns their pids.
+    fn wait_running(&self, ids: &[&str]) -> BTreeMap<String, u32> {
+        wait_for(&format!("{ids:?} running"), || {
+            let ps = self.processes();
+            let mut pids = BTreeMap::new();
+            for id in ids {
+                let p = ps.iter().find(|p| p.id == *id)?;
+                if p.state != ProcessState::Running {
+                    return None;
+                }
+                pids.insert(id.to_string(), p.pid?);
+            }
+            Some(pids)
+        })
+    }
+
+    fn stderr_text(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// SIGKILLs the agent alone (its processes live on).
+    fn kill9(mut self) {
+        signal(self.child.id(), libc::SIGKILL);
+        let _ = self.child.wait();
+        // Leave the processes to the next agent.
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        // SIGTERM stops the agent's processes; whatever is left (a failed
+        // test) is killed by its mark.
+        signal(self.child.id(), libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for pid in marked_processes(&self.data_dir) {
+            signal(pid, libc::SIGKILL);
+        }
+        if std::thread::panicking() {
+            eprintln!("--- agent stderr ---\n{}", self.stderr_text());
+        }
+    }
+}
+
+fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) with a pid taken from a child or /proc.
+    unsafe {
+        libc::kill(pid as i32, sig);
+    }
+}
+
+fn unique() -> u64 {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    N.fetch_add(1, Ordering::SeqCst)
+}
+
+/// Live processes started by the agent of `data_dir` (their environment
+/// carries its mark), zombies excluded.
+fn marked_processes(data_dir: &Path) -> Vec<u32> {
+    let mark = format!("TEMPEST_AGENT_DIR={}", data_dir.display());
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(env) = std::fs::read(e.path().join("environ")) else {
+            continue;
+        };
+        if !env.split(|b| *b == 0).any(|v| v == mark.as_bytes()) {
+            continue;
+        }
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        let state = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .next();
+        if matches!(state, Some("Z") | Some("X") | None) {
+            continue;
+        }
+        out.push(pid);
+    }
+    out.sort();
+    out
+}
+
+fn alive(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .next();
+    !matches!(state, Some("Z") | Some("X") | None)
+}
+
+/// Polls `f` until it gives a value, at most [`WAIT`].
+fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("tempest-agent-test")
+        .tempdir()
+        .unwrap()
+}
+
+// ---------------------------------------------------------------------------
+// The tests.
+
+#[test]
+fn converges_to_assignments_start_stop_change() {
+    let tmp = tempdir();
+    let (archive, hash) = sleeper(tmp.path(), "converge");
+    let director = Director::start();
+    director.serve_package(&hash, archive);
+    director.assign(vec![
+        spec("t/server", &hash, Role::Topology),
+        spec("t/split/0", &hash, Role::Task),
+    ]);
+    let range = port_range(10);
+    let agent = Agent::start(
+        &tmp.path().join("data"),
+        &[
+            "--director",
+            &director.url(),
+            "--token",
+            TOKEN,
+            "--heartbeat-ms",
+            "100",
+            "--port-range",
+            &range,
+        ],
+    );
+    let pids = agent.wait_running(&["t/server", "t/split/0"]);
+
+    // The server got a port of the range, and is told so in its arguments.
+    let server = agent.process("t/server").unwrap();
+    let address = server.address.clone().expect("a server address");
+    let (first, last) = range.split_once('-').unwrap();
+    let port: u16 = address.rsplit(':').next().unwrap().parse().unwrap();
+    assert!(
+        (first.parse().unwrap()..=last.parse().unwrap()).contains(&port),
+        "{address} not in {range}"
+    );
+    let logs = wait_for("the server's first log line", || {
+        let r = agent.get("/api/v1/processes/t%2Fserver/logs?stream=stdout&lines=10");
+        assert_eq!(r.status, 200, "{}", r.body);
+        let text = r.json()["text"].as_str().unwrap_or_default().to_owned();
+        text.contains("started").then_some(text)
+    });
+    assert!(
+        logs.contains(&format!(
+            "started t/server with topology --host 127.0.0.1 --port {port}"
+        )),
+        "{logs}"
+    );
+    assert!(
+        logs.contains("--metrics-target prometheus=127.0.0.1:"),
+        "{logs}"
+    );
+    let stderr = agent.get("/api/v1/processes/t/server/logs?stream=stderr");
+    assert_eq!(stderr.json()["text"], "to stderr\n", "{}", stderr.body);
+
+    // The heartbeats carry the agent's id, address, node and processes.
+    wait_for("a heartbeat reporting both processes running", || {
+        let st = director.state.lock().unwrap();
+        let hb = st.heartbeats.last()?;
+        (hb.processes.len() == 2
+            && hb
+                .processes
+                .iter()
+                .all(|p| p.state == ProcessState::Running))
+        .then(|| {
+            assert_eq!(hb.address, agent.addr);
+            assert!(!hb.agent_id.is_empty());
+            assert!(hb.node.cores >= 1 && !hb.node.hostname.is_empty());
+        })
+    });
+    // One download served both processes of the package.
+    assert_eq!(director.downloads(&hash), 1);
+
+    // The same assignment, beat after beat, changes nothing.
+    let seen = director.heartbeats();
+    wait_for("five more heartbeats", || {
+        (director.heartbeats() >= seen + 5).then_some(())
+    });
+    assert_eq!(agent.wait_running(&["t/server", "t/split/0"]), pids);
+    assert_eq!(director.downloads(&hash), 1);
+
+    // A change: a worker goes, another comes, the server stays as it is.
+    director.assign(vec![
+        spec("t/server", &hash, Role::Topology),
+        spec("t/count/0", &hash, Role::Task),
+    ]);
+    let after = agent.wait_running(&["t/server", "t/count/0"]);
+    assert_eq!(after["t/server"], pids["t/server"]);
+    wait_for("t/split/0 gone", || {
+        (agent.process("t/split/0").is_none() && !alive(pids["t/split/0"])).then_some(())
+    });
+    assert_eq!(agent.process("t/server").unwrap().address, Some(address));
+
+    // A new generation of the server replaces it.
+    let mut server = spec("t/server", &hash, Role::Topology);
+    server.generation = 2;
+    director.assign(vec![server, spec("t/count/0", &hash, Role::Task)]);
+    let replaced = wait_for("the server replaced", || {
+        let p = agent.process("t/server")?;
+        (p.state == ProcessState::Running && p.generation == 2 && p.pid? != pids["t/server"])
+            .then_some(p.pid?)
+    });
+    assert!(!alive(pids["t/server"]));
+    assert_eq!(marked_processes(&agent.data_dir).len(), 2);
+    assert!(marked_processes(&agent.data_dir).contains(&replaced));
+
+    // Nothing assigned: everything stops.
+    director.assign(vec![]);
+    wait_for("every process stopped", || {
+        (agent.processes().is_empty() && marked_processes(&agent.data_dir).is_empty()).then_some(())
+    });
+    assert_eq!(director.state.lock().unwrap().unauthorized, 0);
+}
+
+#[test]
+fn restarts_a_process_killed_with_sigkill() {
+    let tmp = tempdir();
+    let (archive, hash) = sleeper(tmp.path(), "restart");
+    let agent = Agent::start(&tmp.path().join("data"), &["--port-range", &port_range(4)]);
+    // No director: the package is uploaded, the assignment posted.
+    let r = agent.put(&format!("/api/v1/packages/{hash}"), None, &archive);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["name"], "sleeper");
+    let r = agent.assign(None, vec![spec("r/server", &hash, Role::Topology)]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["started"], serde_json::json!(["r/server"]));
+    let pid = agent.wait_running(&["r/server"])["r/server"];
+
+    signal(pid, libc::SIGKILL);
+    let p = wait_for("a restart", || {
+        let p = agent.process("r/server")?;
+        (p.state == ProcessState::Running && p.restarts >= 1 && p.pid? != pid).then_some(p)
+    });
+    assert!(!alive(pid));
+    assert_eq!(marked_processes(&agent.data_dir), vec![p.pid.unwrap()]);
+    let metrics = agent.metrics();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("tempest_agent_restarts_total{") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    // The sleeper serves no metrics: its scrape fails, is counted, and the
+    // rest of the page is served.
+    let scrape_errors: u64 = metrics
+        .lines()
+        .find(|l| l.starts_with("tempest_agent_scrape_errors_total{"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap();
+    assert!(scrape_errors >= 1, "{metrics}");
+
+    // Applying the same assignment again changes nothing.
+    let r = agent.assign(None, vec![spec("r/server", &hash, Role::Topology)]);
+    let j = r.json();
+    assert_eq!(j["started"], serde_json::json!([]), "{j}");
+    assert_eq!(j["replaced"], serde_json::json!([]), "{j}");
+    assert_eq!(agent.process("r/server").unwrap().pid, p.pid);
+}
+
+#[test]
+fn refuses_a_bad_package_while_the_others_run() {
+    let tmp = tempdir();
+    let (good, good_hash) = sleeper(tmp.path(), "good");
+    let (other, _) = sleeper(tmp.path(), "other");
+    let (text, text_hash) = script_package(tmp.path(), "notes", "just some notes, no program\n");
+    // The director serves other bytes than the hash names.
+    let bad_hash = sha256_hex(b"what the assignment says the package is");
+    let director = Director::start();
+    director.serve_package(&good_hash, good);
+    director.serve_package(&bad_hash, other);
+    director.serve_package(&text_hash, text);
+    director.assign(vec![
+        spec("g/server", &good_hash, Role::Topology),
+        spec("b/server", &bad_hash, Role::Topology),
+        spec("n/server", &text_hash, Role::Topology),
+        spec("x/server", "../../etc", Role::Topology),
+    ]);
+    let agent = Agent::start(
+        &tmp.path().join("data"),
+        &[
+            "--director",
+            &director.url(),
+            "--token",
+            TOKEN,
+            "--heartbeat-ms",
+            "100",
+            "--port-range",
+            &port_range(10),
+        ],
+    );
+    let pids = agent.wait_running(&["g/server"]);
+    let failed = |id: &str| {
+        wait_for(&format!("{id} failed"), || {
+            let p = agent.process(id)?;
+            (p.state == ProcessState::Failed).then(|| p.error.unwrap_or_default())
+        })
+    };
+    let err = failed("b/server");
+    assert!(
+        err.contains(&bad_hash) && err.contains("hash mismatch"),
+        "{err}"
+    );
+    let err = failed("n/server");
+    assert!(err.contains("not an executable"), "{err}");
+    let err = failed("x/server");
+    assert!(err.contains("not a package content hash"), "{err}");
+    // Nothing of the refused packages was kept; the good one runs on.
+    let store = agent.data_dir.join("packages");
+    assert!(!store.join(&bad_hash).exists());
+    assert!(!store.join(&text_hash).exists());
+    assert!(store.join(&good_hash).join("sleeper").is_file());
+    assert_eq!(agent.wait_running(&["g/server"]), pids);
+    assert_eq!(marked_processes(&agent.data_dir), vec![pids["g/server"]]);
+    // The director hears about the failures.
+    wait_for("a heartbeat reporting the failure", || {
+        let st = director.state.lock().unwrap();
+        let hb = st.heartbeats.last()?;
+        hb.processes
+            .iter()
+            .any(|p| p.id == "b/server" && p.state == ProcessState::Failed)
+            .then_some(())
+    });
+    assert_eq!(agent.get("/api/v1/health").status, 200);
+}
+
+#[test]
+fn an_exhausted_port_range_fails_only_the_process_without_a_port() {
+    let tmp = tempdir();
+    let (archive, hash) = sleeper(tmp.path(), "ports");
+    let agent = Agent::start(&tmp.path().join("data"), &["--port-range", &port_range(3)]);
+    assert_eq!(
+        agent
+            .put(&format!("/api/v1/packages/{hash}"), None, &archive)
+            .status,
+        200
+    );
+    // A server takes two ports, a worker one: the second worker gets none.
+    let r = agent.assign(
+        None,
+        vec![
+            spec("p/server", &hash, Role::Topology),
+            spec("p/a/0", &hash, Role::Task),
+            spec("p/b/0", &hash, Role::Task),
+        ],
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let pids = agent.wait_running(&["p/server", "p/a/0"]);
+    let p = agent.process("p/b/0").unwrap();
+    assert_eq!(p.state, ProcessState::Failed);
+    let err = p.error.unwrap();
+    assert!(
+        err.contains("no free port") && err.contains("p/b/0"),
+        "{err}"
+    );
+    // Freeing a port lets it run; the others are left alone.
+    let r = agent.assign(
+        None,
+        vec![
+            spec("p/server", &hash, Role::Topology),
+            spec("p/b/0", &hash, Role::Task),
+        ],
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let now = agent.wait_running(&["p/server", "p/b/0"]);
+    assert_eq!(now["p/server"], pids["p/server"]);
+}
+
+#[test]
+fn mutating_calls_need_the_token() {
+    let tmp = tempdir();
+    let (archive, hash) = sleeper(tmp.path(), "token");
+    let agent = Agent::start(
+        &tmp.path().join("data"),
+        &["--token", TOKEN, "--port-range", &port_range(4)],
+    );
+    let body = serde_json::to_vec(&Assignment::default()).unwrap();
+    for (token, why) in [(None, "needs the cluster token"), (Some("wrong"), "wrong")] {
+        let r = agent.post("/api/v1/assignment", token, &body);
+        assert_eq!(r.status, 401, "{}", r.body);
+        assert!(
+            r.json()["error"].as_str().unwrap().contains(why),
+            "{}",
+            r.body
+        );
+        let r = agent.put(&format!("/api/v1/packages/{hash}"), token, &archive);
+        assert_eq!(r.status, 401, "{}", r.body);
+    }
+    // Even a malformed body is refused for the token first.
+    assert_eq!(agent.post("/api/v1/assignment", None, b"{").status, 401);
+    // Reading needs no token.
+    assert_eq!(agent.get("/api/v1/health").status, 200);
+    assert_eq!(agent.get("/api/v1/processes").status, 200);
+    // With it, the calls go through.
+    let r = agent.put(&format!("/api/v1/packages/{hash}"), Some(TOKEN), &archive);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = agent.assign(Some(TOKEN), vec![spec("k/server", &hash, Role::Topology)]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    agent.wait_running(&["k/server"]);
+    // Its processes are given the token for their worker connections.
+    let environ = std::fs::read(format!(
+        "/proc/{}/environ",
+        agent.process("k/server").unwrap().pid.unwrap()
+    ))
+    .unwrap();
+    assert!(environ
+        .split(|b| *b == 0)
+        .any(|v| v == format!("TEMPEST_TOKEN={TOKEN}").as_bytes()));
+}
+
+#[test]
+fn bad_requests_get_json_errors_and_the_agent_goes_on() {
+    let tmp = tempdir();
+    let agent = Agent::start(&tmp.path().join("data"), &["--port-range", &port_range(4)]);
+    let r = agent.get("/api/v1/processes/no%2Fsuch/logs");
+    assert_eq!(r.status, 404, "{}", r.body);
+    assert!(
+        r.json()["error"].as_str().unwrap().contains("no/such"),
+        "{}",
+        r.body
+    );
+    assert_eq!(agent.get("/api/v1/processes/no/such").status, 404);
+    assert_eq!(agent.get("/api/v1/nothing/here").status, 404);
+    assert!(agent.get("/api/v1/nothing/here").json()["error"].is_string());
+
+    let r = agent.post("/api/v1/assignment", None, b"{\"processes\": [");
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("malformed assignment"),
+        "{}",
+        r.body
+    );
+    let r = agent.post(
+        "/api/v1/assignment",
+        None,
+        b"{\"processes\": [], \"extra\": 1}",
+    );
+    assert_eq!(
+        r.status, 200,
+        "unknown top-level fields are tolerated: {}",
+        r.body
+    );
+    let dup = serde_json::to_vec(&Assignment {
+        processes: vec![
+            spec("d/server", &"a".repeat(64), Role::Topology),
+            spec("d/server", &"a".repeat(64), Role::Topology),
+        ],
+    })
+    .unwrap();
+    let r = agent.post("/api/v1/assignment", None, &dup);
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.json()["error"]
+        .as_str()
+        .unwrap()
+        .contains("more than once"));
+    let r = agent.put("/api/v1/packages/xyz", None, b"abc");
+    assert_eq!(r.status, 400, "{}", r.body);
+    let r = agent.put(
+        &format!("/api/v1/packages/{}", "0".repeat(64)),
+        None,
+        b"abc",
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.json()["error"]
+        .as_str()
+        .unwrap()
+        .contains("hash mismatch"));
+    assert_eq!(agent.get("/api/v1/assignment").status, 200);
+    let r = http(&agent.addr, "DELETE", "/api/v1/assignment", &[], b"").unwrap();
+    assert_eq!(r.status, 405, "{}", r.body);
+    assert!(r.json()["error"].is_string());
+
+    // Log parameters are checked (on a process that exists).
+    let (archive, hash) = sleeper(tmp.path(), "bad requests");
+    assert_eq!(
+        agent
+            .put(&format!("/api/v1/packages/{hash}"), None, &archive)
+            .status,
+        200
+    );
+    assert_eq!(
+        agent
+            .assign(None, vec![spec("l/server", &hash, Role::Topology)])
+            .status,
+        200
+    );
+    agent.wait_running(&["l/server"]);
+    for q in ["stream=both", "lines=many", "lines=-1", "line=5"] {
+        let r = agent.get(&format!("/api/v1/processes/l%2Fserver/logs?{q}"));
+        assert_eq!(r.status, 400, "{q}: {}", r.body);
+        assert!(r.json()["error"].is_string());
+    }
+    let r = agent.get("/api/v1/processes/l%2Fserver/logs?lines=999999999");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["lines"], 10_000, "capped");
+
+    let r = agent.get("/api/v1/health");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["status"], "ok");
+    let node = agent.get("/api/v1/node").json();
+    assert!(node["memory_total"].as_u64().unwrap() > 0, "{node}");
+    assert!(node["disk_free"].as_u64().unwrap() > 0, "{node}");
+    assert_eq!(node["load"].as_array().unwrap().len(), 3, "{node}");
+}
+
+#[test]
+fn keeps_its_processes_when_the_director_is_away_or_talks_nonsense() {
+    let tmp = tempdir();
+    let (archive, hash) = sleeper(tmp.path(), "away");
+    let mut director = Director::start();
+    director.serve_package(&hash, archive);
+    director.assign(vec![
+        spec("a/server", &hash, Role::Topology),
+        spec("a/split/0", &hash, Role::Task),
+    ]);
+    let agent = Agent::start(
+        &tmp.path().join("data"),
+        &[
+            "--director",
+            &director.url(),
+            "--token",
+            TOKEN,
+            "--heartbeat-ms",
+            "50",
+            "--port-range",
+            &port_range(6),
+        ],
+    );
+    let pids = agent.wait_running(&["a/server", "a/split/0"]);
+    let errors = |agent: &Agent| -> u64 {
+        agent
+            .metrics()
+            .lines()
+            .find(|l| l.starts_with("tempest_agent_heartbeat_errors_total{"))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap()
+    };
+
+    // Nonsense answers.
+    director.state.lock().unwrap().garbage = true;
+    let seen = director.heartbeats();
+    wait_for("five nonsense answers", || {
+        (director.heartbeats() >= seen + 5 && errors(&agent) >= 5).then_some(())
+    });
+    assert_eq!(agent.wait_running(&["a/server", "a/split/0"]), pids);
+
+    // No director at all.
+    director.shutdown();
+    let before = errors(&agent);
+    wait_for("five failed heartbeats", || {
+        (errors(&agent) >= before + 5).then_some(())
+    });
+    assert_eq!(agent.wait_running(&["a/server", "a/split/0"]), pids);
+    assert!(agent.metrics().contains("tempest_agent_director_up{"));
+
+    // Logged once per change of state, not every beat.
+    let log = agent.stderr_text();
+    assert_eq!(log.matches("not an assignment").count(), 1, "{log}");
+    assert_eq!(log.matches("cannot reach the director").count(), 1, "{log}");
+}
+
+#[test]
+fn survives_its_own_sigkill_without_orphans_or_duplicates() {
+    let tmp = tempdir();
+    let (archive, hash) = sleeper(tmp.path(), "sigkill");
+    let director = Director::start();
+    director.serve_package(&hash, archive);
+    let ids = ["s/server", "s/split/0", "s/count/0"];
+    director.assign(vec![
+        spec(ids[0], &hash, Role::Topology),
+        spec(ids[1], &hash, Role::Task),
+        spec(ids[2], &hash, Role::Task),
+    ]);
+    let data = tmp.path().join("data");
+    let range = port_range(10);
+    let args = [
+        "--director",
+        &director.url(),
+        "--token",
+        TOKEN,
+        "--heartbeat-ms",
+        "100",
+        "--port-range",
+        &range,
+    ];
+    let first = Agent::start(&data, &args);
+    let pids = first.wait_running(&ids);
+    let address = first.process(ids[0]).unwrap().address;
+    let id = first.get("/api/v1/health").json()["agent_id"].clone();
+    let data_dir = first.data_dir.clone();
+    first.kill9();
+    // The processes outlive their agent.
+    assert!(pids.values().all(|p| alive(*p)));
+
+    let second = Agent::start(&data, &args);
+    assert_eq!(second.get("/api/v1/health").json()["agent_id"], id);
+    let beats = director.heartbeats();
+    wait_for("the new agent heartbeating", || {
+        (director.heartbeats() >= beats + 5).then_some(())
+    });
+    // Each spec has exactly one live process: the one adopted.
+    assert_eq!(second.wait_running(&ids), pids);
+    let mut live = marked_processes(&data_dir);
+    let mut expected: Vec<u32> = pids.values().copied().collect();
+    live.sort();
+    expected.sort();
+    assert_eq!(live, expected);
+    assert_eq!(second.process(ids[0]).unwrap().address, address);
+    assert_eq!(
+        director.downloads(&hash),
+        1,
+        "the package is not fetched again"
+    );
+
+    // The adopted processes are supervised: killed, one is restarted.
+    signal(pids[ids[1]], libc::SIGKILL);
+    wait_for("the adopted worker restarted", || {
+        let p = second.process(ids[1])?;
+        (p.state == ProcessState::Running && p.pid? != pids[ids[1]]).then_some(())
+    });
+    assert_eq!(marked_processes(&data_dir).len(), 3);
+}
+
+#[test]
+fn starts_from_its_kept_assignment_without_a_director() {
+    let tmp = tempdir();
+    let (archive, hash) = sleeper(tmp.path(), "kept");
+    let data = tmp.path().join("data");
+    let range = port_range(4);
+    let pid = {
+        let agent = Agent::start(&data, &["--port-range", &range]);
+        agent.put(&format!("/api/v1/packages/{hash}"), None, &archive);
+        agent.assign(None, vec![spec("k/server", &hash, Role::Topology)]);
+        let pid = agent.wait_running(&["k/server"])["k/server"];
+        agent.kill9();
+        pid
+    };
+    signal(pid, libc::SIGKILL);
+    // Restarted, the agent converges to what it was last told.
+    let agent = Agent::start(&data, &["--port-range", &range]);
+    let now = agent.wait_running(&["k/server"]);
+    assert_ne!(now["k/server"], pid);
+    let kept = agent.get("/api/v1/assignment").json();
+    assert_eq!(kept["processes"][0]["id"], "k/server");
+}
+
+// ---------------------------------------------------------------------------
+// Metrics of a real topology.
+
+/// The word count example's binary, built if it is not there yet.
+fn wordcount_binary() -> PathBuf {
+    let dir = Path::new(env!("CARGO_BIN_EXE_tempest-agent"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let bin = dir.join("wordcount");
+    if !bin.is_file() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-p", "wordcount", "--bin", "wordcount"])
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+            .status()
+            .unwrap();
+        assert!(status.success(), "building the word count example failed");
+    }
+    assert!(bin.is_file(), "no {}", bin.display());
+    bin
+}
+
+#[test]
+fn serves_the_aggregated_metrics_of_a_running_topology() {
+    let tmp = tempdir();
+    // The package's binary is a script that runs the real word count binary
+    // (packing its 100+ MB would only slow the test down).
+    let wordcount = wordcount_binary();
+    let (archive, hash) = script_package(
+        tmp.path(),
+        "wordcount",
+        &format!("#!/bin/sh\nexec '{}' \"$@\"\n", wordcount.display()),
+    );
+    let director = Director::start();
+    director.serve_package(&hash, archive);
+    // Few roots in flight, so the embedded input lasts the whole test.
+    let config = "max_pending = 4\nbatch_size = 4\n".to_owned();
+    let mut server = spec("wordcount/server", &hash, Role::Topology);
+    server.topology = "wordcount".into();
+    server.config = Some(config.clone());
+    director.assign(vec![server.clone()]);
+    let agent = Agent::start(
+        &tmp.path().join("data"),
+        &[
+            "--director",
+            &director.url(),
+            "--token",
+            TOKEN,
+            "--heartbeat-ms",
+            "100",
+            "--port-range",
+            &port_range(12),
+        ],
+    );
+    agent.wait_running(&["wordcount/server"]);
+    // As the director would: place the workers once the server's address
+    // is known.
+    let addr = agent.process("wordcount/server").unwrap().address.unwrap();
+    let worker = |task: &str, instance: u32| {
+        let mut s = spec(&format!("wordcount/{task}/{instance}"), &hash, Role::Task);
+        s.topology = "wordcount".into();
+        s.task = Some(task.into());
+        s.instance = Some(instance);
+        s.topology_addr = Some(addr.clone());
+        s.config = Some(config.clone());
+        s
+    };
+    director.assign(vec![
+        server,
+        worker("split", 0),
+        worker("count", 0),
+        worker("count", 1),
+        worker("output", 0),
+    ]);
+    agent.wait_running(&[
+        "wordcount/server",
+        "wordcount/split/0",
+        "wordcount/count/0",
+        "wordcount/count/1",
+        "wordcount/output/0",
+    ]);
+    let acked = |text: &str| -> Option<u64> {
+        text.lines()
+            .filter(|l| l.starts_with("tempest_source_acked_total{"))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .reduce(|a, b| a + b)
+    };
+    let first = wait_for("acked roots in the agent's metrics", || {
+        acked(&agent.metrics()).filter(|n| *n > 0)
+    });
+    let text = wait_for("the acked count growing", || {
+        let text = agent.metrics();
+        (acked(&text)? > first).then_some(text)
+    });
+    // Each family once, the agent's own figures beside the processes'.
+    assert_eq!(
+        text.matches("# TYPE tempest_source_acked_total counter")
+            .count(),
+        1,
+        "{text}"
+    );
+    assert_eq!(
+        text.matches("# TYPE tempest_task_messages_in_total counter")
+            .count(),
+        1,
+        "{text}"
+    );
+    for name in [
+        "tempest_agent_processes{",
+        "tempest_agent_scrape_errors_total{",
+        "tempest_node_memory_available_bytes{",
+        "tempest_node_load1{",
+        "tempest_task_messages_in_total{",
+    ] {
+        assert!(text.contains(name), "no {name} in\n{text}");
+    }
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("tempest_agent_processes{")
+                && l.contains("state=\"running\"")
+                && l.ends_with(" 5")),
+        "{text}"
+    );
+    // Both count workers report, each under its instance.
+    for i in ["0", "1"] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("tempest_task_messages_in_total{")
+                    && l.contains("task=\"count\"")
+                    && l.contains(&format!("instance=\"{i}\""))),
+            "no count instance {i} in\n{text}"
+        );
+    }
+}
