@@ -222,7 +222,7 @@ fn ledger(roots: u64) -> serde_json::Value {
     })
 }
 
-fn passthrough(m: Msg) -> TaskResult {
+pub(crate) fn passthrough(m: Msg) -> TaskResult {
     Ok(Some(vec![m]))
 }
 
@@ -296,10 +296,12 @@ impl Source for RateProbe {
 }
 
 /// Counts the roots acked at the source, so a run without metrics still
-/// knows how many completed.
-struct Counted<S> {
-    inner: S,
-    acked: Arc<AtomicU64>,
+/// knows how many completed; with `stop_at`, ends the run once that many
+/// were acked (for sources that never run dry).
+pub(crate) struct Counted<S> {
+    pub inner: S,
+    pub acked: Arc<AtomicU64>,
+    pub stop_at: Option<(u64, watch::Sender<bool>)>,
 }
 
 #[tempest::async_trait]
@@ -314,8 +316,14 @@ impl<S: Source> Source for Counted<S> {
         self.inner.poll(max).await
     }
     async fn ack(&mut self, ids: &[SourceId]) -> Result<(), SourceError> {
-        self.acked.fetch_add(ids.len() as u64, Relaxed);
-        self.inner.ack(ids).await
+        self.inner.ack(ids).await?;
+        let acked = self.acked.fetch_add(ids.len() as u64, Relaxed) + ids.len() as u64;
+        if let Some((target, stop)) = &self.stop_at {
+            if acked >= *target {
+                let _ = stop.send(true);
+            }
+        }
+        Ok(())
     }
     async fn fail(
         &mut self,
@@ -374,14 +382,17 @@ fn topology_counted(
                 probe,
             },
             acked,
+            stop_at: None,
         }),
         (Workload::Wordcount | Workload::Latency, _) => builder.source(Counted {
             inner: GeneratorSource::new().cycle(sentences()).count(messages),
             acked,
+            stop_at: None,
         }),
         _ => builder.source(Counted {
             inner: GeneratorSource::new().payload_size(100).count(messages),
             acked,
+            stop_at: None,
         }),
     };
     let workers = tasks(args);

@@ -17,7 +17,9 @@ use redis::streams::{StreamReadOptions, StreamReadReply};
 use serde_json::json;
 use tokio::sync::watch;
 
-use tempest::{Pipeline, Polled, Source, SourceError, SourceId, Topology};
+use tempest::{Pipeline, Topology};
+
+use crate::{passthrough, Counted};
 use tempest_connectors::redis::{RedisSourceConfig, RedisStreamSource};
 use tempest_testkit::RedisServer;
 use tempest_topology::Standalone;
@@ -108,41 +110,6 @@ async fn drain_raw(url: &str, stream: &str, n: u64, batch: usize) -> anyhow::Res
     Ok(started.elapsed())
 }
 
-/// Stops the run once every entry was acked.
-struct StopWhenDone {
-    inner: RedisStreamSource,
-    acked: Arc<AtomicU64>,
-    target: u64,
-    stop: watch::Sender<bool>,
-}
-
-#[tempest::async_trait]
-impl Source for StopWhenDone {
-    async fn configure(&mut self, settings: &tempest::Settings) -> Result<(), SourceError> {
-        self.inner.configure(settings).await
-    }
-    async fn connect(&mut self) -> Result<(), SourceError> {
-        self.inner.connect().await
-    }
-    async fn poll(&mut self, max: usize) -> Result<Polled, SourceError> {
-        self.inner.poll(max).await
-    }
-    async fn ack(&mut self, ids: &[SourceId]) -> Result<(), SourceError> {
-        self.inner.ack(ids).await?;
-        if self.acked.fetch_add(ids.len() as u64, Relaxed) + ids.len() as u64 >= self.target {
-            let _ = self.stop.send(true);
-        }
-        Ok(())
-    }
-    async fn shutdown(&mut self) -> Result<(), SourceError> {
-        self.inner.shutdown().await
-    }
-}
-
-fn passthrough(m: tempest::Msg) -> tempest::TaskResult {
-    Ok(Some(vec![m]))
-}
-
 fn tempest_drain(
     url: &str,
     stream: &str,
@@ -155,11 +122,10 @@ fn tempest_drain(
     let acked = Arc::new(AtomicU64::new(0));
     let (stop, shutdown) = watch::channel(false);
     let topology = Topology::builder("bench-redis")
-        .source(StopWhenDone {
+        .source(Counted {
             inner: RedisStreamSource::new(config),
             acked: acked.clone(),
-            target: args.messages,
-            stop,
+            stop_at: Some((args.messages, stop)),
         })
         .pipeline(
             Pipeline::new()
