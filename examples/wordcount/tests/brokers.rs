@@ -17,20 +17,18 @@
 
 #![cfg(unix)]
 
+mod common;
+
 use std::collections::{HashMap, HashSet};
-use std::io::Read;
-use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::thread::JoinHandle;
+use std::ffi::OsStr;
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use common::{port_of, sentence, task_args, words, Id, Run, Summary, SENTENCES};
 use redis::Value;
 use tempest_testkit::{NatsServer, RedisServer};
-use wordcount::{OUTPUT_ENV, REDIS_ENV, REDIS_HASH_ENV};
-
-const BIN: &str = env!("CARGO_BIN_EXE_wordcount");
+use wordcount::REDIS_ENV;
 
 /// The longest a whole run (or any other single wait) may take: 100,000
 /// sentences through a debug build on a small machine. Past it every process
@@ -39,15 +37,6 @@ const LIMIT: Duration = Duration::from_secs(180);
 
 /// How often a bounded wait looks at its condition again (a broker query).
 const POLL: Duration = Duration::from_millis(20);
-
-/// Storm's word count sentences (6, 8, 6, 6 and 6 words).
-const SENTENCES: [&str; 5] = [
-    "the cow jumped over the moon",
-    "an apple a day keeps the doctor away",
-    "four score and seven years ago",
-    "snow white and the seven dwarfs",
-    "i am at two with nature",
-];
 
 /// The stream the sentences are in (Redis stream, JetStream stream).
 const STREAM: &str = "sentences";
@@ -71,32 +60,9 @@ fn serial() -> MutexGuard<'static, ()> {
 
 // ------------------------------------------------------------ expectations
 
-/// The words of a sentence, independently of the example: split on ASCII
-/// whitespace, trim what is not ASCII alphanumeric, lowercase ASCII.
-fn words(sentence: &str) -> impl Iterator<Item = String> + '_ {
-    sentence
-        .split(|c: char| c.is_ascii_whitespace())
-        .map(|w| w.trim_matches(|c: char| !c.is_ascii_alphanumeric()))
-        .filter(|w| !w.is_empty())
-        .map(str::to_ascii_lowercase)
-}
-
-/// The sentence sent `i`-th: the sentences cycled.
-fn sentence(i: u64) -> &'static str {
-    SENTENCES[(i % SENTENCES.len() as u64) as usize]
-}
-
 /// The count of every word over the sentences `0..n`.
 fn cycled_counts(n: u64) -> HashMap<String, u64> {
-    let len = SENTENCES.len() as u64;
-    let mut counts = HashMap::new();
-    for (i, s) in SENTENCES.iter().enumerate() {
-        let times = n / len + u64::from((i as u64) < n % len);
-        for w in words(s) {
-            *counts.entry(w).or_insert(0) += times;
-        }
-    }
-    counts
+    common::cycled_counts(&SENTENCES, n)
 }
 
 /// What the hash holds beyond the expected counts.
@@ -497,359 +463,61 @@ impl Nats {
 
 // -------------------------------------------------------------- processes
 
-/// A child's stream, read to its end by a thread.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Captured {
-    fn read_from(r: impl Read + Send + 'static) -> (Self, JoinHandle<()>) {
-        let captured = Captured::default();
-        let text = captured.0.clone();
-        let reader = std::thread::spawn(move || {
-            let mut r = r;
-            let mut buf = [0u8; 8192];
-            loop {
-                match r.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => text.lock().unwrap().extend_from_slice(&buf[..n]),
-                }
-            }
-        });
-        (captured, reader)
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-
-    fn contains(&self, needle: &str) -> bool {
-        self.text().contains(needle)
-    }
+/// Starts a topology server over `config` on `port` (0: any) and waits
+/// until it listens; returns it and its port.
+#[track_caller]
+fn start_server(run: &mut Run, label: &str, config: &Path, port: u16) -> (Id, u16) {
+    let (id, addr) = run.server(label, config, port);
+    (id, port_of(&addr))
 }
 
-/// One `wordcount` process.
-struct Proc {
-    label: String,
-    child: Child,
-    status: Option<ExitStatus>,
-    /// Set when the test signals it: its exit is then no failure.
-    stopping: bool,
-    stdout: Captured,
-    stderr: Captured,
-    readers: Vec<JoinHandle<()>>,
-}
-
-impl Proc {
-    fn exited(&mut self) -> Option<ExitStatus> {
-        if self.status.is_none() {
-            self.status = self.child.try_wait().expect("waiting for wordcount");
-        }
-        self.status
-    }
-
-    /// Sends `sig`; it must not have been reaped yet (its pid is still its).
-    fn signal(&mut self, sig: libc::c_int) {
-        assert!(
-            self.exited().is_none(),
-            "{} exited before it could be signalled",
-            self.label
-        );
-        self.stopping = true;
-        let pid = libc::pid_t::try_from(self.child.id()).expect("a pid fits in pid_t");
-        // SAFETY: kill(2) with a valid signal number has no memory effects;
-        // the child is ours and not yet reaped, so the pid is still its.
-        let rc = unsafe { libc::kill(pid, sig) };
-        assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
-    }
-}
-
-/// A process of a [`Run`].
-#[derive(Clone, Copy, Debug)]
-struct Id(usize);
-
-/// The processes of a test, and a directory for their files. Dropping it
-/// kills (SIGKILL) and reaps whatever still runs.
-struct Run {
-    dir: tempfile::TempDir,
-    procs: Vec<Proc>,
-}
-
-impl Drop for Run {
-    fn drop(&mut self) {
-        for p in &mut self.procs {
-            if p.exited().is_none() {
-                let _ = p.child.kill();
-                let _ = p.child.wait();
-            }
-        }
-    }
-}
-
-/// The prefix of the line a server prints once it listens.
-const LISTENING: &str = "tempest topology server for `wordcount` listening on ";
-
-impl Run {
-    fn new() -> Run {
-        Run {
-            dir: tempfile::tempdir().expect("a temporary directory"),
-            procs: Vec::new(),
-        }
-    }
-
-    /// Writes `text` to the file `name` of the run's directory.
-    fn file(&self, name: &str, text: &str) -> PathBuf {
-        let path = self.dir.path().join(name);
-        std::fs::write(&path, text).expect("writing a file");
-        path
-    }
-
-    fn proc(&mut self, id: Id) -> &mut Proc {
-        &mut self.procs[id.0]
-    }
-
-    /// Starts `wordcount --log-level info <args>`, with the counts going to
-    /// the Redis hash at `redis` if given.
-    fn spawn(&mut self, label: &str, args: &[&str], redis: Option<&str>) -> Id {
-        let mut cmd = Command::new(BIN);
-        cmd.args(["--log-level", "info"])
-            .args(args)
-            .env_remove("RUST_LOG")
-            .env_remove("TEMPEST_LOG_LEVEL")
-            .env_remove("TEMPEST_TOKEN")
-            .env_remove(OUTPUT_ENV)
-            .env_remove(REDIS_ENV)
-            .env_remove(REDIS_HASH_ENV)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        if let Some(url) = redis {
-            cmd.env(REDIS_ENV, url);
-        }
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {label}: {e}"));
-        let (stdout, r1) = Captured::read_from(child.stdout.take().unwrap());
-        let (stderr, r2) = Captured::read_from(child.stderr.take().unwrap());
-        self.procs.push(Proc {
-            label: label.to_owned(),
-            child,
-            status: None,
-            stopping: false,
-            stdout,
-            stderr,
-            readers: vec![r1, r2],
-        });
-        Id(self.procs.len() - 1)
-    }
-
-    /// Starts a topology server on `port` (0: any) and waits until it
-    /// listens; returns it and its port.
-    #[track_caller]
-    fn server(&mut self, label: &str, config: &Path, port: u16) -> (Id, u16) {
-        let args = [
-            "topology",
-            "--config",
-            config.to_str().unwrap(),
-            "--port",
-            &port.to_string(),
-        ];
-        let id = self.spawn(label, &args, None);
-        self.wait_until(&format!("{label} listens"), LIMIT, |r| {
-            Ok(r.proc(id).stdout.contains(LISTENING))
-        });
-        let stdout = self.proc(id).stdout.text();
-        let addr = stdout
-            .lines()
-            .find_map(|l| l.strip_prefix(LISTENING))
-            .expect("the listening line")
-            .trim();
-        let port = addr
-            .rsplit_once(':')
-            .and_then(|(_, p)| p.parse().ok())
-            .unwrap_or_else(|| panic!("no port in {addr:?}"));
-        (id, port)
-    }
-
-    /// One worker per task instance (split ×1, count ×2, output ×1) for the
-    /// server on `port`; `output` counts into the Redis hash at `redis`.
-    fn workers(&mut self, config: &Path, port: u16, redis: &str) -> Vec<Id> {
-        let addr = format!("127.0.0.1:{port}");
-        [("split", 0), ("count", 0), ("count", 1), ("output", 0)]
-            .into_iter()
-            .map(|(task, instance)| {
-                let args = [
-                    "task",
-                    "--name",
-                    task,
-                    "--topology-addr",
-                    &addr,
-                    "--instance",
-                    &instance.to_string(),
-                    "--config",
-                    config.to_str().unwrap(),
-                ];
-                let label = format!("{task}/{instance}");
-                self.spawn(&label, &args, (task == "output").then_some(redis))
-            })
-            .collect()
-    }
-
-    /// Starts `wordcount standalone`, counting into the hash at `redis`.
-    fn standalone(&mut self, label: &str, config: &Path, redis: &str) -> Id {
-        let args = ["standalone", "--config", config.to_str().unwrap()];
-        self.spawn(label, &args, Some(redis))
-    }
-
-    /// Everything every process printed so far, for a failure message.
-    fn dump(&self) -> String {
-        let mut s = String::new();
-        for p in &self.procs {
-            let status = p
-                .status
-                .map_or_else(|| "running".to_owned(), |s| s.to_string());
-            s += &format!(
-                "\n===== {} ({status}) stdout:\n{}\n===== {} stderr:\n{}",
-                p.label,
-                p.stdout.text(),
-                p.label,
-                p.stderr.text()
-            );
-        }
-        s
-    }
-
-    /// Kills every process and fails the test with `why` and their output.
-    #[track_caller]
-    fn fail(&mut self, why: &str) -> ! {
-        for p in &mut self.procs {
-            if p.exited().is_none() {
-                let _ = p.child.kill();
-                p.status = p.child.wait().ok();
-            }
-        }
-        panic!("{why}{}", self.dump())
-    }
-
-    /// Waits until `cond` holds, at most `limit`; fails the test when `cond`
-    /// errs, time is up, or a process exits that the test did not stop.
-    #[track_caller]
-    fn wait_until(
-        &mut self,
-        what: &str,
-        limit: Duration,
-        mut cond: impl FnMut(&mut Self) -> Result<bool, String>,
-    ) {
-        let deadline = Instant::now() + limit;
-        loop {
-            for i in 0..self.procs.len() {
-                let p = &mut self.procs[i];
-                if let (Some(status), false) = (p.exited(), p.stopping) {
-                    let label = p.label.clone();
-                    self.fail(&format!("waiting until {what}: {label} exited ({status})"));
-                }
-            }
-            match cond(self) {
-                Ok(true) => return,
-                Ok(false) => {}
-                Err(e) => self.fail(&format!("waiting until {what}: {e}")),
-            }
-            if Instant::now() > deadline {
-                self.fail(&format!("{what}: not within {limit:?}"));
-            }
-            std::thread::sleep(POLL);
-        }
-    }
-
-    /// Waits until `id` (signalled) exits; returns its status and stdout.
-    #[track_caller]
-    fn wait_exit(&mut self, id: Id) -> (ExitStatus, String) {
-        let what = format!("{} exits", self.proc(id).label);
-        self.wait_until(&what, LIMIT, |r| Ok(r.proc(id).exited().is_some()));
-        let p = self.proc(id);
-        // The pipes close when the process exits (no other child inherits
-        // them), so the readers end.
-        for r in p.readers.drain(..) {
-            let _ = r.join();
-        }
-        (p.status.unwrap(), p.stdout.text())
-    }
-
-    /// SIGKILLs `id` and reaps it.
-    #[track_caller]
-    fn kill_9(&mut self, id: Id) {
-        self.proc(id).signal(libc::SIGKILL);
-        let (status, _) = self.wait_exit(id);
-        if status.signal() != Some(libc::SIGKILL) {
-            self.fail(&format!("killed with SIGKILL: {status}"));
-        }
-    }
-
-    /// SIGTERMs `id`; it must exit 0. Returns its stdout.
-    #[track_caller]
-    fn stop(&mut self, id: Id) -> String {
-        self.proc(id).signal(libc::SIGTERM);
-        let (status, stdout) = self.wait_exit(id);
-        if !status.success() {
-            let label = self.proc(id).label.clone();
-            self.fail(&format!("{label} exited with {status} on SIGTERM"));
-        }
-        stdout
-    }
-
-    /// SIGTERMs the topology server or standalone run `id`; it must exit 0
-    /// with its summary, whose acked and dead-lettered counts are returned.
-    #[track_caller]
-    fn stop_topology(&mut self, id: Id) -> Summary {
-        let stdout = self.stop(id);
-        let lines: Vec<&str> = stdout
-            .lines()
-            .filter(|l| l.starts_with("wordcount: "))
-            .collect();
-        match lines[..] {
-            [line] => Summary::parse(line).unwrap_or_else(|| self.fail("a summary line")),
-            _ => self.fail("no single summary line"),
-        }
-    }
-
-    /// SIGTERMs a worker; it must exit 0. Returns the connections it had
-    /// to its server.
-    #[track_caller]
-    fn stop_worker(&mut self, id: Id) -> u64 {
-        let stdout = self.stop(id);
-        let connections = stdout
-            .lines()
-            .find_map(|l| l.split_once(" messages over "))
-            .and_then(|(_, rest)| rest.split(' ').next())
-            .and_then(|n| n.parse().ok());
-        connections.unwrap_or_else(|| {
-            let label = self.proc(id).label.clone();
-            self.fail(&format!(
-                "{label}: no `handled N messages over M connection(s)` line"
-            ))
+/// One worker per task instance (split ×1, count ×2, output ×1) for the
+/// server on `port`; `output` counts into the Redis hash at `redis`.
+fn workers(run: &mut Run, config: &Path, port: u16, redis: &str) -> Vec<Id> {
+    let addr = format!("127.0.0.1:{port}");
+    [("split", 0), ("count", 0), ("count", 1), ("output", 0)]
+        .into_iter()
+        .map(|(task, instance)| {
+            let config = config.to_str().unwrap();
+            let args = task_args(task, &instance.to_string(), &addr, config, &[]);
+            let label = format!("{task}/{instance}");
+            let env = (task == "output").then_some((REDIS_ENV, OsStr::new(redis)));
+            run.spawn(&label, &args, env)
         })
-    }
+        .collect()
 }
 
-/// A `wordcount: N roots acked, F failed, D dead-lettered in ...` line.
-#[derive(Debug)]
-struct Summary {
-    line: String,
-    acked: u64,
-    dead_lettered: u64,
+/// Starts `wordcount standalone`, counting into the hash at `redis`.
+fn standalone(run: &mut Run, label: &str, config: &Path, redis: &str) -> Id {
+    let args = ["standalone", "--config", config.to_str().unwrap()];
+    run.spawn(label, &args, Some((REDIS_ENV, OsStr::new(redis))))
 }
 
-impl Summary {
-    fn parse(line: &str) -> Option<Summary> {
-        let rest = line.strip_prefix("wordcount: ")?;
-        let (acked, rest) = rest.split_once(" roots acked, ")?;
-        let (_failed, rest) = rest.split_once(" failed, ")?;
-        let (dead, _) = rest.split_once(" dead-lettered")?;
-        Some(Summary {
-            line: line.to_owned(),
-            acked: acked.parse().ok()?,
-            dead_lettered: dead.parse().ok()?,
-        })
-    }
+/// SIGTERMs the topology server or standalone run `id`; it must exit 0
+/// with its summary, whose acked and dead-lettered counts are returned.
+#[track_caller]
+fn stop_topology(run: &mut Run, id: Id) -> Summary {
+    run.proc(id).signal(libc::SIGTERM);
+    let line = run.summary(id);
+    Summary::parse(&line).unwrap_or_else(|| run.fail("a summary line"))
+}
+
+/// SIGTERMs a worker; it must exit 0. Returns the connections it had
+/// to its server.
+#[track_caller]
+fn stop_worker(run: &mut Run, id: Id) -> u64 {
+    let stdout = run.stop(id);
+    let connections = stdout
+        .lines()
+        .find_map(|l| l.split_once(" messages over "))
+        .and_then(|(_, rest)| rest.split(' ').next())
+        .and_then(|n| n.parse().ok());
+    connections.unwrap_or_else(|| {
+        let label = run.proc(id).label.clone();
+        run.fail(&format!(
+            "{label}: no `handled N messages over M connection(s)` line"
+        ))
+    })
 }
 
 // ------------------------------------------------------------------ tests
@@ -870,10 +538,10 @@ fn redis_topology_server_kill_9_loses_nothing() {
     let mut redis = Redis::new(&url);
     redis.add_sentences(COUNT);
 
-    let mut run = Run::new();
+    let mut run = Run::new(LIMIT, POLL);
     let config = run.file("Topology.toml", &redis_config(&url, "server-1"));
-    let (server, port) = run.server("server", &config, 0);
-    let workers = run.workers(&config, port, &url);
+    let (server, port) = start_server(&mut run, "server", &config, 0);
+    let workers = workers(&mut run, &config, port, &url);
 
     let the = expected["the"];
     run.wait_until("a fifth of the sentences are counted", LIMIT, |_| {
@@ -899,13 +567,13 @@ fn redis_topology_server_kill_9_loses_nothing() {
     }
     assert!(held <= MAX_PENDING, "{held} entries un-acked at the kill");
 
-    let (server, _) = run.server("server (restarted)", &config, port);
+    let (server, _) = start_server(&mut run, "server (restarted)", &config, port);
     run.wait_until("every entry is acked", LIMIT, |_| {
         Ok(redis.group()?.is_some_and(|g| g.done(COUNT)))
     });
 
-    let summary = run.stop_topology(server);
-    let connections: Vec<u64> = workers.iter().map(|&w| run.stop_worker(w)).collect();
+    let summary = stop_topology(&mut run, server);
+    let connections: Vec<u64> = workers.iter().map(|&w| stop_worker(&mut run, w)).collect();
     let counts = redis.counts().unwrap_or_else(|e| run.fail(&e));
     let dup = check_counts(&counts, &expected)
         .unwrap_or_else(|e| run.fail(&format!("lost or wrong counts:\n{e}")));
@@ -944,11 +612,11 @@ fn two_topology_servers_share_one_redis_group() {
     let url = broker.url();
     let mut redis = Redis::new(&url);
 
-    let mut run = Run::new();
+    let mut run = Run::new(LIMIT, POLL);
     let a = run.file("a.toml", &redis_config(&url, "a"));
     let b = run.file("b.toml", &redis_config(&url, "b"));
-    let a = run.standalone("a", &a, &url);
-    let b = run.standalone("b", &b, &url);
+    let a = standalone(&mut run, "a", &a, &url);
+    let b = standalone(&mut run, "b", &b, &url);
     // Both read the (empty) stream before the sentences arrive, so neither
     // has them all by starting first.
     run.wait_until("both consumers are in the group", LIMIT, |_| {
@@ -966,8 +634,8 @@ fn two_topology_servers_share_one_redis_group() {
         Ok(redis.group()?.is_some_and(|g| g.done(COUNT)))
     });
 
-    let sa = run.stop_topology(a);
-    let sb = run.stop_topology(b);
+    let sa = stop_topology(&mut run, a);
+    let sb = stop_topology(&mut run, b);
     let counts = redis.counts().unwrap_or_else(|e| run.fail(&e));
     let dup = check_counts(&counts, &expected)
         .unwrap_or_else(|e| run.fail(&format!("lost or wrong counts:\n{e}")));
@@ -1007,10 +675,10 @@ fn nats_topology_server_kill_9_loses_nothing() {
     let url = broker.url();
     let mut redis = Redis::new(&url);
 
-    let mut run = Run::new();
+    let mut run = Run::new(LIMIT, POLL);
     let config = run.file("Topology.toml", &nats_config(&nats_server.url()));
-    let (server, port) = run.server("server", &config, 0);
-    let workers = run.workers(&config, port, &url);
+    let (server, port) = start_server(&mut run, "server", &config, 0);
+    let workers = workers(&mut run, &config, port, &url);
 
     let the = expected["the"];
     run.wait_until("a fifth of the sentences are counted", LIMIT, |_| {
@@ -1033,7 +701,7 @@ fn nats_topology_server_kill_9_loses_nothing() {
     assert!(held <= MAX_PENDING, "{held} messages un-acked at the kill");
 
     let restarted = Instant::now();
-    let (server, _) = run.server("server (restarted)", &config, port);
+    let (server, _) = start_server(&mut run, "server (restarted)", &config, port);
     run.wait_until("every message is acked", LIMIT + NATS_ACK_WAIT, |_| {
         Ok(nats
             .consumer()?
@@ -1041,8 +709,8 @@ fn nats_topology_server_kill_9_loses_nothing() {
     });
     let after_restart = restarted.elapsed();
 
-    let summary = run.stop_topology(server);
-    let connections: Vec<u64> = workers.iter().map(|&w| run.stop_worker(w)).collect();
+    let summary = stop_topology(&mut run, server);
+    let connections: Vec<u64> = workers.iter().map(|&w| stop_worker(&mut run, w)).collect();
     let counts = redis.counts().unwrap_or_else(|e| run.fail(&e));
     let dup = check_counts(&counts, &expected)
         .unwrap_or_else(|e| run.fail(&format!("lost or wrong counts:\n{e}")));
@@ -1057,7 +725,17 @@ fn nats_topology_server_kill_9_loses_nothing() {
         dup.sentences_at_least,
         started.elapsed()
     );
-    assert_eq!(summary.acked, held + unread, "{}", summary.line);
+    // Everything left was handled by the restarted server. Not "exactly once":
+    // JetStream's consumer info is not taken atomically with deliveries in
+    // flight at the kill (a dead client's pull request can still be served
+    // until it expires), so a message may be counted in neither figure and
+    // redelivered once more after its ack wait. Loss is checked above, by
+    // the counts; duplicates are bounded below.
+    assert!(
+        summary.acked >= held + unread,
+        "{} < {held} + {unread}",
+        summary.line
+    );
     assert_eq!(summary.dead_lettered, 0, "{}", summary.line);
     assert!(connections.iter().all(|&c| c >= 2), "{connections:?}");
     assert!(
@@ -1082,9 +760,9 @@ fn standalone_redis_broker_restart_resumes() {
     let mut redis = Redis::new(&url);
     redis.add_sentences(COUNT);
 
-    let mut run = Run::new();
+    let mut run = Run::new(LIMIT, POLL);
     let config = run.file("Topology.toml", &redis_config(&url, "standalone"));
-    let standalone = run.standalone("standalone", &config, &url);
+    let standalone = standalone(&mut run, "standalone", &config, &url);
 
     let the = expected["the"];
     run.wait_until("a fifth of the sentences are counted", LIMIT, |_| {
@@ -1118,7 +796,7 @@ fn standalone_redis_broker_restart_resumes() {
         .text()
         .matches(" connected to redis url=")
         .count();
-    let summary = run.stop_topology(standalone);
+    let summary = stop_topology(&mut run, standalone);
     let counts = redis.counts().unwrap_or_else(|e| run.fail(&e));
     let dup = check_counts(&counts, &expected)
         .unwrap_or_else(|e| run.fail(&format!("lost or wrong counts:\n{e}")));

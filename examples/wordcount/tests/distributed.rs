@@ -7,18 +7,16 @@
 
 #![cfg(unix)]
 
+mod common;
+
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Seek, SeekFrom};
-use std::os::unix::process::ExitStatusExt;
+use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::{acked_in, task_args, words, Id, Run, SENTENCES};
 use wordcount::OUTPUT_ENV;
-
-const BIN: &str = env!("CARGO_BIN_EXE_wordcount");
 
 /// The longest any single wait may take (a debug build, several tests and
 /// their processes sharing the machine). Past it every process is killed and
@@ -28,15 +26,6 @@ const LIMIT: Duration = Duration::from_secs(60);
 /// How often a bounded wait looks at its condition again.
 const POLL: Duration = Duration::from_millis(10);
 
-/// Storm's word count sentences.
-const SENTENCES: [&str; 5] = [
-    "the cow jumped over the moon",
-    "an apple a day keeps the doctor away",
-    "four score and seven years ago",
-    "snow white and the seven dwarfs",
-    "i am at two with nature",
-];
-
 /// The batch size written into every Topology.toml below: the most
 /// deliveries one Pull brings to a worker.
 const BATCH_SIZE: u64 = 256;
@@ -44,29 +33,10 @@ const BATCH_SIZE: u64 = 256;
 /// The pulls a worker keeps in flight (`--pulls`, passed explicitly).
 const PULLS: u64 = 2;
 
-/// The words of a sentence, independently of the example: split on ASCII
-/// whitespace, trim what is not ASCII alphanumeric, lowercase ASCII.
-fn words(sentence: &str) -> impl Iterator<Item = String> + '_ {
-    sentence
-        .split(|c: char| c.is_ascii_whitespace())
-        .map(|w| w.trim_matches(|c: char| !c.is_ascii_alphanumeric()))
-        .filter(|w| !w.is_empty())
-        .map(str::to_ascii_lowercase)
-}
-
 /// The totals of `SENTENCES[i % len]` for `i` in `0..n`: what the
 /// generator source sends when it has sent `n` messages.
 fn cycled_counts(n: u64) -> HashMap<String, u64> {
-    let len = SENTENCES.len() as u64;
-    let mut counts = HashMap::new();
-    for (i, s) in SENTENCES.iter().enumerate() {
-        // Sentence i is sent at i, i + len, i + 2 len, ... below n.
-        let times = n / len + u64::from((i as u64) < n % len);
-        for w in words(s) {
-            *counts.entry(w).or_insert(0) += times;
-        }
-    }
-    counts
+    common::cycled_counts(&SENTENCES, n)
 }
 
 /// A Topology.toml selecting the generator source over [`SENTENCES`]:
@@ -87,83 +57,6 @@ fn config_text(count: u64, rate: Option<f64>) -> String {
          targets = []\n",
         payloads.join(", ")
     )
-}
-
-/// A child's stream, read to its end by a thread.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Captured {
-    fn read_from(r: impl Read + Send + 'static) -> (Self, JoinHandle<()>) {
-        let captured = Captured::default();
-        let text = captured.0.clone();
-        let reader = std::thread::spawn(move || {
-            let mut r = r;
-            let mut buf = [0u8; 8192];
-            loop {
-                match r.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => text.lock().unwrap().extend_from_slice(&buf[..n]),
-                }
-            }
-        });
-        (captured, reader)
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-
-    fn contains(&self, needle: &str) -> bool {
-        self.text().contains(needle)
-    }
-}
-
-/// One `wordcount` process.
-struct Proc {
-    /// What the test calls it (`server`, `split/0`, `output/0 (#2)`, ...).
-    label: String,
-    child: Child,
-    /// Its exit status, once reaped.
-    status: Option<ExitStatus>,
-    stdout: Captured,
-    stderr: Captured,
-    readers: Vec<JoinHandle<()>>,
-}
-
-impl Proc {
-    /// Its exit status if it has exited (reaping it).
-    fn exited(&mut self) -> Option<ExitStatus> {
-        if self.status.is_none() {
-            self.status = self.child.try_wait().expect("waiting for wordcount");
-        }
-        self.status
-    }
-
-    /// Sends `sig` to it; it must not have been reaped yet (its pid is still its).
-    fn signal(&mut self, sig: libc::c_int) {
-        assert!(
-            self.exited().is_none(),
-            "{} exited before it could be signalled",
-            self.label
-        );
-        let pid = libc::pid_t::try_from(self.child.id()).expect("a pid fits in pid_t");
-        // SAFETY: kill(2) with a valid signal number has no memory effects;
-        // the child is ours and not yet reaped, so the pid is still its.
-        let rc = unsafe { libc::kill(pid, sig) };
-        assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
-    }
-
-    /// Its whole stdout and stderr; it must have exited.
-    fn output(&mut self) -> (String, String) {
-        assert!(self.status.is_some(), "{} is still running", self.label);
-        // The pipes close when the process exits (they are not inherited by
-        // any other child), so the readers end.
-        for r in self.readers.drain(..) {
-            let _ = r.join();
-        }
-        (self.stdout.text(), self.stderr.text())
-    }
 }
 
 /// The `word total` lines of the totals file, counted as they are appended.
@@ -301,107 +194,42 @@ impl Seen {
 /// A distributed run: a directory with the Topology.toml and the totals
 /// file, and every process started. Dropping it kills whatever still runs.
 struct Cluster {
-    /// Holds the files below; removed when the run is dropped.
-    _dir: tempfile::TempDir,
+    run: Run,
     config: PathBuf,
     totals: PathBuf,
-    procs: Vec<Proc>,
 }
 
-/// A process of a [`Cluster`].
-#[derive(Clone, Copy, Debug)]
-struct Id(usize);
+impl Deref for Cluster {
+    type Target = Run;
+    fn deref(&self) -> &Run {
+        &self.run
+    }
+}
 
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for p in &mut self.procs {
-            if p.exited().is_none() {
-                let _ = p.child.kill();
-                let _ = p.child.wait();
-            }
-        }
+impl DerefMut for Cluster {
+    fn deref_mut(&mut self) -> &mut Run {
+        &mut self.run
     }
 }
 
 impl Cluster {
     fn new(config: &str) -> Cluster {
-        let dir = tempfile::tempdir().expect("a temporary directory");
-        let path = dir.path().join("Topology.toml");
-        std::fs::write(&path, config).expect("writing Topology.toml");
-        let totals = dir.path().join("totals.txt");
+        let run = Run::new(LIMIT, POLL);
+        let config = run.file("Topology.toml", config);
+        let totals = run.dir.path().join("totals.txt");
         Cluster {
-            _dir: dir,
-            config: path,
+            run,
+            config,
             totals,
-            procs: Vec::new(),
         }
-    }
-
-    fn proc(&mut self, id: Id) -> &mut Proc {
-        &mut self.procs[id.0]
-    }
-
-    /// Starts `wordcount --log-level info <args>`.
-    fn spawn(&mut self, label: String, args: &[&str], output: bool) -> Id {
-        let mut cmd = Command::new(BIN);
-        cmd.args(["--log-level", "info"])
-            .args(args)
-            .env_remove("RUST_LOG")
-            .env_remove("TEMPEST_LOG_LEVEL")
-            .env_remove("TEMPEST_TOKEN")
-            .env_remove(OUTPUT_ENV)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        if output {
-            cmd.env(OUTPUT_ENV, &self.totals);
-        }
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {label}: {e}"));
-        let (stdout, r1) = Captured::read_from(child.stdout.take().unwrap());
-        let (stderr, r2) = Captured::read_from(child.stderr.take().unwrap());
-        self.procs.push(Proc {
-            label,
-            child,
-            status: None,
-            stdout,
-            stderr,
-            readers: vec![r1, r2],
-        });
-        Id(self.procs.len() - 1)
     }
 
     /// Starts the topology server on `port` (0: any) and waits until it
     /// listens; returns it and its address.
     #[track_caller]
     fn server(&mut self, port: u16) -> (Id, String) {
-        let config = self.config.to_str().unwrap().to_owned();
-        let port = port.to_string();
-        let id = self.spawn(
-            "server".into(),
-            &["topology", "--config", &config, "--port", &port],
-            false,
-        );
-        const LISTENING: &str = "tempest topology server for `wordcount` listening on ";
-        self.wait_until("the server listens", |c| {
-            let p = c.proc(id);
-            if p.stdout.contains(LISTENING) {
-                return Ok(true);
-            }
-            match p.exited() {
-                Some(status) => Err(format!("the server exited ({status}) before listening")),
-                None => Ok(false),
-            }
-        });
-        let stdout = self.proc(id).stdout.text();
-        let addr = stdout
-            .lines()
-            .find_map(|l| l.strip_prefix(LISTENING))
-            .expect("the listening line")
-            .trim()
-            .to_owned();
-        (id, addr)
+        let config = self.config.clone();
+        self.run.server("server", &config, port)
     }
 
     /// Starts a worker of `task`, claiming `instance`, connecting to `addr`.
@@ -419,20 +247,10 @@ impl Cluster {
         let config = self.config.to_str().unwrap().to_owned();
         let instance = instance.to_string();
         let pulls = PULLS.to_string();
-        let args = [
-            "task",
-            "--name",
-            task,
-            "--topology-addr",
-            addr,
-            "--instance",
-            &instance,
-            "--pulls",
-            &pulls,
-            "--config",
-            &config,
-        ];
-        self.spawn(label, &args, task == "output")
+        let args = task_args(task, &instance, addr, &config, &["--pulls", &pulls]);
+        let totals = self.totals.clone();
+        let env = (task == "output").then_some((OUTPUT_ENV, totals.as_os_str()));
+        self.run.spawn(&label, &args, env)
     }
 
     /// One worker per instance of the word count: split ×1, count ×2, output ×1.
@@ -442,75 +260,6 @@ impl Cluster {
             count: [self.worker("count", 0, addr), self.worker("count", 1, addr)],
             output: self.worker("output", 0, addr),
         }
-    }
-
-    /// Everything every process printed so far, for a failure message.
-    fn dump(&self) -> String {
-        let mut s = String::new();
-        for p in &self.procs {
-            let status = p
-                .status
-                .map_or_else(|| "running".to_owned(), |s| s.to_string());
-            s += &format!(
-                "\n===== {} ({status}) stdout:\n{}\n===== {} stderr:\n{}",
-                p.label,
-                p.stdout.text(),
-                p.label,
-                p.stderr.text()
-            );
-        }
-        s
-    }
-
-    /// Kills every process and fails the test with `why` and their output.
-    #[track_caller]
-    fn fail(&mut self, why: &str) -> ! {
-        for p in &mut self.procs {
-            if p.exited().is_none() {
-                let _ = p.child.kill();
-                p.status = p.child.wait().ok();
-            }
-        }
-        panic!("{why}{}", self.dump())
-    }
-
-    /// Waits until `cond` holds, at most [`LIMIT`]; fails the test when
-    /// `cond` errs or time is up.
-    #[track_caller]
-    fn wait_until(&mut self, what: &str, mut cond: impl FnMut(&mut Self) -> Result<bool, String>) {
-        let deadline = Instant::now() + LIMIT;
-        loop {
-            match cond(self) {
-                Ok(true) => return,
-                Ok(false) => {}
-                Err(e) => self.fail(&format!("waiting until {what}: {e}")),
-            }
-            if Instant::now() > deadline {
-                self.fail(&format!("{what}: not within {LIMIT:?}"));
-            }
-            std::thread::sleep(POLL);
-        }
-    }
-
-    /// Waits until `id` exits; returns its status, stdout and stderr.
-    #[track_caller]
-    fn wait_exit(&mut self, id: Id) -> (ExitStatus, String, String) {
-        let what = format!("{} exits", self.proc(id).label);
-        self.wait_until(&what, |c| Ok(c.proc(id).exited().is_some()));
-        let p = self.proc(id);
-        let (stdout, stderr) = p.output();
-        (p.status.unwrap(), stdout, stderr)
-    }
-
-    /// Waits until `id` exits with status 0; returns its stdout and stderr.
-    #[track_caller]
-    fn wait_success(&mut self, id: Id) -> (String, String) {
-        let (status, stdout, stderr) = self.wait_exit(id);
-        if !status.success() {
-            let label = self.proc(id).label.clone();
-            self.fail(&format!("{label} failed: {status}"));
-        }
-        (stdout, stderr)
     }
 
     /// Waits until the totals file has more than `n` lines, while `server`
@@ -523,7 +272,7 @@ impl Cluster {
             read: 0,
             lines: 0,
         };
-        self.wait_until(&format!("the totals file has {n} lines"), |c| {
+        self.wait_until(&format!("the totals file has {n} lines"), LIMIT, |c| {
             if totals.lines() > n {
                 return Ok(true);
             }
@@ -548,20 +297,11 @@ impl Cluster {
         }
     }
 
-    /// SIGKILLs `id` and reaps it.
-    #[track_caller]
-    fn kill_9(&mut self, id: Id) {
-        self.proc(id).signal(libc::SIGKILL);
-        let (status, _, _) = self.wait_exit(id);
-        assert_eq!(status.signal(), Some(libc::SIGKILL), "{status}");
-    }
-
     /// SIGTERMs the worker `id` and checks that it exits 0 and prints how many
     /// messages it handled; returns that number.
     #[track_caller]
     fn stop_worker(&mut self, id: Id) -> u64 {
-        self.proc(id).signal(libc::SIGTERM);
-        let (stdout, _) = self.wait_success(id);
+        let stdout = self.stop(id);
         let label = self.proc(id).label.clone();
         let task = label.split('/').next().unwrap();
         let prefix = format!("worker {task}: handled ");
@@ -574,20 +314,6 @@ impl Cluster {
             Some(n) => n,
             None => self.fail(&format!("{label}: no `{prefix}N messages` line")),
         }
-    }
-
-    /// The server's summary line, after it exited 0.
-    #[track_caller]
-    fn summary(&mut self, server: Id) -> String {
-        let (stdout, _) = self.wait_success(server);
-        let lines: Vec<&str> = stdout
-            .lines()
-            .filter(|l| l.starts_with("wordcount: "))
-            .collect();
-        if lines.len() != 1 {
-            self.fail("the server printed no single summary line");
-        }
-        lines[0].to_owned()
     }
 }
 
@@ -602,15 +328,6 @@ impl Workers {
     fn all(&self) -> [Id; 4] {
         [self.split, self.count[0], self.count[1], self.output]
     }
-}
-
-/// The number of roots acked that a summary line reports.
-fn acked_in(summary: &str) -> u64 {
-    summary
-        .strip_prefix("wordcount: ")
-        .and_then(|s| s.split_once(" roots acked"))
-        .and_then(|(n, _)| n.parse().ok())
-        .unwrap_or_else(|| panic!("no acked count in {summary:?}"))
 }
 
 /// Kills a worker with SIGKILL twice mid-stream (split, then output) and
@@ -702,7 +419,7 @@ fn worker_started_before_its_server_connects() {
     let w = c.workers(&addr);
     for id in w.all() {
         let what = format!("{} retries", c.proc(id).label);
-        c.wait_until(&what, |c| {
+        c.wait_until(&what, LIMIT, |c| {
             let p = c.proc(id);
             if p.stderr.contains("cannot reach the topology server") {
                 return Ok(true);
@@ -752,7 +469,7 @@ fn sigterm_on_the_server_drains_cleanly() {
 
     for id in w.all() {
         let what = format!("{} hears that the server left", c.proc(id).label);
-        c.wait_until(&what, |c| {
+        c.wait_until(&what, LIMIT, |c| {
             let p = c.proc(id);
             if p.stderr.contains("server shutting down")
                 || p.stderr.contains("cannot reach the topology server")

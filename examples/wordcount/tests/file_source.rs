@@ -7,68 +7,27 @@
 
 #![cfg(unix)]
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{command, sentence, words, write_config, write_file, Proc};
 use wordcount::OUTPUT_ENV;
-
-const BIN: &str = env!("CARGO_BIN_EXE_wordcount");
 
 /// The longest any wait may take (a debug build on a busy machine).
 const LIMIT: Duration = Duration::from_secs(120);
-
-const SENTENCES: [&str; 5] = [
-    "the cow jumped over the moon",
-    "an apple a day keeps the doctor away",
-    "four score and seven years ago",
-    "snow white and the seven dwarfs",
-    "i am at two with nature",
-];
 
 /// Sentences in the input file.
 const LINES: usize = 100_000;
 const MAX_PENDING: usize = 2_000;
 
-fn words(sentence: &str) -> impl Iterator<Item = &str> {
-    sentence.split_whitespace()
-}
-
-/// A process killed when dropped, so a failing test leaves none behind.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start(config: &Path, totals: &Path) -> Proc {
-    let child = Command::new(BIN)
-        .args(["standalone", "--config"])
-        .arg(config)
-        .env(OUTPUT_ENV, totals)
-        .env_remove("RUST_LOG")
-        .env_remove("TEMPEST_LOG_LEVEL")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starting wordcount");
-    Proc(child)
-}
-
-fn wait(proc: &mut Proc) -> ExitStatus {
-    let start = Instant::now();
-    loop {
-        if let Some(status) = proc.0.try_wait().expect("waiting for wordcount") {
-            return status;
-        }
-        assert!(start.elapsed() < LIMIT, "wordcount did not exit in time");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+/// `wordcount standalone --config <config>`, appending its totals to `totals`.
+fn start(label: &str, config: &Path, totals: &Path) -> Proc {
+    let mut cmd = command(&["standalone", "--config", config.to_str().unwrap()]);
+    cmd.env(OUTPUT_ENV, totals);
+    Proc::spawn(label, cmd)
 }
 
 /// The highest total written for each word.
@@ -93,23 +52,21 @@ fn max_totals(path: &Path) -> HashMap<String, u64> {
 #[test]
 fn sigkill_mid_stream_then_resume_loses_no_sentence() {
     let dir = tempfile::tempdir().unwrap();
-    let input = dir.path().join("sentences.txt");
     let mut text = String::new();
     let mut truth: HashMap<String, u64> = HashMap::new();
-    for i in 0..LINES {
-        let s = SENTENCES[i % SENTENCES.len()];
+    for i in 0..LINES as u64 {
+        let s = sentence(i);
         text.push_str(s);
         text.push('\n');
         for w in words(s) {
-            *truth.entry(w.to_owned()).or_insert(0) += 1;
+            *truth.entry(w).or_insert(0) += 1;
         }
     }
-    std::fs::write(&input, &text).unwrap();
+    let input = write_file(dir.path(), "sentences.txt", &text);
     let total_words: u64 = truth.values().sum();
-    let config = dir.path().join("Topology.toml");
-    std::fs::write(
-        &config,
-        format!(
+    let config = write_config(
+        dir.path(),
+        &format!(
             "max_pending = {MAX_PENDING}\n\
              batch_size = 256\n\
              [source]\n\
@@ -120,13 +77,12 @@ fn sigkill_mid_stream_then_resume_loses_no_sentence() {
              targets = []\n",
             input.to_str().unwrap()
         ),
-    )
-    .unwrap();
+    );
     let checkpoint = dir.path().join("sentences.txt.checkpoint");
 
     // Run 1: killed once a fifth of the words were counted.
     let totals_1 = dir.path().join("totals-1.txt");
-    let mut first = start(&config, &totals_1);
+    let mut first = start("run 1", &config, &totals_1);
     let started = Instant::now();
     loop {
         let written = std::fs::read(&totals_1)
@@ -134,22 +90,19 @@ fn sigkill_mid_stream_then_resume_loses_no_sentence() {
         if written >= total_words / 5 {
             break;
         }
-        assert!(
-            first.0.try_wait().unwrap().is_none(),
-            "run 1 ended before it was killed"
-        );
+        assert!(first.running(), "run 1 ended before it was killed");
         assert!(started.elapsed() < LIMIT, "run 1 made no progress");
         std::thread::sleep(Duration::from_millis(5));
     }
-    first.0.kill().unwrap(); // SIGKILL
-    let status = wait(&mut first);
+    first.child.kill().unwrap(); // SIGKILL
+    let status = first.wait_bounded(LIMIT);
     assert!(!status.success(), "{status:?}");
     let mid = std::fs::read_to_string(&checkpoint).expect("run 1 wrote a checkpoint");
 
     // Run 2: the same file and checkpoint, to the end.
     let totals_2 = dir.path().join("totals-2.txt");
-    let mut second = start(&config, &totals_2);
-    let status = wait(&mut second);
+    let mut second = start("run 2", &config, &totals_2);
+    let status = second.wait_bounded(LIMIT);
     assert!(status.success(), "run 2: {status:?}");
 
     // The counts died with run 1, so run 2 counts from zero what run 1 did

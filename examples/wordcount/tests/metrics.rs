@@ -9,16 +9,17 @@
 
 #![cfg(unix)]
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{TcpStream, UdpSocket};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_wordcount");
+use common::{command_info, summary, task_args, write_config, Proc, LISTENING};
 
 /// The bound on any single wait.
 const LIMIT: Duration = Duration::from_secs(60);
@@ -28,139 +29,17 @@ const LIMIT: Duration = Duration::from_secs(60);
 const COUNT: u64 = 3000;
 const RATE: f64 = 500.0;
 
-/// A child process whose stdout and stderr are read by threads.
-struct Proc {
-    label: String,
-    child: Child,
-    stdout: Arc<Mutex<String>>,
-    stderr: Arc<Mutex<String>>,
-    readers: Vec<JoinHandle<()>>,
+/// Starts `wordcount --log-level info <args>`.
+fn spawn<S: AsRef<std::ffi::OsStr>>(label: &str, args: &[S]) -> Proc {
+    Proc::spawn(label, command_info(args))
 }
 
-fn capture(r: impl Read + Send + 'static) -> (Arc<Mutex<String>>, JoinHandle<()>) {
-    let text = Arc::new(Mutex::new(String::new()));
-    let t = text.clone();
-    let reader = std::thread::spawn(move || {
-        let mut r = r;
-        let mut buf = [0u8; 8192];
-        loop {
-            match r.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => t
-                    .lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n])),
-            }
-        }
-    });
-    (text, reader)
-}
-
-impl Proc {
-    fn spawn(label: &str, args: &[&str]) -> Proc {
-        let mut child = Command::new(BIN)
-            .args(["--log-level", "info"])
-            .args(args)
-            .env_remove("RUST_LOG")
-            .env_remove("TEMPEST_LOG_LEVEL")
-            .env_remove("TEMPEST_TOKEN")
-            .env_remove(wordcount::OUTPUT_ENV)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {label}: {e}"));
-        let (stdout, r1) = capture(child.stdout.take().unwrap());
-        let (stderr, r2) = capture(child.stderr.take().unwrap());
-        Proc {
-            label: label.to_owned(),
-            child,
-            stdout,
-            stderr,
-            readers: vec![r1, r2],
-        }
-    }
-
-    fn stdout(&self) -> String {
-        self.stdout.lock().unwrap().clone()
-    }
-
-    fn running(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
-    }
-
-    /// Waits until the line starting with `prefix` is printed; returns the rest.
-    fn wait_line(&mut self, prefix: &str) -> String {
-        let deadline = Instant::now() + LIMIT;
-        loop {
-            if let Some(rest) = self.stdout().lines().find_map(|l| l.strip_prefix(prefix)) {
-                return rest.trim().to_owned();
-            }
-            assert!(
-                self.running(),
-                "{} exited before printing {prefix:?}:\n{}\n{}",
-                self.label,
-                self.stdout(),
-                self.stderr.lock().unwrap()
-            );
-            assert!(
-                Instant::now() < deadline,
-                "{}: no {prefix:?} line",
-                self.label
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// The address of its `/metrics` endpoint.
-    fn metrics_addr(&mut self) -> String {
-        let url = self.wait_line("metrics on http://");
-        url.strip_suffix("/metrics")
-            .unwrap_or_else(|| panic!("{url}"))
-            .to_owned()
-    }
-
-    fn sigterm(&mut self) {
-        let pid = libc::pid_t::try_from(self.child.id()).unwrap();
-        // SAFETY: kill(2) has no memory effects; the child is ours and not
-        // yet reaped.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    }
-
-    /// Waits (bounded) for it to exit 0; returns its stdout.
-    fn wait_success(&mut self) -> String {
-        let deadline = Instant::now() + LIMIT;
-        let status = loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                break s;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!("{} did not exit", self.label);
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        for r in self.readers.drain(..) {
-            let _ = r.join();
-        }
-        assert!(
-            status.success(),
-            "{} failed ({status}):\n{}\n{}",
-            self.label,
-            self.stdout(),
-            self.stderr.lock().unwrap()
-        );
-        self.stdout()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if self.running() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+/// The address of the `/metrics` endpoint `p` prints.
+fn metrics_addr(p: &mut Proc) -> String {
+    let url = p.wait_line("metrics on http://", LIMIT);
+    url.strip_suffix("/metrics")
+        .unwrap_or_else(|| panic!("{url}"))
+        .to_owned()
 }
 
 /// `GET /metrics` over a plain TCP connection, parsed.
@@ -266,24 +145,22 @@ fn statsd_sum(lines: &[String], name: &str, want: &[(&str, &str)]) -> u64 {
 #[test]
 fn processes_serve_metrics_and_the_numbers_agree() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("Topology.toml");
     // The console target in the file is replaced by the command line's.
-    std::fs::write(
-        &config,
-        format!(
+    let config = write_config(
+        dir.path(),
+        &format!(
             "batch_size = 64\n\
              [source]\nkind = \"generator\"\n\
              [source.config]\ncount = {COUNT}\nrate = {RATE:?}\n\
              payloads = [\"the cow jumped over the moon\", \"an apple a day\"]\n\
              [metric]\nflush_interval = \"1h\"\ntargets = [{{ kind = \"console\" }}]\n"
         ),
-    )
-    .unwrap();
+    );
     let config = config.to_str().unwrap().to_owned();
     let file = dir.path().join("server.jsonl");
     let file_target = format!("file={}", file.display());
 
-    let mut server = Proc::spawn(
+    let mut server = spawn(
         "server",
         &[
             "topology",
@@ -299,8 +176,8 @@ fn processes_serve_metrics_and_the_numbers_agree() {
             "50ms",
         ],
     );
-    let addr = server.wait_line("tempest topology server for `wordcount` listening on ");
-    let server_metrics = server.metrics_addr();
+    let addr = server.wait_line(LISTENING, LIMIT);
+    let server_metrics = metrics_addr(&mut server);
 
     // Before any worker: the endpoint serves, nothing connected.
     let s = scrape(&server_metrics);
@@ -316,48 +193,33 @@ fn processes_serve_metrics_and_the_numbers_agree() {
 
     let statsd = Statsd::start();
     let split_targets = format!("statsd={},wc", statsd.addr);
-    let mut split = Proc::spawn(
+    let mut split = spawn(
         "split/0",
-        &[
-            "task",
-            "--name",
+        &task_args(
             "split",
-            "--topology-addr",
-            &addr,
-            "--instance",
             "0",
-            "--config",
+            &addr,
             &config,
-            "--metrics-target",
-            "prometheus=127.0.0.1:0",
-            "--metrics-target",
-            &split_targets,
-            "--metrics-interval",
-            "50ms",
-        ],
+            &[
+                "--metrics-target",
+                "prometheus=127.0.0.1:0",
+                "--metrics-target",
+                &split_targets,
+                "--metrics-interval",
+                "50ms",
+            ],
+        ),
     );
     let mut others: Vec<Proc> = [("count", "0"), ("count", "1"), ("output", "0")]
         .into_iter()
         .map(|(task, i)| {
-            Proc::spawn(
+            spawn(
                 &format!("{task}/{i}"),
-                &[
-                    "task",
-                    "--name",
-                    task,
-                    "--topology-addr",
-                    &addr,
-                    "--instance",
-                    i,
-                    "--config",
-                    &config,
-                    "--metrics-target",
-                    "none",
-                ],
+                &task_args(task, i, &addr, &config, &["--metrics-target", "none"]),
             )
         })
         .collect();
-    let split_metrics = split.metrics_addr();
+    let split_metrics = metrics_addr(&mut split);
 
     // While the run goes on: four connections, leases per connection, and
     // the worker's own task metrics.
@@ -420,11 +282,8 @@ fn processes_serve_metrics_and_the_numbers_agree() {
             && matches!(x.value, prometheus_parse::Value::Histogram(_))));
 
     // The run ends by itself; its summary and its file agree.
-    let out = server.wait_success();
-    let summary = out
-        .lines()
-        .find(|l| l.starts_with("wordcount: "))
-        .unwrap_or_else(|| panic!("no summary in {out}"));
+    let out = server.wait_success(LIMIT);
+    let summary = summary(&out);
     assert!(
         summary.starts_with(&format!("wordcount: {COUNT} roots acked, 0 failed")),
         "{summary}"
@@ -456,13 +315,13 @@ fn processes_serve_metrics_and_the_numbers_agree() {
 
     // The workers are told to go; the split worker's last flush is sent as
     // it stops.
-    split.sigterm();
+    split.signal(libc::SIGTERM);
     for p in &mut others {
-        p.sigterm();
+        p.signal(libc::SIGTERM);
     }
-    split.wait_success();
+    split.wait_success(LIMIT);
     for p in &mut others {
-        p.wait_success();
+        p.wait_success(LIMIT);
     }
     let datagrams = statsd.finish();
     assert_eq!(

@@ -1,59 +1,18 @@
 //! The compiled `wordcount` binary, run as a real process: a whole run, a
 //! Ctrl-C drain, configuration errors and the help text.
 
-use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read};
-use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+mod common;
 
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use common::{acked_in, command, cycled_counts, summary, write_config, Proc};
 use wordcount::{DEFAULT_COUNT, DEFAULT_SENTENCES};
-
-const BIN: &str = env!("CARGO_BIN_EXE_wordcount");
 
 /// The longest a whole default run may take (a debug build on a busy machine).
 const RUN_LIMIT: Duration = Duration::from_secs(180);
 /// The longest a run that fails at start-up, or a drain, may take.
 const SHORT_LIMIT: Duration = Duration::from_secs(30);
-
-/// `wordcount <args>` with stdout and stderr piped and the log level fixed.
-fn command(args: &[&str]) -> Command {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args)
-        .env_remove("RUST_LOG")
-        .env_remove("TEMPEST_LOG_LEVEL")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    cmd
-}
-
-/// Reads all of `r` on a thread.
-fn read_all(mut r: impl Read + Send + 'static) -> JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = r.read_to_end(&mut buf);
-        String::from_utf8_lossy(&buf).into_owned()
-    })
-}
-
-/// Waits for `child` at most `limit`; past it, kills it and fails the test.
-fn wait_bounded(child: &mut Child, limit: Duration, what: &str) -> ExitStatus {
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().expect("waiting for wordcount") {
-            return status;
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{what}: wordcount did not exit within {limit:?}; killed it");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 struct Output {
     status: ExitStatus,
@@ -63,39 +22,14 @@ struct Output {
 
 /// Runs `wordcount <args>` to the end, at most `limit`.
 fn run(args: &[&str], limit: Duration) -> Output {
-    let mut child = command(args).spawn().expect("starting wordcount");
-    let stdout = read_all(child.stdout.take().unwrap());
-    let stderr = read_all(child.stderr.take().unwrap());
-    let status = wait_bounded(&mut child, limit, &format!("wordcount {args:?}"));
+    let mut p = Proc::spawn(&format!("wordcount {args:?}"), command(args));
+    let status = p.wait_bounded(limit);
+    let (stdout, stderr) = p.output();
     Output {
         status,
-        stdout: stdout.join().unwrap(),
-        stderr: stderr.join().unwrap(),
+        stdout,
+        stderr,
     }
-}
-
-/// The words of a sentence, independently of the example: split on ASCII
-/// whitespace, trim what is not ASCII alphanumeric, lowercase ASCII.
-fn words(sentence: &str) -> impl Iterator<Item = String> + '_ {
-    sentence
-        .split(|c: char| c.is_ascii_whitespace())
-        .map(|w| w.trim_matches(|c: char| !c.is_ascii_alphanumeric()))
-        .filter(|w| !w.is_empty())
-        .map(str::to_ascii_lowercase)
-}
-
-/// The totals of `sentences[i % len]` for `i` in `0..n`.
-fn cycled_counts(sentences: &[&str], n: u64) -> HashMap<String, u64> {
-    let len = sentences.len() as u64;
-    let mut counts = HashMap::new();
-    for (i, s) in sentences.iter().enumerate() {
-        // Sentence i is sent at i, i + len, i + 2 len, ... below n.
-        let times = n / len + u64::from((i as u64) < n % len);
-        for w in words(s) {
-            *counts.entry(w).or_insert(0) += times;
-        }
-    }
-    counts
 }
 
 /// The `w=n` pairs of the `top words:` line of `stdout`.
@@ -115,25 +49,6 @@ fn top_words(stdout: &str) -> Vec<(String, u64)> {
             )
         })
         .collect()
-}
-
-/// The summary line (`wordcount: ... roots acked, ...`) of `stdout`.
-fn summary(stdout: &str) -> &str {
-    let lines: Vec<&str> = stdout
-        .lines()
-        .filter(|l| l.starts_with("wordcount: "))
-        .collect();
-    assert_eq!(lines.len(), 1, "one summary line expected:\n{stdout}");
-    lines[0]
-}
-
-/// The number of roots acked that a summary line reports.
-fn acked_in(summary: &str) -> u64 {
-    summary
-        .strip_prefix("wordcount: ")
-        .and_then(|s| s.split_once(" roots acked"))
-        .and_then(|(n, _)| n.parse().ok())
-        .unwrap_or_else(|| panic!("no acked count in {summary:?}"))
 }
 
 #[test]
@@ -173,13 +88,6 @@ fn standalone_counts_the_embedded_sentences() {
     assert_eq!(top, want);
 }
 
-/// Writes `text` as `Topology.toml` in `dir`.
-fn write_config(dir: &Path, text: &str) -> std::path::PathBuf {
-    let path = dir.join("Topology.toml");
-    std::fs::write(&path, text).expect("writing Topology.toml");
-    path
-}
-
 #[cfg(unix)]
 #[test]
 fn ctrl_c_drains_and_exits_0() {
@@ -198,59 +106,17 @@ payloads = ["the cow jumped over the moon", "an apple a day keeps the doctor awa
 "#,
     );
     let config = config.to_str().unwrap();
-    let mut child = command(&["standalone", "--config", config])
-        .spawn()
-        .expect("starting wordcount");
-    let stderr = read_all(child.stderr.take().unwrap());
-
-    // Stdout line by line on a thread, so that waiting for a line is bounded.
-    let (tx, lines) = mpsc::channel();
-    let stdout = BufReader::new(child.stdout.take().unwrap());
-    let reader = std::thread::spawn(move || {
-        for line in stdout.lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let mut p = Proc::spawn(
+        "wordcount standalone",
+        command(&["standalone", "--config", config]),
+    );
 
     // The first console progress line: the run is under way.
-    let mut seen = Vec::new();
-    let deadline = Instant::now() + SHORT_LIMIT;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match lines.recv_timeout(left) {
-            Ok(line) => {
-                let progress = line.starts_with("acked ");
-                seen.push(line);
-                if progress {
-                    break;
-                }
-            }
-            Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "no progress line within {SHORT_LIMIT:?} ({e}); stdout so far:\n{}\nstderr:\n{}",
-                    seen.join("\n"),
-                    stderr.join().unwrap()
-                );
-            }
-        }
-    }
+    p.wait_line("acked ", SHORT_LIMIT);
 
-    let pid = libc::pid_t::try_from(child.id()).expect("a pid fits in pid_t");
-    // SAFETY: kill(2) with a valid signal number has no memory effects; the
-    // child is ours and not yet waited for, so the pid is still its.
-    let rc = unsafe { libc::kill(pid, libc::SIGINT) };
-    assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
-
-    let status = wait_bounded(&mut child, SHORT_LIMIT, "after SIGINT");
-    reader.join().unwrap();
-    seen.extend(lines.try_iter());
-    let stdout = seen.join("\n");
-    let stderr = stderr.join().unwrap();
+    p.signal(libc::SIGINT);
+    let status = p.wait_bounded(SHORT_LIMIT);
+    let (stdout, stderr) = p.output();
     assert!(
         status.success(),
         "{status}\nstdout:\n{stdout}\nstderr:\n{stderr}"
