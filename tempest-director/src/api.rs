@@ -1,0 +1,389 @@
+//! The REST API under `/api/v1`, and its OpenAPI document.
+//!
+//! Handlers translate HTTP to [`Director`] calls and back; they decide
+//! nothing. Every error is `{"error": "..."}`. Calls that change something
+//! need `Authorization: Bearer <token>` when the director has a token; that
+//! is checked before a body is read.
+
+use std::sync::Arc;
+
+use actix_web::dev::ServiceRequest;
+use actix_web::http::Method;
+use actix_web::{get, post, web, HttpRequest, HttpResponse, ResponseError};
+use futures_util::StreamExt;
+use serde::Serialize;
+use tempest_control::Heartbeat;
+use utoipa::{OpenApi, ToSchema};
+
+use crate::director::{
+    AgentView, DeployRequest, Director, PackageView, ProcessView, RebalanceRequest, TopologyDetail,
+    TopologySummary,
+};
+use crate::error::Error;
+use crate::lifecycle::{Command, Lifecycle, Phase};
+
+/// What the handlers share.
+pub struct AppState {
+    /// The cluster state.
+    pub director: Arc<Director>,
+    /// The cluster token, if one is set.
+    pub token: Option<String>,
+}
+
+type Data = web::Data<AppState>;
+
+/// The body of every error.
+#[derive(Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// What is wrong.
+    pub error: String,
+}
+
+/// The answer to a health check.
+#[derive(Serialize, ToSchema)]
+pub struct Health {
+    /// Always `ok`.
+    pub status: String,
+    /// The director's version.
+    pub version: String,
+}
+
+/// A heartbeat (`tempest_control::Heartbeat`), documented loosely.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct HeartbeatDoc {
+    /// The agent's stable id.
+    agent_id: String,
+    /// Its API address, `host:port`.
+    address: String,
+    /// The node's figures.
+    #[schema(value_type = Object)]
+    node: (),
+    /// Its processes' statuses.
+    #[schema(value_type = Vec<Object>)]
+    processes: (),
+}
+
+/// An assignment (`tempest_control::Assignment`), documented loosely.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct AssignmentDoc {
+    /// The process specs the agent should run.
+    #[schema(value_type = Vec<Object>)]
+    processes: (),
+}
+
+/// The OpenAPI document.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Tempest director API", description = "The control plane of a Tempest cluster."),
+    paths(
+        health, upload_package, list_packages, package_archive, heartbeat, list_agents,
+        deploy, list_topologies, get_topology, stop, start, kill, rebalance, openapi_json
+    ),
+    components(schemas(
+        ErrorBody, Health, HeartbeatDoc, AssignmentDoc, AgentView, PackageView, ProcessView,
+        DeployRequest, RebalanceRequest, TopologySummary, TopologyDetail, Lifecycle, Phase
+    )),
+    modifiers(&BearerAuth)
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "token",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// Registers the API on an app.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.app_data(
+        web::JsonConfig::default()
+            .error_handler(|e, _| Error::BadRequest(format!("bad JSON body: {e}")).into()),
+    )
+    .app_data(
+        web::PathConfig::default()
+            .error_handler(|e, _| Error::BadRequest(format!("bad path: {e}")).into()),
+    )
+    .service(health)
+    .service(upload_package)
+    .service(list_packages)
+    .service(package_archive)
+    .service(heartbeat)
+    .service(list_agents)
+    .service(deploy)
+    .service(list_topologies)
+    .service(get_topology)
+    .service(stop)
+    .service(start)
+    .service(kill)
+    .service(rebalance)
+    .service(openapi_json);
+}
+
+/// The token check of every call that is not a GET: `Some(401 answer)`
+/// when the call needs the token and does not carry it.
+pub fn check_token(req: &ServiceRequest, token: Option<&str>) -> Option<HttpResponse> {
+    let mutating = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    let token = token.filter(|_| mutating)?;
+    let given = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
+        return None;
+    }
+    Some(
+        Error::Unauthorized(
+            "this call needs the cluster token: Authorization: Bearer <token>".into(),
+        )
+        .error_response(),
+    )
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The answer to a path that does not exist.
+pub async fn not_found(req: HttpRequest) -> HttpResponse {
+    Error::NotFound(format!("no such resource: {} {}", req.method(), req.path())).error_response()
+}
+
+/// Health check.
+#[utoipa::path(get, path = "/api/v1/health", responses((status = 200, body = Health)))]
+#[get("/api/v1/health")]
+async fn health() -> HttpResponse {
+    HttpResponse::Ok().json(Health {
+        status: "ok".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    })
+}
+
+/// Uploads a topology package (the archive is the body). It is verified and
+/// stored by its content hash; uploading it again changes nothing.
+#[utoipa::path(
+    post, path = "/api/v1/packages",
+    request_body(content = Vec<u8>, content_type = "application/gzip"),
+    responses(
+        (status = 201, description = "stored", body = PackageView),
+        (status = 200, description = "already stored", body = PackageView),
+        (status = 400, description = "not a valid package", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 413, description = "larger than max_upload", body = ErrorBody)
+    ),
+    security(("token" = []))
+)]
+#[post("/api/v1/packages")]
+async fn upload_package(
+    data: Data,
+    req: HttpRequest,
+    mut body: web::Payload,
+) -> Result<HttpResponse, Error> {
+    let max = data.director.settings().max_upload;
+    let too_large = || {
+        Error::TooLarge(format!(
+            "the package is larger than the upload limit of {max} bytes (max_upload)"
+        ))
+    };
+    let declared = req
+        .headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    // Far over the limit: refuse without reading.
+    if declared.is_some_and(|n| n > max.saturating_mul(2).saturating_add(1 << 20)) {
+        return Err(too_large());
+    }
+    let mut bytes = web::BytesMut::new();
+    let mut total: u64 = 0;
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| Error::BadRequest(format!("reading the upload: {e}")))?;
+        total += chunk.len() as u64;
+        // Past the limit the rest is read and dropped, so the client gets
+        // the answer rather than a reset connection.
+        if total <= max {
+            bytes.extend_from_slice(&chunk);
+        } else if total > max.saturating_mul(2).saturating_add(1 << 20) {
+            break;
+        }
+    }
+    if total > max {
+        return Err(too_large());
+    }
+    let director = data.director.clone();
+    let (new, view) = web::block(move || director.upload(&bytes))
+        .await
+        .map_err(Error::internal)??;
+    Ok(if new {
+        HttpResponse::Created().json(view)
+    } else {
+        HttpResponse::Ok().json(view)
+    })
+}
+
+/// Every stored package.
+#[utoipa::path(get, path = "/api/v1/packages", responses((status = 200, body = Vec<PackageView>)))]
+#[get("/api/v1/packages")]
+async fn list_packages(data: Data) -> HttpResponse {
+    HttpResponse::Ok().json(data.director.packages())
+}
+
+/// A package's archive, as uploaded.
+#[utoipa::path(
+    get, path = "/api/v1/packages/{hash}/archive",
+    params(("hash" = String, Path, description = "the content hash")),
+    responses(
+        (status = 200, content_type = "application/gzip", body = Vec<u8>),
+        (status = 404, body = ErrorBody)
+    )
+)]
+#[get("/api/v1/packages/{hash}/archive")]
+async fn package_archive(data: Data, hash: web::Path<String>) -> Result<HttpResponse, Error> {
+    let path = data.director.archive(&hash)?;
+    let bytes = tokio::fs::read(&path)
+        .await
+        .map_err(|e| Error::internal(format!("reading {}: {e}", path.display())))?;
+    Ok(HttpResponse::Ok()
+        .content_type("application/gzip")
+        .body(bytes))
+}
+
+/// An agent's heartbeat; the answer is its whole assignment.
+#[utoipa::path(
+    post, path = "/api/v1/agents/heartbeat",
+    request_body = HeartbeatDoc,
+    responses((status = 200, body = AssignmentDoc), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)),
+    security(("token" = []))
+)]
+#[post("/api/v1/agents/heartbeat")]
+async fn heartbeat(data: Data, hb: web::Json<Heartbeat>) -> Result<HttpResponse, Error> {
+    let assignment = data.director.heartbeat(hb.into_inner())?;
+    Ok(HttpResponse::Ok().json(assignment))
+}
+
+/// Every agent, up or down.
+#[utoipa::path(get, path = "/api/v1/agents", responses((status = 200, body = Vec<AgentView>)))]
+#[get("/api/v1/agents")]
+async fn list_agents(data: Data) -> HttpResponse {
+    HttpResponse::Ok().json(data.director.agents())
+}
+
+/// Deploys a package as a named topology, running.
+#[utoipa::path(
+    post, path = "/api/v1/topologies",
+    request_body = DeployRequest,
+    responses(
+        (status = 201, body = TopologyDetail),
+        (status = 400, description = "invalid name, config or worker counts", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 404, description = "unknown package", body = ErrorBody),
+        (status = 409, description = "the name is taken", body = ErrorBody)
+    ),
+    security(("token" = []))
+)]
+#[post("/api/v1/topologies")]
+async fn deploy(data: Data, req: web::Json<DeployRequest>) -> Result<HttpResponse, Error> {
+    let detail = data.director.deploy(req.into_inner())?;
+    Ok(HttpResponse::Created().json(detail))
+}
+
+/// Every topology.
+#[utoipa::path(get, path = "/api/v1/topologies", responses((status = 200, body = Vec<TopologySummary>)))]
+#[get("/api/v1/topologies")]
+async fn list_topologies(data: Data) -> HttpResponse {
+    HttpResponse::Ok().json(data.director.topologies())
+}
+
+/// One topology: its state, placement and processes.
+#[utoipa::path(
+    get, path = "/api/v1/topologies/{name}",
+    params(("name" = String, Path, description = "the topology's name")),
+    responses((status = 200, body = TopologyDetail), (status = 404, body = ErrorBody))
+)]
+#[get("/api/v1/topologies/{name}")]
+async fn get_topology(data: Data, name: web::Path<String>) -> Result<HttpResponse, Error> {
+    Ok(HttpResponse::Ok().json(data.director.topology(&name)?))
+}
+
+fn answer(r: Result<Option<TopologyDetail>, Error>) -> Result<HttpResponse, Error> {
+    Ok(match r? {
+        Some(d) => HttpResponse::Ok().json(d),
+        None => HttpResponse::Ok().json(serde_json::json!({"killed": true})),
+    })
+}
+
+/// Stops a running topology's processes; it stays deployed.
+#[utoipa::path(
+    post, path = "/api/v1/topologies/{name}/stop",
+    params(("name" = String, Path, description = "the topology's name")),
+    responses((status = 200, body = TopologyDetail), (status = 401, body = ErrorBody),
+              (status = 404, body = ErrorBody), (status = 409, description = "already stopped", body = ErrorBody)),
+    security(("token" = []))
+)]
+#[post("/api/v1/topologies/{name}/stop")]
+async fn stop(data: Data, name: web::Path<String>) -> Result<HttpResponse, Error> {
+    answer(data.director.command(&name, Command::Stop))
+}
+
+/// Starts a stopped topology.
+#[utoipa::path(
+    post, path = "/api/v1/topologies/{name}/start",
+    params(("name" = String, Path, description = "the topology's name")),
+    responses((status = 200, body = TopologyDetail), (status = 401, body = ErrorBody),
+              (status = 404, body = ErrorBody), (status = 409, description = "already running", body = ErrorBody)),
+    security(("token" = []))
+)]
+#[post("/api/v1/topologies/{name}/start")]
+async fn start(data: Data, name: web::Path<String>) -> Result<HttpResponse, Error> {
+    answer(data.director.command(&name, Command::Start))
+}
+
+/// Stops a topology's processes and forgets it.
+#[utoipa::path(
+    post, path = "/api/v1/topologies/{name}/kill",
+    params(("name" = String, Path, description = "the topology's name")),
+    responses((status = 200, description = "`{\"killed\": true}`"), (status = 401, body = ErrorBody),
+              (status = 404, body = ErrorBody)),
+    security(("token" = []))
+)]
+#[post("/api/v1/topologies/{name}/kill")]
+async fn kill(data: Data, name: web::Path<String>) -> Result<HttpResponse, Error> {
+    answer(data.director.command(&name, Command::Kill))
+}
+
+/// Changes the worker counts of some tasks.
+#[utoipa::path(
+    post, path = "/api/v1/topologies/{name}/rebalance",
+    params(("name" = String, Path, description = "the topology's name")),
+    request_body = RebalanceRequest,
+    responses((status = 200, body = TopologyDetail), (status = 400, body = ErrorBody),
+              (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("token" = []))
+)]
+#[post("/api/v1/topologies/{name}/rebalance")]
+async fn rebalance(
+    data: Data,
+    name: web::Path<String>,
+    req: web::Json<RebalanceRequest>,
+) -> Result<HttpResponse, Error> {
+    answer(
+        data.director
+            .command(&name, Command::Rebalance(req.into_inner().workers)),
+    )
+}
+
+/// This document.
+#[utoipa::path(get, path = "/api/v1/openapi.json", responses((status = 200, description = "the OpenAPI document")))]
+#[get("/api/v1/openapi.json")]
+async fn openapi_json() -> HttpResponse {
+    HttpResponse::Ok().json(ApiDoc::openapi())
+}

@@ -1,0 +1,987 @@
+//! The director's decisions: what each topology needs, where each process
+//! runs, and what each agent is told.
+//!
+//! [`Director`] holds the cluster state in memory behind one lock and writes
+//! every change through to the [`Store`] before answering, so what an API
+//! call answered is what a restarted director loads. The lifecycle rules are
+//! in [`crate::lifecycle`], the placement policy behind
+//! [`crate::placement::Scheduler`]; this module only applies them.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tempest_control::package::{self, is_content_hash, sha256_hex};
+use tempest_control::{
+    Assignment, Heartbeat, Manifest, NodeInfo, ProcessSpec, ProcessState, ProcessStatus, Role,
+};
+use tempest_core::config::TopologyFile;
+use utoipa::ToSchema;
+
+use crate::error::Error;
+use crate::lifecycle::{Command, Lifecycle, Phase, Transition};
+use crate::placement::{AgentLoad, Scheduler};
+use crate::store::{AgentRecord, PackageRecord, PlacementRecord, Snapshot, Store, TopologyRecord};
+
+/// The most worker instances of one task.
+const MAX_WORKERS: u32 = 1024;
+
+/// Unix milliseconds now.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The director's settings that its decisions depend on.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Where the database and the packages are.
+    pub data_dir: PathBuf,
+    /// An agent not heard from for this long is down.
+    pub agent_timeout: Duration,
+    /// The largest package upload, in bytes.
+    pub max_upload: u64,
+}
+
+/// A deploy request.
+#[derive(Clone, Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeployRequest {
+    /// The topology's name in the cluster (letters, digits, `-`, `_`, `.`).
+    pub name: String,
+    /// The package's content hash.
+    pub package: String,
+    /// `Topology.toml` text laid over the package's own.
+    #[serde(default)]
+    pub config: Option<String>,
+    /// Worker instances per task; required for the tasks whose count the
+    /// package's `Topology.toml` does not give.
+    #[serde(default)]
+    pub workers: BTreeMap<String, u32>,
+}
+
+/// A rebalance request.
+#[derive(Clone, Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RebalanceRequest {
+    /// The new worker counts of the tasks named.
+    pub workers: BTreeMap<String, u32>,
+}
+
+/// An agent as the API shows it.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct AgentView {
+    /// Its id.
+    pub id: String,
+    /// Its API address, `host:port`.
+    pub address: String,
+    /// Whether it heartbeats within the agent timeout.
+    pub up: bool,
+    /// Its last heartbeat, Unix milliseconds.
+    pub last_heartbeat_ms: u64,
+    /// Its node's figures.
+    #[schema(value_type = Object)]
+    pub node: NodeInfo,
+    /// The processes the director placed on it.
+    pub placed: usize,
+    /// The processes it reported.
+    #[schema(value_type = Vec<Object>)]
+    pub processes: Vec<ProcessStatus>,
+}
+
+/// A package as the API shows it.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct PackageView {
+    /// The archive's content hash.
+    pub hash: String,
+    /// Its manifest.
+    #[schema(value_type = Object)]
+    pub manifest: Manifest,
+    /// Its default `Topology.toml`, if any.
+    pub topology_toml: Option<String>,
+    /// The archive's size in bytes.
+    pub size: u64,
+    /// When it was uploaded, Unix milliseconds.
+    pub uploaded_at_ms: u64,
+}
+
+/// One process of a topology.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct ProcessView {
+    /// Its id.
+    pub id: String,
+    /// `topology` or `task`.
+    pub role: String,
+    /// A worker's task.
+    pub task: Option<String>,
+    /// A worker's instance.
+    pub instance: Option<u32>,
+    /// The agent it is placed on.
+    pub agent: String,
+    /// Whether that agent is up.
+    pub agent_up: bool,
+    /// The generation it was placed with.
+    pub generation: u64,
+    /// What its agent reports (`starting`, `running`, ...), `pending` until
+    /// it reports this generation, `waiting` for a worker whose topology
+    /// server has no address yet.
+    pub state: String,
+    /// Its OS process id.
+    pub pid: Option<u32>,
+    /// A topology server's address.
+    pub address: Option<String>,
+    /// Restarts after exits.
+    pub restarts: u32,
+    /// Seconds since it started.
+    pub uptime_secs: u64,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+/// A topology in a list.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct TopologySummary {
+    /// Its name.
+    pub name: String,
+    /// Its package's hash.
+    pub package: String,
+    /// Its package's name and version.
+    pub package_name: String,
+    /// What the operator asked for.
+    pub state: Lifecycle,
+    /// Where it stands.
+    pub phase: Phase,
+    /// Bumped by deploy, start and rebalance.
+    pub generation: u64,
+    /// Worker instances per task.
+    pub workers: BTreeMap<String, u32>,
+    /// Processes it should have.
+    pub processes: usize,
+    /// Of which are running.
+    pub running: usize,
+    /// When it was deployed, Unix milliseconds.
+    pub created_at_ms: u64,
+}
+
+/// One topology in detail.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct TopologyDetail {
+    /// The summary.
+    #[serde(flatten)]
+    pub summary: TopologySummary,
+    /// The overrides it was deployed with.
+    pub config: String,
+    /// The `Topology.toml` its processes run with.
+    pub effective_config: String,
+    /// Its processes and where they run.
+    pub placement: Vec<ProcessView>,
+}
+
+/// The cluster state and the decisions over it.
+pub struct Director {
+    inner: Mutex<Inner>,
+    scheduler: Box<dyn Scheduler>,
+    settings: Settings,
+    /// Agents get a full timeout from the director's start before they
+    /// count as down, so a restarted director does not move everything.
+    started_ms: u64,
+}
+
+struct Inner {
+    store: Store,
+    s: Snapshot,
+    /// The effective `Topology.toml` of each topology.
+    effective: HashMap<String, String>,
+}
+
+/// One process a running topology needs.
+struct Want {
+    id: String,
+    topology: String,
+    server: bool,
+}
+
+impl Director {
+    /// Opens the state in `settings.data_dir` and reconciles it.
+    pub fn open(settings: Settings, scheduler: Box<dyn Scheduler>) -> anyhow::Result<Director> {
+        std::fs::create_dir_all(&settings.data_dir)
+            .map_err(|e| anyhow::anyhow!("creating {}: {e}", settings.data_dir.display()))?;
+        let store = Store::open(&settings.data_dir)?;
+        let s = store.load()?;
+        let mut effective = HashMap::new();
+        for t in s.topologies.values() {
+            let pkg = s
+                .packages
+                .get(&t.package)
+                .and_then(|p| p.topology_toml.as_deref());
+            match effective_config(&t.name, pkg, &t.config, &t.workers) {
+                Ok(text) => {
+                    effective.insert(t.name.clone(), text);
+                }
+                Err(e) => tracing::error!("topology {}: {e}", t.name),
+            }
+        }
+        tracing::info!(
+            "loaded {} agents, {} packages, {} topologies, {} placements",
+            s.agents.len(),
+            s.packages.len(),
+            s.topologies.len(),
+            s.placements.len()
+        );
+        Ok(Director {
+            inner: Mutex::new(Inner {
+                store,
+                s,
+                effective,
+            }),
+            scheduler,
+            settings,
+            started_ms: now_ms(),
+        })
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    fn is_up(&self, a: &AgentRecord, now: u64) -> bool {
+        let seen = a.last_heartbeat_ms.max(self.started_ms);
+        now.saturating_sub(seen) <= self.settings.agent_timeout.as_millis() as u64
+    }
+
+    /// Re-places what needs it (agents gone down, topologies changed) and
+    /// persists the result.
+    pub fn tick(&self) -> Result<(), Error> {
+        let mut inner = self.inner.lock();
+        if self.reconcile(&mut inner) {
+            inner.persist(&[], &[])?;
+        }
+        Ok(())
+    }
+
+    /// Makes the placements match the running topologies and the live
+    /// agents. Returns whether anything changed.
+    fn reconcile(&self, inner: &mut Inner) -> bool {
+        let now = now_ms();
+        let s = &mut inner.s;
+        let live: BTreeSet<String> = s
+            .agents
+            .values()
+            .filter(|a| self.is_up(a, now))
+            .map(|a| a.id.clone())
+            .collect();
+        let mut wants: Vec<Want> = Vec::new();
+        for t in s.topologies.values() {
+            if t.state != Lifecycle::Running || !inner.effective.contains_key(&t.name) {
+                continue;
+            }
+            wants.push(Want {
+                id: server_id(&t.name),
+                topology: t.name.clone(),
+                server: true,
+            });
+            for (task, n) in &t.workers {
+                for i in 0..*n {
+                    wants.push(Want {
+                        id: worker_id(&t.name, task, i),
+                        topology: t.name.clone(),
+                        server: false,
+                    });
+                }
+            }
+        }
+        let wanted: BTreeSet<&str> = wants.iter().map(|w| w.id.as_str()).collect();
+        let before = s.placements.len();
+        s.placements.retain(|id, _| wanted.contains(id.as_str()));
+        let mut changed = s.placements.len() != before;
+        let mut loads: Vec<AgentLoad> = live
+            .iter()
+            .map(|id| AgentLoad {
+                id: id.clone(),
+                processes: s.placements.values().filter(|p| &p.agent == id).count(),
+            })
+            .collect();
+        // Servers first, so the load spreads the workers around them.
+        wants.sort_by_key(|w| !w.server);
+        for w in &wants {
+            if let Some(p) = s.placements.get(&w.id) {
+                // A process stays where it is while its agent lives, or
+                // while there is nowhere else to put it.
+                if live.contains(&p.agent) || loads.is_empty() {
+                    continue;
+                }
+            }
+            if loads.is_empty() {
+                continue;
+            }
+            let i = self.scheduler.choose(&w.id, &loads);
+            loads[i].processes += 1;
+            let generation = s.next_generation;
+            s.next_generation += 1;
+            if let Some(old) = s.placements.get(&w.id) {
+                tracing::info!(
+                    "re-placing {} from {} (down) on {} (generation {generation})",
+                    w.id,
+                    old.agent,
+                    loads[i].id
+                );
+            }
+            s.placements.insert(
+                w.id.clone(),
+                PlacementRecord {
+                    process: w.id.clone(),
+                    topology: w.topology.clone(),
+                    agent: loads[i].id.clone(),
+                    generation,
+                },
+            );
+            changed = true;
+        }
+        changed
+    }
+
+    /// Records a heartbeat and answers the agent's assignment.
+    pub fn heartbeat(&self, hb: Heartbeat) -> Result<Assignment, Error> {
+        if hb.agent_id.trim().is_empty() || hb.address.trim().is_empty() {
+            return Err(Error::BadRequest(
+                "a heartbeat needs an agent_id and an address".into(),
+            ));
+        }
+        let mut inner = self.inner.lock();
+        let record = AgentRecord {
+            id: hb.agent_id.clone(),
+            address: hb.address,
+            last_heartbeat_ms: now_ms(),
+            node: hb.node,
+            processes: hb.processes,
+        };
+        if !inner.s.agents.contains_key(&record.id) {
+            tracing::info!("agent {} at {} joined", record.id, record.address);
+        }
+        inner.store.put_agent(&record)?;
+        inner.s.agents.insert(record.id.clone(), record);
+        if self.reconcile(&mut inner) {
+            inner.persist(&[], &[])?;
+        }
+        Ok(inner.assignment(&hb.agent_id))
+    }
+
+    /// Every agent.
+    pub fn agents(&self) -> Vec<AgentView> {
+        let inner = self.inner.lock();
+        let now = now_ms();
+        inner
+            .s
+            .agents
+            .values()
+            .map(|a| AgentView {
+                id: a.id.clone(),
+                address: a.address.clone(),
+                up: self.is_up(a, now),
+                last_heartbeat_ms: a.last_heartbeat_ms,
+                node: a.node.clone(),
+                placed: inner
+                    .s
+                    .placements
+                    .values()
+                    .filter(|p| p.agent == a.id)
+                    .count(),
+                processes: a.processes.clone(),
+            })
+            .collect()
+    }
+
+    /// Verifies and stores a package archive. Returns whether it is new.
+    pub fn upload(&self, archive: &[u8]) -> Result<(bool, PackageView), Error> {
+        let pkg = package::read(archive, self.settings.max_upload.saturating_mul(4))
+            .map_err(|e| Error::BadRequest(format!("the package was refused: {e}")))?;
+        if let Some(toml) = &pkg.topology_toml {
+            TopologyFile::parse(toml, Some(Path::new("Topology.toml"))).map_err(|e| {
+                Error::BadRequest(format!("the package's Topology.toml is invalid: {e}"))
+            })?;
+            declared_workers(toml)?;
+        }
+        let hash = sha256_hex(archive);
+        let mut inner = self.inner.lock();
+        if let Some(p) = inner.s.packages.get(&hash) {
+            return Ok((false, package_view(p)));
+        }
+        let record = PackageRecord {
+            hash: hash.clone(),
+            manifest: pkg.manifest,
+            topology_toml: pkg.topology_toml,
+            size: archive.len() as u64,
+            uploaded_at_ms: now_ms(),
+        };
+        inner
+            .store
+            .put_package(&record, archive)
+            .map_err(Error::internal)?;
+        tracing::info!(
+            "stored package {} {} ({hash})",
+            record.manifest.name,
+            record.manifest.version
+        );
+        let view = package_view(&record);
+        inner.s.packages.insert(hash, record);
+        Ok((true, view))
+    }
+
+    /// Every package.
+    pub fn packages(&self) -> Vec<PackageView> {
+        self.inner
+            .lock()
+            .s
+            .packages
+            .values()
+            .map(package_view)
+            .collect()
+    }
+
+    /// Where a package's archive is.
+    pub fn archive(&self, hash: &str) -> Result<PathBuf, Error> {
+        let inner = self.inner.lock();
+        if !is_content_hash(hash) || !inner.s.packages.contains_key(hash) {
+            return Err(Error::NotFound(format!("no package {hash}")));
+        }
+        Ok(inner.store.archive_path(hash))
+    }
+
+    /// Deploys a package as a named, running topology.
+    pub fn deploy(&self, req: DeployRequest) -> Result<TopologyDetail, Error> {
+        check_name("topology name", &req.name)?;
+        let mut inner = self.inner.lock();
+        let pkg = inner
+            .s
+            .packages
+            .get(&req.package)
+            .ok_or_else(|| Error::NotFound(format!("no package {}", req.package)))?;
+        if inner.s.topologies.contains_key(&req.name) {
+            return Err(Error::Conflict(format!(
+                "a topology named {} is already deployed",
+                req.name
+            )));
+        }
+        let overrides = req.config.unwrap_or_default();
+        TopologyFile::parse(&overrides, Some(Path::new("config")))
+            .map_err(|e| Error::BadRequest(format!("invalid config: {e}")))?;
+        let mut workers = pkg
+            .topology_toml
+            .as_deref()
+            .map(declared_workers)
+            .transpose()?
+            .unwrap_or_default();
+        let known: BTreeSet<String> = workers.keys().cloned().collect();
+        workers.extend(declared_workers(&overrides)?);
+        for (task, n) in &req.workers {
+            if !known.is_empty() && !known.contains(task) {
+                return Err(Error::BadRequest(format!(
+                    "unknown task `{task}`; the package's tasks are {}",
+                    known.iter().cloned().collect::<Vec<_>>().join(", ")
+                )));
+            }
+            workers.insert(task.clone(), *n);
+        }
+        if workers.is_empty() {
+            return Err(Error::BadRequest(
+                "the package's Topology.toml gives no [tasks.NAME] workers, so the request must \
+                 give `workers` for every task, e.g. {\"split\": 1, \"count\": 2}"
+                    .into(),
+            ));
+        }
+        check_workers(&workers)?;
+        let effective = effective_config(
+            &req.name,
+            pkg.topology_toml.as_deref(),
+            &overrides,
+            &workers,
+        )?;
+        let record = TopologyRecord {
+            name: req.name.clone(),
+            package: req.package,
+            config: overrides,
+            state: Lifecycle::Running,
+            workers,
+            generation: 1,
+            created_at_ms: now_ms(),
+        };
+        let saved = inner.checkpoint();
+        inner.s.topologies.insert(record.name.clone(), record);
+        inner.effective.insert(req.name.clone(), effective);
+        self.reconcile(&mut inner);
+        if let Err(e) = inner.persist(&[&req.name], &[]) {
+            inner.restore(saved);
+            return Err(e);
+        }
+        tracing::info!("deployed topology {}", req.name);
+        Ok(self.detail(&inner, &req.name))
+    }
+
+    /// Applies an operator's command to a topology.
+    pub fn command(&self, name: &str, command: Command) -> Result<Option<TopologyDetail>, Error> {
+        let mut inner = self.inner.lock();
+        let t = inner
+            .s
+            .topologies
+            .get(name)
+            .ok_or_else(|| Error::NotFound(format!("no topology {name}")))?;
+        let transition = t
+            .state
+            .next(command)
+            .map_err(|e| Error::Conflict(format!("{name}: {e}")))?;
+        let saved = inner.checkpoint();
+        let result = self.apply(&mut inner, name, transition);
+        if result.is_err() {
+            inner.restore(saved);
+        }
+        result
+    }
+
+    fn apply(
+        &self,
+        inner: &mut Inner,
+        name: &str,
+        transition: Transition,
+    ) -> Result<Option<TopologyDetail>, Error> {
+        match transition {
+            Transition::Remove => {
+                inner.s.topologies.remove(name);
+                inner.effective.remove(name);
+                self.reconcile(inner);
+                inner.persist(&[], &[name])?;
+                tracing::info!("killed topology {name}");
+                return Ok(None);
+            }
+            Transition::To(state) => {
+                let t = inner.s.topologies.get_mut(name).expect("checked");
+                t.state = state;
+                t.generation += 1;
+                tracing::info!("topology {name} is now {}", state.as_db());
+            }
+            Transition::Rebalance(changes) => {
+                let t = inner.s.topologies.get(name).expect("checked");
+                let mut workers = t.workers.clone();
+                for (task, n) in changes {
+                    if !workers.contains_key(&task) {
+                        return Err(Error::BadRequest(format!(
+                            "unknown task `{task}`; {name}'s tasks are {}",
+                            workers.keys().cloned().collect::<Vec<_>>().join(", ")
+                        )));
+                    }
+                    workers.insert(task, n);
+                }
+                check_workers(&workers)?;
+                let pkg = inner
+                    .s
+                    .packages
+                    .get(&t.package)
+                    .and_then(|p| p.topology_toml.clone());
+                let effective = effective_config(name, pkg.as_deref(), &t.config, &workers)?;
+                inner.effective.insert(name.to_owned(), effective);
+                let t = inner.s.topologies.get_mut(name).expect("checked");
+                t.workers = workers;
+                t.generation += 1;
+                // The processes that stay get a new generation: their
+                // configuration changed.
+                let s = &mut inner.s;
+                for p in s.placements.values_mut().filter(|p| p.topology == name) {
+                    p.generation = s.next_generation;
+                    s.next_generation += 1;
+                }
+                tracing::info!("rebalanced topology {name}");
+            }
+        }
+        self.reconcile(inner);
+        inner.persist(&[name], &[])?;
+        Ok(Some(self.detail(inner, name)))
+    }
+
+    /// Every topology.
+    pub fn topologies(&self) -> Vec<TopologySummary> {
+        let inner = self.inner.lock();
+        inner
+            .s
+            .topologies
+            .keys()
+            .map(|n| self.detail(&inner, n).summary)
+            .collect()
+    }
+
+    /// One topology.
+    pub fn topology(&self, name: &str) -> Result<TopologyDetail, Error> {
+        let inner = self.inner.lock();
+        if !inner.s.topologies.contains_key(name) {
+            return Err(Error::NotFound(format!("no topology {name}")));
+        }
+        Ok(self.detail(&inner, name))
+    }
+
+    fn detail(&self, inner: &Inner, name: &str) -> TopologyDetail {
+        let now = now_ms();
+        let s = &inner.s;
+        let t = &s.topologies[name];
+        let assigned: BTreeMap<String, ProcessSpec> = s
+            .placements
+            .values()
+            .filter(|p| p.topology == name)
+            .map(|p| p.agent.clone())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .flat_map(|a| inner.assignment(&a).processes)
+            .map(|spec| (spec.id.clone(), spec))
+            .collect();
+        let mut placement = Vec::new();
+        for p in s.placements.values().filter(|p| p.topology == name) {
+            let agent = s.agents.get(&p.agent);
+            let status = agent
+                .and_then(|a| a.processes.iter().find(|st| st.id == p.process))
+                .filter(|st| st.generation == p.generation);
+            let (role, task, instance) = parse_process_id(name, &p.process);
+            let state = match status {
+                Some(st) => state_name(st.state).to_owned(),
+                None if !assigned.contains_key(&p.process) => "waiting".into(),
+                None => "pending".into(),
+            };
+            placement.push(ProcessView {
+                id: p.process.clone(),
+                role: if role == Role::Topology {
+                    "topology"
+                } else {
+                    "task"
+                }
+                .into(),
+                task,
+                instance,
+                agent: p.agent.clone(),
+                agent_up: agent.is_some_and(|a| self.is_up(a, now)),
+                generation: p.generation,
+                state,
+                pid: status.and_then(|st| st.pid),
+                address: status.and_then(|st| st.address.clone()),
+                restarts: status.map_or(0, |st| st.restarts),
+                uptime_secs: status.map_or(0, |st| st.uptime_secs),
+                error: status.and_then(|st| st.error.clone()),
+            });
+        }
+        let expected = 1 + t.workers.values().map(|n| *n as usize).sum::<usize>();
+        let running = placement.iter().filter(|p| p.state == "running").count();
+        let phase = match t.state {
+            Lifecycle::Running => {
+                if placement
+                    .iter()
+                    .any(|p| p.state == "failed" || p.state == "backoff")
+                {
+                    Phase::Recovering
+                } else if running == expected {
+                    Phase::Running
+                } else {
+                    Phase::Scheduling
+                }
+            }
+            Lifecycle::Stopped => {
+                let still = s.agents.values().any(|a| {
+                    self.is_up(a, now)
+                        && a.processes.iter().any(|st| {
+                            st.topology == name
+                                && matches!(
+                                    st.state,
+                                    ProcessState::Running
+                                        | ProcessState::Starting
+                                        | ProcessState::Stopping
+                                        | ProcessState::Backoff
+                                )
+                        })
+                });
+                if still {
+                    Phase::Stopping
+                } else {
+                    Phase::Stopped
+                }
+            }
+        };
+        let package_name = s
+            .packages
+            .get(&t.package)
+            .map(|p| format!("{} {}", p.manifest.name, p.manifest.version))
+            .unwrap_or_default();
+        TopologyDetail {
+            summary: TopologySummary {
+                name: t.name.clone(),
+                package: t.package.clone(),
+                package_name,
+                state: t.state,
+                phase,
+                generation: t.generation,
+                workers: t.workers.clone(),
+                processes: if t.state == Lifecycle::Running {
+                    expected
+                } else {
+                    0
+                },
+                running,
+                created_at_ms: t.created_at_ms,
+            },
+            config: t.config.clone(),
+            effective_config: inner.effective.get(name).cloned().unwrap_or_default(),
+            placement,
+        }
+    }
+}
+
+type Checkpoint = (
+    BTreeMap<String, TopologyRecord>,
+    BTreeMap<String, PlacementRecord>,
+    u64,
+    HashMap<String, String>,
+);
+
+impl Inner {
+    fn checkpoint(&self) -> Checkpoint {
+        (
+            self.s.topologies.clone(),
+            self.s.placements.clone(),
+            self.s.next_generation,
+            self.effective.clone(),
+        )
+    }
+
+    fn restore(&mut self, c: Checkpoint) {
+        self.s.topologies = c.0;
+        self.s.placements = c.1;
+        self.s.next_generation = c.2;
+        self.effective = c.3;
+    }
+
+    fn persist(&mut self, changed: &[&str], removed: &[&str]) -> Result<(), Error> {
+        let topologies: Vec<&TopologyRecord> = changed
+            .iter()
+            .filter_map(|n| self.s.topologies.get(*n))
+            .collect();
+        self.store.save(
+            &topologies,
+            removed,
+            &self.s.placements,
+            self.s.next_generation,
+        )?;
+        Ok(())
+    }
+
+    /// What `agent` should run. A worker is left out until its topology
+    /// server reports the address it listens on.
+    fn assignment(&self, agent: &str) -> Assignment {
+        let s = &self.s;
+        let mut processes = Vec::new();
+        for p in s.placements.values().filter(|p| p.agent == agent) {
+            let Some(t) = s.topologies.get(&p.topology) else {
+                continue;
+            };
+            let Some(config) = self.effective.get(&t.name) else {
+                continue;
+            };
+            let (role, task, instance) = parse_process_id(&t.name, &p.process);
+            let topology_addr = if role == Role::Task {
+                match self.server_address(&t.name) {
+                    Some(a) => Some(a),
+                    None => continue,
+                }
+            } else {
+                None
+            };
+            processes.push(ProcessSpec {
+                id: p.process.clone(),
+                topology: t.name.clone(),
+                package: t.package.clone(),
+                role,
+                task,
+                instance,
+                topology_addr,
+                config: Some(config.clone()),
+                env: BTreeMap::new(),
+                generation: p.generation,
+            });
+        }
+        Assignment { processes }
+    }
+
+    /// The address the current generation of a topology's server reports.
+    fn server_address(&self, topology: &str) -> Option<String> {
+        let id = server_id(topology);
+        let p = self.s.placements.get(&id)?;
+        let agent = self.s.agents.get(&p.agent)?;
+        agent
+            .processes
+            .iter()
+            .find(|st| {
+                st.id == id && st.generation == p.generation && st.state == ProcessState::Running
+            })
+            .and_then(|st| st.address.clone())
+    }
+}
+
+fn package_view(p: &PackageRecord) -> PackageView {
+    PackageView {
+        hash: p.hash.clone(),
+        manifest: p.manifest.clone(),
+        topology_toml: p.topology_toml.clone(),
+        size: p.size,
+        uploaded_at_ms: p.uploaded_at_ms,
+    }
+}
+
+fn state_name(s: ProcessState) -> &'static str {
+    match s {
+        ProcessState::Starting => "starting",
+        ProcessState::Running => "running",
+        ProcessState::Backoff => "backoff",
+        ProcessState::Stopping => "stopping",
+        ProcessState::Stopped => "stopped",
+        ProcessState::Failed => "failed",
+    }
+}
+
+/// A topology server's process id.
+pub fn server_id(topology: &str) -> String {
+    format!("{topology}/server")
+}
+
+/// A worker's process id.
+pub fn worker_id(topology: &str, task: &str, instance: u32) -> String {
+    format!("{topology}/{task}/{instance}")
+}
+
+fn parse_process_id(topology: &str, id: &str) -> (Role, Option<String>, Option<u32>) {
+    let rest = id
+        .strip_prefix(topology)
+        .and_then(|r| r.strip_prefix('/'))
+        .unwrap_or(id);
+    match rest.rsplit_once('/') {
+        Some((task, i)) => (Role::Task, Some(task.to_owned()), i.parse().ok()),
+        None => (Role::Topology, None, None),
+    }
+}
+
+fn check_name(what: &str, name: &str) -> Result<(), Error> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && !name.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::BadRequest(format!(
+            "bad {what} `{name}`: use 1 to 64 letters, digits, `-`, `_` or `.`"
+        )))
+    }
+}
+
+fn check_workers(workers: &BTreeMap<String, u32>) -> Result<(), Error> {
+    for (task, n) in workers {
+        check_name("task name", task)?;
+        if !(1..=MAX_WORKERS).contains(n) {
+            return Err(Error::BadRequest(format!(
+                "task `{task}`: workers must be 1 to {MAX_WORKERS}, not {n}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The `[tasks.NAME] workers` a `Topology.toml` gives.
+fn declared_workers(text: &str) -> Result<BTreeMap<String, u32>, Error> {
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e| Error::BadRequest(format!("invalid Topology.toml: {e}")))?;
+    let mut out = BTreeMap::new();
+    if let Some(toml::Value::Table(tasks)) = table.get("tasks") {
+        for (task, v) in tasks {
+            if let Some(n) = v.get("workers").and_then(toml::Value::as_integer) {
+                let n = u32::try_from(n).map_err(|_| {
+                    Error::BadRequest(format!("task `{task}`: bad worker count {n}"))
+                })?;
+                out.insert(task.clone(), n);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+/// The `Topology.toml` a topology's processes run with: the package's own,
+/// the overrides over it, its name and worker counts over both.
+pub fn effective_config(
+    name: &str,
+    package_toml: Option<&str>,
+    overrides: &str,
+    workers: &BTreeMap<String, u32>,
+) -> Result<String, Error> {
+    let parse = |what: &str, text: &str| -> Result<toml::Table, Error> {
+        text.parse()
+            .map_err(|e| Error::BadRequest(format!("invalid {what}: {e}")))
+    };
+    let mut table = parse("package Topology.toml", package_toml.unwrap_or(""))?;
+    merge(&mut table, parse("config", overrides)?);
+    table.insert("name".into(), toml::Value::String(name.into()));
+    let mut tasks = toml::Table::new();
+    for (task, n) in workers {
+        let mut t = toml::Table::new();
+        t.insert("workers".into(), toml::Value::Integer(i64::from(*n)));
+        tasks.insert(task.clone(), toml::Value::Table(t));
+    }
+    merge(
+        &mut table,
+        [("tasks".to_owned(), toml::Value::Table(tasks))]
+            .into_iter()
+            .collect(),
+    );
+    let text = toml::to_string(&table).map_err(Error::internal)?;
+    TopologyFile::parse(&text, Some(Path::new("Topology.toml")))
+        .map_err(|e| Error::BadRequest(format!("invalid configuration: {e}")))?;
+    Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_effective_config_lays_overrides_and_workers_over_the_package() {
+        let pkg = "max_pending = 10\n[tasks.split]\nworkers = 1\n[tasks.count]\nworkers = 2\n";
+        let workers = [("split".to_owned(), 3), ("count".to_owned(), 2)]
+            .into_iter()
+            .collect();
+        let text = effective_config("wc", Some(pkg), "max_pending = 20\n", &workers).unwrap();
+        let t: toml::Table = text.parse().unwrap();
+        assert_eq!(t["max_pending"].as_integer(), Some(20));
+        assert_eq!(t["name"].as_str(), Some("wc"));
+        assert_eq!(t["tasks"]["split"]["workers"].as_integer(), Some(3));
+        assert_eq!(declared_workers(pkg).unwrap().len(), 2);
+        assert!(effective_config("wc", None, "max_pendin = 1", &workers).is_err());
+    }
+
+    #[test]
+    fn process_ids_round_trip() {
+        assert_eq!(parse_process_id("wc", "wc/server").0, Role::Topology);
+        let (role, task, i) = parse_process_id("wc", &worker_id("wc", "count", 3));
+        assert_eq!(
+            (role, task.as_deref(), i),
+            (Role::Task, Some("count"), Some(3))
+        );
+    }
+}

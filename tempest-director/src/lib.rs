@@ -1,0 +1,95 @@
+//! # tempest-director
+//!
+//! The cluster's control plane: it stores topology packages, deploys them
+//! as named topologies, places their topology servers and task workers on
+//! the agents, answers each agent's heartbeat with its assignment, and moves
+//! the processes of an agent that stops heartbeating. Its state lives in
+//! SQLite in its data directory, so a restarted director carries on.
+//!
+//! - [`store`]: the database and package files;
+//! - [`lifecycle`]: a topology's typed state machine;
+//! - [`placement`]: the scheduler trait and the least-loaded policy;
+//! - [`director`]: the decisions, over the state;
+//! - [`api`]: the REST API and its OpenAPI document;
+//! - [`config`]: the `[director]` section of `Cluster.toml`.
+
+#![warn(missing_docs)]
+
+pub mod api;
+pub mod config;
+pub mod director;
+pub mod error;
+pub mod lifecycle;
+pub mod placement;
+pub mod store;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::{web, App, HttpServer};
+
+use crate::config::DirectorConfig;
+use crate::director::{Director, Settings};
+use crate::placement::LeastLoaded;
+
+/// How often the director looks for agents that went down.
+const TICK: Duration = Duration::from_millis(250);
+
+/// Opens the state, binds the API and serves until stopped. Prints
+/// `tempest-director listening on http://ADDR` once the API listens.
+pub async fn run(config: DirectorConfig) -> anyhow::Result<()> {
+    let director = Arc::new(Director::open(
+        Settings {
+            data_dir: config.data_dir.clone(),
+            agent_timeout: config.agent_timeout,
+            max_upload: config.max_upload,
+        },
+        Box::new(LeastLoaded),
+    )?);
+    let state = web::Data::new(api::AppState {
+        director: director.clone(),
+        token: config.token.clone(),
+    });
+    let token = config.token.clone();
+    let server = HttpServer::new(move || {
+        let token = token.clone();
+        App::new()
+            .app_data(state.clone())
+            .wrap_fn(move |req, srv| {
+                use actix_web::dev::Service;
+                use futures_util::future::{ready, Either, FutureExt};
+                match api::check_token(&req, token.as_deref()) {
+                    Some(refusal) => {
+                        Either::Left(ready(Ok(req.into_response(refusal).map_into_right_body())))
+                    }
+                    None => Either::Right(
+                        srv.call(req)
+                            .map(|r| r.map(actix_web::dev::ServiceResponse::map_into_left_body)),
+                    ),
+                }
+            })
+            .configure(api::configure)
+            .default_service(web::route().to(api::not_found))
+    })
+    .bind(config.listen)
+    .map_err(|e| anyhow::anyhow!("binding {}: {e}", config.listen))?;
+    let addr = server
+        .addrs()
+        .first()
+        .copied()
+        .ok_or_else(|| anyhow::anyhow!("bound no address"))?;
+    println!("tempest-director listening on http://{addr}");
+    let ticker = director.clone();
+    actix_web::rt::spawn(async move {
+        let mut interval = tokio::time::interval(TICK);
+        loop {
+            interval.tick().await;
+            let d = ticker.clone();
+            if let Ok(Err(e)) = web::block(move || d.tick()).await {
+                tracing::error!("reconciling: {e}");
+            }
+        }
+    });
+    server.run().await?;
+    Ok(())
+}
