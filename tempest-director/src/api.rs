@@ -16,11 +16,12 @@ use tempest_control::Heartbeat;
 use utoipa::{OpenApi, ToSchema};
 
 use crate::director::{
-    AgentView, DeployRequest, Director, PackageView, ProcessView, RebalanceRequest, TopologyDetail,
-    TopologySummary,
+    AgentView, ClusterSummary, DeployRequest, Director, PackageView, ProcessView, RebalanceRequest,
+    RecentError, TopologyDetail, TopologySummary,
 };
 use crate::error::Error;
 use crate::lifecycle::{Command, Lifecycle, Phase};
+use crate::metrics::{SamplePoint, SourceFigures, TaskFigures};
 
 /// What the handlers share.
 pub struct AppState {
@@ -79,11 +80,13 @@ pub struct AssignmentDoc {
     info(title = "Tempest director API", description = "The control plane of a Tempest cluster."),
     paths(
         health, upload_package, list_packages, package_archive, heartbeat, list_agents,
-        deploy, list_topologies, get_topology, stop, start, kill, rebalance, openapi_json
+        deploy, list_topologies, get_topology, stop, start, kill, rebalance, openapi_json,
+        cluster, samples, process_logs
     ),
     components(schemas(
         ErrorBody, Health, HeartbeatDoc, AssignmentDoc, AgentView, PackageView, ProcessView,
-        DeployRequest, RebalanceRequest, TopologySummary, TopologyDetail, Lifecycle, Phase
+        DeployRequest, RebalanceRequest, TopologySummary, TopologyDetail, Lifecycle, Phase,
+        ClusterSummary, RecentError, SamplePoint, SourceFigures, TaskFigures, LogTail
     )),
     modifiers(&BearerAuth)
 )]
@@ -125,6 +128,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .service(start)
     .service(kill)
     .service(rebalance)
+    .service(cluster)
+    .service(samples)
+    .service(process_logs)
     .service(openapi_json);
 }
 
@@ -379,6 +385,110 @@ async fn rebalance(
         data.director
             .command(&name, Command::Rebalance(req.into_inner().workers)),
     )
+}
+
+/// The cluster at a glance: agents up and down, topologies running and
+/// stopped, the cluster's throughput.
+#[utoipa::path(get, path = "/api/v1/cluster", responses((status = 200, body = ClusterSummary)))]
+#[get("/api/v1/cluster")]
+async fn cluster(data: Data) -> HttpResponse {
+    HttpResponse::Ok().json(data.director.cluster())
+}
+
+/// A topology's metric series of the last 15 minutes, oldest first, one
+/// point per scrape.
+#[utoipa::path(
+    get, path = "/api/v1/topologies/{name}/samples",
+    params(("name" = String, Path, description = "the topology's name")),
+    responses((status = 200, body = Vec<SamplePoint>), (status = 404, body = ErrorBody))
+)]
+#[get("/api/v1/topologies/{name}/samples")]
+async fn samples(data: Data, name: web::Path<String>) -> Result<HttpResponse, Error> {
+    let director = data.director.clone();
+    let points = web::block(move || director.samples(&name))
+        .await
+        .map_err(Error::internal)??;
+    Ok(HttpResponse::Ok().json(points))
+}
+
+/// The tail of a process's log, as its agent answers it.
+#[derive(Serialize, ToSchema)]
+pub struct LogTail {
+    /// The process id.
+    pub id: String,
+    /// `stdout` or `stderr`.
+    pub stream: String,
+    /// The most lines asked for.
+    pub lines: u64,
+    /// The lines.
+    pub text: String,
+}
+
+/// The query of a log call.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogQuery {
+    stream: Option<String>,
+    lines: Option<u64>,
+}
+
+/// How long the agent has to answer a log call.
+const LOG_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The tail of one of a topology's process logs, from the agent running it.
+/// The id is the process id with or without the `{name}/` prefix, e.g.
+/// `server` or `count/0`.
+#[utoipa::path(
+    get, path = "/api/v1/topologies/{name}/processes/{id}/logs",
+    params(
+        ("name" = String, Path, description = "the topology's name"),
+        ("id" = String, Path, description = "the process id, e.g. `server` or `count/0`"),
+        ("stream" = Option<String>, Query, description = "`stdout` (the default) or `stderr`"),
+        ("lines" = Option<u64>, Query, description = "the last lines to return (default 100)")
+    ),
+    responses(
+        (status = 200, body = LogTail),
+        (status = 400, body = ErrorBody),
+        (status = 404, description = "unknown topology or process", body = ErrorBody),
+        (status = 502, description = "the agent did not answer", body = ErrorBody)
+    )
+)]
+#[get("/api/v1/topologies/{name}/processes/{id:.+}/logs")]
+async fn process_logs(
+    data: Data,
+    path: web::Path<(String, String)>,
+    req: HttpRequest,
+) -> Result<HttpResponse, Error> {
+    let (name, id) = path.into_inner();
+    let query = web::Query::<LogQuery>::from_query(req.query_string())
+        .map_err(|e| Error::BadRequest(format!("bad query (stream, lines): {e}")))?;
+    let stream = query.stream.clone().unwrap_or_else(|| "stdout".into());
+    if stream != "stdout" && stream != "stderr" {
+        return Err(Error::BadRequest(format!(
+            "stream must be stdout or stderr, not `{stream}`"
+        )));
+    }
+    let (full, agent) = data.director.process_agent(&name, &id)?;
+    let mut target = format!(
+        "/api/v1/processes/{}/logs?stream={stream}",
+        crate::metrics::encode(&full)
+    );
+    if let Some(n) = query.lines {
+        target.push_str(&format!("&lines={n}"));
+    }
+    let answer = crate::metrics::http_get(&agent, &target, LOG_TIMEOUT)
+        .await
+        .map_err(|e| Error::BadGateway(format!("agent {agent} did not answer: {e}")))?;
+    let status = actix_web::http::StatusCode::from_u16(answer.status)
+        .map_err(|_| Error::BadGateway(format!("agent {agent} answered nonsense")))?;
+    if serde_json::from_slice::<serde_json::Value>(&answer.body).is_err() {
+        return Err(Error::BadGateway(format!(
+            "agent {agent} answered {status} without JSON"
+        )));
+    }
+    Ok(HttpResponse::build(status)
+        .content_type("application/json")
+        .body(answer.body))
 }
 
 /// This document.

@@ -15,6 +15,8 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:7300";
 pub const DEFAULT_DATA_DIR: &str = "tempest-director-data";
 /// The default agent timeout.
 pub const DEFAULT_AGENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The default metrics scrape interval.
+pub const DEFAULT_METRICS_INTERVAL: Duration = Duration::from_secs(2);
 /// The default upload limit: 512 MiB.
 pub const DEFAULT_MAX_UPLOAD: u64 = 512 * 1024 * 1024;
 
@@ -24,6 +26,7 @@ const KEYS: &[&str] = &[
     "token",
     "agent_timeout",
     "max_upload",
+    "metrics_interval",
     "log_level",
 ];
 
@@ -40,6 +43,8 @@ pub struct DirectorConfig {
     pub agent_timeout: Duration,
     /// The largest package upload, bytes.
     pub max_upload: u64,
+    /// How often the agents' metrics are scraped.
+    pub metrics_interval: Duration,
     /// The log level or filter.
     pub log_level: String,
 }
@@ -52,6 +57,7 @@ impl Default for DirectorConfig {
             token: None,
             agent_timeout: DEFAULT_AGENT_TIMEOUT,
             max_upload: DEFAULT_MAX_UPLOAD,
+            metrics_interval: DEFAULT_METRICS_INTERVAL,
             log_level: "info".into(),
         }
     }
@@ -147,6 +153,9 @@ pub fn parse_cluster_toml(text: &str, path: &Path) -> Result<DirectorConfig, Con
                 }
                 _ => Err("must be a number of bytes, at least 1024".into()),
             },
+            "metrics_interval" => string()
+                .and_then(|s| parse_timeout(&s))
+                .map(|d| config.metrics_interval = d),
             "log_level" => string().map(|s| config.log_level = s),
             _ => Err(format!(
                 "unknown key; the [director] keys are {}",

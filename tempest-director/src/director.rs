@@ -22,8 +22,12 @@ use utoipa::ToSchema;
 
 use crate::error::Error;
 use crate::lifecycle::{Command, Lifecycle, Phase, Transition};
+use crate::metrics::{Figures, SamplePoint, SourceFigures, TaskFigures};
 use crate::placement::{AgentLoad, Scheduler};
 use crate::store::{AgentRecord, PackageRecord, PlacementRecord, Snapshot, Store, TopologyRecord};
+
+/// How long the metric series are kept.
+pub const SAMPLES_KEPT: Duration = Duration::from_secs(15 * 60);
 
 /// The most worker instances of one task.
 const MAX_WORKERS: u32 = 1024;
@@ -165,6 +169,52 @@ pub struct TopologySummary {
     pub running: usize,
     /// When it was deployed, Unix milliseconds.
     pub created_at_ms: u64,
+    /// Roots acked per second over the last scrape interval.
+    pub msgs_per_sec: f64,
+    /// Roots acked, in total (since its processes started).
+    pub acked: u64,
+    /// Roots failed or timed out, in total.
+    pub failed: u64,
+    /// Roots in flight.
+    pub in_flight: u64,
+    /// The median root complete latency over the last interval, ms.
+    pub p50_ms: Option<f64>,
+    /// The 99th percentile root complete latency over the last interval, ms.
+    pub p99_ms: Option<f64>,
+}
+
+/// A process that failed or is backing off, with its agent's reason.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct RecentError {
+    /// The process id.
+    pub process: String,
+    /// The agent that reported it.
+    pub agent: String,
+    /// `failed` or `backoff`.
+    pub state: String,
+    /// Restarts after exits.
+    pub restarts: u32,
+    /// Why, as the agent reports it.
+    pub error: Option<String>,
+}
+
+/// The cluster at a glance.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct ClusterSummary {
+    /// Agents heartbeating within the timeout.
+    pub agents_up: usize,
+    /// Agents that are not.
+    pub agents_down: usize,
+    /// Topologies asked to run.
+    pub topologies_running: usize,
+    /// Topologies stopped.
+    pub topologies_stopped: usize,
+    /// Roots acked per second over every topology.
+    pub msgs_per_sec: f64,
+    /// Roots acked over every running topology, in total.
+    pub acked: u64,
+    /// Roots failed or timed out over every running topology, in total.
+    pub failed: u64,
 }
 
 /// One topology in detail.
@@ -179,6 +229,12 @@ pub struct TopologyDetail {
     pub effective_config: String,
     /// Its processes and where they run.
     pub placement: Vec<ProcessView>,
+    /// Per task: workers, messages in, msgs/s, errors, handle p99, capacity.
+    pub tasks: BTreeMap<String, TaskFigures>,
+    /// The source's figures.
+    pub source: SourceFigures,
+    /// Its processes that failed or are backing off.
+    pub recent_errors: Vec<RecentError>,
 }
 
 /// The cluster state and the decisions over it.
@@ -196,6 +252,8 @@ struct Inner {
     s: Snapshot,
     /// The effective `Topology.toml` of each topology.
     effective: HashMap<String, String>,
+    /// The last scrape's figures of each running topology.
+    figures: HashMap<String, Figures>,
 }
 
 /// One process a running topology needs.
@@ -237,6 +295,7 @@ impl Director {
                 store,
                 s,
                 effective,
+                figures: HashMap::new(),
             }),
             scheduler,
             settings,
@@ -601,6 +660,118 @@ impl Director {
         Ok(Some(self.detail(inner, name)))
     }
 
+    /// The API addresses of the live agents, to scrape.
+    pub fn live_agents(&self) -> Vec<String> {
+        let now = now_ms();
+        self.inner
+            .lock()
+            .s
+            .agents
+            .values()
+            .filter(|a| self.is_up(a, now))
+            .map(|a| a.address.clone())
+            .collect()
+    }
+
+    /// Turns one scrape of every live agent into each running topology's
+    /// figures and stores a point of its series.
+    pub fn record_metrics(
+        &self,
+        samples: &[crate::metrics::Sample],
+        ts_ms: u64,
+    ) -> Result<(), Error> {
+        let mut inner = self.inner.lock();
+        let inner = &mut *inner;
+        let running: Vec<(String, BTreeMap<String, u32>)> = inner
+            .s
+            .topologies
+            .values()
+            .filter(|t| t.state == Lifecycle::Running)
+            .map(|t| (t.name.clone(), t.workers.clone()))
+            .collect();
+        inner
+            .figures
+            .retain(|name, _| running.iter().any(|(n, _)| n == name));
+        for (name, workers) in running {
+            let f = Figures::compute(&name, samples, &workers, inner.figures.get(&name), ts_ms);
+            let point = SamplePoint {
+                ts: ts_ms,
+                acked: f.acked,
+                failed: f.failed,
+                in_flight: f.in_flight,
+                rate: f.msgs_per_sec,
+                p50_ms: f.p50_ms,
+                p99_ms: f.p99_ms,
+            };
+            inner
+                .store
+                .put_sample(&name, &point, SAMPLES_KEPT.as_millis() as u64)?;
+            inner.figures.insert(name, f);
+        }
+        Ok(())
+    }
+
+    /// A topology's stored series of the last 15 minutes.
+    pub fn samples(&self, name: &str) -> Result<Vec<SamplePoint>, Error> {
+        let inner = self.inner.lock();
+        if !inner.s.topologies.contains_key(name) {
+            return Err(Error::NotFound(format!("no topology {name}")));
+        }
+        let keep = now_ms().saturating_sub(SAMPLES_KEPT.as_millis() as u64);
+        let mut out = inner.store.samples(name)?;
+        out.retain(|p| p.ts >= keep);
+        Ok(out)
+    }
+
+    /// The address of the agent a topology's process is placed on. `id` is
+    /// the process id, with or without the `topology/` prefix.
+    pub fn process_agent(&self, name: &str, id: &str) -> Result<(String, String), Error> {
+        let inner = self.inner.lock();
+        if !inner.s.topologies.contains_key(name) {
+            return Err(Error::NotFound(format!("no topology {name}")));
+        }
+        let full = if id.starts_with(&format!("{name}/")) {
+            id.to_owned()
+        } else {
+            format!("{name}/{id}")
+        };
+        let agent = inner
+            .s
+            .placements
+            .get(&full)
+            .filter(|p| p.topology == name)
+            .and_then(|p| inner.s.agents.get(&p.agent))
+            .ok_or_else(|| Error::NotFound(format!("topology {name} has no process {id}")))?;
+        Ok((full, agent.address.clone()))
+    }
+
+    /// The cluster at a glance.
+    pub fn cluster(&self) -> ClusterSummary {
+        let inner = self.inner.lock();
+        let now = now_ms();
+        let up = inner
+            .s
+            .agents
+            .values()
+            .filter(|a| self.is_up(a, now))
+            .count();
+        let running = inner
+            .s
+            .topologies
+            .values()
+            .filter(|t| t.state == Lifecycle::Running)
+            .count();
+        ClusterSummary {
+            agents_up: up,
+            agents_down: inner.s.agents.len() - up,
+            topologies_running: running,
+            topologies_stopped: inner.s.topologies.len() - running,
+            msgs_per_sec: inner.figures.values().map(|f| f.msgs_per_sec).sum(),
+            acked: inner.figures.values().map(|f| f.acked).sum(),
+            failed: inner.figures.values().map(|f| f.failed).sum(),
+        }
+    }
+
     /// Every topology.
     pub fn topologies(&self) -> Vec<TopologySummary> {
         let inner = self.inner.lock();
@@ -704,6 +875,18 @@ impl Director {
                 }
             }
         };
+        let figures = inner.figures.get(name);
+        let recent_errors = placement
+            .iter()
+            .filter(|p| p.state == "failed" || p.state == "backoff")
+            .map(|p| RecentError {
+                process: p.id.clone(),
+                agent: p.agent.clone(),
+                state: p.state.clone(),
+                restarts: p.restarts,
+                error: p.error.clone(),
+            })
+            .collect();
         let package_name = s
             .packages
             .get(&t.package)
@@ -725,9 +908,33 @@ impl Director {
                 },
                 running,
                 created_at_ms: t.created_at_ms,
+                msgs_per_sec: figures.map_or(0.0, |f| f.msgs_per_sec),
+                acked: figures.map_or(0, |f| f.acked),
+                failed: figures.map_or(0, |f| f.failed),
+                in_flight: figures.map_or(0, |f| f.in_flight),
+                p50_ms: figures.and_then(|f| f.p50_ms),
+                p99_ms: figures.and_then(|f| f.p99_ms),
             },
             config: t.config.clone(),
             effective_config: inner.effective.get(name).cloned().unwrap_or_default(),
+            tasks: match figures {
+                Some(f) => f.tasks.clone(),
+                None => t
+                    .workers
+                    .iter()
+                    .map(|(task, n)| {
+                        (
+                            task.clone(),
+                            TaskFigures {
+                                workers: *n,
+                                ..TaskFigures::default()
+                            },
+                        )
+                    })
+                    .collect(),
+            },
+            source: figures.map(|f| f.source.clone()).unwrap_or_default(),
+            recent_errors,
             placement,
         }
     }

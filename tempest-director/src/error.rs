@@ -24,6 +24,9 @@ pub enum Error {
     /// The body is larger than allowed.
     #[error("{0}")]
     TooLarge(String),
+    /// An agent the call needed did not answer (or answered nonsense).
+    #[error("{0}")]
+    BadGateway(String),
     /// The director's own fault (its disk or database); may be retried.
     #[error("{0}")]
     Internal(String),
@@ -50,6 +53,7 @@ impl ResponseError for Error {
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::Conflict(_) => StatusCode::CONFLICT,
             Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::BadGateway(_) => StatusCode::BAD_GATEWAY,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

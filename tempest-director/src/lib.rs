@@ -10,6 +10,7 @@
 //! - [`lifecycle`]: a topology's typed state machine;
 //! - [`placement`]: the scheduler trait and the least-loaded policy;
 //! - [`director`]: the decisions, over the state;
+//! - [`metrics`]: the metrics collector's parsing and figures;
 //! - [`api`]: the REST API and its OpenAPI document;
 //! - [`config`]: the `[director]` section of `Cluster.toml`.
 
@@ -20,6 +21,7 @@ pub mod config;
 pub mod director;
 pub mod error;
 pub mod lifecycle;
+pub mod metrics;
 pub mod placement;
 pub mod store;
 
@@ -90,6 +92,46 @@ pub async fn run(config: DirectorConfig) -> anyhow::Result<()> {
             }
         }
     });
+    let collector = director.clone();
+    let every = config.metrics_interval;
+    actix_web::rt::spawn(async move {
+        let mut interval = tokio::time::interval(every);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            collect(&collector, every).await;
+        }
+    });
     server.run().await?;
     Ok(())
+}
+
+/// One round of the metrics collector: scrapes every live agent at once
+/// and records the figures.
+async fn collect(director: &Arc<Director>, every: Duration) {
+    let timeout = every.max(Duration::from_secs(1));
+    let scrapes = director.live_agents().into_iter().map(|addr| async move {
+        match metrics::http_get(&addr, "/api/v1/metrics", timeout).await {
+            Ok(a) if a.status == 200 => Some(metrics::parse(&String::from_utf8_lossy(&a.body))),
+            Ok(a) => {
+                tracing::warn!("scraping agent {addr}: status {}", a.status);
+                None
+            }
+            Err(e) => {
+                tracing::warn!("scraping agent {addr}: {e}");
+                None
+            }
+        }
+    });
+    let samples: Vec<metrics::Sample> = futures_util::future::join_all(scrapes)
+        .await
+        .into_iter()
+        .flatten()
+        .flatten()
+        .collect();
+    let d = director.clone();
+    let ts = director::now_ms();
+    if let Ok(Err(e)) = web::block(move || d.record_metrics(&samples, ts)).await {
+        tracing::error!("recording metrics: {e}");
+    }
 }

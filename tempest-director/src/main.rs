@@ -28,6 +28,9 @@ struct Args {
     /// The largest package upload, bytes [default: 536870912].
     #[arg(long)]
     max_upload: Option<u64>,
+    /// How often to scrape the agents' metrics, e.g. "2s" [default: 2s].
+    #[arg(long, value_parser = config::parse_timeout)]
+    metrics_interval: Option<std::time::Duration>,
     /// The log level or filter; RUST_LOG overrides it [default: info].
     #[arg(long)]
     log_level: Option<String>,
@@ -62,6 +65,9 @@ fn settings(args: Args) -> Result<DirectorConfig, String> {
             return Err("command line: key `--max-upload`: at least 1024 bytes".into());
         }
         c.max_upload = v;
+    }
+    if let Some(v) = args.metrics_interval {
+        c.metrics_interval = v;
     }
     if let Some(v) = args.log_level {
         c.log_level = v;

@@ -13,6 +13,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use tempest_control::{Manifest, NodeInfo, ProcessStatus};
 
 use crate::lifecycle::Lifecycle;
+use crate::metrics::SamplePoint;
 
 /// An agent as last heard from.
 #[derive(Clone, Debug)]
@@ -113,6 +114,10 @@ CREATE TABLE IF NOT EXISTS topologies (
 CREATE TABLE IF NOT EXISTS placements (
     process TEXT PRIMARY KEY, topology TEXT NOT NULL, agent TEXT NOT NULL,
     generation INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS samples (
+    topology TEXT NOT NULL, ts INTEGER NOT NULL, acked INTEGER NOT NULL, failed INTEGER NOT NULL,
+    in_flight INTEGER NOT NULL, rate REAL NOT NULL, p50_ms REAL, p99_ms REAL);
+CREATE INDEX IF NOT EXISTS samples_by_topology ON samples (topology, ts);
 ";
 
 fn json_col<T: serde::de::DeserializeOwned>(text: String) -> rusqlite::Result<T> {
@@ -225,6 +230,55 @@ impl Store {
             snap.placements.insert(p.process.clone(), p);
         }
         Ok(snap)
+    }
+
+    /// Stores one point of a topology's series and deletes the points
+    /// older than `keep_ms` before it.
+    pub fn put_sample(
+        &self,
+        topology: &str,
+        p: &SamplePoint,
+        keep_ms: u64,
+    ) -> rusqlite::Result<()> {
+        self.db.execute(
+            "INSERT INTO samples (topology, ts, acked, failed, in_flight, rate, p50_ms, p99_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                topology,
+                p.ts as i64,
+                p.acked as i64,
+                p.failed as i64,
+                p.in_flight as i64,
+                p.rate,
+                p.p50_ms,
+                p.p99_ms
+            ],
+        )?;
+        self.db.execute(
+            "DELETE FROM samples WHERE ts < ?1",
+            params![p.ts.saturating_sub(keep_ms) as i64],
+        )?;
+        Ok(())
+    }
+
+    /// A topology's stored series, oldest first.
+    pub fn samples(&self, topology: &str) -> rusqlite::Result<Vec<SamplePoint>> {
+        let mut st = self.db.prepare_cached(
+            "SELECT ts, acked, failed, in_flight, rate, p50_ms, p99_ms FROM samples
+             WHERE topology = ?1 ORDER BY ts",
+        )?;
+        let rows = st.query_map(params![topology], |r| {
+            Ok(SamplePoint {
+                ts: r.get::<_, i64>(0)? as u64,
+                acked: r.get::<_, i64>(1)? as u64,
+                failed: r.get::<_, i64>(2)? as u64,
+                in_flight: r.get::<_, i64>(3)? as u64,
+                rate: r.get(4)?,
+                p50_ms: r.get(5)?,
+                p99_ms: r.get(6)?,
+            })
+        })?;
+        rows.collect()
     }
 
     /// Records an agent's heartbeat.

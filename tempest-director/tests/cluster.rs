@@ -499,6 +499,85 @@ fn all_running(detail: &Value, n: usize) -> Option<BTreeSet<String>> {
 // ---------------------------------------------------------------------------
 // The tests.
 
+/// The running word count's figures through the director: acked growing,
+/// a rate, per-task figures, samples accumulating, the logs proxy.
+fn check_figures(director: &Director) {
+    let first = wait_for("acked in the director's figures", WAIT, || {
+        let t = director.topology("wordcount");
+        let acked = t["acked"].as_u64()?;
+        (acked > 0 && t["msgs_per_sec"].as_f64()? > 0.0).then_some(acked)
+    });
+    let t = wait_for("acked growing in the director's figures", WAIT, || {
+        let t = director.topology("wordcount");
+        (t["acked"].as_u64()? > first).then_some(t)
+    });
+    assert!(t["p99_ms"].as_f64().is_some(), "{t}");
+    assert!(t["p50_ms"].as_f64() <= t["p99_ms"].as_f64(), "{t}");
+    assert!(t["source"]["polled"].as_u64() >= t["acked"].as_u64(), "{t}");
+    assert_eq!(t["tasks"]["count"]["workers"], json!(2), "{t}");
+    assert!(t["recent_errors"].as_array().is_some(), "{t}");
+    wait_for("messages into every task", WAIT, || {
+        let t = director.topology("wordcount");
+        ["split", "count", "output"]
+            .iter()
+            .all(|task| t["tasks"][task]["messages_in"].as_u64() > Some(0))
+            .then_some(())
+    });
+    let r = director.get("/api/v1/topologies");
+    let summary = &r.json()[0];
+    assert!(summary["acked"].as_u64() > Some(0), "{summary}");
+    assert!(summary["in_flight"].is_u64(), "{summary}");
+    let r = director.get("/api/v1/cluster");
+    assert_eq!(r.status, 200, "{}", r.body);
+    let c = r.json();
+    assert_eq!(
+        (c["agents_up"].clone(), c["topologies_running"].clone()),
+        (json!(2), json!(1)),
+        "{c}"
+    );
+    assert!(c["msgs_per_sec"].is_number(), "{c}");
+
+    // The series accumulates.
+    let n = director
+        .get("/api/v1/topologies/wordcount/samples")
+        .json()
+        .as_array()
+        .unwrap()
+        .len();
+    let points = wait_for("samples accumulating", WAIT, || {
+        let r = director.get("/api/v1/topologies/wordcount/samples");
+        let v = r.json();
+        (v.as_array()?.len() >= n + 2).then_some(v)
+    });
+    let points = points.as_array().unwrap();
+    assert!(points
+        .windows(2)
+        .all(|w| w[0]["ts"].as_u64() <= w[1]["ts"].as_u64()));
+    assert!(points.iter().any(|p| p["acked"].as_u64() > Some(0)));
+    assert_eq!(director.get("/api/v1/topologies/nope/samples").status, 404);
+
+    // The logs proxy.
+    let logs = wait_for("the server's stdout through the director", WAIT, || {
+        let r = director
+            .get("/api/v1/topologies/wordcount/processes/server/logs?stream=stdout&lines=50");
+        assert_eq!(r.status, 200, "{}", r.body);
+        let v = r.json();
+        v["text"].as_str()?.contains("listening on").then_some(v)
+    });
+    assert_eq!(logs["id"], json!("wordcount/server"));
+    let r = director.get("/api/v1/topologies/wordcount/processes/wordcount/server/logs");
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = director.get("/api/v1/topologies/wordcount/processes/count/0/logs?stream=stderr");
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = director.get("/api/v1/topologies/wordcount/processes/nope/logs");
+    assert_eq!(r.status, 404, "{}", r.body);
+    assert!(r.json()["error"].as_str().is_some());
+    let r = director.get("/api/v1/topologies/nope/processes/server/logs");
+    assert_eq!(r.status, 404, "{}", r.body);
+    let r = director.get("/api/v1/topologies/wordcount/processes/server/logs?stream=both");
+    assert_eq!(r.status, 400, "{}", r.body);
+}
+
 #[test]
 fn deploys_wordcount_moves_the_processes_of_a_dead_agent_and_survives_a_restart() {
     let tmp = tempdir();
@@ -511,6 +590,8 @@ fn deploys_wordcount_moves_the_processes_of_a_dead_agent_and_survives_a_restart(
         "2s",
         "--max-upload",
         "65536",
+        "--metrics-interval",
+        "300ms",
     ];
     let mut director = Director::start(&ddir, &listen, &director_args);
     let a = Agent::start(&tmp.path().join("a"), &director.addr, &port_range(20));
@@ -598,6 +679,7 @@ fn deploys_wordcount_moves_the_processes_of_a_dead_agent_and_survives_a_restart(
     let acked = || a.acked() + b.acked();
     let first = wait_for("acked roots", WAIT, || Some(acked()).filter(|n| *n > 0));
     wait_for("acked growing", WAIT, || (acked() > first).then_some(()));
+    check_figures(&director);
 
     // B dies (its processes live on, orphaned): everything moves to A
     // within 15 s.
@@ -650,7 +732,12 @@ fn deploys_wordcount_moves_the_processes_of_a_dead_agent_and_survives_a_restart(
     });
 
     // The director restarts and still knows everything; nothing moves.
-    let pids: Vec<Value> = director.topology("wordcount")["placement"]
+    // Take the picture once everything runs, so no process is mid-restart.
+    let before = wait_for("the topology running before the restart", WAIT, || {
+        let d = director.topology("wordcount");
+        all_running(&d, 5).map(|_| d)
+    });
+    let pids: Vec<Value> = before["placement"]
         .as_array()
         .unwrap()
         .iter()
@@ -746,10 +833,27 @@ fn serves_its_openapi_document_and_json_errors() {
         "/api/v1/topologies/{name}/start",
         "/api/v1/topologies/{name}/kill",
         "/api/v1/topologies/{name}/rebalance",
+        "/api/v1/cluster",
+        "/api/v1/topologies/{name}/samples",
+        "/api/v1/topologies/{name}/processes/{id}/logs",
     ] {
         assert!(doc["paths"][path].is_object(), "no {path} in {doc}");
     }
-    assert!(doc["components"]["schemas"]["DeployRequest"].is_object());
+    for schema in [
+        "DeployRequest",
+        "ClusterSummary",
+        "SamplePoint",
+        "TaskFigures",
+        "LogTail",
+    ] {
+        assert!(
+            doc["components"]["schemas"][schema].is_object(),
+            "no {schema}"
+        );
+    }
+    let r = director.get("/api/v1/cluster");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["agents_up"], json!(0));
 
     let r = director.get("/api/v1/nothing-here");
     assert_eq!(r.status, 404);

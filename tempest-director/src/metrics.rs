@@ -1,0 +1,502 @@
+//! The metrics collector: scrapes every live agent's `/api/v1/metrics`
+//! (the node's figures and the sum of its processes' Prometheus metrics),
+//! and turns the samples into per-topology figures.
+//!
+//! The pure parts ([`parse`], [`quantile`], [`Figures::compute`]) are here;
+//! [`crate::director::Director::record_metrics`] keeps the previous scrape
+//! for rates and stores the series.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use utoipa::ToSchema;
+
+/// The largest answer read from an agent.
+const MAX_ANSWER: usize = 32 << 20;
+
+/// One sample of an exposition.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sample {
+    /// The metric's exposed name (with `_total`, `_bucket`, ...).
+    pub name: String,
+    /// Its labels.
+    pub labels: BTreeMap<String, String>,
+    /// Its value.
+    pub value: f64,
+}
+
+impl Sample {
+    fn label(&self, k: &str) -> Option<&str> {
+        self.labels.get(k).map(String::as_str)
+    }
+}
+
+/// Parses the Prometheus text format; lines that are not samples are
+/// skipped.
+pub fn parse(text: &str) -> Vec<Sample> {
+    text.lines().filter_map(parse_line).collect()
+}
+
+fn parse_line(line: &str) -> Option<Sample> {
+    let line = line.trim();
+    if line.is_empty() || line.starts_with('#') {
+        return None;
+    }
+    let name_end = line.find(|c: char| c == '{' || c.is_whitespace())?;
+    let name = line[..name_end].to_owned();
+    let mut rest = &line[name_end..];
+    let mut labels = BTreeMap::new();
+    if rest.starts_with('{') {
+        rest = &rest[1..];
+        loop {
+            rest = rest.trim_start_matches([',', ' ']);
+            if let Some(r) = rest.strip_prefix('}') {
+                rest = r;
+                break;
+            }
+            let eq = rest.find('=')?;
+            let key = rest[..eq].trim().to_owned();
+            rest = rest[eq + 1..].trim_start().strip_prefix('"')?;
+            let mut value = String::new();
+            let mut chars = rest.char_indices();
+            let end = loop {
+                let (i, c) = chars.next()?;
+                match c {
+                    '\\' => match chars.next()?.1 {
+                        'n' => value.push('\n'),
+                        other => value.push(other),
+                    },
+                    '"' => break i,
+                    c => value.push(c),
+                }
+            };
+            rest = &rest[end + 1..];
+            labels.insert(key, value);
+        }
+    }
+    let value = rest.split_whitespace().next()?;
+    let value = match value {
+        "+Inf" | "Inf" => f64::INFINITY,
+        "-Inf" => f64::NEG_INFINITY,
+        v => v.parse().ok()?,
+    };
+    Some(Sample {
+        name,
+        labels,
+        value,
+    })
+}
+
+/// The `q` quantile (0..=1) of a histogram given as cumulative buckets
+/// `(upper bound, count at or below it)`, sorted by bound, the last one
+/// `+Inf`: the bucket holding the rank, interpolated linearly within it
+/// (as Prometheus's `histogram_quantile`). A rank in the `+Inf` bucket
+/// answers the highest finite bound. `None` when there are no counts.
+pub fn quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
+    let total = buckets.last()?.1;
+    if total <= 0.0 || !q.is_finite() {
+        return None;
+    }
+    let rank = q.clamp(0.0, 1.0) * total;
+    let mut prev = (0.0, 0.0);
+    for &(le, count) in buckets {
+        if count >= rank && count > prev.1 {
+            if le.is_infinite() {
+                return Some(prev.0);
+            }
+            let within = (rank - prev.1) / (count - prev.1);
+            return Some(prev.0 + (le - prev.0) * within);
+        }
+        prev = (le, count);
+    }
+    Some(prev.0)
+}
+
+/// The cumulative buckets of histogram `name` (its `_bucket` samples) for
+/// the samples `keep` selects, summed per bound and sorted.
+fn buckets<'a>(
+    samples: impl Iterator<Item = &'a Sample>,
+    name: &str,
+    keep: impl Fn(&Sample) -> bool,
+) -> Vec<(f64, f64)> {
+    let bucket = format!("{name}_bucket");
+    let mut out: Vec<(f64, f64)> = Vec::new();
+    for s in samples.filter(|s| s.name == bucket && keep(s)) {
+        let Some(le) = s.label("le").and_then(|v| match v {
+            "+Inf" | "Inf" => Some(f64::INFINITY),
+            v => v.parse::<f64>().ok(),
+        }) else {
+            continue;
+        };
+        match out.iter_mut().find(|(b, _)| *b == le) {
+            Some(slot) => slot.1 += s.value,
+            None => out.push((le, s.value)),
+        }
+    }
+    out.sort_by(|a, b| a.0.total_cmp(&b.0));
+    out
+}
+
+/// Bucket counts of `now` minus those of `before` (same bounds), when the
+/// difference holds counts; else `now`.
+fn window(now: &[(f64, f64)], before: Option<&Vec<(f64, f64)>>) -> Vec<(f64, f64)> {
+    let Some(before) = before else {
+        return now.to_vec();
+    };
+    let diff: Vec<(f64, f64)> = now
+        .iter()
+        .map(|(le, c)| {
+            let old = before
+                .iter()
+                .find(|(b, _)| b == le)
+                .map_or(0.0, |(_, c)| *c);
+            (*le, c - old)
+        })
+        .collect();
+    let ok = diff.iter().all(|(_, c)| *c >= 0.0) && diff.last().is_some_and(|(_, c)| *c > 0.0);
+    if ok {
+        diff
+    } else {
+        now.to_vec()
+    }
+}
+
+/// The figures of a topology's source (its topology server).
+#[derive(Clone, Debug, Default, Serialize, ToSchema)]
+pub struct SourceFigures {
+    /// Messages polled from the source.
+    pub polled: u64,
+    /// Roots acked.
+    pub acked: u64,
+    /// Roots failed.
+    pub failed: u64,
+    /// Roots timed out.
+    pub timed_out: u64,
+    /// Roots handed to the source's fail after the policy gave up.
+    pub dead_lettered: u64,
+    /// Replays scheduled.
+    pub retried: u64,
+    /// Errors from the source.
+    pub errors: u64,
+    /// Whether the source reports healthy (`None` before the first scrape).
+    pub healthy: Option<bool>,
+    /// Worker connections open at the topology server.
+    pub worker_connections: u64,
+}
+
+/// One task's figures.
+#[derive(Clone, Debug, Default, Serialize, ToSchema)]
+pub struct TaskFigures {
+    /// Worker instances.
+    pub workers: u32,
+    /// Messages handed to its handle, in total.
+    pub messages_in: u64,
+    /// Messages in per second over the last scrape interval.
+    pub msgs_per_sec: f64,
+    /// Messages whose handle failed.
+    pub errors: u64,
+    /// The 99th percentile of the time in handle over the last interval,
+    /// milliseconds.
+    pub handle_p99_ms: Option<f64>,
+    /// The busiest instance's capacity: the fraction of the last interval
+    /// it spent in handle.
+    pub capacity: f64,
+}
+
+/// A topology's figures from one scrape.
+#[derive(Clone, Debug, Default, Serialize, ToSchema)]
+pub struct Figures {
+    /// Roots acked, in total.
+    pub acked: u64,
+    /// Roots failed or timed out, in total.
+    pub failed: u64,
+    /// Roots in flight now.
+    pub in_flight: u64,
+    /// Roots acked per second over the last scrape interval.
+    pub msgs_per_sec: f64,
+    /// The median root complete latency over the last interval, ms.
+    pub p50_ms: Option<f64>,
+    /// The 99th percentile root complete latency over the last interval, ms.
+    pub p99_ms: Option<f64>,
+    /// The source's figures.
+    pub source: SourceFigures,
+    /// Per task.
+    pub tasks: BTreeMap<String, TaskFigures>,
+    /// When these were scraped, Unix milliseconds.
+    #[serde(skip)]
+    pub ts_ms: u64,
+    /// The complete-latency buckets (for the next interval's window).
+    #[serde(skip)]
+    pub latency: Vec<(f64, f64)>,
+    /// The handle-latency buckets per task.
+    #[serde(skip)]
+    pub handle: BTreeMap<String, Vec<(f64, f64)>>,
+}
+
+impl Figures {
+    /// The figures of `topology` from `samples` (every agent's, summed),
+    /// with rates and windows against `prev`, the last scrape's.
+    pub fn compute(
+        topology: &str,
+        samples: &[Sample],
+        workers: &BTreeMap<String, u32>,
+        prev: Option<&Figures>,
+        ts_ms: u64,
+    ) -> Figures {
+        let mine: Vec<&Sample> = samples
+            .iter()
+            .filter(|s| s.label("topology") == Some(topology))
+            .collect();
+        let sum = |name: &str| -> f64 {
+            mine.iter()
+                .filter(|s| s.name == name)
+                .map(|s| s.value)
+                .sum()
+        };
+        let count = |name: &str| sum(name).max(0.0) as u64;
+        let source = SourceFigures {
+            polled: count("tempest_source_polled_total"),
+            acked: count("tempest_source_acked_total"),
+            failed: count("tempest_source_failed_total"),
+            timed_out: count("tempest_source_timed_out_total"),
+            dead_lettered: count("tempest_source_dead_lettered_total"),
+            retried: count("tempest_source_retried_total"),
+            errors: count("tempest_source_errors_total"),
+            healthy: mine
+                .iter()
+                .any(|s| s.name == "tempest_source_healthy")
+                .then(|| sum("tempest_source_healthy") > 0.0),
+            worker_connections: count("tempest_worker_connections"),
+        };
+        let dt = prev
+            .map(|p| ts_ms.saturating_sub(p.ts_ms) as f64 / 1000.0)
+            .filter(|d| *d > 0.0);
+        let rate = |now: u64, before: Option<u64>| match (dt, before) {
+            (Some(dt), Some(b)) if now >= b => (now - b) as f64 / dt,
+            _ => 0.0,
+        };
+        let latency = buckets(
+            mine.iter().copied(),
+            "tempest_root_complete_latency_seconds",
+            |_| true,
+        );
+        let win = window(&latency, prev.map(|p| &p.latency));
+        let ms = |v: Option<f64>| v.map(|s| s * 1000.0);
+        let mut tasks = BTreeMap::new();
+        let mut handle = BTreeMap::new();
+        for (task, n) in workers {
+            let of_task = |s: &Sample| s.label("task") == Some(task.as_str());
+            let tsum = |name: &str| -> f64 {
+                mine.iter()
+                    .filter(|s| s.name == name && of_task(s))
+                    .map(|s| s.value)
+                    .sum()
+            };
+            let messages_in = tsum("tempest_task_messages_in_total").max(0.0) as u64;
+            let h = buckets(
+                mine.iter().copied(),
+                "tempest_task_handle_latency_seconds",
+                of_task,
+            );
+            let hwin = window(&h, prev.and_then(|p| p.handle.get(task)));
+            let capacity = mine
+                .iter()
+                .filter(|s| s.name == "tempest_task_capacity" && of_task(s))
+                .map(|s| s.value)
+                .fold(0.0, f64::max);
+            tasks.insert(
+                task.clone(),
+                TaskFigures {
+                    workers: *n,
+                    messages_in,
+                    msgs_per_sec: rate(
+                        messages_in,
+                        prev.and_then(|p| p.tasks.get(task)).map(|t| t.messages_in),
+                    ),
+                    errors: tsum("tempest_task_errors_total").max(0.0) as u64,
+                    handle_p99_ms: ms(quantile(&hwin, 0.99)),
+                    capacity,
+                },
+            );
+            handle.insert(task.clone(), h);
+        }
+        Figures {
+            acked: source.acked,
+            failed: source.failed + source.timed_out,
+            in_flight: count("tempest_roots_in_flight"),
+            msgs_per_sec: rate(source.acked, prev.map(|p| p.acked)),
+            p50_ms: ms(quantile(&win, 0.5)),
+            p99_ms: ms(quantile(&win, 0.99)),
+            source,
+            tasks,
+            ts_ms,
+            latency,
+            handle,
+        }
+    }
+}
+
+/// One stored point of a topology's series.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct SamplePoint {
+    /// When, Unix milliseconds.
+    pub ts: u64,
+    /// Roots acked, in total.
+    pub acked: u64,
+    /// Roots failed or timed out, in total.
+    pub failed: u64,
+    /// Roots in flight.
+    pub in_flight: u64,
+    /// Roots acked per second.
+    pub rate: f64,
+    /// Median complete latency, ms.
+    pub p50_ms: Option<f64>,
+    /// 99th percentile complete latency, ms.
+    pub p99_ms: Option<f64>,
+}
+
+/// An HTTP answer: status and body.
+pub struct Answer {
+    /// The status code.
+    pub status: u16,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+/// `GET http://{addr}{path}` with one connection, within `timeout`.
+pub async fn http_get(addr: &str, path: &str, timeout: Duration) -> std::io::Result<Answer> {
+    tokio::time::timeout(timeout, get(addr, path))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out"))?
+}
+
+async fn get(addr: &str, path: &str) -> std::io::Result<Answer> {
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await?;
+    let mut raw = Vec::new();
+    (&mut s)
+        .take(MAX_ANSWER as u64)
+        .read_to_end(&mut raw)
+        .await?;
+    let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_owned());
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| bad("no end of headers"))?;
+    let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad("bad status line"))?;
+    let mut body = raw[split + 4..].to_vec();
+    if head.contains("transfer-encoding: chunked") {
+        body = dechunk(&body);
+    }
+    Ok(Answer { status, body })
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(end) = b.windows(2).position(|w| w == b"\r\n") {
+        let size = std::str::from_utf8(&b[..end])
+            .ok()
+            .and_then(|s| usize::from_str_radix(s.split(';').next()?.trim(), 16).ok())
+            .unwrap_or(0);
+        if size == 0 {
+            break;
+        }
+        let start = end + 2;
+        out.extend_from_slice(&b[start..(start + size).min(b.len())]);
+        b = &b[(start + size + 2).min(b.len())..];
+    }
+    out
+}
+
+/// Percent-encodes a query or path value.
+pub fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'/') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_over_known_buckets() {
+        // 10 at or below 1, 90 in (1, 2], 100 in total.
+        let b = [(1.0, 10.0), (2.0, 100.0), (f64::INFINITY, 100.0)];
+        assert_eq!(quantile(&b, 0.1), Some(1.0));
+        assert!((quantile(&b, 0.5).unwrap() - (1.0 + 40.0 / 90.0)).abs() < 1e-9);
+        assert!((quantile(&b, 0.99).unwrap() - (1.0 + 89.0 / 90.0)).abs() < 1e-9);
+        assert!((quantile(&b, 0.05).unwrap() - 0.5).abs() < 1e-9);
+        // Ranks in +Inf answer the highest finite bound.
+        let b = [(1.0, 1.0), (f64::INFINITY, 10.0)];
+        assert_eq!(quantile(&b, 0.99), Some(1.0));
+        // No counts: no quantile.
+        assert_eq!(quantile(&[(1.0, 0.0), (f64::INFINITY, 0.0)], 0.5), None);
+        assert_eq!(quantile(&[], 0.5), None);
+        // Empty leading buckets are skipped.
+        let b = [
+            (0.001, 0.0),
+            (0.002, 0.0),
+            (0.005, 4.0),
+            (f64::INFINITY, 4.0),
+        ];
+        assert!((quantile(&b, 0.5).unwrap() - 0.0035).abs() < 1e-12);
+    }
+
+    #[test]
+    fn figures_from_an_exposition() {
+        let text = r#"# HELP tempest_source_acked_total Roots acked.
+# TYPE tempest_source_acked_total counter
+tempest_source_acked_total{topology="wc",host="h"} 100
+tempest_source_acked_total{topology="other",host="h"} 7
+tempest_source_failed_total{topology="wc",host="h"} 2
+tempest_source_timed_out_total{topology="wc",host="h"} 1
+tempest_roots_in_flight{topology="wc",host="h"} 5
+tempest_root_complete_latency_seconds_bucket{topology="wc",host="h",le="0.001"} 50
+tempest_root_complete_latency_seconds_bucket{topology="wc",host="h",le="0.002"} 100
+tempest_root_complete_latency_seconds_bucket{topology="wc",host="h",le="+Inf"} 100
+tempest_task_messages_in_total{topology="wc",task="split",host="h",instance="0"} 30
+tempest_task_messages_in_total{topology="wc",task="split",host="h",instance="1"} 20
+tempest_task_capacity{topology="wc",task="split",host="h",instance="0"} 0.25
+tempest_task_capacity{topology="wc",task="split",host="h",instance="1"} 0.5
+tempest_task_errors_total{topology="wc",task="split",host="h",instance="1"} 3
+"#;
+        let samples = parse(text);
+        assert_eq!(samples.len(), 13);
+        let workers = [("split".to_owned(), 2)].into_iter().collect();
+        let f = Figures::compute("wc", &samples, &workers, None, 1000);
+        assert_eq!((f.acked, f.failed, f.in_flight), (100, 3, 5));
+        assert_eq!(f.msgs_per_sec, 0.0);
+        assert!((f.p50_ms.unwrap() - 1.0).abs() < 1e-9);
+        let split = &f.tasks["split"];
+        assert_eq!((split.messages_in, split.errors, split.workers), (50, 3, 2));
+        assert_eq!(split.capacity, 0.5);
+        let more = text.replace("} 100\n", "} 300\n");
+        let g = Figures::compute("wc", &parse(&more), &workers, Some(&f), 3000);
+        assert_eq!(g.acked, 300);
+        assert!((g.msgs_per_sec - 100.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn parses_escaped_labels() {
+        let s = parse("m{a=\"x\\\"y\",b=\"z\"} 1.5\n").pop().unwrap();
+        assert_eq!(s.labels["a"], "x\"y");
+        assert_eq!(s.value, 1.5);
+        assert_eq!(encode("wc/split/0"), "wc/split/0");
+        assert_eq!(encode("a b"), "a%20b");
+    }
+}
