@@ -56,6 +56,18 @@ impl StatsdServer {
     }
 
     /// Every line received, once the socket has been quiet.
+    /// Waits (bounded) until the lines received so far satisfy `done`.
+    fn wait_until(&self, limit: Duration, done: impl Fn(&[String]) -> bool) {
+        let deadline = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < deadline {
+            if done(&self.lines.lock().unwrap()) {
+                return;
+            }
+            std::thread::yield_now();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     fn finish(mut self) -> Vec<String> {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(t) = self.thread.take() {
@@ -191,22 +203,9 @@ fn statsd_and_file_agree_with_the_roots_the_runtime_saw() {
     );
 
     // statsd: the deltas add up to the totals, every line carries the labels.
-    // The last flush happened before the run returned; give the loopback a
-    // moment to deliver it.
-    std::thread::sleep(Duration::from_millis(200));
-    let lines: Vec<Line> = statsd.finish().iter().map(|l| parse_line(l)).collect();
-    assert!(!lines.is_empty(), "no datagram arrived");
-    let host = hostname();
-    for l in &lines {
-        assert!(l.name.starts_with("tp.tempest_"), "{l:?}");
-        assert_eq!(
-            l.tags.get("topology").map(String::as_str),
-            Some("metered"),
-            "{l:?}"
-        );
-        assert_eq!(l.tags.get("host"), Some(&host), "{l:?}");
-    }
-    let sum = |name: &str, tags: &[(&str, &str)]| -> f64 {
+    // The last flush was sent before the run returned; wait (bounded) until
+    // the loopback delivered it, that is until the totals add up.
+    let sum_of = |lines: &[Line], name: &str, tags: &[(&str, &str)]| -> f64 {
         lines
             .iter()
             .filter(|l| {
@@ -219,6 +218,27 @@ fn statsd_and_file_agree_with_the_roots_the_runtime_saw() {
             .map(|l| l.value)
             .sum()
     };
+    statsd.wait_until(Duration::from_secs(10), |raw| {
+        let lines: Vec<Line> = raw.iter().map(|l| parse_line(l)).collect();
+        sum_of(&lines, "tp.tempest_source_acked", &[]) == acked as f64
+            && sum_of(&lines, "tp.tempest_source_polled", &[]) == N as f64
+            && sum_of(&lines, "tp.tempest_root_complete_latency.count", &[]) == acked as f64
+            && sum_of(&lines, "tp.tempest_task_messages_in", &[("task", "count")])
+                == words_in as f64
+    });
+    let lines: Vec<Line> = statsd.finish().iter().map(|l| parse_line(l)).collect();
+    assert!(!lines.is_empty(), "no datagram arrived");
+    let host = hostname();
+    for l in &lines {
+        assert!(l.name.starts_with("tp.tempest_"), "{l:?}");
+        assert_eq!(
+            l.tags.get("topology").map(String::as_str),
+            Some("metered"),
+            "{l:?}"
+        );
+        assert_eq!(l.tags.get("host"), Some(&host), "{l:?}");
+    }
+    let sum = |name: &str, tags: &[(&str, &str)]| sum_of(&lines, name, tags);
     assert_eq!(sum("tp.tempest_source_acked", &[]), acked as f64);
     assert_eq!(sum("tp.tempest_source_failed", &[]), failed as f64);
     assert_eq!(sum("tp.tempest_source_polled", &[]), N as f64);

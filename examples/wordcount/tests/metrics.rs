@@ -117,8 +117,18 @@ impl Statsd {
         }
     }
 
+    /// Waits (bounded) until the lines received so far satisfy `done`.
+    fn wait_until(&self, limit: Duration, done: impl Fn(&[String]) -> bool) {
+        let deadline = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < deadline {
+            if done(&self.lines.lock().unwrap()) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     fn finish(self) -> Vec<String> {
-        std::thread::sleep(Duration::from_millis(200));
         self.stop.store(true, Ordering::SeqCst);
         self.thread.join().unwrap();
         std::mem::take(&mut *self.lines.lock().unwrap())
@@ -323,6 +333,20 @@ fn processes_serve_metrics_and_the_numbers_agree() {
     for p in &mut others {
         p.wait_success(LIMIT);
     }
+    // The worker's last flush was sent before it exited; wait (bounded)
+    // until the loopback delivered it.
+    let split_in = |lines: &[String]| {
+        statsd_sum(
+            lines,
+            "wc.tempest_task_messages_in",
+            &[
+                ("task", "split"),
+                ("instance", "0"),
+                ("topology", "wordcount"),
+            ],
+        )
+    };
+    statsd.wait_until(LIMIT, |lines| split_in(lines) == COUNT);
     let datagrams = statsd.finish();
     assert_eq!(
         statsd_sum(
