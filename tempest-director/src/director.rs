@@ -245,6 +245,11 @@ pub struct Director {
     /// Agents get a full timeout from the director's start before they
     /// count as down, so a restarted director does not move everything.
     started_ms: u64,
+    /// When this director first heard any agent (0: not yet). Until some
+    /// agent is heard, a silent agent proves nothing (the director itself
+    /// may be unreachable or still starting), so nothing counts as down;
+    /// after that, an agent has a full timeout from then to be heard too.
+    first_beat_ms: std::sync::atomic::AtomicU64,
 }
 
 struct Inner {
@@ -300,6 +305,7 @@ impl Director {
             scheduler,
             settings,
             started_ms: now_ms(),
+            first_beat_ms: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -309,7 +315,11 @@ impl Director {
     }
 
     fn is_up(&self, a: &AgentRecord, now: u64) -> bool {
-        let seen = a.last_heartbeat_ms.max(self.started_ms);
+        let first = self.first_beat_ms.load(std::sync::atomic::Ordering::Relaxed);
+        if first == 0 {
+            return true;
+        }
+        let seen = a.last_heartbeat_ms.max(self.started_ms).max(first);
         now.saturating_sub(seen) <= self.settings.agent_timeout.as_millis() as u64
     }
 
@@ -411,6 +421,12 @@ impl Director {
                 "a heartbeat needs an agent_id and an address".into(),
             ));
         }
+        let _ = self.first_beat_ms.compare_exchange(
+            0,
+            now_ms(),
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let mut inner = self.inner.lock();
         let record = AgentRecord {
             id: hb.agent_id.clone(),
