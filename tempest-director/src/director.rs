@@ -315,7 +315,9 @@ impl Director {
     }
 
     fn is_up(&self, a: &AgentRecord, now: u64) -> bool {
-        let first = self.first_beat_ms.load(std::sync::atomic::Ordering::Relaxed);
+        let first = self
+            .first_beat_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
         if first == 0 {
             return true;
         }
