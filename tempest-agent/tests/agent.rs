@@ -14,101 +14,18 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use tempest_control::package::{pack, sha256_hex};
-use tempest_control::{
-    Assignment, Heartbeat, Manifest, ProcessSpec, ProcessState, ProcessStatus, Role,
+use tempest_control::package::sha256_hex;
+use tempest_control::{Assignment, Heartbeat, ProcessSpec, ProcessState, ProcessStatus, Role};
+use tempest_testkit::cluster::{
+    self, alive, cargo_bin, marked_processes, port_range, signal, AgentProcess, Orphans, WAIT,
 };
+use tempest_testkit::http::{request, Response};
 
-const WAIT: Duration = Duration::from_secs(60);
 const TOKEN: &str = "test-token";
-
-// ---------------------------------------------------------------------------
-// A minimal HTTP/1.1 client (one request per connection).
-
-struct Response {
-    status: u16,
-    body: String,
-}
-
-impl Response {
-    fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {} {}", self.status, self.body))
-    }
-}
-
-fn http(
-    addr: &str,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> std::io::Result<Response> {
-    let mut s = TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    s.write_all(req.as_bytes())?;
-    s.write_all(body)?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| std::io::Error::other("no end of headers"))?;
-    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-    let mut body = raw[split + 4..].to_vec();
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("bad status line: {head}")))?;
-    if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        body = dechunk(&body);
-    }
-    Ok(Response {
-        status,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    })
-}
-
-fn dechunk(mut b: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let Some(end) = b.windows(2).position(|w| w == b"\r\n") else {
-            return out;
-        };
-        let size = usize::from_str_radix(
-            String::from_utf8_lossy(&b[..end])
-                .split(';')
-                .next()
-                .unwrap_or("0")
-                .trim(),
-            16,
-        )
-        .unwrap_or(0);
-        if size == 0 {
-            return out;
-        }
-        let start = end + 2;
-        out.extend_from_slice(&b[start..(start + size).min(b.len())]);
-        b = &b[(start + size + 2).min(b.len())..];
-    }
-}
 
 // ---------------------------------------------------------------------------
 // The director test double.
@@ -299,24 +216,6 @@ fn serve(mut conn: TcpStream, state: &Mutex<DirectorState>) {
 // ---------------------------------------------------------------------------
 // Packages.
 
-/// A package around a shell script; returns the archive and its hash.
-fn script_package(dir: &Path, name: &str, script: &str) -> (Vec<u8>, String) {
-    let bin = dir.join(name);
-    std::fs::write(&bin, script).unwrap();
-    let manifest = Manifest {
-        name: name.into(),
-        version: "0.1.0".into(),
-        binary: String::new(),
-        sha256: String::new(),
-        target: "x86_64-unknown-linux-gnu".into(),
-        tempest_version: "0.1.0".into(),
-    };
-    let mut out = Vec::new();
-    pack(&bin, None, manifest, &mut out).unwrap();
-    let hash = sha256_hex(&out);
-    (out, hash)
-}
-
 /// A "topology binary" that says how it was started, then sleeps.
 fn sleeper(dir: &Path, tag: &str) -> (Vec<u8>, String) {
     script_package(
@@ -346,77 +245,24 @@ fn spec(id: &str, package: &str, role: Role) -> ProcessSpec {
 // ---------------------------------------------------------------------------
 // The agent process.
 
-/// A free port range for one test (tests run in parallel; each agent gets
-/// its own range).
-fn port_range(n: u16) -> String {
-    static NEXT: AtomicU16 = AtomicU16::new(0);
-    loop {
-        let slot = NEXT.fetch_add(1, Ordering::SeqCst);
-        let first = 24_000 + slot * 50;
-        assert!(first < 60_000, "no free port range");
-        if (first..first + n).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok()) {
-            return format!("{first}-{}", first + n - 1);
-        }
-    }
-}
-
 struct Agent {
-    child: Child,
+    proc: AgentProcess,
     addr: String,
     data_dir: PathBuf,
-    stderr: PathBuf,
 }
 
 impl Agent {
     fn start(data_dir: &Path, args: &[&str]) -> Agent {
-        std::fs::create_dir_all(data_dir).unwrap();
-        let stderr = data_dir.with_extension(format!("stderr.{}", unique()));
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tempest-agent"))
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir)
-            .args(args)
-            .env_remove("TEMPEST_TOKEN")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&stderr).unwrap())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            if let Some(Ok(l)) = lines.next() {
-                let _ = tx.send(l);
-            }
-            for _ in lines {}
-        });
-        let line = match rx.recv_timeout(WAIT) {
-            Ok(l) => l,
-            Err(_) => {
-                let _ = child.kill();
-                panic!(
-                    "the agent did not start: {}",
-                    std::fs::read_to_string(&stderr).unwrap_or_default()
-                );
-            }
-        };
-        let addr = line
-            .split("listening on http://")
-            .nth(1)
-            .unwrap_or_else(|| panic!("unexpected first line: {line}"))
-            .trim()
-            .to_owned();
+        let proc = AgentProcess::start(data_dir, args);
         Agent {
-            child,
-            addr,
-            data_dir: data_dir.canonicalize().unwrap(),
-            stderr,
+            addr: proc.addr.clone(),
+            data_dir: proc.data_dir.clone(),
+            proc,
         }
     }
 
     fn get(&self, path: &str) -> Response {
-        http(&self.addr, "GET", path, &[], b"").unwrap()
+        request(&self.addr, "GET", path, &[], b"").unwrap()
     }
 
     fn post(&self, path: &str, token: Option<&str>, body: &[u8]) -> Response {
@@ -425,7 +271,7 @@ impl Agent {
         if let Some(a) = &auth {
             headers.push(("Authorization", a));
         }
-        http(&self.addr, "POST", path, &headers, body).unwrap()
+        request(&self.addr, "POST", path, &headers, body).unwrap()
     }
 
     fn put(&self, path: &str, token: Option<&str>, body: &[u8]) -> Response {
@@ -434,7 +280,7 @@ impl Agent {
         if let Some(a) = &auth {
             headers.push(("Authorization", a.as_str()));
         }
-        http(&self.addr, "PUT", path, &headers, body).unwrap()
+        request(&self.addr, "PUT", path, &headers, body).unwrap()
     }
 
     fn assign(&self, token: Option<&str>, processes: Vec<ProcessSpec>) -> Response {
@@ -475,112 +321,27 @@ impl Agent {
     }
 
     fn stderr_text(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+        std::fs::read_to_string(&self.proc.daemon.log).unwrap_or_default()
     }
 
-    /// SIGKILLs the agent alone (its processes live on).
-    fn kill9(mut self) {
-        signal(self.child.id(), libc::SIGKILL);
-        let _ = self.child.wait();
-        // Leave the processes to the next agent.
-        std::mem::forget(self);
+    /// SIGKILLs the agent alone; its processes live on until the returned
+    /// guard is dropped (or a new agent adopts and stops them).
+    fn kill9(self) -> Orphans {
+        self.proc.kill9()
     }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        // SIGTERM stops the agent's processes; whatever is left (a failed
-        // test) is killed by its mark.
-        signal(self.child.id(), libc::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        for pid in marked_processes(&self.data_dir) {
-            signal(pid, libc::SIGKILL);
-        }
-        if std::thread::panicking() {
-            eprintln!("--- agent stderr ---\n{}", self.stderr_text());
-        }
-    }
-}
-
-fn signal(pid: u32, sig: i32) {
-    // SAFETY: kill(2) with a pid taken from a child or /proc.
-    unsafe {
-        libc::kill(pid as i32, sig);
-    }
-}
-
-fn unique() -> u64 {
-    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    N.fetch_add(1, Ordering::SeqCst)
-}
-
-/// Live processes started by the agent of `data_dir` (their environment
-/// carries its mark), zombies excluded.
-fn marked_processes(data_dir: &Path) -> Vec<u32> {
-    let mark = format!("TEMPEST_AGENT_DIR={}", data_dir.display());
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(env) = std::fs::read(e.path().join("environ")) else {
-            continue;
-        };
-        if !env.split(|b| *b == 0).any(|v| v == mark.as_bytes()) {
-            continue;
-        }
-        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-        let state = stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .split_whitespace()
-            .next();
-        if matches!(state, Some("Z") | Some("X") | None) {
-            continue;
-        }
-        out.push(pid);
-    }
-    out.sort();
-    out
-}
-
-fn alive(pid: u32) -> bool {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let state = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .next();
-    !matches!(state, Some("Z") | Some("X") | None)
 }
 
 /// Polls `f` until it gives a value, at most [`WAIT`].
-fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+fn wait_for<T>(what: &str, f: impl FnMut() -> Option<T>) -> T {
+    cluster::wait_for(what, WAIT, f)
 }
 
 fn tempdir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("tempest-agent-test")
-        .tempdir()
-        .unwrap()
+    cluster::tempdir("tempest-agent-test")
+}
+
+fn script_package(dir: &Path, name: &str, script: &str) -> (Vec<u8>, String) {
+    cluster::script_package(dir, name, script, None)
 }
 
 // ---------------------------------------------------------------------------
@@ -955,7 +716,7 @@ fn bad_requests_get_json_errors_and_the_agent_goes_on() {
         .unwrap()
         .contains("hash mismatch"));
     assert_eq!(agent.get("/api/v1/assignment").status, 200);
-    let r = http(&agent.addr, "DELETE", "/api/v1/assignment", &[], b"").unwrap();
+    let r = request(&agent.addr, "DELETE", "/api/v1/assignment", &[], b"").unwrap();
     assert_eq!(r.status, 405, "{}", r.body);
     assert!(r.json()["error"].is_string());
 
@@ -1077,7 +838,7 @@ fn survives_its_own_sigkill_without_orphans_or_duplicates() {
     let address = first.process(ids[0]).unwrap().address;
     let id = first.get("/api/v1/health").json()["agent_id"].clone();
     let data_dir = first.data_dir.clone();
-    first.kill9();
+    let _orphans = first.kill9();
     // The processes outlive their agent.
     assert!(pids.values().all(|p| alive(*p)));
 
@@ -1121,7 +882,7 @@ fn starts_from_its_kept_assignment_without_a_director() {
         agent.put(&format!("/api/v1/packages/{hash}"), None, &archive);
         agent.assign(None, vec![spec("k/server", &hash, Role::Topology)]);
         let pid = agent.wait_running(&["k/server"])["k/server"];
-        agent.kill9();
+        drop(agent.kill9());
         pid
     };
     signal(pid, libc::SIGKILL);
@@ -1136,32 +897,12 @@ fn starts_from_its_kept_assignment_without_a_director() {
 // ---------------------------------------------------------------------------
 // Metrics of a real topology.
 
-/// The word count example's binary, built if it is not there yet.
-fn wordcount_binary() -> PathBuf {
-    let dir = Path::new(env!("CARGO_BIN_EXE_tempest-agent"))
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    let bin = dir.join("wordcount");
-    if !bin.is_file() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-p", "wordcount", "--bin", "wordcount"])
-            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-            .status()
-            .unwrap();
-        assert!(status.success(), "building the word count example failed");
-    }
-    assert!(bin.is_file(), "no {}", bin.display());
-    bin
-}
-
 #[test]
 fn serves_the_aggregated_metrics_of_a_running_topology() {
     let tmp = tempdir();
     // The package's binary is a script that runs the real word count binary
     // (packing its 100+ MB would only slow the test down).
-    let wordcount = wordcount_binary();
+    let wordcount = cargo_bin("wordcount", "wordcount");
     let (archive, hash) = script_package(
         tmp.path(),
         "wordcount",

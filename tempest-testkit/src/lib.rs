@@ -5,8 +5,15 @@
 //! loopback port with a temporary data directory, wait until they answer,
 //! and stop them by PID when dropped. A missing binary is an error that says
 //! how to install it (`scripts/test` does), never a silent skip.
+//!
+//! [`cluster`] runs the Tempest daemons themselves (director, agents) for
+//! end-to-end tests, and [`http`] is the small client those tests speak to
+//! them with.
 
 #![warn(missing_docs)]
+
+pub mod cluster;
+pub mod http;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
@@ -207,6 +214,35 @@ impl RedisServer {
     pub fn command(&self, words: &[&str]) -> Result<String> {
         resp_command(self.port, words)
     }
+
+    /// Sends many commands in one pipeline: see [`redis_pipeline`].
+    pub fn pipeline(&self, commands: &[Vec<String>]) -> Result<Vec<String>> {
+        redis_pipeline(self.port, commands)
+    }
+}
+
+/// Sends many commands to the Redis server on `127.0.0.1:port` on one
+/// connection without waiting for each
+/// reply (a pipeline), then reads every reply: how tests feed a stream
+/// fast. Returns the replies, rendered as [`RedisServer::command`] does.
+pub fn redis_pipeline(port: u16, commands: &[Vec<String>]) -> Result<Vec<String>> {
+    let err = |e: std::io::Error| FixtureError(format!("redis pipeline: {e}"));
+    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(err)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(err)?;
+    let mut req = String::new();
+    for words in commands {
+        req.push_str(&format!("*{}\r\n", words.len()));
+        for w in words {
+            req.push_str(&format!("${}\r\n{w}\r\n", w.len()));
+        }
+    }
+    s.write_all(req.as_bytes()).map_err(err)?;
+    let mut reader = BufReader::new(s);
+    commands
+        .iter()
+        .map(|_| read_resp(&mut reader).map_err(err))
+        .collect()
 }
 
 fn redis_ping(port: u16) -> bool {

@@ -1,0 +1,538 @@
+//! Real Tempest daemons for tests: a `tempest-director` and `tempest-agent`
+//! processes on loopback, their binaries found (or built) in the test's own
+//! target directory, stopped by PID when dropped, with their logs printed
+//! when a test fails. Also the waits, ports and packages those tests share.
+//!
+//! Nothing here waits by sleeping for a fixed time: [`wait_for`] polls until
+//! what is expected holds, within a bound, and fails naming what it waited
+//! for.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tempest_control::package::{pack, sha256_hex};
+use tempest_control::Manifest;
+
+use crate::http::{self, Response};
+
+/// The default bound of a wait: generous, because CI machines are slow and
+/// shared; a wait that passes returns as soon as its condition holds.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// Polls `f` every 50 ms until it gives a value; panics naming `what` after
+/// `bound`.
+pub fn wait_for<T>(what: &str, bound: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + bound;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Sends `sig` to `pid`.
+pub fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) with a pid of a child or one read from /proc.
+    unsafe {
+        libc::kill(pid as libc::pid_t, sig);
+    }
+}
+
+/// Whether `pid` is a live process (zombies count as dead).
+pub fn alive(pid: u32) -> bool {
+    proc_state(Path::new(&format!("/proc/{pid}"))).is_some_and(|s| s != "Z" && s != "X")
+}
+
+fn proc_state(dir: &Path) -> Option<String> {
+    let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+    Some(
+        stat.rsplit(')')
+            .next()?
+            .split_whitespace()
+            .next()?
+            .to_owned(),
+    )
+}
+
+/// Live processes started by the agent of `data_dir` (their environment
+/// carries `TEMPEST_AGENT_DIR=<data_dir>`), zombies excluded, sorted.
+pub fn marked_processes(data_dir: &Path) -> Vec<u32> {
+    let mark = format!("TEMPEST_AGENT_DIR={}", data_dir.display());
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(env) = std::fs::read(e.path().join("environ")) else {
+            continue;
+        };
+        if !env.split(|b| *b == 0).any(|v| v == mark.as_bytes()) {
+            continue;
+        }
+        if proc_state(&e.path()).is_some_and(|s| s != "Z" && s != "X") {
+            out.push(pid);
+        }
+    }
+    out.sort();
+    out
+}
+
+/// `n` consecutive free loopback ports as `FIRST-LAST`, different for every
+/// call in this process (tests run in parallel, each agent gets its own).
+pub fn port_range(n: u16) -> String {
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    // Spread test binaries running at the same time over different slots.
+    let base = 20_000 + (std::process::id() % 64) as u16 * 400;
+    loop {
+        let slot = NEXT.fetch_add(1, Ordering::SeqCst);
+        let first = base + slot * n.max(20);
+        assert!(first < 60_000, "no free port range");
+        if (first..first + n).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok()) {
+            return format!("{first}-{}", first + n - 1);
+        }
+    }
+}
+
+/// A free `127.0.0.1:PORT`.
+pub fn free_addr() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").expect("binding 127.0.0.1:0");
+    l.local_addr().expect("a bound address").to_string()
+}
+
+/// A temporary directory whose name starts with `prefix`.
+pub fn tempdir(prefix: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .expect("creating a temporary directory")
+}
+
+/// The directory of the running test's profile (`target/debug` or
+/// `target/release`): test binaries live in its `deps/`.
+pub fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let deps = exe.parent().expect("the test binary's directory");
+    match deps.file_name().and_then(|n| n.to_str()) {
+        Some("deps") => deps.parent().unwrap_or(deps).to_path_buf(),
+        _ => deps.to_path_buf(),
+    }
+}
+
+/// The workspace's root directory.
+pub fn workspace_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tempest-testkit lives in the workspace")
+        .to_path_buf()
+}
+
+/// The binary `bin` of workspace package `package` in the test's profile
+/// directory, built first if it is not there (`cargo test --workspace`
+/// builds every binary; `cargo test -p one-crate` may not).
+pub fn cargo_bin(package: &str, bin: &str) -> PathBuf {
+    static BUILDING: Mutex<()> = Mutex::new(());
+    let dir = profile_dir();
+    let path = dir.join(bin);
+    let _one_at_a_time = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
+    if !path.is_file() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-p", package, "--bin", bin])
+            .current_dir(workspace_dir());
+        if dir.file_name().and_then(|n| n.to_str()) == Some("release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("running cargo build");
+        assert!(status.success(), "building {bin} of {package} failed");
+    }
+    assert!(path.is_file(), "no {}", path.display());
+    path
+}
+
+/// A daemon process that prints `... listening on http://ADDR` as its first
+/// line of standard output. Its standard error goes to a log file, printed
+/// when a test panics. Dropping it stops it (SIGTERM, then SIGKILL).
+pub struct Daemon {
+    child: Child,
+    /// The address it listens on, `IP:PORT`.
+    pub addr: String,
+    /// Its standard error.
+    pub log: PathBuf,
+    name: String,
+}
+
+impl Daemon {
+    /// Starts `program` with `args`, `RUST_LOG=info` and no inherited
+    /// `TEMPEST_TOKEN`, and waits (at most [`WAIT`]) for its address.
+    pub fn start(program: &Path, args: &[String], log: &Path) -> Daemon {
+        let mut child = Command::new(program)
+            .args(args)
+            .env_remove("TEMPEST_TOKEN")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(log).expect("creating a daemon's log file"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", program.display()));
+        let stdout = child.stdout.take().expect("a piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(l)) = lines.next() {
+                let _ = tx.send(l);
+            }
+            for _ in lines {}
+        });
+        let Ok(line) = rx.recv_timeout(WAIT) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{} did not start: {}",
+                program.display(),
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        };
+        let addr = line
+            .split("listening on http://")
+            .nth(1)
+            .unwrap_or_else(|| panic!("unexpected first line: {line}"))
+            .trim()
+            .to_owned();
+        Daemon {
+            child,
+            addr,
+            log: log.to_path_buf(),
+            name: program
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Its PID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILLs it and reaps it.
+    pub fn kill9(&mut self) {
+        signal(self.child.id(), libc::SIGKILL);
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then SIGKILL after 20 s; reaps it.
+    pub fn stop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        signal(self.child.id(), libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// `GET path` on it.
+    pub fn get(&self, path: &str) -> Response {
+        http::get(&self.addr, path)
+    }
+
+    /// `POST path` on it, with the token when given.
+    pub fn post(&self, path: &str, token: Option<&str>, body: &[u8]) -> Response {
+        http::send(&self.addr, "POST", path, token, body)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- {} {} log ---\n{}",
+                self.name,
+                self.addr,
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+        }
+    }
+}
+
+/// A `tempest-director` process.
+pub struct DirectorProcess {
+    /// The process.
+    pub daemon: Daemon,
+    /// Its API address, `IP:PORT`.
+    pub addr: String,
+    /// Its data directory.
+    pub data_dir: PathBuf,
+}
+
+impl DirectorProcess {
+    /// Starts a director on `listen` (`127.0.0.1:0` picks a port) with its
+    /// state in `data_dir` and the `extra` flags.
+    pub fn start(data_dir: &Path, listen: &str, extra: &[&str]) -> DirectorProcess {
+        let log = data_dir.with_extension(format!("log.{}", listen.replace(':', "_")));
+        let mut args: Vec<String> = vec![
+            "--listen".into(),
+            listen.into(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let daemon = Daemon::start(
+            &cargo_bin("tempest-director", "tempest-director"),
+            &args,
+            &log,
+        );
+        DirectorProcess {
+            addr: daemon.addr.clone(),
+            daemon,
+            data_dir: data_dir.to_path_buf(),
+        }
+    }
+
+    /// `GET path`.
+    pub fn get(&self, path: &str) -> Response {
+        self.daemon.get(path)
+    }
+
+    /// `POST path`, with the token when given.
+    pub fn post(&self, path: &str, token: Option<&str>, body: &[u8]) -> Response {
+        self.daemon.post(path, token, body)
+    }
+
+    /// `GET /api/v1/topologies/NAME`, which must answer 200.
+    pub fn topology(&self, name: &str) -> Value {
+        let r = self.get(&format!("/api/v1/topologies/{name}"));
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()
+    }
+
+    /// The ids of the agents the director counts as up.
+    pub fn agents_up(&self) -> BTreeSet<String> {
+        let r = self.get("/api/v1/agents");
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()
+            .as_array()
+            .map(|agents| {
+                agents
+                    .iter()
+                    .filter(|a| a["up"] == json!(true))
+                    .filter_map(|a| a["id"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Uploads an archive with the token; panics unless 200 or 201.
+    pub fn upload(&self, token: Option<&str>, archive: &[u8]) -> Value {
+        let r = self.post("/api/v1/packages", token, archive);
+        assert!(matches!(r.status, 200 | 201), "upload: {}", r.body);
+        r.json()
+    }
+}
+
+/// A `tempest-agent` process. Dropping it stops it, and kills whatever it
+/// started that is still alive.
+pub struct AgentProcess {
+    /// The process.
+    pub daemon: Daemon,
+    /// Its API address, `IP:PORT`.
+    pub addr: String,
+    /// Its (canonical) data directory.
+    pub data_dir: PathBuf,
+    leave_processes: bool,
+}
+
+/// Processes an agent left behind when it was SIGKILLed: killed when this is
+/// dropped, unless a new agent on the same data directory adopted them first
+/// and stopped them itself.
+pub struct Orphans {
+    /// The data directory whose mark they carry.
+    pub data_dir: PathBuf,
+}
+
+impl Drop for Orphans {
+    fn drop(&mut self) {
+        for pid in marked_processes(&self.data_dir) {
+            signal(pid, libc::SIGKILL);
+        }
+    }
+}
+
+impl AgentProcess {
+    /// Starts an agent on `127.0.0.1:0` with its state in `data_dir` and
+    /// the given flags (e.g. `--director`, `--token`, `--port-range`).
+    pub fn start(data_dir: &Path, args: &[&str]) -> AgentProcess {
+        std::fs::create_dir_all(data_dir).expect("creating the agent's data dir");
+        let data_dir = data_dir
+            .canonicalize()
+            .expect("the agent's data dir's path");
+        static N: AtomicU16 = AtomicU16::new(0);
+        let log = data_dir.with_extension(format!(
+            "log.{}.{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        let mut all: Vec<String> = vec![
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+        ];
+        all.extend(args.iter().map(|s| s.to_string()));
+        let daemon = Daemon::start(&cargo_bin("tempest-agent", "tempest-agent"), &all, &log);
+        AgentProcess {
+            addr: daemon.addr.clone(),
+            daemon,
+            data_dir,
+            leave_processes: false,
+        }
+    }
+
+    /// Starts an agent that joins `director` (its `IP:PORT`) with `token`,
+    /// heartbeating every 100 ms, with a port range of its own.
+    pub fn join(data_dir: &Path, director: &str, token: &str) -> AgentProcess {
+        let url = format!("http://{director}");
+        let range = port_range(20);
+        AgentProcess::start(
+            data_dir,
+            &[
+                "--director",
+                &url,
+                "--token",
+                token,
+                "--heartbeat-ms",
+                "100",
+                "--port-range",
+                &range,
+            ],
+        )
+    }
+
+    /// `GET path`.
+    pub fn get(&self, path: &str) -> Response {
+        self.daemon.get(path)
+    }
+
+    /// Its agent id.
+    pub fn id(&self) -> String {
+        let r = self.get("/api/v1/health");
+        r.json()["agent_id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no agent_id in {}", r.body))
+            .to_owned()
+    }
+
+    /// The sum of its processes' `tempest_source_acked_total`.
+    pub fn acked(&self) -> u64 {
+        self.get("/metrics")
+            .body
+            .lines()
+            .filter(|l| l.starts_with("tempest_source_acked_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
+    /// How many of its processes are running.
+    pub fn running(&self) -> usize {
+        let r = self.get("/api/v1/processes");
+        r.json()
+            .as_array()
+            .map(|ps| ps.iter().filter(|p| p["state"] == json!("running")).count())
+            .unwrap_or(0)
+    }
+
+    /// SIGKILLs the agent alone: its processes live on, as on a node whose
+    /// agent crashed. They are returned as [`Orphans`], killed when dropped.
+    pub fn kill9(mut self) -> Orphans {
+        self.daemon.kill9();
+        self.leave_processes = true;
+        Orphans {
+            data_dir: self.data_dir.clone(),
+        }
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.daemon.stop();
+        if !self.leave_processes {
+            drop(Orphans {
+                data_dir: self.data_dir.clone(),
+            });
+        }
+    }
+}
+
+/// A package around a script (its binary), with an optional
+/// `Topology.toml`; returns the archive and its content hash.
+pub fn script_package(
+    dir: &Path,
+    name: &str,
+    script: &str,
+    toml: Option<&str>,
+) -> (Vec<u8>, String) {
+    let bin = dir.join(name);
+    std::fs::write(&bin, script).expect("writing the package's script");
+    let manifest = Manifest {
+        name: name.into(),
+        version: "0.1.0".into(),
+        binary: String::new(),
+        sha256: String::new(),
+        target: "x86_64-unknown-linux-gnu".into(),
+        tempest_version: "0.1.0".into(),
+    };
+    let mut out = Vec::new();
+    pack(&bin, toml, manifest, &mut out).expect("packing");
+    let hash = sha256_hex(&out);
+    (out, hash)
+}
+
+/// The word count example's `Topology.toml` worker counts: split 1,
+/// count 2, output 1.
+pub const WORDCOUNT_TOML: &str =
+    "[tasks.split]\nworkers = 1\n\n[tasks.count]\nworkers = 2\n\n[tasks.output]\nworkers = 1\n";
+
+/// The word count example as a package: a one-line script running the
+/// binary built in this profile (so the archive stays small), with `toml`
+/// as its `Topology.toml` (e.g. [`WORDCOUNT_TOML`]).
+pub fn wordcount_package(dir: &Path, toml: &str) -> (Vec<u8>, String) {
+    let wordcount = cargo_bin("wordcount", "wordcount");
+    script_package(
+        dir,
+        "wordcount",
+        &format!("#!/bin/sh\nexec '{}' \"$@\"\n", wordcount.display()),
+        Some(toml),
+    )
+}
+
+/// The agents a topology's placement uses when all `n` of its processes
+/// run; else None.
+pub fn all_running(detail: &Value, n: usize) -> Option<BTreeSet<String>> {
+    let placement = detail["placement"].as_array()?;
+    if placement.len() != n || placement.iter().any(|p| p["state"] != json!("running")) {
+        return None;
+    }
+    placement
+        .iter()
+        .map(|p| p["agent"].as_str().map(str::to_owned))
+        .collect()
+}
