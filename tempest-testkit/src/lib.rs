@@ -129,19 +129,72 @@ fn wait_until(
     )))
 }
 
-/// A `redis-server` on a free loopback port, with its data (and an
-/// append-only file, so a restart keeps the data) in a temporary directory.
-pub struct RedisServer {
+/// A server process on a fixed loopback port with its data in a temporary
+/// directory: what [`RedisServer`] and [`NatsServer`] share (both deref to
+/// it). It can be killed and restarted on the same port and data.
+pub struct Server {
     proc: Process,
     port: u16,
     dir: tempfile::TempDir,
+    spawn: fn(&Path, u16) -> Result<Process>,
+}
+
+impl Server {
+    fn start(name: &str, spawn: fn(&Path, u16) -> Result<Process>) -> Result<Server> {
+        let (proc, port, dir) = start_on_free_port(name, spawn)?;
+        Ok(Server {
+            proc,
+            port,
+            dir,
+            spawn,
+        })
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The server's PID while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.pid()
+    }
+
+    /// Kills the server with SIGKILL (what it persisted is kept), leaving
+    /// it down until [`Server::restart`].
+    pub fn kill(&mut self) {
+        self.proc.stop(libc::SIGKILL);
+    }
+
+    /// Starts the server again on the same port and data directory.
+    pub fn restart(&mut self) -> Result<()> {
+        self.proc.stop(libc::SIGKILL);
+        self.proc = (self.spawn)(self.dir.path(), self.port)?;
+        Ok(())
+    }
+}
+
+/// A `redis-server` on a free loopback port, with its data (and an
+/// append-only file, so a restart keeps the data) in a temporary directory.
+pub struct RedisServer(Server);
+
+impl std::ops::Deref for RedisServer {
+    type Target = Server;
+    fn deref(&self) -> &Server {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for RedisServer {
+    fn deref_mut(&mut self) -> &mut Server {
+        &mut self.0
+    }
 }
 
 impl RedisServer {
     /// Starts a server and waits until it answers PING.
     pub fn start() -> Result<Self> {
-        let (proc, port, dir) = start_on_free_port("redis-server", Self::spawn)?;
-        Ok(RedisServer { proc, port, dir })
+        Server::start("redis-server", Self::spawn).map(RedisServer)
     }
 
     fn spawn(dir: &Path, port: u16) -> Result<Process> {
@@ -184,29 +237,6 @@ impl RedisServer {
     /// `redis://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// The port.
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    /// The server's PID while it runs.
-    pub fn pid(&self) -> Option<u32> {
-        self.proc.pid()
-    }
-
-    /// Kills the server with SIGKILL (its append-only file keeps what was
-    /// written), leaving it down until [`RedisServer::restart`].
-    pub fn kill(&mut self) {
-        self.proc.stop(libc::SIGKILL);
-    }
-
-    /// Starts the server again on the same port and data directory.
-    pub fn restart(&mut self) -> Result<()> {
-        self.proc.stop(libc::SIGKILL);
-        self.proc = Self::spawn(self.dir.path(), self.port)?;
-        Ok(())
     }
 
     /// Sends one command (as its words) and returns the raw RESP reply:
@@ -293,17 +323,25 @@ fn read_resp(r: &mut impl BufRead) -> std::io::Result<String> {
 
 /// A `nats-server` with JetStream on a free loopback port, storing in a
 /// temporary directory.
-pub struct NatsServer {
-    proc: Process,
-    port: u16,
-    dir: tempfile::TempDir,
+pub struct NatsServer(Server);
+
+impl std::ops::Deref for NatsServer {
+    type Target = Server;
+    fn deref(&self) -> &Server {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for NatsServer {
+    fn deref_mut(&mut self) -> &mut Server {
+        &mut self.0
+    }
 }
 
 impl NatsServer {
     /// Starts a server and waits until it greets a client with INFO.
     pub fn start() -> Result<Self> {
-        let (proc, port, dir) = start_on_free_port("nats-server", Self::spawn)?;
-        Ok(NatsServer { proc, port, dir })
+        Server::start("nats-server", Self::spawn).map(NatsServer)
     }
 
     fn spawn(dir: &Path, port: u16) -> Result<Process> {
@@ -329,28 +367,6 @@ impl NatsServer {
     /// `nats://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    /// The port.
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    /// The server's PID while it runs.
-    pub fn pid(&self) -> Option<u32> {
-        self.proc.pid()
-    }
-
-    /// Kills the server with SIGKILL, leaving it down until [`NatsServer::restart`].
-    pub fn kill(&mut self) {
-        self.proc.stop(libc::SIGKILL);
-    }
-
-    /// Starts the server again on the same port and store directory.
-    pub fn restart(&mut self) -> Result<()> {
-        self.proc.stop(libc::SIGKILL);
-        self.proc = Self::spawn(self.dir.path(), self.port)?;
-        Ok(())
     }
 }
 
