@@ -21,7 +21,7 @@ use crate::director::{
 };
 use crate::error::Error;
 use crate::lifecycle::{Command, Lifecycle, Phase};
-use crate::metrics::{SamplePoint, SourceFigures, TaskFigures};
+use crate::metrics::{PipelineEdge, SamplePoint, SourceFigures, TaskFigures};
 
 /// What the handlers share.
 pub struct AppState {
@@ -86,7 +86,8 @@ pub struct AssignmentDoc {
     components(schemas(
         ErrorBody, Health, HeartbeatDoc, AssignmentDoc, AgentView, PackageView, ProcessView,
         DeployRequest, RebalanceRequest, TopologySummary, TopologyDetail, Lifecycle, Phase,
-        ClusterSummary, RecentError, SamplePoint, SourceFigures, TaskFigures, LogTail
+        ClusterSummary, RecentError, SamplePoint, SourceFigures, TaskFigures, LogTail,
+        PipelineEdge
     )),
     modifiers(&BearerAuth)
 )]
@@ -135,16 +136,25 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 }
 
 /// The token check of every call that is not a GET: `Some(401 answer)`
-/// when the call needs the token and does not carry it.
+/// when the call needs the token and does not carry it, either as
+/// `Authorization: Bearer <token>` or as the web UI's login cookie (which
+/// is `SameSite=Strict`, so other sites' forms cannot send it). Logging in
+/// and out is exempt: the login form checks the token itself.
 pub fn check_token(req: &ServiceRequest, token: Option<&str>) -> Option<HttpResponse> {
     let mutating = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
-    let token = token.filter(|_| mutating)?;
+    let token = token.filter(|_| mutating && !crate::ui::is_login(req.path()))?;
     let given = req
         .headers()
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     if given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
+        return None;
+    }
+    if req
+        .cookie(crate::ui::TOKEN_COOKIE)
+        .is_some_and(|c| constant_time_eq(c.value().as_bytes(), token.as_bytes()))
+    {
         return None;
     }
     Some(
@@ -155,7 +165,8 @@ pub fn check_token(req: &ServiceRequest, token: Option<&str>) -> Option<HttpResp
     )
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+/// Compares two secrets in a time that does not depend on where they differ.
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
@@ -463,17 +474,32 @@ async fn process_logs(
     let query = web::Query::<LogQuery>::from_query(req.query_string())
         .map_err(|e| Error::BadRequest(format!("bad query (stream, lines): {e}")))?;
     let stream = query.stream.clone().unwrap_or_else(|| "stdout".into());
+    let (status, body) = fetch_log(&data.director, &name, &id, &stream, query.lines).await?;
+    Ok(HttpResponse::build(status)
+        .content_type("application/json")
+        .body(body))
+}
+
+/// Asks the agent running a topology's process for the tail of its log;
+/// answers the agent's status and JSON body. The web UI shows the same.
+pub async fn fetch_log(
+    director: &Director,
+    name: &str,
+    id: &str,
+    stream: &str,
+    lines: Option<u64>,
+) -> Result<(actix_web::http::StatusCode, Vec<u8>), Error> {
     if stream != "stdout" && stream != "stderr" {
         return Err(Error::BadRequest(format!(
             "stream must be stdout or stderr, not `{stream}`"
         )));
     }
-    let (full, agent) = data.director.process_agent(&name, &id)?;
+    let (full, agent) = director.process_agent(name, id)?;
     let mut target = format!(
         "/api/v1/processes/{}/logs?stream={stream}",
         crate::metrics::encode(&full)
     );
-    if let Some(n) = query.lines {
+    if let Some(n) = lines {
         target.push_str(&format!("&lines={n}"));
     }
     let answer = crate::metrics::http_get(&agent, &target, LOG_TIMEOUT)
@@ -486,9 +512,7 @@ async fn process_logs(
             "agent {agent} answered {status} without JSON"
         )));
     }
-    Ok(HttpResponse::build(status)
-        .content_type("application/json")
-        .body(answer.body))
+    Ok((status, answer.body))
 }
 
 /// This document.

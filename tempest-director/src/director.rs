@@ -22,7 +22,7 @@ use utoipa::ToSchema;
 
 use crate::error::Error;
 use crate::lifecycle::{Command, Lifecycle, Phase, Transition};
-use crate::metrics::{Figures, SamplePoint, SourceFigures, TaskFigures};
+use crate::metrics::{Figures, PipelineEdge, SamplePoint, SourceFigures, TaskFigures};
 use crate::placement::{AgentLoad, Scheduler};
 use crate::store::{AgentRecord, PackageRecord, PlacementRecord, Snapshot, Store, TopologyRecord};
 
@@ -66,6 +66,11 @@ pub struct DeployRequest {
     /// package's `Topology.toml` does not give.
     #[serde(default)]
     pub workers: BTreeMap<String, u32>,
+    /// Environment variables every process of the topology gets, e.g. the
+    /// address of a store its tasks write to. Names are letters, digits and
+    /// `_`, not starting with a digit or `TEMPEST_` (those are the agent's).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
 }
 
 /// A rebalance request.
@@ -169,6 +174,8 @@ pub struct TopologySummary {
     pub running: usize,
     /// When it was deployed, Unix milliseconds.
     pub created_at_ms: u64,
+    /// Seconds its topology server has run (0 while it does not run).
+    pub uptime_secs: u64,
     /// Roots acked per second over the last scrape interval.
     pub msgs_per_sec: f64,
     /// Roots acked, in total (since its processes started).
@@ -225,6 +232,8 @@ pub struct TopologyDetail {
     pub summary: TopologySummary,
     /// The overrides it was deployed with.
     pub config: String,
+    /// The environment variables its processes get.
+    pub env: BTreeMap<String, String>,
     /// The `Topology.toml` its processes run with.
     pub effective_config: String,
     /// Its processes and where they run.
@@ -233,6 +242,9 @@ pub struct TopologyDetail {
     pub tasks: BTreeMap<String, TaskFigures>,
     /// The source's figures.
     pub source: SourceFigures,
+    /// The pipeline's edges, as its running server reports them (empty
+    /// until then).
+    pub edges: Vec<PipelineEdge>,
     /// Its processes that failed or are backing off.
     pub recent_errors: Vec<RecentError>,
 }
@@ -572,6 +584,7 @@ impl Director {
             ));
         }
         check_workers(&workers)?;
+        check_env(&req.env)?;
         let effective = effective_config(
             &req.name,
             pkg.topology_toml.as_deref(),
@@ -584,6 +597,7 @@ impl Director {
             config: overrides,
             state: Lifecycle::Running,
             workers,
+            env: req.env,
             generation: 1,
             created_at_ms: now_ms(),
         };
@@ -926,6 +940,10 @@ impl Director {
                 },
                 running,
                 created_at_ms: t.created_at_ms,
+                uptime_secs: placement
+                    .iter()
+                    .find(|p| p.role == "topology" && p.state == "running")
+                    .map_or(0, |p| p.uptime_secs),
                 msgs_per_sec: figures.map_or(0.0, |f| f.msgs_per_sec),
                 acked: figures.map_or(0, |f| f.acked),
                 failed: figures.map_or(0, |f| f.failed),
@@ -934,24 +952,26 @@ impl Director {
                 p99_ms: figures.and_then(|f| f.p99_ms),
             },
             config: t.config.clone(),
+            env: t.env.clone(),
             effective_config: inner.effective.get(name).cloned().unwrap_or_default(),
-            tasks: match figures {
-                Some(f) => f.tasks.clone(),
-                None => t
-                    .workers
-                    .iter()
-                    .map(|(task, n)| {
-                        (
-                            task.clone(),
-                            TaskFigures {
-                                workers: *n,
-                                ..TaskFigures::default()
-                            },
-                        )
-                    })
-                    .collect(),
-            },
+            // The worker counts asked for, not those of the last scrape,
+            // so a rebalance shows at once.
+            tasks: t
+                .workers
+                .iter()
+                .map(|(task, n)| {
+                    let figures = figures.and_then(|f| f.tasks.get(task)).cloned();
+                    (
+                        task.clone(),
+                        TaskFigures {
+                            workers: *n,
+                            ..figures.unwrap_or_default()
+                        },
+                    )
+                })
+                .collect(),
             source: figures.map(|f| f.source.clone()).unwrap_or_default(),
+            edges: figures.map(|f| f.edges.clone()).unwrap_or_default(),
             recent_errors,
             placement,
         }
@@ -1026,7 +1046,7 @@ impl Inner {
                 instance,
                 topology_addr,
                 config: Some(config.clone()),
-                env: BTreeMap::new(),
+                env: t.env.clone(),
                 generation: p.generation,
             });
         }
@@ -1104,6 +1124,33 @@ fn check_name(what: &str, name: &str) -> Result<(), Error> {
             "bad {what} `{name}`: use 1 to 64 letters, digits, `-`, `_` or `.`"
         )))
     }
+}
+
+fn check_env(env: &BTreeMap<String, String>) -> Result<(), Error> {
+    for (name, value) in env {
+        let ok = !name.is_empty()
+            && name.len() <= 128
+            && !name.as_bytes()[0].is_ascii_digit()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !ok {
+            return Err(Error::BadRequest(format!(
+                "bad environment variable name `{name}`: use letters, digits and `_`, not starting with a digit"
+            )));
+        }
+        if name.starts_with("TEMPEST_") {
+            return Err(Error::BadRequest(format!(
+                "environment variable `{name}`: names starting with TEMPEST_ are set by the agent"
+            )));
+        }
+        if value.contains('\0') {
+            return Err(Error::BadRequest(format!(
+                "environment variable `{name}`: the value contains a NUL byte"
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn check_workers(workers: &BTreeMap<String, u32>) -> Result<(), Error> {

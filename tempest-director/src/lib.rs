@@ -12,6 +12,7 @@
 //! - [`director`]: the decisions, over the state;
 //! - [`metrics`]: the metrics collector's parsing and figures;
 //! - [`api`]: the REST API and its OpenAPI document;
+//! - [`ui`]: the web UI, server-rendered pages over the same calls;
 //! - [`config`]: the `[director]` section of `Cluster.toml`.
 
 #![warn(missing_docs)]
@@ -24,6 +25,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod placement;
 pub mod store;
+pub mod ui;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,6 +38,43 @@ use crate::placement::LeastLoaded;
 
 /// How often the director looks for agents that went down.
 const TICK: Duration = Duration::from_millis(250);
+
+/// The director's HTTP app over `state`: the token check in front of the
+/// REST API and the web UI.
+pub fn app(
+    state: web::Data<api::AppState>,
+) -> App<
+    impl actix_web::dev::ServiceFactory<
+        actix_web::dev::ServiceRequest,
+        Config = (),
+        Response = actix_web::dev::ServiceResponse<
+            actix_web::body::EitherBody<actix_web::body::BoxBody>,
+        >,
+        Error = actix_web::Error,
+        InitError = (),
+    >,
+> {
+    let token = state.token.clone();
+    App::new()
+        .app_data(state)
+        .wrap_fn(move |req, srv| {
+            use actix_web::dev::Service;
+            use futures_util::future::{ready, Either, FutureExt};
+            match api::check_token(&req, token.as_deref()) {
+                Some(refusal) => {
+                    let refusal = ui::or_page(req.request(), refusal);
+                    Either::Left(ready(Ok(req.into_response(refusal).map_into_right_body())))
+                }
+                None => Either::Right(
+                    srv.call(req)
+                        .map(|r| r.map(actix_web::dev::ServiceResponse::map_into_left_body)),
+                ),
+            }
+        })
+        .configure(api::configure)
+        .configure(ui::configure)
+        .default_service(web::route().to(ui::not_found))
+}
 
 /// Opens the state, binds the API and serves until stopped. Prints
 /// `tempest-director listening on http://ADDR` once the API listens.
@@ -52,29 +91,9 @@ pub async fn run(config: DirectorConfig) -> anyhow::Result<()> {
         director: director.clone(),
         token: config.token.clone(),
     });
-    let token = config.token.clone();
-    let server = HttpServer::new(move || {
-        let token = token.clone();
-        App::new()
-            .app_data(state.clone())
-            .wrap_fn(move |req, srv| {
-                use actix_web::dev::Service;
-                use futures_util::future::{ready, Either, FutureExt};
-                match api::check_token(&req, token.as_deref()) {
-                    Some(refusal) => {
-                        Either::Left(ready(Ok(req.into_response(refusal).map_into_right_body())))
-                    }
-                    None => Either::Right(
-                        srv.call(req)
-                            .map(|r| r.map(actix_web::dev::ServiceResponse::map_into_left_body)),
-                    ),
-                }
-            })
-            .configure(api::configure)
-            .default_service(web::route().to(api::not_found))
-    })
-    .bind(config.listen)
-    .map_err(|e| anyhow::anyhow!("binding {}: {e}", config.listen))?;
+    let server = HttpServer::new(move || app(state.clone()))
+        .bind(config.listen)
+        .map_err(|e| anyhow::anyhow!("binding {}: {e}", config.listen))?;
     let addr = server
         .addrs()
         .first()

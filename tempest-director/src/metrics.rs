@@ -205,6 +205,19 @@ pub struct TaskFigures {
     pub capacity: f64,
 }
 
+/// One edge of a topology's pipeline, as its topology server reports it
+/// (`tempest_pipeline_edge{from, to, grouping} 1`). The source feeds the
+/// root, the one task no edge leads to.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, ToSchema)]
+pub struct PipelineEdge {
+    /// The upstream task.
+    pub from: String,
+    /// The downstream task.
+    pub to: String,
+    /// `shuffle`, `key` or `all`.
+    pub grouping: String,
+}
+
 /// A topology's figures from one scrape.
 #[derive(Clone, Debug, Default, Serialize, ToSchema)]
 pub struct Figures {
@@ -224,6 +237,8 @@ pub struct Figures {
     pub source: SourceFigures,
     /// Per task.
     pub tasks: BTreeMap<String, TaskFigures>,
+    /// The pipeline's edges, sorted; empty until its server reports them.
+    pub edges: Vec<PipelineEdge>,
     /// When these were scraped, Unix milliseconds.
     #[serde(skip)]
     pub ts_ms: u64,
@@ -322,6 +337,23 @@ impl Figures {
             );
             handle.insert(task.clone(), h);
         }
+        let mut edges: Vec<PipelineEdge> = mine
+            .iter()
+            .filter(|s| s.name == "tempest_pipeline_edge" && s.value > 0.0)
+            .filter_map(|s| {
+                Some(PipelineEdge {
+                    from: s.label("from")?.to_owned(),
+                    to: s.label("to")?.to_owned(),
+                    grouping: s.label("grouping").unwrap_or("shuffle").to_owned(),
+                })
+            })
+            .collect();
+        edges.sort();
+        edges.dedup();
+        if edges.is_empty() {
+            // A scrape that missed the server keeps the pipeline it had.
+            edges = prev.map(|p| p.edges.clone()).unwrap_or_default();
+        }
         Figures {
             acked: source.acked,
             failed: source.failed + source.timed_out,
@@ -331,6 +363,7 @@ impl Figures {
             p99_ms: ms(quantile(&win, 0.99)),
             source,
             tasks,
+            edges,
             ts_ms,
             latency,
             handle,
@@ -474,9 +507,11 @@ tempest_task_messages_in_total{topology="wc",task="split",host="h",instance="1"}
 tempest_task_capacity{topology="wc",task="split",host="h",instance="0"} 0.25
 tempest_task_capacity{topology="wc",task="split",host="h",instance="1"} 0.5
 tempest_task_errors_total{topology="wc",task="split",host="h",instance="1"} 3
+tempest_pipeline_edge{topology="wc",host="h",from="split",to="count",grouping="key"} 1
+tempest_pipeline_edge{topology="wc",host="h2",from="split",to="count",grouping="key"} 1
 "#;
         let samples = parse(text);
-        assert_eq!(samples.len(), 13);
+        assert_eq!(samples.len(), 15);
         let workers = [("split".to_owned(), 2)].into_iter().collect();
         let f = Figures::compute("wc", &samples, &workers, None, 1000);
         assert_eq!((f.acked, f.failed, f.in_flight), (100, 3, 5));
@@ -485,6 +520,12 @@ tempest_task_errors_total{topology="wc",task="split",host="h",instance="1"} 3
         let split = &f.tasks["split"];
         assert_eq!((split.messages_in, split.errors, split.workers), (50, 3, 2));
         assert_eq!(split.capacity, 0.5);
+        let edge = PipelineEdge {
+            from: "split".into(),
+            to: "count".into(),
+            grouping: "key".into(),
+        };
+        assert_eq!(f.edges, [edge]);
         let more = text.replace("} 100\n", "} 300\n");
         let g = Figures::compute("wc", &parse(&more), &workers, Some(&f), 3000);
         assert_eq!(g.acked, 300);

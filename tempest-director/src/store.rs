@@ -58,6 +58,8 @@ pub struct TopologyRecord {
     pub state: Lifecycle,
     /// Worker instances per task.
     pub workers: BTreeMap<String, u32>,
+    /// Environment variables its processes get.
+    pub env: BTreeMap<String, String>,
     /// Bumped by every deploy, start and rebalance.
     pub generation: u64,
     /// When it was deployed, Unix milliseconds.
@@ -110,7 +112,8 @@ CREATE TABLE IF NOT EXISTS packages (
     size INTEGER NOT NULL, uploaded_at_ms INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS topologies (
     name TEXT PRIMARY KEY, package TEXT NOT NULL, config TEXT NOT NULL, state TEXT NOT NULL,
-    workers TEXT NOT NULL, generation INTEGER NOT NULL, created_at_ms INTEGER NOT NULL);
+    workers TEXT NOT NULL, generation INTEGER NOT NULL, created_at_ms INTEGER NOT NULL,
+    env TEXT NOT NULL DEFAULT '{}');
 CREATE TABLE IF NOT EXISTS placements (
     process TEXT PRIMARY KEY, topology TEXT NOT NULL, agent TEXT NOT NULL,
     generation INTEGER NOT NULL);
@@ -119,6 +122,19 @@ CREATE TABLE IF NOT EXISTS samples (
     in_flight INTEGER NOT NULL, rate REAL NOT NULL, p50_ms REAL, p99_ms REAL);
 CREATE INDEX IF NOT EXISTS samples_by_topology ON samples (topology, ts);
 ";
+
+/// Brings a database written by an older director up to [`SCHEMA`]:
+/// columns added since are added with their defaults.
+fn migrate(db: &Connection) -> rusqlite::Result<()> {
+    let mut q = db.prepare("SELECT name FROM pragma_table_info('topologies')")?;
+    let columns = q
+        .query_map([], |r| r.get::<_, String>(0))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    if !columns.iter().any(|c| c == "env") {
+        db.execute_batch("ALTER TABLE topologies ADD COLUMN env TEXT NOT NULL DEFAULT '{}'")?;
+    }
+    Ok(())
+}
 
 fn json_col<T: serde::de::DeserializeOwned>(text: String) -> rusqlite::Result<T> {
     serde_json::from_str(&text).map_err(|e| {
@@ -142,6 +158,8 @@ impl Store {
             .map_err(|e| anyhow::anyhow!("opening {}: {e}", path.display()))?;
         db.execute_batch(SCHEMA)
             .map_err(|e| anyhow::anyhow!("creating the schema in {}: {e}", path.display()))?;
+        migrate(&db)
+            .map_err(|e| anyhow::anyhow!("upgrading the schema in {}: {e}", path.display()))?;
         Ok(Store { db, packages_dir })
     }
 
@@ -198,7 +216,8 @@ impl Store {
             snap.packages.insert(p.hash.clone(), p);
         }
         let mut q = self.db.prepare(
-            "SELECT name, package, config, state, workers, generation, created_at_ms FROM topologies",
+            "SELECT name, package, config, state, workers, generation, created_at_ms, env \
+             FROM topologies",
         )?;
         for t in q.query_map([], |r| {
             let state: String = r.get(3)?;
@@ -210,6 +229,7 @@ impl Store {
                 workers: json_col(r.get(4)?)?,
                 generation: r.get::<_, i64>(5)? as u64,
                 created_at_ms: r.get::<_, i64>(6)? as u64,
+                env: json_col(r.get(7)?)?,
             })
         })? {
             let t = t?;
@@ -332,8 +352,8 @@ impl Store {
         for t in topologies {
             tx.execute(
                 "INSERT OR REPLACE INTO topologies
-                 (name, package, config, state, workers, generation, created_at_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                 (name, package, config, state, workers, generation, created_at_ms, env)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 params![
                     t.name,
                     t.package,
@@ -341,7 +361,8 @@ impl Store {
                     t.state.as_db(),
                     to_json(&t.workers),
                     t.generation as i64,
-                    t.created_at_ms as i64
+                    t.created_at_ms as i64,
+                    to_json(&t.env)
                 ],
             )?;
         }

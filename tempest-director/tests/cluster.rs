@@ -1,499 +1,164 @@
 //! End-to-end tests of the director: a real `tempest-director` process and
 //! real `tempest-agent` processes on loopback, running the word count
 //! example (its binary wrapped in a one-line script, so the package stays
-//! small).
+//! small) on a real Redis stream, counting into a Redis hash.
 //!
 //! Nothing waits by sleeping for a fixed time: every wait polls an API until
 //! what is expected holds, within a bound.
 
 #![cfg(target_os = "linux")]
 
-use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU16, Ordering};
-use std::sync::OnceLock;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tempest_control::package::{pack, sha256_hex};
-use tempest_control::Manifest;
+use tempest_testkit::cluster::{
+    all_running, free_addr, marked_processes, script_package, tempdir, wait_for, wordcount_package,
+    AgentProcess, DirectorProcess, WAIT, WORDCOUNT_TOML,
+};
+use tempest_testkit::{redis_pipeline, RedisServer};
 
-const WAIT: Duration = Duration::from_secs(60);
 const TOKEN: &str = "director-test-token";
 
-// ---------------------------------------------------------------------------
-// A minimal HTTP/1.1 client (one request per connection).
+type Director = DirectorProcess;
 
-struct Response {
-    status: u16,
-    body: String,
+/// The sentences fed, in turn.
+const SENTENCES: [&str; 3] = [
+    "the cow jumped over the moon",
+    "an apple a day keeps the doctor away",
+    "four score and seven years ago",
+];
+
+/// Word count reading the `sentences` stream of `redis`, retrying failed
+/// roots, recovering the entries of dead consumers after 3 s.
+fn redis_overrides(redis: &RedisServer) -> String {
+    format!(
+        r#"
+max_pending = 512
+batch_size = 64
+message_timeout = "10s"
+grace_period = "1s"
+
+[failure]
+policy = "retry"
+max_attempts = 20
+
+[source]
+kind = "redis"
+
+[source.config]
+url = "{}"
+stream = "sentences"
+group = "wordcount"
+batch_size = 256
+block_ms = 50
+claim_idle_ms = 3000
+dead_letter = "sentences:dead"
+"#,
+        redis.url()
+    )
 }
 
-impl Response {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {} {}", self.status, self.body))
-    }
+/// Feeds [`SENTENCES`] in turn into the `sentences` stream, about `rate` a
+/// second, until stopped; [`Feeder::stop`] says how many it fed.
+struct Feeder {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<u64>>,
 }
 
-fn http(addr: &str, method: &str, path: &str, token: Option<&str>, body: &[u8]) -> Response {
-    try_http(addr, method, path, token, body)
-        .unwrap_or_else(|e| panic!("{method} {addr}{path}: {e}"))
-}
-
-fn try_http(
-    addr: &str,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: &[u8],
-) -> std::io::Result<Response> {
-    let mut s = TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    if !body.is_empty() && body[0] == b'{' {
-        req.push_str("Content-Type: application/json\r\n");
-    }
-    if let Some(t) = token {
-        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
-    }
-    req.push_str("\r\n");
-    s.write_all(req.as_bytes())?;
-    s.write_all(body)?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| std::io::Error::other("no end of headers"))?;
-    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-    let mut body = raw[split + 4..].to_vec();
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("bad status line: {head}")))?;
-    if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        body = dechunk(&body);
-    }
-    Ok(Response {
-        status,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    })
-}
-
-fn dechunk(mut b: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let Some(end) = b.windows(2).position(|w| w == b"\r\n") else {
-            return out;
-        };
-        let size = usize::from_str_radix(
-            String::from_utf8_lossy(&b[..end])
-                .split(';')
-                .next()
-                .unwrap_or("0")
-                .trim(),
-            16,
-        )
-        .unwrap_or(0);
-        if size == 0 {
-            return out;
-        }
-        let start = end + 2;
-        out.extend_from_slice(&b[start..(start + size).min(b.len())]);
-        b = &b[(start + size + 2).min(b.len())..];
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Binaries, ports, waiting.
-
-/// `target/debug` (or wherever this test binary's profile directory is).
-fn bin_dir() -> PathBuf {
-    Path::new(env!("CARGO_BIN_EXE_tempest-director"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-/// The agent and word count binaries, built if they are not there yet
-/// (`cargo test --workspace` builds them; `cargo test -p tempest-director`
-/// alone may not).
-fn binaries() -> (PathBuf, PathBuf) {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    let (agent, wordcount) = (bin_dir().join("tempest-agent"), bin_dir().join("wordcount"));
-    BUILT.get_or_init(|| {
-        if agent.is_file() && wordcount.is_file() {
-            return;
-        }
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args([
-                "build",
-                "-p",
-                "tempest-agent",
-                "--bin",
-                "tempest-agent",
-                "-p",
-                "wordcount",
-                "--bin",
-                "wordcount",
-            ])
-            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-            .status()
-            .unwrap();
-        assert!(status.success(), "building the agent and word count failed");
-    });
-    assert!(agent.is_file(), "no {}", agent.display());
-    assert!(wordcount.is_file(), "no {}", wordcount.display());
-    (agent, wordcount)
-}
-
-fn port_range(n: u16) -> String {
-    static NEXT: AtomicU16 = AtomicU16::new(0);
-    loop {
-        let slot = NEXT.fetch_add(1, Ordering::SeqCst);
-        let first = 41_000 + slot * 40;
-        assert!(first < 60_000, "no free port range");
-        if (first..first + n).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok()) {
-            return format!("{first}-{}", first + n - 1);
+impl Feeder {
+    fn start(redis: &RedisServer, rate: u64) -> Feeder {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let port = redis.port();
+        let thread = std::thread::spawn(move || {
+            let started = Instant::now();
+            let mut fed = 0u64;
+            while !flag.load(Ordering::SeqCst) {
+                // Keep to the rate: feed in slices of 50 ms.
+                let due = (started.elapsed().as_secs_f64() * rate as f64) as u64;
+                if due <= fed {
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+                let batch: Vec<Vec<String>> = (fed..due)
+                    .map(|i| {
+                        [
+                            "XADD",
+                            "sentences",
+                            "*",
+                            "payload",
+                            SENTENCES[(i % 3) as usize],
+                        ]
+                        .map(str::to_owned)
+                        .to_vec()
+                    })
+                    .collect();
+                let replies = redis_pipeline(port, &batch).expect("feeding the stream");
+                assert!(replies.iter().all(|r| !r.starts_with('-')), "{replies:?}");
+                fed = due;
+            }
+            fed
+        });
+        Feeder {
+            stop,
+            thread: Some(thread),
         }
     }
-}
 
-fn free_addr() -> String {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
-}
-
-fn wait_for<T>(what: &str, bound: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + bound;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
+    fn stop(mut self) -> u64 {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread
+            .take()
+            .expect("a feeder's thread")
+            .join()
+            .expect("the feeder")
     }
 }
 
-fn signal(pid: u32, sig: i32) {
-    // SAFETY: kill(2) with a pid of a child or read from /proc.
-    unsafe {
-        libc::kill(pid as i32, sig);
+impl Drop for Feeder {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
     }
 }
 
-/// Live processes started by the agent of `data_dir`, zombies excluded.
-fn marked_processes(data_dir: &Path) -> Vec<u32> {
-    let mark = format!("TEMPEST_AGENT_DIR={}", data_dir.display());
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(env) = std::fs::read(e.path().join("environ")) else {
-            continue;
-        };
-        if !env.split(|b| *b == 0).any(|v| v == mark.as_bytes()) {
-            continue;
-        }
-        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-        let state = stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .split_whitespace()
-            .next();
-        if !matches!(state, Some("Z") | Some("X") | None) {
-            out.push(pid);
+/// Every word's expected count after `fed` sentences.
+fn expected_counts(fed: u64) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for i in 0..fed {
+        for w in SENTENCES[(i % 3) as usize].split_whitespace() {
+            *out.entry(w.to_owned()).or_insert(0) += 1;
         }
     }
     out
 }
 
-/// Starts a daemon and reads the address from its first line,
-/// `... listening on http://ADDR`.
-fn spawn_daemon(program: &Path, args: &[String], log: &Path) -> (Child, String) {
-    let mut child = Command::new(program)
-        .args(args)
-        .env_remove("TEMPEST_TOKEN")
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut lines = BufReader::new(stdout).lines();
-        if let Some(Ok(l)) = lines.next() {
-            let _ = tx.send(l);
-        }
-        for _ in lines {}
-    });
-    let Ok(line) = rx.recv_timeout(WAIT) else {
-        let _ = child.kill();
-        panic!(
-            "{} did not start: {}",
-            program.display(),
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
-    };
-    let addr = line
-        .split("listening on http://")
-        .nth(1)
-        .unwrap_or_else(|| panic!("unexpected first line: {line}"))
-        .trim()
-        .to_owned();
-    (child, addr)
+/// The counts in the Redis hash `wordcount`.
+fn counted(redis: &RedisServer) -> BTreeMap<String, u64> {
+    let reply = redis.command(&["HGETALL", "wordcount"]).expect("HGETALL");
+    let words: Vec<&str> = reply.lines().collect();
+    words
+        .chunks(2)
+        .filter_map(|kv| Some((kv.first()?.to_string(), kv.get(1)?.parse().ok()?)))
+        .collect()
 }
 
-fn stop_child(child: &mut Child) {
-    signal(child.id(), libc::SIGTERM);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
+/// Word occurrences missing from the hash (lost) and counted twice
+/// (duplicated), against `expected`.
+fn shortfall_and_excess(
+    expected: &BTreeMap<String, u64>,
+    got: &BTreeMap<String, u64>,
+) -> (u64, u64) {
+    let mut lost = 0;
+    let mut extra = 0;
+    for (w, n) in expected {
+        let g = got.get(w).copied().unwrap_or(0);
+        lost += n.saturating_sub(g);
+        extra += g.saturating_sub(*n);
     }
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
-// ---------------------------------------------------------------------------
-// The daemons.
-
-struct Director {
-    child: Child,
-    addr: String,
-    log: PathBuf,
-}
-
-impl Director {
-    fn start(data_dir: &Path, listen: &str, extra: &[&str]) -> Director {
-        let log = data_dir.with_extension(format!("log.{}", listen.replace(':', "_")));
-        let mut args: Vec<String> = vec![
-            "--listen".into(),
-            listen.into(),
-            "--data-dir".into(),
-            data_dir.display().to_string(),
-        ];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let (child, addr) = spawn_daemon(
-            Path::new(env!("CARGO_BIN_EXE_tempest-director")),
-            &args,
-            &log,
-        );
-        Director { child, addr, log }
-    }
-
-    fn get(&self, path: &str) -> Response {
-        http(&self.addr, "GET", path, None, b"")
-    }
-
-    fn post(&self, path: &str, token: Option<&str>, body: &[u8]) -> Response {
-        http(&self.addr, "POST", path, token, body)
-    }
-
-    fn topology(&self, name: &str) -> Value {
-        let r = self.get(&format!("/api/v1/topologies/{name}"));
-        assert_eq!(r.status, 200, "{}", r.body);
-        r.json()
-    }
-
-    fn agents_up(&self) -> BTreeSet<String> {
-        let r = self.get("/api/v1/agents");
-        assert_eq!(r.status, 200, "{}", r.body);
-        r.json()
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|a| a["up"] == json!(true))
-            .map(|a| a["id"].as_str().unwrap().to_owned())
-            .collect()
-    }
-}
-
-impl Drop for Director {
-    fn drop(&mut self) {
-        stop_child(&mut self.child);
-        if std::thread::panicking() {
-            eprintln!(
-                "--- director log ---\n{}",
-                std::fs::read_to_string(&self.log).unwrap_or_default()
-            );
-        }
-    }
-}
-
-struct Agent {
-    child: Child,
-    addr: String,
-    data_dir: PathBuf,
-    log: PathBuf,
-}
-
-impl Agent {
-    fn start(data_dir: &Path, director: &str, range: &str) -> Agent {
-        std::fs::create_dir_all(data_dir).unwrap();
-        let data_dir = data_dir.canonicalize().unwrap();
-        let log = data_dir.with_extension(format!("log.{}", std::process::id()));
-        let args: Vec<String> = [
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            &data_dir.display().to_string(),
-            "--director",
-            &format!("http://{director}"),
-            "--token",
-            TOKEN,
-            "--heartbeat-ms",
-            "100",
-            "--port-range",
-            range,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let (child, addr) = spawn_daemon(&binaries().0, &args, &log);
-        Agent {
-            child,
-            addr,
-            data_dir,
-            log,
-        }
-    }
-
-    fn id(&self) -> String {
-        let r = http(&self.addr, "GET", "/api/v1/health", None, b"");
-        r.json()["agent_id"].as_str().unwrap().to_owned()
-    }
-
-    fn acked(&self) -> u64 {
-        let r = http(&self.addr, "GET", "/metrics", None, b"");
-        r.body
-            .lines()
-            .filter(|l| l.starts_with("tempest_source_acked_total{"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .sum()
-    }
-
-    fn running(&self) -> usize {
-        let r = http(&self.addr, "GET", "/api/v1/processes", None, b"");
-        r.json()
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|p| p["state"] == json!("running"))
-            .count()
-    }
-
-    /// SIGKILLs the agent alone: its processes live on, as on a node whose
-    /// agent crashed.
-    fn kill9(&mut self) {
-        signal(self.child.id(), libc::SIGKILL);
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        stop_child(&mut self.child);
-        for pid in marked_processes(&self.data_dir) {
-            signal(pid, libc::SIGKILL);
-        }
-        if std::thread::panicking() {
-            eprintln!(
-                "--- agent {} log ---\n{}",
-                self.addr,
-                std::fs::read_to_string(&self.log).unwrap_or_default()
-            );
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Packages.
-
-const WORDCOUNT_TOML: &str =
-    "[tasks.split]\nworkers = 1\n\n[tasks.count]\nworkers = 2\n\n[tasks.output]\nworkers = 1\n";
-
-/// A package around a script that runs `target`; returns archive and hash.
-fn script_package(dir: &Path, name: &str, script: &str, toml: Option<&str>) -> (Vec<u8>, String) {
-    let bin = dir.join(name);
-    std::fs::write(&bin, script).unwrap();
-    let manifest = Manifest {
-        name: name.into(),
-        version: "0.1.0".into(),
-        binary: String::new(),
-        sha256: String::new(),
-        target: "x86_64-unknown-linux-gnu".into(),
-        tempest_version: "0.1.0".into(),
-    };
-    let mut out = Vec::new();
-    pack(&bin, toml, manifest, &mut out).unwrap();
-    let hash = sha256_hex(&out);
-    (out, hash)
-}
-
-fn wordcount_package(dir: &Path) -> (Vec<u8>, String) {
-    let (_, wordcount) = binaries();
-    script_package(
-        dir,
-        "wordcount",
-        &format!("#!/bin/sh\nexec '{}' \"$@\"\n", wordcount.display()),
-        Some(WORDCOUNT_TOML),
-    )
-}
-
-/// Far more sentences than the test needs, at a fixed rate so it does not
-/// take every core from the other tests.
-const OVERRIDES: &str = r#"
-max_pending = 256
-batch_size = 32
-grace_period = "1s"
-
-[source]
-kind = "generator"
-
-[source.config]
-count = 100000000
-rate = 2000.0
-payloads = ["the cow jumped over the moon", "an apple a day keeps the doctor away"]
-"#;
-
-fn tempdir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("tempest-director-test")
-        .tempdir()
-        .unwrap()
-}
-
-/// Processes of `detail` by agent, when all `n` run; else None.
-fn all_running(detail: &Value, n: usize) -> Option<BTreeSet<String>> {
-    let placement = detail["placement"].as_array()?;
-    if placement.len() != n || placement.iter().any(|p| p["state"] != json!("running")) {
-        return None;
-    }
-    Some(
-        placement
-            .iter()
-            .map(|p| p["agent"].as_str().unwrap().to_owned())
-            .collect(),
-    )
+    (lost, extra)
 }
 
 // ---------------------------------------------------------------------------
@@ -579,30 +244,34 @@ fn check_figures(director: &Director) {
 }
 
 #[test]
-fn deploys_wordcount_moves_the_processes_of_a_dead_agent_and_survives_a_restart() {
-    let tmp = tempdir();
+fn deploys_wordcount_on_redis_moves_the_processes_of_a_dead_agent_and_survives_a_restart() {
+    let redis = RedisServer::start().expect("redis-server");
+    let tmp = tempdir("tempest-director-test");
     let listen = free_addr();
     let ddir = tmp.path().join("director");
     let director_args = [
         "--token",
         TOKEN,
+        // Long enough that a loaded CI machine does not miss a heartbeat
+        // for that long (which would rightly move processes), short enough
+        // for the 15 s bound on re-placement.
         "--agent-timeout",
-        "2s",
+        "4s",
         "--max-upload",
         "65536",
         "--metrics-interval",
         "300ms",
     ];
     let mut director = Director::start(&ddir, &listen, &director_args);
-    let a = Agent::start(&tmp.path().join("a"), &director.addr, &port_range(20));
-    let mut b = Agent::start(&tmp.path().join("b"), &director.addr, &port_range(20));
+    let a = AgentProcess::join(&tmp.path().join("a"), &director.addr, TOKEN);
+    let b = AgentProcess::join(&tmp.path().join("b"), &director.addr, TOKEN);
     let (a_id, b_id) = (a.id(), b.id());
     wait_for("both agents up", WAIT, || {
         (director.agents_up() == [a_id.clone(), b_id.clone()].into()).then_some(())
     });
 
     // The package store.
-    let (archive, hash) = wordcount_package(tmp.path());
+    let (archive, hash) = wordcount_package(tmp.path(), WORDCOUNT_TOML);
     assert_eq!(
         director.post("/api/v1/packages", None, &archive).status,
         401
@@ -630,15 +299,18 @@ fn deploys_wordcount_moves_the_processes_of_a_dead_agent_and_survives_a_restart(
     assert_eq!(r.status, 404, "{}", r.body);
 
     // Deploy errors leave nothing behind.
+    let overrides = redis_overrides(&redis);
+    let env = json!({"WORDCOUNT_REDIS": redis.url(), "WORDCOUNT_REDIS_HASH": "wordcount"});
     let deploy = |name: &str, package: &str, config: &str| {
-        serde_json::to_vec(&json!({"name": name, "package": package, "config": config})).unwrap()
+        serde_json::to_vec(&json!({"name": name, "package": package, "config": config, "env": env}))
+            .unwrap()
     };
-    let good = deploy("wordcount", &hash, OVERRIDES);
+    let good = deploy("wordcount", &hash, &overrides);
     assert_eq!(director.post("/api/v1/topologies", None, &good).status, 401);
     let r = director.post(
         "/api/v1/topologies",
         Some(TOKEN),
-        &deploy("wordcount", &"0".repeat(64), OVERRIDES),
+        &deploy("wordcount", &"0".repeat(64), &overrides),
     );
     assert_eq!(r.status, 404, "{}", r.body);
     let r = director.post(
@@ -652,13 +324,28 @@ fn deploys_wordcount_moves_the_processes_of_a_dead_agent_and_survives_a_restart(
         "{}",
         r.body
     );
+    let bad_env = serde_json::to_vec(
+        &json!({"name": "wordcount", "package": hash, "env": {"TEMPEST_TOKEN": "x"}}),
+    )
+    .unwrap();
+    let r = director.post("/api/v1/topologies", Some(TOKEN), &bad_env);
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("TEMPEST_TOKEN"),
+        "{}",
+        r.body
+    );
     let r = director.post("/api/v1/topologies", Some(TOKEN), b"{\"name\": 1}");
     assert_eq!(r.status, 400, "{}", r.body);
     assert_eq!(director.get("/api/v1/topologies").json(), json!([]));
 
-    // Deploy.
+    // Deploy, and feed sentences while everything below happens.
     let r = director.post("/api/v1/topologies", Some(TOKEN), &good);
     assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.json()["env"]["WORDCOUNT_REDIS_HASH"], json!("wordcount"));
     let r = director.post("/api/v1/topologies", Some(TOKEN), &good);
     assert_eq!(r.status, 409, "{}", r.body);
     let r = director.get("/api/v1/topologies/nope");
@@ -670,6 +357,7 @@ fn deploys_wordcount_moves_the_processes_of_a_dead_agent_and_survives_a_restart(
             .status,
         404
     );
+    let feeder = Feeder::start(&redis, 2_000);
 
     // Server, split, two counts, output: spread over both agents.
     let agents = wait_for("the topology running", WAIT, || {
@@ -681,13 +369,18 @@ fn deploys_wordcount_moves_the_processes_of_a_dead_agent_and_survives_a_restart(
     wait_for("acked growing", WAIT, || (acked() > first).then_some(()));
     check_figures(&director);
 
-    // B dies (its processes live on, orphaned): everything moves to A
-    // within 15 s.
+    // B's agent dies (its processes live on, orphaned): everything moves to
+    // A within 15 s.
     let before: Vec<Value> = director.topology("wordcount")["placement"]
         .as_array()
         .unwrap()
         .clone();
-    b.kill9();
+    let b_dir = b.data_dir.clone();
+    let orphans = b.kill9();
+    assert!(
+        !marked_processes(&b_dir).is_empty(),
+        "B's processes outlive its agent"
+    );
     let killed = Instant::now();
     let agents = wait_for(
         "the processes re-placed on A",
@@ -719,10 +412,9 @@ fn deploys_wordcount_moves_the_processes_of_a_dead_agent_and_survives_a_restart(
         (a.acked() > first).then_some(())
     });
 
-    // B comes back: its assignment is empty, so it stops what moved.
-    let b_dir = b.data_dir.clone();
-    drop(b);
-    let b = Agent::start(&b_dir, &director.addr, &port_range(20));
+    // B comes back: its assignment is empty, so it stops the processes that
+    // moved, which it adopted from its state file.
+    let b = AgentProcess::join(&b_dir, &director.addr, TOKEN);
     assert_eq!(b.id(), b_id);
     wait_for("B up again", WAIT, || {
         director.agents_up().contains(&b_id).then_some(())
@@ -730,6 +422,7 @@ fn deploys_wordcount_moves_the_processes_of_a_dead_agent_and_survives_a_restart(
     wait_for("B's old processes stopped", WAIT, || {
         (b.running() == 0 && marked_processes(&b.data_dir).is_empty()).then_some(())
     });
+    drop(orphans);
 
     // The director restarts and still knows everything; nothing moves.
     // Take the picture once everything runs, so no process is mid-restart.
@@ -743,15 +436,18 @@ fn deploys_wordcount_moves_the_processes_of_a_dead_agent_and_survives_a_restart(
         .iter()
         .map(|p| json!([p["id"], p["pid"], p["generation"]]))
         .collect();
-    let ddir2 = ddir.clone();
     drop(director);
-    director = Director::start(&ddir2, &listen, &director_args);
+    director = Director::start(&ddir, &listen, &director_args);
     let r = director.get("/api/v1/packages");
     assert_eq!(r.json()[0]["hash"], json!(hash), "{}", r.body);
     let r = director.get("/api/v1/agents");
     assert_eq!(r.json().as_array().unwrap().len(), 2, "{}", r.body);
     let r = director.get("/api/v1/topologies");
     assert_eq!(r.json()[0]["name"], json!("wordcount"), "{}", r.body);
+    assert_eq!(
+        director.topology("wordcount")["env"]["WORDCOUNT_REDIS"],
+        json!(redis.url())
+    );
     wait_for("both agents heartbeating to the new director", WAIT, || {
         (director.agents_up() == [a_id.clone(), b_id.clone()].into()).then_some(())
     });
@@ -770,6 +466,30 @@ fn deploys_wordcount_moves_the_processes_of_a_dead_agent_and_survives_a_restart(
     wait_for("acked growing after the restart", WAIT, || {
         (a.acked() > first).then_some(())
     });
+
+    // Every sentence fed is counted: zero lost through all of the above.
+    let fed = feeder.stop();
+    let expected = expected_counts(fed);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let got = loop {
+        let got = counted(&redis);
+        let (lost, _) = shortfall_and_excess(&expected, &got);
+        if lost == 0 {
+            break got;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{lost} word occurrences of {fed} sentences were never counted: {got:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let (_, extra) = shortfall_and_excess(&expected, &got);
+    eprintln!("{fed} sentences fed, 0 lost, {extra} word occurrences counted twice");
+    assert_eq!(
+        redis.command(&["XLEN", "sentences:dead"]).unwrap(),
+        ":0",
+        "nothing dead-lettered"
+    );
 
     // Rebalance, stop, start, kill.
     let r = director.post(
@@ -816,7 +536,7 @@ fn deploys_wordcount_moves_the_processes_of_a_dead_agent_and_survives_a_restart(
 
 #[test]
 fn serves_its_openapi_document_and_json_errors() {
-    let tmp = tempdir();
+    let tmp = tempdir("tempest-director-test");
     let director = Director::start(&tmp.path().join("d"), "127.0.0.1:0", &["--token", TOKEN]);
     let r = director.get("/api/v1/openapi.json");
     assert_eq!(r.status, 200);

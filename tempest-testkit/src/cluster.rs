@@ -12,7 +12,7 @@ use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -92,17 +92,28 @@ pub fn marked_processes(data_dir: &Path) -> Vec<u32> {
 /// `n` consecutive free loopback ports as `FIRST-LAST`, different for every
 /// call in this process (tests run in parallel, each agent gets its own).
 pub fn port_range(n: u16) -> String {
-    static NEXT: AtomicU16 = AtomicU16::new(0);
-    // Spread test binaries running at the same time over different slots.
-    let base = 20_000 + (std::process::id() % 64) as u16 * 400;
-    loop {
-        let slot = NEXT.fetch_add(1, Ordering::SeqCst);
-        let first = base + slot * n.max(20);
-        assert!(first < 60_000, "no free port range");
-        if (first..first + n).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok()) {
-            return format!("{first}-{}", first + n - 1);
+    const LOW: u32 = 20_000;
+    const HIGH: u32 = 60_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let step = u32::from(n.max(20));
+    let slots = (HIGH - LOW) / step;
+    // Test binaries running at the same time start at different slots.
+    let start = std::process::id() % slots;
+    let mut last = String::from("no range tried");
+    for _ in 0..slots {
+        let slot = (start + NEXT.fetch_add(1, Ordering::SeqCst)) % slots;
+        let first = LOW + slot * step;
+        let taken = (first..first + u32::from(n)).find_map(|p| {
+            TcpListener::bind(("127.0.0.1", p as u16))
+                .err()
+                .map(|e| (p, e))
+        });
+        match taken {
+            None => return format!("{first}-{}", first + u32::from(n) - 1),
+            Some((p, e)) => last = format!("port {p}: {e}"),
         }
     }
+    panic!("no {n} consecutive free loopback ports in {LOW}-{HIGH} ({last})")
 }
 
 /// A free `127.0.0.1:PORT`.

@@ -240,6 +240,21 @@ impl Hub {
     /// A hub for `dag` with `settings`, recording metrics in `registry`.
     pub fn new(dag: Arc<Dag>, settings: &Settings, registry: &Registry) -> Self {
         let none = Labels::default();
+        for (_, t) in dag.tasks() {
+            for e in &t.edges {
+                let grouping = e.grouping.to_string();
+                registry
+                    .gauge(
+                        &catalog::PIPELINE_EDGE,
+                        &Labels::new([
+                            ("from", t.name.as_str()),
+                            ("to", dag.task(e.to).name.as_str()),
+                            ("grouping", grouping.as_str()),
+                        ]),
+                    )
+                    .set(1.0);
+            }
+        }
         let queues = dag
             .tasks()
             .map(|(_, t)| {

@@ -192,6 +192,18 @@ fn processes_serve_metrics_and_the_numbers_agree() {
     // Before any worker: the endpoint serves, nothing connected.
     let s = scrape(&server_metrics);
     assert_eq!(value(&s, "tempest_worker_connections", &[]), Some(0.0));
+    // The pipeline, as dashboards draw it.
+    for (from, to, grouping) in [("split", "count", "key"), ("count", "output", "key")] {
+        assert_eq!(
+            value(
+                &s,
+                "tempest_pipeline_edge",
+                &[("from", from), ("to", to), ("grouping", grouping)]
+            ),
+            Some(1.0),
+            "edge {from} -> {to}"
+        );
+    }
     assert_eq!(
         value(
             &s,

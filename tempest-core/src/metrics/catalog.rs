@@ -67,6 +67,7 @@ metrics! {
     TASK_HANDLE_LATENCY: Histogram, "tempest_task_handle_latency", ["task"], "Time in handle per message (microseconds; a batch's time spread over its messages).";
     TASK_QUEUE_DEPTH: Gauge, "tempest_task_queue_depth", ["task"], "Messages queued for the task and not yet pulled.";
     TASK_BUSY: Counter, "tempest_task_busy_micros", ["task"], "Microseconds the task's instances spent in handle.";
+    PIPELINE_EDGE: Gauge, "tempest_pipeline_edge", ["from", "to", "grouping"], "1 for each edge of the pipeline, set at start (how dashboards draw the DAG; the source feeds the task no edge leads to).";
     TASK_CAPACITY: Gauge, "tempest_task_capacity", ["task"], "Fraction of the last interval the task's instances were busy (Storm's capacity).";
 }
 
