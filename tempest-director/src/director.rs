@@ -1131,9 +1131,7 @@ fn check_env(env: &BTreeMap<String, String>) -> Result<(), Error> {
         let ok = !name.is_empty()
             && name.len() <= 128
             && !name.as_bytes()[0].is_ascii_digit()
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
         if !ok {
             return Err(Error::BadRequest(format!(
                 "bad environment variable name `{name}`: use letters, digits and `_`, not starting with a digit"
