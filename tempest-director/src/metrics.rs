@@ -248,6 +248,29 @@ pub struct Figures {
     /// The handle-latency buckets per task.
     #[serde(skip)]
     pub handle: BTreeMap<String, Vec<(f64, f64)>>,
+    /// Each counter's raw sum at this scrape and the total shown for it.
+    #[serde(skip)]
+    pub counters: BTreeMap<String, (u64, u64)>,
+}
+
+/// Turns the raw sums of counters, which drop when a process restarts or
+/// moves (its counters start again from 0), into totals that never go
+/// down: an interval in which a sum went down adds nothing, and the total
+/// carries on from there (as Prometheus's `increase` treats a reset).
+struct Monotonic<'a> {
+    prev: Option<&'a BTreeMap<String, (u64, u64)>>,
+    next: BTreeMap<String, (u64, u64)>,
+}
+
+impl Monotonic<'_> {
+    fn total(&mut self, key: &str, raw: u64) -> u64 {
+        let total = match self.prev.and_then(|p| p.get(key)) {
+            Some(&(before, total)) => total + raw.saturating_sub(before),
+            None => raw,
+        };
+        self.next.insert(key.to_owned(), (raw, total));
+        total
+    }
 }
 
 impl Figures {
@@ -271,14 +294,19 @@ impl Figures {
                 .sum()
         };
         let count = |name: &str| sum(name).max(0.0) as u64;
+        let mut totals = Monotonic {
+            prev: prev.map(|p| &p.counters),
+            next: BTreeMap::new(),
+        };
+        let mut total = |name: &str| totals.total(name, count(name));
         let source = SourceFigures {
-            polled: count("tempest_source_polled_total"),
-            acked: count("tempest_source_acked_total"),
-            failed: count("tempest_source_failed_total"),
-            timed_out: count("tempest_source_timed_out_total"),
-            dead_lettered: count("tempest_source_dead_lettered_total"),
-            retried: count("tempest_source_retried_total"),
-            errors: count("tempest_source_errors_total"),
+            polled: total("tempest_source_polled_total"),
+            acked: total("tempest_source_acked_total"),
+            failed: total("tempest_source_failed_total"),
+            timed_out: total("tempest_source_timed_out_total"),
+            dead_lettered: total("tempest_source_dead_lettered_total"),
+            retried: total("tempest_source_retried_total"),
+            errors: total("tempest_source_errors_total"),
             healthy: mine
                 .iter()
                 .any(|s| s.name == "tempest_source_healthy")
@@ -309,7 +337,14 @@ impl Figures {
                     .map(|s| s.value)
                     .sum()
             };
-            let messages_in = tsum("tempest_task_messages_in_total").max(0.0) as u64;
+            let messages_in = totals.total(
+                &format!("{task}/messages_in"),
+                tsum("tempest_task_messages_in_total").max(0.0) as u64,
+            );
+            let errors = totals.total(
+                &format!("{task}/errors"),
+                tsum("tempest_task_errors_total").max(0.0) as u64,
+            );
             let h = buckets(
                 mine.iter().copied(),
                 "tempest_task_handle_latency_seconds",
@@ -330,7 +365,7 @@ impl Figures {
                         messages_in,
                         prev.and_then(|p| p.tasks.get(task)).map(|t| t.messages_in),
                     ),
-                    errors: tsum("tempest_task_errors_total").max(0.0) as u64,
+                    errors,
                     handle_p99_ms: ms(quantile(&hwin, 0.99)),
                     capacity,
                 },
@@ -367,6 +402,7 @@ impl Figures {
             ts_ms,
             latency,
             handle,
+            counters: totals.next,
         }
     }
 }
@@ -530,6 +566,20 @@ tempest_pipeline_edge{topology="wc",host="h2",from="split",to="count",grouping="
         let g = Figures::compute("wc", &parse(&more), &workers, Some(&f), 3000);
         assert_eq!(g.acked, 300);
         assert!((g.msgs_per_sec - 100.0).abs() < 1e-9);
+
+        // The server restarts (its counters start again) and a split
+        // instance with it: the totals hold, then grow from there.
+        let reset = text
+            .replace("} 100\n", "} 10\n")
+            .replace("instance=\"0\"} 30", "instance=\"0\"} 0");
+        let h = Figures::compute("wc", &parse(&reset), &workers, Some(&g), 4000);
+        assert_eq!((h.acked, h.msgs_per_sec), (300, 0.0));
+        assert_eq!(h.tasks["split"].messages_in, 50);
+        let grown = reset.replace("} 10\n", "} 60\n");
+        let i = Figures::compute("wc", &parse(&grown), &workers, Some(&h), 5000);
+        assert_eq!(i.acked, 350);
+        assert!((i.msgs_per_sec - 50.0).abs() < 1e-9);
+        assert_eq!(i.source.acked, 350);
     }
 
     #[test]
