@@ -188,6 +188,7 @@ pub fn lock_data_dir(data_dir: &Path) -> anyhow::Result<DataDirLock> {
 /// `tempest-agent <id> listening on http://ADDR` on stdout once the API
 /// listens. Must run inside a multi-threaded tokio runtime.
 pub async fn run(mut config: AgentConfig) -> anyhow::Result<()> {
+    let signals = tempest_core::shutdown::Signals::install();
     if !config.data_dir.exists() {
         std::fs::create_dir_all(&config.data_dir).with_context(|| {
             format!("creating the data directory {}", config.data_dir.display())
@@ -310,7 +311,7 @@ pub async fn run(mut config: AgentConfig) -> anyhow::Result<()> {
     }
 
     let result = tokio::select! {
-        _ = signal() => {
+        _ = signals.wait() => {
             tracing::info!("signal received: stopping the processes and exiting");
             Ok(())
         }
@@ -327,30 +328,4 @@ pub async fn run(mut config: AgentConfig) -> anyhow::Result<()> {
     handle.stop(true).await;
     agent.supervisor.stop_all().await;
     result
-}
-
-async fn signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) {
-            (Ok(mut term), Ok(mut int)) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = int.recv() => {}
-                }
-            }
-            _ => {
-                tracing::warn!("cannot install signal handlers; stop the agent with SIGKILL");
-                std::future::pending::<()>().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }

@@ -91,7 +91,12 @@ pub async fn run(config: DirectorConfig) -> anyhow::Result<()> {
         director: director.clone(),
         token: config.token.clone(),
     });
+    let signals = tempest_core::shutdown::Signals::install();
     let server = HttpServer::new(move || app(state.clone()))
+        // The director stops on its own signal handling below: while it
+        // shuts down it must not judge agents (which cannot reach it) down.
+        .disable_signals()
+        .shutdown_timeout(2)
         .bind(config.listen)
         .map_err(|e| anyhow::anyhow!("binding {}: {e}", config.listen))?;
     let addr = server
@@ -101,7 +106,7 @@ pub async fn run(config: DirectorConfig) -> anyhow::Result<()> {
         .ok_or_else(|| anyhow::anyhow!("bound no address"))?;
     println!("tempest-director listening on http://{addr}");
     let ticker = director.clone();
-    actix_web::rt::spawn(async move {
+    let reconciling = actix_web::rt::spawn(async move {
         let mut interval = tokio::time::interval(TICK);
         loop {
             interval.tick().await;
@@ -113,7 +118,7 @@ pub async fn run(config: DirectorConfig) -> anyhow::Result<()> {
     });
     let collector = director.clone();
     let every = config.metrics_interval;
-    actix_web::rt::spawn(async move {
+    let collecting = actix_web::rt::spawn(async move {
         let mut interval = tokio::time::interval(every);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -121,8 +126,25 @@ pub async fn run(config: DirectorConfig) -> anyhow::Result<()> {
             collect(&collector, every).await;
         }
     });
-    server.run().await?;
-    Ok(())
+    let server = server.run();
+    let handle = server.handle();
+    let mut serving = actix_web::rt::spawn(server);
+    let result = tokio::select! {
+        _ = signals.wait() => {
+            tracing::info!("signal received: exiting");
+            Ok(())
+        }
+        r = &mut serving => match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(anyhow::Error::new(e).context("the API server failed")),
+            Err(e) => Err(anyhow::anyhow!("the API server ended abnormally: {e}")),
+        },
+    };
+    // No more decisions: a director on its way out moves nothing.
+    reconciling.abort();
+    collecting.abort();
+    handle.stop(true).await;
+    result
 }
 
 /// One round of the metrics collector: scrapes every live agent at once

@@ -231,7 +231,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 /// Must be called inside the runtime.
 fn shutdown_on_signal() -> watch::Receiver<bool> {
     let (stop, shutdown) = watch::channel(false);
-    let signals = Signals::install();
+    let signals = tempest_core::shutdown::Signals::install();
     tokio::spawn(async move {
         signals.wait().await;
         tracing::info!("signal received: shutting down");
@@ -381,50 +381,4 @@ fn summary(report: &RunReport) {
             _ => String::new(),
         }
     );
-}
-
-/// SIGINT and SIGTERM, installed.
-struct Signals {
-    #[cfg(unix)]
-    streams: Vec<tokio::signal::unix::Signal>,
-}
-
-impl Signals {
-    fn install() -> Self {
-        #[cfg(unix)]
-        {
-            use tokio::signal::unix::{signal, SignalKind};
-            let streams = [SignalKind::interrupt(), SignalKind::terminate()]
-                .into_iter()
-                .filter_map(|k| match signal(k) {
-                    Ok(s) => Some(s),
-                    Err(e) => {
-                        tracing::warn!("cannot install a signal handler: {e}");
-                        None
-                    }
-                })
-                .collect();
-            Signals { streams }
-        }
-        #[cfg(not(unix))]
-        Signals {}
-    }
-
-    async fn wait(self) {
-        #[cfg(unix)]
-        {
-            let waits = self
-                .streams
-                .into_iter()
-                .map(|mut s| Box::pin(async move { s.recv().await }));
-            if waits.len() == 0 {
-                std::future::pending::<()>().await;
-            }
-            futures_util::future::select_all(waits).await;
-        }
-        #[cfg(not(unix))]
-        {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }
