@@ -166,6 +166,33 @@ impl ApiError {
     }
 }
 
+/// Checks one environment variable a deploy gives a topology's processes:
+/// a name of letters, digits and `_` not starting with a digit, not one of
+/// the agent's own `TEMPEST_*` names, and a value without NUL. The error
+/// names the variable and what is wrong.
+pub fn check_env_var(name: &str, value: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && !name.as_bytes()[0].is_ascii_digit()
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if !ok {
+        return Err(format!(
+            "bad environment variable name `{name}`: use letters, digits and `_`, not starting with a digit"
+        ));
+    }
+    if name.starts_with("TEMPEST_") {
+        return Err(format!(
+            "environment variable `{name}`: names starting with TEMPEST_ are set by the agent"
+        ));
+    }
+    if value.contains('\0') {
+        return Err(format!(
+            "environment variable `{name}`: the value contains a NUL byte"
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

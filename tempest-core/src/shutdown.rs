@@ -39,6 +39,12 @@ impl Signals {
     /// Resolves at the first SIGINT or SIGTERM (never, if neither handler
     /// could be installed).
     pub async fn wait(mut self) {
+        self.recv().await
+    }
+
+    /// Resolves at the next SIGINT or SIGTERM (never, if neither handler
+    /// could be installed): for a process that acts on a second signal too.
+    pub async fn recv(&mut self) {
         #[cfg(unix)]
         match (self.interrupt.as_mut(), self.terminate.as_mut()) {
             (Some(i), Some(t)) => {

@@ -1127,28 +1127,9 @@ fn check_name(what: &str, name: &str) -> Result<(), Error> {
 }
 
 fn check_env(env: &BTreeMap<String, String>) -> Result<(), Error> {
-    for (name, value) in env {
-        let ok = !name.is_empty()
-            && name.len() <= 128
-            && !name.as_bytes()[0].is_ascii_digit()
-            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-        if !ok {
-            return Err(Error::BadRequest(format!(
-                "bad environment variable name `{name}`: use letters, digits and `_`, not starting with a digit"
-            )));
-        }
-        if name.starts_with("TEMPEST_") {
-            return Err(Error::BadRequest(format!(
-                "environment variable `{name}`: names starting with TEMPEST_ are set by the agent"
-            )));
-        }
-        if value.contains('\0') {
-            return Err(Error::BadRequest(format!(
-                "environment variable `{name}`: the value contains a NUL byte"
-            )));
-        }
-    }
-    Ok(())
+    env.iter()
+        .try_for_each(|(name, value)| tempest_control::check_env_var(name, value))
+        .map_err(Error::BadRequest)
 }
 
 fn check_workers(workers: &BTreeMap<String, u32>) -> Result<(), Error> {

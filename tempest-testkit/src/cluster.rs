@@ -28,13 +28,20 @@ pub const WAIT: Duration = Duration::from_secs(60);
 
 /// Polls `f` every 50 ms until it gives a value; panics naming `what` after
 /// `bound`.
-pub fn wait_for<T>(what: &str, bound: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+pub fn wait_for<T>(what: &str, bound: Duration, f: impl FnMut() -> Option<T>) -> T {
+    try_wait_for(bound, f).unwrap_or_else(|| panic!("timed out after {bound:?} waiting for {what}"))
+}
+
+/// Polls `f` every 50 ms until it gives a value, or None after `bound`.
+pub fn try_wait_for<T>(bound: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + bound;
     loop {
         if let Some(v) = f() {
-            return v;
+            return Some(v);
         }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        if Instant::now() >= deadline {
+            return None;
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -92,8 +99,10 @@ pub fn marked_processes(data_dir: &Path) -> Vec<u32> {
 /// `n` consecutive free loopback ports as `FIRST-LAST`, different for every
 /// call in this process (tests run in parallel, each agent gets its own).
 pub fn port_range(n: u16) -> String {
-    const LOW: u32 = 20_000;
-    const HIGH: u32 = 60_000;
+    // Below the kernel's ephemeral range (32768-60999 by default), where
+    // the many connections tests open and close leave ports in TIME-WAIT.
+    const LOW: u32 = 12_000;
+    const HIGH: u32 = 32_000;
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let step = u32::from(n.max(20));
     let slots = (HIGH - LOW) / step;

@@ -33,7 +33,8 @@ impl Response {
     }
 }
 
-/// Sends one request with the given extra headers and returns the answer.
+/// Sends one request with the given extra headers and returns the answer
+/// (waiting at most 30 s for it).
 pub fn request(
     addr: &str,
     method: &str,
@@ -41,8 +42,26 @@ pub fn request(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> std::io::Result<Response> {
-    let mut s = TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    request_within(addr, method, path, headers, body, Duration::from_secs(30))
+}
+
+/// [`request`] waiting at most `timeout` for the answer and 5 s for the
+/// connection, so a peer that is stopped or cut off fails the call quickly
+/// instead of hanging a test.
+pub fn request_within(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    timeout: Duration,
+) -> std::io::Result<Response> {
+    let mut s = match addr.parse::<std::net::SocketAddr>() {
+        Ok(sock) => TcpStream::connect_timeout(&sock, Duration::from_secs(5))?,
+        Err(_) => TcpStream::connect(addr)?,
+    };
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
     let mut req = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()
