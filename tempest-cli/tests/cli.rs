@@ -1,0 +1,434 @@
+//! The `tempest` binary's quick behaviours, run as a user runs it: usage
+//! errors, completions, `cluster init` (read back by the daemons' own
+//! parsers) and the daemons started with its file, where the director and
+//! token come from, one-line errors, and `package` refusing a bad
+//! `Topology.toml` before it builds anything.
+
+#![cfg(target_os = "linux")]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use common::{run, tempest};
+use tempest_testkit::cluster::{cargo_bin, free_addr, port_range, signal, tempdir, wait_for, WAIT};
+use tempest_testkit::http;
+
+#[test]
+fn wrong_arguments_get_clap_usage_errors() {
+    let dir = tempdir("tempest-cli-usage");
+    for args in [
+        &[][..],
+        &["frobnicate"],
+        &["new"],
+        &["rebalance", "wc"],
+        &["rebalance", "wc", "--workers", "count"],
+        &["rebalance", "wc", "--workers", "count=0"],
+        &["new", "x", "--source", "kafka"],
+        &["logs", "wc", "--instance", "1"],
+        &["completions", "tcsh"],
+    ] {
+        let r = run(dir.path(), args);
+        assert_eq!(r.code, Some(2), "{args:?}: {r:#?}");
+        assert!(
+            r.stderr.contains("Usage:")
+                || (r.stderr.starts_with("error: ") && r.stderr.contains("try '--help'")),
+            "{args:?}: {r:#?}"
+        );
+        assert!(!r.stderr.contains("panicked"), "{r:#?}");
+    }
+    let r = run(dir.path(), &["--help"]).ok();
+    for cmd in [
+        "new",
+        "generate",
+        "package",
+        "deploy",
+        "list",
+        "status",
+        "stop",
+        "start",
+        "kill",
+        "rebalance",
+        "logs",
+        "agents",
+        "packages",
+        "cluster",
+        "director",
+        "agent",
+        "dev",
+        "completions",
+    ] {
+        assert!(
+            r.stdout.lines().any(|l| l.trim_start().starts_with(cmd)),
+            "no {cmd} in the help: {}",
+            r.stdout
+        );
+    }
+}
+
+#[test]
+fn completions_are_printed_for_every_shell() {
+    let dir = tempdir("tempest-cli-completions");
+    for shell in ["bash", "zsh", "fish"] {
+        let r = run(dir.path(), &["completions", shell]).ok();
+        assert!(r.stdout.len() > 500, "{shell}: {}", r.stdout);
+        for word in ["tempest", "deploy", "rebalance", "director", "follow"] {
+            assert!(r.stdout.contains(word), "{shell}: no {word}");
+        }
+    }
+}
+
+#[test]
+fn an_unreachable_director_is_one_line_naming_it_and_where_it_came_from() {
+    let dir = tempdir("tempest-cli-unreachable");
+    let dead = free_addr();
+    let r = run(dir.path(), &["list", "--director", &dead]);
+    let line = r.one_line_error();
+    assert!(
+        line.contains(&format!(
+            "cannot reach the director at http://{dead} (from the command line)"
+        )),
+        "{line}"
+    );
+    assert!(line.to_lowercase().contains("refused"), "{line}");
+
+    // The environment, then Cluster.toml, then the default.
+    let dead2 = free_addr();
+    let r: common::Run = tempest(dir.path())
+        .args(["status", "wordcount"])
+        .env("TEMPEST_DIRECTOR", format!("http://{dead2}/"))
+        .output()
+        .unwrap()
+        .into();
+    assert!(
+        r.one_line_error()
+            .contains(&format!("http://{dead2} (from TEMPEST_DIRECTOR)")),
+        "{r:#?}"
+    );
+    let dead3 = free_addr();
+    std::fs::write(
+        dir.path().join("Cluster.toml"),
+        format!("[director]\nlisten = \"{dead3}\"\n"),
+    )
+    .unwrap();
+    let r = run(dir.path(), &["agents"]);
+    assert!(
+        r.one_line_error()
+            .contains(&format!("http://{dead3} (from Cluster.toml)")),
+        "{r:#?}"
+    );
+    let r = run(
+        dir.path(),
+        &["kill", "x", "--director", "https://example.invalid"],
+    );
+    assert!(r.one_line_error().contains("only http://"), "{r:#?}");
+    std::fs::write(dir.path().join("Cluster.toml"), "[director\n").unwrap();
+    let r = run(dir.path(), &["list"]);
+    assert!(r.one_line_error().contains("Cluster.toml"), "{r:#?}");
+}
+
+#[test]
+fn cluster_init_writes_a_file_both_daemons_accept_and_never_overwrites_it() {
+    let dir = tempdir("tempest-cli-init");
+    let r = run(dir.path(), &["cluster", "init"]).ok();
+    assert!(r.stdout.contains("wrote Cluster.toml"), "{r:#?}");
+    let path = dir.path().join("Cluster.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let director = tempest_director::config::parse_cluster_toml(&text, &path)
+        .unwrap_or_else(|e| panic!("the director refuses it: {e}\n{text}"));
+    let agent = tempest_agent::config::load(&path)
+        .unwrap_or_else(|e| panic!("the agent refuses it: {e}\n{text}"));
+    let token = director.token.clone().expect("a token for the director");
+    assert_eq!(token.len(), 32, "{token}");
+    assert_eq!(agent.token.as_deref(), Some(token.as_str()));
+    assert_eq!(agent.director.as_deref(), Some("http://127.0.0.1:7300"));
+    assert!(
+        text.lines().filter(|l| l.starts_with('#')).count() > 50,
+        "commented"
+    );
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "the token is private: {mode:o}");
+    }
+
+    let r = run(dir.path(), &["cluster", "init"]);
+    assert!(r.one_line_error().contains("not overwritten"), "{r:#?}");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+
+    let r = run(
+        dir.path(),
+        &["cluster", "init", "--output", "other.toml", "--no-token"],
+    )
+    .ok();
+    assert!(r.stdout.contains("without a cluster token"), "{r:#?}");
+    let other = dir.path().join("other.toml");
+    let d = tempest_director::config::parse_cluster_toml(
+        &std::fs::read_to_string(&other).unwrap(),
+        &other,
+    )
+    .unwrap();
+    assert_eq!(d.token, None);
+    let r = run(
+        dir.path(),
+        &[
+            "cluster",
+            "init",
+            "-o",
+            "third.toml",
+            "--token",
+            "given-token",
+        ],
+    )
+    .ok();
+    assert!(r.stdout.contains("third.toml"), "{r:#?}");
+    let third = tempest_agent::config::load(&dir.path().join("third.toml")).unwrap();
+    assert_eq!(third.token.as_deref(), Some("given-token"));
+}
+
+/// A daemon started through `tempest director|agent`; killed when dropped.
+struct Started {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        signal(self.child.id(), libc::SIGTERM);
+        let _ = wait_for("the daemon to stop", WAIT, || {
+            self.child.try_wait().ok().flatten()
+        });
+    }
+}
+
+fn start_through_cli(dir: &Path, which: &str) -> Started {
+    let mut child = tempest(dir)
+        .arg(which)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(addr) = line.split("listening on http://").nth(1) {
+                let _ = tx.send(addr.trim().to_owned());
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|_| panic!("tempest {which} did not print its address"));
+    Started { child, addr }
+}
+
+#[test]
+fn director_and_agent_start_with_the_cluster_toml_of_cluster_init() {
+    cargo_bin("tempest-director", "tempest-director");
+    cargo_bin("tempest-agent", "tempest-agent");
+    let dir = tempdir("tempest-cli-daemons");
+    run(dir.path(), &["cluster", "init"]).ok();
+    let path = dir.path().join("Cluster.toml");
+    let listen = free_addr();
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace(
+            "listen = \"127.0.0.1:7300\"",
+            &format!("listen = \"{listen}\""),
+        )
+        .replace(
+            "director = \"http://127.0.0.1:7300\"",
+            &format!("director = \"http://{listen}\""),
+        )
+        .replace("listen = \"127.0.0.1:7400\"", "listen = \"127.0.0.1:0\"")
+        .replace(
+            "port_range = \"7500-7599\"",
+            &format!("port_range = \"{}\"", port_range(10)),
+        )
+        .replace(
+            "heartbeat_interval = \"1s\"",
+            "heartbeat_interval = \"100ms\"",
+        );
+    std::fs::write(&path, &text).unwrap();
+
+    // The daemon's own --help passes through.
+    let r = run(dir.path(), &["director", "--help"]).ok();
+    assert!(r.stdout.contains("--data-dir"), "{r:#?}");
+
+    let director = start_through_cli(dir.path(), "director");
+    assert_eq!(director.addr, listen);
+    assert!(dir.path().join("tempest-director-data").is_dir());
+    let agent = start_through_cli(dir.path(), "agent");
+    // The agent's heartbeats carry the token of the file: the director,
+    // which needs it, lists the agent as up.
+    wait_for("the agent up at the director", WAIT, || {
+        let v = http::get(&director.addr, "/api/v1/agents").json();
+        (v.as_array()?
+            .iter()
+            .any(|a| a["up"] == true && a["address"] == agent.addr.as_str()))
+        .then_some(())
+    });
+    // And the CLI finds the director and the token in the same file.
+    let r = run(dir.path(), &["agents", "--json"]).ok();
+    assert_eq!(r.json().as_array().unwrap().len(), 1, "{r:#?}");
+    let r = run(dir.path(), &["kill", "nope"]);
+    let line = r.one_line_error();
+    assert!(
+        line.contains("no topology `nope`"),
+        "the token was accepted: {line}"
+    );
+    let r = run(dir.path(), &["kill", "nope", "--token", "wrong"]);
+    let line = r.one_line_error();
+    assert!(
+        line.contains("refused the token (from the command line)"),
+        "{line}"
+    );
+}
+
+#[test]
+fn a_missing_daemon_binary_is_one_line() {
+    let dir = tempdir("tempest-cli-nobin");
+    let lonely = dir.path().join("tempest");
+    std::fs::copy(common::tempest_bin(), &lonely).unwrap();
+    // Another test's fork may still hold the copy open for writing for an
+    // instant (ETXTBSY): retry within a bound.
+    let r: common::Run =
+        wait_for(
+            "running the copied binary",
+            WAIT,
+            || match std::process::Command::new(&lonely)
+                .arg("director")
+                .current_dir(dir.path())
+                .env("PATH", dir.path().join("nothing-here"))
+                .output()
+            {
+                Ok(o) => Some(o),
+                Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => None,
+                Err(e) => panic!("running {}: {e}", lonely.display()),
+            },
+        )
+        .into();
+    let line = r.one_line_error();
+    assert!(line.contains("cannot find tempest-director"), "{line}");
+}
+
+#[test]
+fn package_refuses_a_bad_topology_toml_before_building() {
+    let dir = tempdir("tempest-cli-badtoml");
+    run(dir.path(), &["new", "bad"]).ok();
+    let krate = dir.path().join("bad");
+    std::fs::write(
+        krate.join("Topology.toml"),
+        "version = 1\nmax_pendin = 3\n\n[failure]\npolicy = \"sometimes\"\n",
+    )
+    .unwrap();
+    let r = run(&krate, &["package", "--debug"]);
+    assert_eq!(r.code, Some(1), "{r:#?}");
+    let lines: Vec<&str> = r.stderr.lines().collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("error: Topology.toml:2:1: key `max_pendin`")),
+        "{r:#?}"
+    );
+    assert!(
+        lines.iter().any(|l| l.starts_with("error: Topology.toml:5:") && l.contains("key `failure.policy`")),
+        "{r:#?}"
+    );
+    assert!(
+        lines.last().unwrap().contains("nothing was built"),
+        "{r:#?}"
+    );
+    assert!(
+        !r.stderr.contains("building") && !r.stderr.contains("Compiling"),
+        "{r:#?}"
+    );
+    assert!(!krate.join("target").exists(), "nothing was built");
+
+    // Outside a crate, and a crate that is not there.
+    let r = run(dir.path(), &["package"]);
+    assert!(r.one_line_error().contains("has no Cargo.toml"), "{r:#?}");
+    let r = run(dir.path(), &["generate", "task", "enrich"]);
+    assert!(
+        r.one_line_error().contains("not a topology crate"),
+        "{r:#?}"
+    );
+}
+
+#[test]
+fn new_refuses_to_overwrite_and_bad_names() {
+    let dir = tempdir("tempest-cli-new");
+    std::fs::create_dir(dir.path().join("taken")).unwrap();
+    std::fs::write(dir.path().join("taken").join("keep.txt"), "mine").unwrap();
+    let r = run(dir.path(), &["new", "taken"]);
+    assert!(
+        r.one_line_error().contains("exists and is not empty"),
+        "{r:#?}"
+    );
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("taken")).unwrap().count(),
+        1,
+        "nothing written"
+    );
+    for bad in ["2fast", "tempest", "a/b", "fn"] {
+        let r = run(dir.path(), &["new", bad]);
+        r.one_line_error();
+    }
+    // An empty directory is fine, and generate refuses what exists.
+    std::fs::create_dir(dir.path().join("empty")).unwrap();
+    run(
+        dir.path(),
+        &["new", "fine", "--path", "empty", "--source", "redis"],
+    )
+    .ok();
+    let krate = dir.path().join("empty");
+    let cargo: toml::Table = std::fs::read_to_string(krate.join("Cargo.toml"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(cargo["package"]["name"].as_str(), Some("fine"));
+    assert!(cargo["dependencies"]["tempest-connectors"].is_table());
+    assert!(
+        krate.join("Cargo.lock").is_file(),
+        "the checkout's lock file"
+    );
+    run(&krate, &["generate", "task", "enrich"]).ok();
+    let r = run(&krate, &["generate", "task", "enrich"]);
+    assert!(r.one_line_error().contains("not overwritten"), "{r:#?}");
+    run(&krate, &["generate", "source", "ticks"]).ok();
+    let r = run(&krate, &["generate", "source", "ticks"]);
+    assert!(r.one_line_error().contains("not overwritten"), "{r:#?}");
+    let r = run(&krate, &["generate", "task", "split2", "--after", "nope"]);
+    assert!(r.one_line_error().contains("no task `nope`"), "{r:#?}");
+    let r = run(&krate, &["generate", "task", "Bad-Name"]);
+    r.one_line_error();
+}
+
+#[test]
+fn a_server_that_is_not_a_director_is_named_as_such() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 4096];
+        let _ = s.read(&mut buf);
+        let body = "<html>nothing here</html>";
+        let _ = write!(
+            s,
+            "HTTP/1.1 404 Not Found\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+    });
+    let dir = tempdir("tempest-cli-notdirector");
+    let r = run(dir.path(), &["status", "wordcount", "--director", &addr]);
+    let line = r.one_line_error();
+    assert!(line.contains("is it a Tempest director?"), "{line}");
+    assert!(!line.contains("no topology"), "{line}");
+    server.join().unwrap();
+}
