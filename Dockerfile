@@ -1,0 +1,29 @@
+# The Tempest image: the director, the agent and the `tempest` CLI on Debian
+# bookworm, copied from binaries built on the host (the host is bookworm
+# too, so they run here as they are). Topology packages are not in the
+# image: they are uploaded to the director and the agents fetch them.
+#
+#   cargo build --release -p tempest-director -p tempest-agent -p tempest-cli
+#   docker build -t tempest:local .                  # or: docker compose build
+#   docker build -t tempest:debug --build-arg PROFILE=debug .
+#
+# The build context is the repository root; .dockerignore keeps it to these
+# binaries. On a machine that cannot pull images, scripts/docker-base-image
+# builds debian:bookworm-slim locally first.
+FROM debian:bookworm-slim
+
+# The cargo profile whose binaries are copied: target/${PROFILE}/.
+ARG PROFILE=release
+
+RUN useradd --system --home-dir /var/lib/tempest --create-home --shell /usr/sbin/nologin tempest \
+    && mkdir -p /var/lib/tempest-director /var/lib/tempest-agent /etc/tempest \
+    && chown tempest:tempest /var/lib/tempest-director /var/lib/tempest-agent
+
+COPY target/${PROFILE}/tempest-director target/${PROFILE}/tempest-agent target/${PROFILE}/tempest /usr/local/bin/
+
+USER tempest
+WORKDIR /var/lib/tempest
+# The director's API and UI; an agent's API (topology servers take ports
+# from the agents' port_range, 7500-7599 in docker/cluster).
+EXPOSE 7300 7400
+CMD ["tempest-director", "--listen", "0.0.0.0:7300", "--data-dir", "/var/lib/tempest-director"]

@@ -1,0 +1,650 @@
+//! The compose cluster's lifetime: Docker checked, the images built (the
+//! Debian base with `scripts/docker-base-image` when it is missing, Tempest's
+//! from binaries compiled on the host, Redis's with apt), `docker-compose.yml`
+//! brought up under a project name of its own with free host ports, and torn
+//! down (volumes included) when the [`Cluster`] is dropped, after printing
+//! every container's logs if the test is failing.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use super::{report_line, wait_for};
+use tempest_testkit::cluster::workspace_dir;
+use tempest_testkit::http::{request_within, Response};
+
+/// The services of `docker-compose.yml`.
+pub const AGENTS: [&str; 3] = ["agent1", "agent2", "agent3"];
+
+/// The repository's root.
+pub fn repo_root() -> PathBuf {
+    workspace_dir()
+}
+
+/// What a command printed, and whether it succeeded within its bound.
+pub struct Output {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Output {
+    fn text(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+}
+
+/// Runs `cmd`, killing it after `bound`.
+pub fn run(cmd: &mut Command, bound: Duration) -> Output {
+    let what = format!("{cmd:?}");
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            return Output {
+                ok: false,
+                stdout: String::new(),
+                stderr: format!("cannot run {what}: {e}"),
+            }
+        }
+    };
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_string(&mut s);
+            }
+            s
+        })
+    };
+    let out = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let err = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let deadline = Instant::now() + bound;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break Some(s),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+        }
+    };
+    let stdout = out.join().unwrap_or_default();
+    let mut stderr = err.join().unwrap_or_default();
+    if status.is_none() {
+        stderr.push_str(&format!("\n{what} did not finish within {bound:?}"));
+    }
+    Output {
+        ok: status.is_some_and(|s| s.success()),
+        stdout,
+        stderr,
+    }
+}
+
+/// `docker ARGS`, bounded by `bound`.
+pub fn docker(args: &[&str], bound: Duration) -> Output {
+    run(Command::new("docker").args(args), bound)
+}
+
+/// `docker ARGS`, which must succeed.
+fn docker_ok(args: &[&str], bound: Duration) -> String {
+    let out = docker(args, bound);
+    assert!(out.ok, "docker {}: {}", args.join(" "), out.text());
+    out.stdout
+}
+
+/// Fails, never skips, when Docker is not usable: the suite is part of CI.
+fn check_docker() {
+    let out = docker(
+        &["info", "--format", "{{.ServerVersion}}"],
+        Duration::from_secs(60),
+    );
+    if !out.ok || out.stdout.trim().is_empty() {
+        let ci = match std::env::var("CI") {
+            Ok(v) if !v.is_empty() => " (CI is set: this suite must run in CI)",
+            _ => "",
+        };
+        panic!(
+            "the Docker cluster suite needs Docker Engine and Compose, and Docker is not usable \
+             here{ci}: `docker info` failed: {}\nInstall them (Debian: apt-get install docker.io \
+             docker-compose) and start the daemon; the suite does not skip without them.",
+            out.text().trim()
+        );
+    }
+}
+
+/// `docker compose` (v2) when it works, else `docker-compose` (v1).
+fn compose_program() -> Vec<String> {
+    let bound = Duration::from_secs(30);
+    if docker(&["compose", "version"], bound).ok {
+        return vec!["docker".into(), "compose".into()];
+    }
+    if run(Command::new("docker-compose").arg("version"), bound).ok {
+        return vec!["docker-compose".into()];
+    }
+    panic!(
+        "the Docker cluster suite needs Docker Compose: neither `docker compose` nor \
+         `docker-compose` works (Debian: apt-get install docker-compose)"
+    );
+}
+
+/// The image the Dockerfile starts FROM.
+fn base_image() -> String {
+    let path = repo_root().join("Dockerfile");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("FROM "))
+        .map(|s| s.split_whitespace().next().unwrap_or("").to_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| panic!("no FROM line in {}", path.display()))
+}
+
+/// Builds the base image with `scripts/docker-base-image` when it is
+/// missing; returns how long that took.
+fn ensure_base_image() -> Option<Duration> {
+    let image = base_image();
+    if docker(&["image", "inspect", &image], Duration::from_secs(30)).ok {
+        return None;
+    }
+    let started = Instant::now();
+    let script = repo_root().join("scripts/docker-base-image");
+    let out = run(
+        Command::new(&script).arg(&image),
+        Duration::from_secs(20 * 60),
+    );
+    assert!(
+        out.ok,
+        "{} {image} failed: {}",
+        script.display(),
+        out.text()
+    );
+    Some(started.elapsed())
+}
+
+/// The binaries the images and the package are made of.
+struct Binaries {
+    profile: String,
+    director: PathBuf,
+    agent: PathBuf,
+    wordcount: PathBuf,
+    /// The `tempest` CLI.
+    cli: PathBuf,
+}
+
+/// Builds (or finds up to date) the daemons, word count and the CLI in this
+/// test binary's own profile and target directory.
+fn build_binaries() -> Binaries {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    // target/<profile>/deps/<this test>
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("the test binary is in target/<profile>/deps")
+        .to_path_buf();
+    let profile = profile_dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .expect("a profile directory name")
+        .to_owned();
+    let root = repo_root();
+    let cargo_build = |packages: &[(&str, &str)]| {
+        let mut args: Vec<String> = vec!["build".into()];
+        for (package, bin) in packages {
+            args.extend(["-p", package, "--bin", bin].map(String::from));
+        }
+        if profile != "debug" {
+            args.extend(["--profile".to_owned(), profile.clone()]);
+        }
+        if let Some(target) = profile_dir.parent() {
+            args.extend(["--target-dir".to_owned(), target.display().to_string()]);
+        }
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let out = run(
+            Command::new(cargo).args(&args).current_dir(&root),
+            Duration::from_secs(30 * 60),
+        );
+        (out, args.join(" "))
+    };
+    let (out, args) = cargo_build(&[
+        ("tempest-director", "tempest-director"),
+        ("tempest-agent", "tempest-agent"),
+        ("tempest-cli", "tempest"),
+        ("wordcount", "wordcount"),
+    ]);
+    assert!(out.ok, "cargo {args}: {}", out.text());
+    let bin = |name: &str| {
+        let p = profile_dir.join(name);
+        assert!(p.is_file(), "no {}", p.display());
+        p
+    };
+    Binaries {
+        director: bin("tempest-director"),
+        agent: bin("tempest-agent"),
+        wordcount: bin("wordcount"),
+        cli: bin("tempest"),
+        profile,
+    }
+}
+
+/// Copies `src` to `dst` without its debug information (a debug build's
+/// binaries are mostly that), or as it is when `strip` is not there.
+fn copy_stripped(src: &Path, dst: &Path) {
+    let stripped = run(
+        Command::new("strip")
+            .arg("--strip-debug")
+            .arg("-o")
+            .arg(dst)
+            .arg(src),
+        Duration::from_secs(120),
+    );
+    if !stripped.ok {
+        std::fs::copy(src, dst)
+            .unwrap_or_else(|e| panic!("copying {} to {}: {e}", src.display(), dst.display()));
+    }
+}
+
+/// The Dockerfile's build context as a user's would be after `cargo build`
+/// (`target/<profile>/...`), holding only the binaries, stripped.
+fn stage_context(bins: &Binaries, dir: &Path) -> PathBuf {
+    let target = dir.join("target").join(&bins.profile);
+    std::fs::create_dir_all(&target).expect("creating the build context");
+    copy_stripped(&bins.director, &target.join("tempest-director"));
+    copy_stripped(&bins.agent, &target.join("tempest-agent"));
+    copy_stripped(&bins.cli, &target.join("tempest"));
+    let wordcount = dir.join("wordcount");
+    copy_stripped(&bins.wordcount, &wordcount);
+    wordcount
+}
+
+fn free_port() -> u16 {
+    tempest_testkit::free_port().expect("a free port")
+}
+
+/// The compose cluster; dropping it tears it down.
+pub struct Cluster {
+    compose: Vec<String>,
+    project: String,
+    env: Vec<(String, String)>,
+    /// The director's API from the host, `127.0.0.1:PORT`.
+    pub director: String,
+    /// Redis from the host.
+    pub redis_url: String,
+    /// The cluster token.
+    pub token: String,
+    /// The compose network.
+    pub network: String,
+    /// The word count binary to package (stripped).
+    pub wordcount: PathBuf,
+    ids: BTreeMap<String, String>,
+    _context: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Checks Docker, builds the images and brings the cluster up with three
+    /// agents heartbeating. Prints how long each step took.
+    pub fn up() -> Cluster {
+        check_docker();
+        let compose = compose_program();
+        if let Some(took) = ensure_base_image() {
+            report_line(
+                &json!({"step": "base-image", "image": base_image(), "ms": took.as_millis() as u64}),
+            );
+        }
+
+        let started = Instant::now();
+        let bins = build_binaries();
+        report_line(
+            &json!({"step": "cargo-build", "profile": bins.profile, "ms": started.elapsed().as_millis() as u64}),
+        );
+
+        let started = Instant::now();
+        let context = tempfile::Builder::new()
+            .prefix("tempest-image-context")
+            .tempdir()
+            .expect("a temporary directory");
+        let wordcount = stage_context(&bins, context.path());
+        let root = repo_root();
+        let pid = std::process::id();
+        let image = format!("tempest:cluster-test-{pid}");
+        let redis_image = "tempest-redis:local".to_owned();
+        let dockerfile = root.join("Dockerfile").display().to_string();
+        let ctx = context.path().display().to_string();
+        let profile_arg = format!("PROFILE={}", bins.profile);
+        let bound = Duration::from_secs(15 * 60);
+        docker_ok(
+            &[
+                "build",
+                "-q",
+                "-t",
+                &image,
+                "--build-arg",
+                &profile_arg,
+                "-f",
+                &dockerfile,
+                &ctx,
+            ],
+            bound,
+        );
+        let redis_dir = root.join("docker/redis").display().to_string();
+        docker_ok(&["build", "-q", "-t", &redis_image, &redis_dir], bound);
+        report_line(&json!({"step": "image-builds", "ms": started.elapsed().as_millis() as u64}));
+
+        let token = format!("cluster-test-{pid}");
+        let director_port = free_port();
+        let redis_port = free_port();
+        let env = vec![
+            ("TEMPEST_IMAGE".to_owned(), image),
+            ("TEMPEST_REDIS_IMAGE".to_owned(), redis_image),
+            (
+                "TEMPEST_DIRECTOR_PORT".to_owned(),
+                director_port.to_string(),
+            ),
+            ("TEMPEST_REDIS_PORT".to_owned(), redis_port.to_string()),
+            ("TEMPEST_TOKEN".to_owned(), token.clone()),
+        ];
+        let mut cluster = Cluster {
+            compose,
+            project: format!("tempestct{pid}"),
+            env,
+            director: format!("127.0.0.1:{director_port}"),
+            redis_url: format!("redis://127.0.0.1:{redis_port}/"),
+            token,
+            network: String::new(),
+            wordcount,
+            ids: BTreeMap::new(),
+            _context: context,
+        };
+
+        let started = Instant::now();
+        let out = cluster.compose(&["up", "-d", "--no-build"], Duration::from_secs(300));
+        assert!(out.ok, "compose up: {}", out.text());
+        for service in ["redis", "director"].iter().chain(AGENTS.iter()) {
+            let out = cluster.compose(&["ps", "-q", service], Duration::from_secs(60));
+            let id = out.stdout.trim().to_owned();
+            assert!(
+                out.ok && !id.is_empty(),
+                "no container for {service}: {}",
+                out.text()
+            );
+            cluster.ids.insert((*service).to_owned(), id);
+        }
+        let networks = docker_ok(
+            &[
+                "inspect",
+                "-f",
+                "{{range $k, $v := .NetworkSettings.Networks}}{{$k}}\n{{end}}",
+                cluster.container("director"),
+            ],
+            Duration::from_secs(30),
+        );
+        cluster.network = networks
+            .lines()
+            .next()
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .expect("the director's compose network")
+            .to_owned();
+        wait_for(
+            "three agents up at the director",
+            Duration::from_secs(120),
+            || (cluster.agents_up()?.len() == 3).then_some(()),
+        );
+        report_line(&json!({"step": "compose-up", "ms": started.elapsed().as_millis() as u64}));
+        cluster
+    }
+
+    fn compose(&self, args: &[&str], bound: Duration) -> Output {
+        let mut cmd = Command::new(&self.compose[0]);
+        cmd.args(&self.compose[1..])
+            .arg("-p")
+            .arg(&self.project)
+            .arg("-f")
+            .arg(repo_root().join("docker-compose.yml"))
+            .args(args)
+            .current_dir(repo_root());
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        run(&mut cmd, bound)
+    }
+
+    /// The container id of `service`.
+    pub fn container(&self, service: &str) -> &str {
+        self.ids
+            .get(service)
+            .unwrap_or_else(|| panic!("no service {service}"))
+    }
+
+    /// `docker VERB [ARGS] CONTAINER` for `service`, which must succeed.
+    pub fn docker_on(&self, verb: &[&str], service: &str) {
+        let mut args = verb.to_vec();
+        args.push(self.container(service));
+        docker_ok(&args, Duration::from_secs(120));
+    }
+
+    /// Cuts `service` off the compose network.
+    pub fn disconnect(&self, service: &str) {
+        docker_ok(
+            &[
+                "network",
+                "disconnect",
+                &self.network,
+                self.container(service),
+            ],
+            Duration::from_secs(60),
+        );
+    }
+
+    /// Connects `service` back, under its service name.
+    pub fn connect(&self, service: &str) {
+        docker_ok(
+            &[
+                "network",
+                "connect",
+                "--alias",
+                service,
+                &self.network,
+                self.container(service),
+            ],
+            Duration::from_secs(60),
+        );
+    }
+
+    /// The topology processes running in `service`'s container, read from
+    /// its `/proc`: `server`, `TASK/INSTANCE`. None when it cannot be read
+    /// (the container is not running).
+    pub fn processes_in(&self, service: &str) -> Option<Vec<String>> {
+        let out = docker(
+            &[
+                "exec",
+                self.container(service),
+                "sh",
+                "-c",
+                "for f in /proc/[0-9]*/cmdline; do tr '\\000' ' ' < \"$f\"; echo; done 2>/dev/null",
+            ],
+            Duration::from_secs(30),
+        );
+        if !out.ok && out.stdout.is_empty() {
+            return None;
+        }
+        Some(out.stdout.lines().filter_map(process_identity).collect())
+    }
+
+    /// Every topology process in every running agent container, with the
+    /// services it runs in.
+    pub fn processes(&self) -> BTreeMap<String, Vec<String>> {
+        let mut all: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for service in AGENTS {
+            for p in self.processes_in(service).unwrap_or_default() {
+                all.entry(p).or_default().push(service.to_owned());
+            }
+        }
+        all
+    }
+
+    /// GET on the director; None when it does not answer.
+    pub fn get(&self, path: &str) -> Option<Response> {
+        request_within(
+            &self.director,
+            "GET",
+            path,
+            &[],
+            b"",
+            Duration::from_secs(10),
+        )
+        .ok()
+    }
+
+    /// POST on the director with the token.
+    pub fn post(&self, path: &str, body: &[u8]) -> Response {
+        let auth = format!("Bearer {}", self.token);
+        let mut headers = vec![("Authorization", auth.as_str())];
+        if body.first() == Some(&b'{') {
+            headers.push(("Content-Type", "application/json"));
+        }
+        request_within(
+            &self.director,
+            "POST",
+            path,
+            &headers,
+            body,
+            Duration::from_secs(120),
+        )
+        .unwrap_or_else(|e| panic!("POST {path}: {e}"))
+    }
+
+    /// GET returning JSON from a 200; None otherwise.
+    pub fn get_json(&self, path: &str) -> Option<Value> {
+        let r = self.get(path)?;
+        (r.status == 200).then(|| serde_json::from_str(&r.body).ok())?
+    }
+
+    /// The agents the director counts up: id -> compose service.
+    pub fn agents_up(&self) -> Option<BTreeMap<String, String>> {
+        let agents = self.get_json("/api/v1/agents")?;
+        Some(
+            agents
+                .as_array()?
+                .iter()
+                .filter(|a| a["up"] == json!(true))
+                .filter_map(|a| {
+                    let id = a["id"].as_str()?.to_owned();
+                    Some((id, service_of(a["address"].as_str()?)))
+                })
+                .collect(),
+        )
+    }
+
+    /// The compose service of the agent `id`.
+    pub fn service_of_agent(&self, id: &str) -> Option<String> {
+        let agents = self.get_json("/api/v1/agents")?;
+        agents
+            .as_array()?
+            .iter()
+            .find(|a| a["id"] == json!(id))
+            .and_then(|a| a["address"].as_str())
+            .map(service_of)
+    }
+
+    fn dump_logs(&self) {
+        let mut text = String::new();
+        for (service, id) in &self.ids {
+            let out = docker(&["logs", "--tail", "150", id], Duration::from_secs(30));
+            text.push_str(&format!("--- {service} ---\n{}\n", out.text()));
+            if service.starts_with("agent") {
+                let out = docker(
+                    &[
+                        "exec",
+                        id,
+                        "sh",
+                        "-c",
+                        "for f in /var/lib/tempest-agent/logs/*/std*.log; do echo \"== $f\"; tail -n 30 \"$f\"; done",
+                    ],
+                    Duration::from_secs(30),
+                );
+                text.push_str(&format!("--- {service}'s processes ---\n{}\n", out.text()));
+            }
+        }
+        super::report_raw(&text);
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+        if std::env::var_os("TEMPEST_KEEP_CLUSTER").is_some() {
+            super::report_raw(&format!(
+                "TEMPEST_KEEP_CLUSTER is set: the cluster stays up; remove it with \
+                 `docker-compose -p {} down -v`\n",
+                self.project
+            ));
+            return;
+        }
+        let out = self.compose(
+            &["down", "-v", "--remove-orphans", "-t", "5"],
+            Duration::from_secs(300),
+        );
+        if !out.ok {
+            super::report_raw(&format!("compose down failed: {}\n", out.text()));
+        }
+        if let Some((_, image)) = self.env.iter().find(|(k, _)| k == "TEMPEST_IMAGE") {
+            let _ = docker(&["image", "rm", image], Duration::from_secs(60));
+        }
+    }
+}
+
+/// `agent2:7400` -> `agent2`.
+fn service_of(address: &str) -> String {
+    address
+        .rsplit_once(':')
+        .map_or(address, |(host, _)| host)
+        .to_owned()
+}
+
+/// `.../packages/<hash>/wordcount topology --host ...` -> `server`;
+/// `... task --name count --topology-addr A --instance 1 ...` -> `count/1`.
+fn process_identity(cmdline: &str) -> Option<String> {
+    let words: Vec<&str> = cmdline.split_whitespace().collect();
+    if !words.first()?.contains("/packages/") {
+        return None;
+    }
+    match *words.get(1)? {
+        "topology" => Some("server".to_owned()),
+        "task" => {
+            let flag = |name: &str| {
+                words
+                    .iter()
+                    .position(|w| *w == name)
+                    .and_then(|i| words.get(i + 1))
+                    .copied()
+            };
+            Some(format!(
+                "{}/{}",
+                flag("--name")?,
+                flag("--instance").unwrap_or("0")
+            ))
+        }
+        _ => None,
+    }
+}
