@@ -14,6 +14,9 @@
 
 pub mod cluster;
 pub mod http;
+pub mod statsd;
+
+pub use statsd::StatsdListener;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
@@ -33,7 +36,7 @@ impl std::fmt::Display for FixtureError {
 
 impl std::error::Error for FixtureError {}
 
-type Result<T> = std::result::Result<T, FixtureError>;
+pub(crate) type Result<T> = std::result::Result<T, FixtureError>;
 
 /// Finds a server binary on `PATH` or in the directories Debian installs to.
 pub fn find_binary(name: &str) -> Result<PathBuf> {

@@ -4,78 +4,13 @@
 //! not stop the flow, and numbers that agree with what the runtime saw.
 
 use std::collections::BTreeMap;
-use std::net::UdpSocket;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use tempest_core::metrics::{catalog, hostname, Labels, Registry, TargetSpec};
 use tempest_core::{Msg, Pipeline, TaskError, TaskResult, Topology};
+use tempest_testkit::StatsdListener;
 use tempest_topology::scrape::ScrapeEndpoint;
 use tempest_topology::testing::{RootStatus, TestRuntime};
-
-/// Collects the lines of every datagram sent to a loopback socket.
-struct StatsdServer {
-    addr: String,
-    lines: Arc<Mutex<Vec<String>>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl StatsdServer {
-    fn start() -> StatsdServer {
-        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
-        socket
-            .set_read_timeout(Some(Duration::from_millis(20)))
-            .unwrap();
-        let addr = socket.local_addr().unwrap().to_string();
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (l, s) = (lines.clone(), stop.clone());
-        let thread = std::thread::spawn(move || {
-            let mut buf = vec![0u8; 65536];
-            // Bounded: at most two minutes, whatever happens.
-            for _ in 0..6000 {
-                match socket.recv(&mut buf) {
-                    Ok(n) => {
-                        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-                        l.lock().unwrap().extend(text.lines().map(str::to_owned));
-                    }
-                    Err(_) if s.load(Ordering::SeqCst) => return,
-                    Err(_) => {}
-                }
-            }
-        });
-        StatsdServer {
-            addr,
-            lines,
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    /// Every line received, once the socket has been quiet.
-    /// Waits (bounded) until the lines received so far satisfy `done`.
-    fn wait_until(&self, limit: Duration, done: impl Fn(&[String]) -> bool) {
-        let deadline = std::time::Instant::now() + limit;
-        while std::time::Instant::now() < deadline {
-            if done(&self.lines.lock().unwrap()) {
-                return;
-            }
-            std::thread::yield_now();
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    fn finish(mut self) -> Vec<String> {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            t.join().unwrap();
-        }
-        std::mem::take(&mut *self.lines.lock().unwrap())
-    }
-}
 
 /// One statsd line: name, value, type and tags.
 #[derive(Debug)]
@@ -161,13 +96,13 @@ fn last_value(lines: &[serde_json::Value], name: &str, labels: &[(&str, &str)]) 
 #[test]
 fn statsd_and_file_agree_with_the_roots_the_runtime_saw() {
     const N: usize = 500;
-    let statsd = StatsdServer::start();
+    let statsd = StatsdListener::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("metrics.jsonl");
     let topology = words("metered")
         .metric_flush_interval(Duration::from_millis(20))
         .metric_target(TargetSpec::Statsd {
-            address: statsd.addr.clone(),
+            address: statsd.addr().to_owned(),
             prefix: Some("tp".into()),
         })
         .metric_target(TargetSpec::File {
@@ -295,7 +230,7 @@ fn broken_targets_do_not_stop_the_flow() {
     // A statsd port nobody listens on, a file in a directory that does not
     // exist, and one working file to show the others still flush.
     let closed = {
-        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         s.local_addr().unwrap().to_string()
     };
     let dir = tempfile::tempdir().unwrap();

@@ -13,13 +13,11 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::{TcpStream, UdpSocket};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::{command_info, summary, task_args, write_config, Proc, LISTENING};
+use tempest_testkit::StatsdListener;
 
 /// The bound on any single wait.
 const LIMIT: Duration = Duration::from_secs(60);
@@ -74,65 +72,6 @@ fn value(s: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> O
             | prometheus_parse::Value::Untyped(v) => Some(v),
             _ => None,
         })
-}
-
-/// Collects statsd lines sent to a loopback socket.
-struct Statsd {
-    addr: String,
-    lines: Arc<Mutex<Vec<String>>>,
-    stop: Arc<AtomicBool>,
-    thread: JoinHandle<()>,
-}
-
-impl Statsd {
-    fn start() -> Statsd {
-        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
-        socket
-            .set_read_timeout(Some(Duration::from_millis(20)))
-            .unwrap();
-        let addr = socket.local_addr().unwrap().to_string();
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (l, s) = (lines.clone(), stop.clone());
-        let thread = std::thread::spawn(move || {
-            let mut buf = vec![0u8; 65536];
-            let deadline = Instant::now() + LIMIT * 2;
-            while Instant::now() < deadline {
-                match socket.recv(&mut buf) {
-                    Ok(n) => l.lock().unwrap().extend(
-                        String::from_utf8_lossy(&buf[..n])
-                            .lines()
-                            .map(str::to_owned),
-                    ),
-                    Err(_) if s.load(Ordering::SeqCst) => return,
-                    Err(_) => {}
-                }
-            }
-        });
-        Statsd {
-            addr,
-            lines,
-            stop,
-            thread,
-        }
-    }
-
-    /// Waits (bounded) until the lines received so far satisfy `done`.
-    fn wait_until(&self, limit: Duration, done: impl Fn(&[String]) -> bool) {
-        let deadline = std::time::Instant::now() + limit;
-        while std::time::Instant::now() < deadline {
-            if done(&self.lines.lock().unwrap()) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    fn finish(self) -> Vec<String> {
-        self.stop.store(true, Ordering::SeqCst);
-        self.thread.join().unwrap();
-        std::mem::take(&mut *self.lines.lock().unwrap())
-    }
 }
 
 /// Sum of the counter lines `name:N|c|#tags` whose tags include `want`.
@@ -213,8 +152,8 @@ fn processes_serve_metrics_and_the_numbers_agree() {
         Some(0.0)
     );
 
-    let statsd = Statsd::start();
-    let split_targets = format!("statsd={},wc", statsd.addr);
+    let statsd = StatsdListener::start().unwrap();
+    let split_targets = format!("statsd={},wc", statsd.addr());
     let mut split = spawn(
         "split/0",
         &task_args(
