@@ -3,12 +3,11 @@
 //! archive the director accepts (`tempest_control::package`).
 //!
 //! The pipeline lives in the user's code, so it can only be checked by
-//! running the binary. Packages have no check mode (yet), so the CLI asks
-//! the binary to start a worker of a task that cannot exist: the binary
-//! builds the topology (the builder validates the pipeline), applies
-//! `Topology.toml` (source kinds, task names, policy) and validates the DAG
-//! before it looks the task up. An error about that missing task means
-//! everything before it passed; any other error is the problem.
+//! running the binary: `BIN check --json --config Topology.toml` builds the
+//! topology (the builder validates the pipeline), applies `Topology.toml`
+//! (source kinds and config, task names, policy), validates the DAG and
+//! prints its tasks, which must all have their `[tasks.NAME] workers` in
+//! `Topology.toml`: the director starts the tasks listed there.
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -23,9 +22,6 @@ use tempest_core::config::TopologyFile;
 
 use crate::progress::Step;
 use crate::Problems;
-
-/// The task name the pipeline check asks for; no pipeline has it.
-const PROBE_TASK: &str = "__tempest_package_check__";
 
 /// How long the built binary has to answer the pipeline check.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -226,14 +222,7 @@ pub fn check_topology_toml(path: &Path, shown: &Path) -> Result<String> {
 
 /// Whether a `Topology.toml` gives worker counts (`[tasks.NAME] workers`).
 fn declares_workers(text: &str) -> bool {
-    text.parse::<toml::Table>()
-        .ok()
-        .and_then(|t| {
-            t.get("tasks")
-                .and_then(|t| t.as_table())
-                .map(|t| !t.is_empty())
-        })
-        .unwrap_or(false)
+    !declared_tasks(text).is_empty()
 }
 
 /// Packages the crate at `opts.path`.
@@ -266,7 +255,12 @@ pub fn package(opts: &Options) -> Result<Packaged> {
     let binary = build(&opts.path, &bin, &opts.profile)?;
 
     let step = Step::start(format!("checking the pipeline of {bin}"));
-    match probe(&binary, topology_toml.as_ref().map(|_| toml_path.as_path())) {
+    match probe(
+        &binary,
+        topology_toml
+            .as_deref()
+            .map(|text| (toml_path.as_path(), text)),
+    ) {
         Ok(()) => step.done(format!("checked the pipeline of {bin}")),
         Err(e) => {
             step.abandon();
@@ -468,53 +462,100 @@ fn build(dir: &Path, bin: &str, profile: &Profile) -> Result<PathBuf> {
     paths.pop().context("cargo build reported no binary")
 }
 
-/// Runs the pipeline check (see the module's documentation).
-fn probe(binary: &Path, topology_toml: Option<&Path>) -> Result<()> {
+/// Runs `BIN check --json` (with the crate's `Topology.toml`) and checks
+/// that `Topology.toml`, when it lists tasks, lists every task of the
+/// pipeline.
+fn probe(binary: &Path, topology_toml: Option<(&Path, &str)>) -> Result<()> {
     let mut cmd = Command::new(binary);
-    cmd.args([
-        "task",
-        "--name",
-        PROBE_TASK,
-        "--topology-addr",
-        "127.0.0.1:9",
-        "--metrics-target",
-        "none",
-    ]);
-    if let Some(t) = topology_toml {
-        cmd.arg("--config").arg(t);
+    cmd.args(["check", "--json"]);
+    if let Some((path, _)) = topology_toml {
+        cmd.arg("--config").arg(path);
     }
     cmd.env("RUST_LOG", "error")
         .env("RUST_BACKTRACE", "0")
         .env_remove("TEMPEST_TOKEN");
-    let (status, _, stderr) = run_bounded(cmd, PROBE_TIMEOUT)
+    let (status, stdout, stderr) = run_bounded(cmd, PROBE_TIMEOUT)
         .with_context(|| format!("checking the pipeline by running {}", binary.display()))?;
-    let expected = format!("has no task `{PROBE_TASK}`");
-    if stderr.contains(&expected) {
-        return Ok(());
+    let checked: Option<Checked> = serde_json::from_str(stdout.trim()).ok();
+    match (status, checked) {
+        (Some(s), Some(checked)) if s.success() => {
+            let declared = topology_toml
+                .map(|(_, text)| declared_tasks(text))
+                .unwrap_or_default();
+            if declared.is_empty() {
+                return Ok(());
+            }
+            let missing: Vec<String> = checked
+                .tasks
+                .iter()
+                .filter(|t| !declared.contains(&t.name))
+                .map(|t| {
+                    format!(
+                        "task `{}` of the pipeline has no [tasks.{}] workers in Topology.toml \
+                         (the director starts only the tasks listed there)",
+                        t.name, t.name
+                    )
+                })
+                .collect();
+            if missing.is_empty() {
+                Ok(())
+            } else {
+                Err(Problems::new(
+                    "Topology.toml does not list every task; nothing was packaged",
+                    missing,
+                )
+                .into())
+            }
+        }
+        (status, _) => {
+            let lines: Vec<String> = stderr
+                .lines()
+                .map(|l| {
+                    l.trim_start_matches("error: ")
+                        .trim()
+                        .trim_start_matches("- ")
+                        .to_owned()
+                })
+                .filter(|l| !l.is_empty() && !l.starts_with("note: run with `RUST_BACKTRACE"))
+                .collect();
+            let summary = match status {
+                Some(s) if s.success() => format!(
+                    "{} did not answer `check --json`: is its main `tempest::main(...)` of this tempest version?",
+                    binary.display()
+                ),
+                Some(_) => "the topology does not validate; nothing was packaged".to_owned(),
+                None => format!(
+                    "{} did not finish checking its pipeline within {}s",
+                    binary.display(),
+                    PROBE_TIMEOUT.as_secs()
+                ),
+            };
+            Err(Problems::new(summary, lines).into())
+        }
     }
-    let lines: Vec<String> = stderr
-        .lines()
-        .map(|l| {
-            l.trim_start_matches("error: ")
-                .trim()
-                .trim_start_matches("- ")
-                .to_owned()
+}
+
+/// What `BIN check --json` prints.
+#[derive(Deserialize)]
+struct Checked {
+    tasks: Vec<CheckedTask>,
+}
+
+#[derive(Deserialize)]
+struct CheckedTask {
+    name: String,
+}
+
+/// The task names of `[tasks.NAME]` in a `Topology.toml`.
+fn declared_tasks(text: &str) -> std::collections::BTreeSet<String> {
+    text.parse::<toml::Table>()
+        .ok()
+        .and_then(|t| {
+            t.get("tasks")
+                .and_then(|t| t.as_table())
+                .map(|t| t.keys().cloned().collect())
         })
-        .filter(|l| !l.is_empty() && !l.starts_with("note: run with `RUST_BACKTRACE"))
-        .collect();
-    let summary = match status {
-        Some(s) if s.success() => format!(
-            "{} exited without checking its pipeline: is its main `tempest::main(...)`?",
-            binary.display()
-        ),
-        Some(_) => "the topology does not validate; nothing was packaged".to_owned(),
-        None => format!(
-            "{} did not finish checking its pipeline within {}s",
-            binary.display(),
-            PROBE_TIMEOUT.as_secs()
-        ),
-    };
-    Err(Problems::new(summary, lines).into())
+        .unwrap_or_default()
 }
 
 /// Runs `cmd` with its output captured, killing it past `timeout`

@@ -231,6 +231,29 @@ fn a_new_crate_builds_and_tests_then_grows_and_packages() {
     );
     assert!(!r.stderr.contains("panicked"), "{r:#?}");
     assert!(!archive.exists());
+
+    // One that lists tasks but not every task of the pipeline is refused
+    // too: the director would never start the missing one.
+    let mut table: toml::Table = text.parse().unwrap();
+    table["tasks"].as_table_mut().unwrap().remove("enrich");
+    std::fs::write(
+        krate.join("Topology.toml"),
+        toml::to_string(&table).unwrap(),
+    )
+    .unwrap();
+    let r: common::Run = scaffold_env(&mut tempest(&krate))
+        .args(["package", "--debug"])
+        .output()
+        .unwrap()
+        .into();
+    assert_eq!(r.code, Some(1), "{r:#?}");
+    assert!(
+        r.stderr
+            .lines()
+            .any(|l| l.starts_with("error: ") && l.contains("[tasks.enrich]")),
+        "{r:#?}"
+    );
+    assert!(!archive.exists());
 }
 
 /// The other source kinds build and pass their tests too, with a task and

@@ -95,6 +95,19 @@ pub enum Mode {
         #[command(flatten)]
         metrics: MetricArgs,
     },
+    /// Checks the topology without running it: builds it, applies
+    /// Topology.toml (source kind and config, settings, worker counts),
+    /// validates the pipeline and the metric targets, and prints the tasks
+    /// with their workers and edges. Exits 1 naming every problem.
+    Check {
+        /// A Topology.toml whose settings override the ones in code.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Print JSON (`{"name", "tasks": [{"name", "workers", "edges":
+        /// [{"to", "grouping"}]}]}`) for tools such as `tempest package`.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Command-line overrides of `[metric]`.
@@ -240,8 +253,78 @@ fn shutdown_on_signal() -> watch::Receiver<bool> {
     shutdown
 }
 
+/// `check`: everything a process of the topology checks before it runs.
+fn check(mut topology: Topology, json: bool) -> anyhow::Result<()> {
+    let mut problems = target_problems(&topology.settings.metrics.targets);
+    if topology.source.is_none() {
+        problems.push(format!(
+            "topology `{}` has no source: give one in code or a [source] in Topology.toml",
+            topology.settings.name
+        ));
+    }
+    let dag = match topology.dag() {
+        Ok(dag) => Some(dag),
+        Err(e) => {
+            problems.push(e.to_string());
+            None
+        }
+    };
+    if !problems.is_empty() {
+        anyhow::bail!("{}", problems.join("; "));
+    }
+    let Some(dag) = dag else {
+        anyhow::bail!("the pipeline did not validate");
+    };
+    let tasks: Vec<serde_json::Value> = dag
+        .tasks()
+        .map(|(_, t)| {
+            let edges: Vec<serde_json::Value> = t
+                .edges
+                .iter()
+                .map(|e| serde_json::json!({"to": dag.task(e.to).name, "grouping": e.grouping.to_string()}))
+                .collect();
+            serde_json::json!({"name": t.name, "workers": t.workers, "edges": edges})
+        })
+        .collect();
+    if json {
+        let v = serde_json::json!({"name": topology.settings.name, "tasks": tasks});
+        println!("{v}");
+    } else {
+        println!("topology {}: ok", topology.settings.name);
+        for t in &tasks {
+            let edges: Vec<String> = t["edges"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|e| {
+                    format!(
+                        "{} ({})",
+                        e["to"].as_str().unwrap_or(""),
+                        e["grouping"].as_str().unwrap_or("")
+                    )
+                })
+                .collect();
+            println!(
+                "  {} x{}{}",
+                t["name"].as_str().unwrap_or(""),
+                t["workers"],
+                if edges.is_empty() {
+                    String::new()
+                } else {
+                    format!(" -> {}", edges.join(", "))
+                }
+            );
+        }
+    }
+    Ok(())
+}
+
 fn run(cli: Cli, build: impl FnOnce() -> Topology) -> anyhow::Result<()> {
     match cli.mode {
+        Mode::Check { config, json } => check(
+            configured(build, config.as_ref(), &MetricArgs::default())?,
+            json,
+        ),
         Mode::Standalone { config, metrics } => {
             standalone(configured(build, config.as_ref(), &metrics)?)
         }
