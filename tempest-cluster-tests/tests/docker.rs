@@ -9,10 +9,11 @@
 //! 2. `network-cut`: the agent running the topology server is cut off the
 //!    network (`docker network disconnect`); its processes move; it is
 //!    connected again, stops what moved, and no process runs twice.
-//! 3. `director-restart`: the director is stopped (`docker stop`: SIGTERM,
-//!    then SIGKILL after the 2 s docker-compose.yml gives it) and started
-//!    again: sentences keep being counted while it is down, and it comes
-//!    back with its state (package, topology, agents, placement unchanged).
+//! 3. `director-restart`: the director is stopped (`docker stop`: SIGTERM;
+//!    it exits within about 2 s), its container removed and created anew
+//!    from the compose file: sentences keep being counted while it is down,
+//!    and it comes back with its state from its volume (package, topology,
+//!    agents, placement unchanged).
 //! 4. `redis-restart`: Redis (append-only file on) is restarted: the stream
 //!    and the counts survive, the sources reconnect and flow resumes.
 //!
@@ -421,6 +422,11 @@ fn network_cut(run: &mut Run, f: &Fault) -> Map<String, Value> {
     m.insert("rejoined_ms".into(), json!(rejoined_ms));
     m.insert("no_duplicate_process_ms".into(), json!(once_ms));
     assert!(moved > 0, "the cut-off agent ran nothing");
+    assert!(
+        stale > 0,
+        "cut off, the agent should still run the processes that moved (or the \
+         no-duplicate check below proves nothing)"
+    );
     m
 }
 
@@ -454,8 +460,8 @@ fn director_restart(run: &mut Run, f: &Fault, hash: &str) -> Map<String, Value> 
         .collect();
     assert_eq!(agents_before.len(), 3, "three agents before the restart");
 
-    // As `docker compose stop director` would: SIGTERM, then SIGKILL after
-    // the stop_grace_period docker-compose.yml gives it.
+    // As `docker compose stop director` would: SIGTERM (it exits within
+    // about 2 s; SIGKILL only after docker-compose.yml's stop_grace_period).
     cluster.docker_on(&["stop"], "director");
     let stopped_ms = ms(f.t0.elapsed());
     assert!(
@@ -474,7 +480,9 @@ fn director_restart(run: &mut Run, f: &Fault, hash: &str) -> Map<String, Value> 
             (now >= acked + 2_000).then_some(now - acked)
         },
     );
-    cluster.docker_on(&["start"], "director");
+    // A new container from the compose file: only what is on the director's
+    // volume can come back.
+    cluster.recreate("director");
     let started = Instant::now();
     let downtime_ms = ms(f.t0.elapsed());
     wait_for("the director answering again", MOVE_BOUND, || {
@@ -528,10 +536,18 @@ fn director_restart(run: &mut Run, f: &Fault, hash: &str) -> Map<String, Value> 
 /// sources and outputs reconnect, flow resumes.
 fn redis_restart(run: &mut Run, f: &Fault) -> Map<String, Value> {
     let cluster = run.cluster;
+    let run_id = |run: &mut Run| {
+        run.with_redis(|c| redis::cmd("INFO").arg("server").query::<String>(c))
+            .and_then(|info| {
+                info.lines()
+                    .find_map(|l| l.strip_prefix("run_id:"))
+                    .map(|id| id.trim().to_owned())
+            })
+    };
+    let before = wait_for("Redis's run id", Duration::from_secs(30), || run_id(run));
     cluster.docker_on(&["restart"], "redis");
-    wait_for("Redis answering again", MOVE_BOUND, || {
-        run.with_redis(|c| redis::cmd("PING").query::<String>(c))
-    });
+    let after = wait_for("Redis answering again", MOVE_BOUND, || run_id(run));
+    assert_ne!(before, after, "Redis was not restarted");
     let back_ms = ms(f.t0.elapsed());
     let held = wait_for("the stream's length", Duration::from_secs(30), || {
         run.with_redis(|c| rs::xlen(c, rs::STREAM))

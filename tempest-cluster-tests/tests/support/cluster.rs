@@ -5,7 +5,7 @@
 //! down (volumes included) when the [`Cluster`] is dropped, after printing
 //! every container's logs if the test is failing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -284,6 +284,8 @@ pub struct Cluster {
     compose: Vec<String>,
     project: String,
     env: Vec<(String, String)>,
+    /// A compose file laid over docker-compose.yml: no restart policy.
+    override_file: PathBuf,
     /// The director's API from the host, `127.0.0.1:PORT`.
     pub director: String,
     /// Redis from the host.
@@ -294,7 +296,7 @@ pub struct Cluster {
     pub network: String,
     /// The word count binary to package (stripped).
     pub wordcount: PathBuf,
-    ids: BTreeMap<String, String>,
+    ids: std::sync::Mutex<BTreeMap<String, String>>,
     _context: tempfile::TempDir,
 }
 
@@ -304,6 +306,7 @@ impl Cluster {
     pub fn up() -> Cluster {
         check_docker();
         let compose = compose_program();
+        reap_dead_runs(&compose);
         if let Some(took) = ensure_base_image() {
             report_line(
                 &json!({"step": "base-image", "image": base_image(), "ms": took.as_millis() as u64}),
@@ -323,11 +326,55 @@ impl Cluster {
             .expect("a temporary directory");
         let wordcount = stage_context(&bins, context.path());
         let root = repo_root();
-        let pid = std::process::id();
-        let image = format!("tempest:cluster-test-{pid}");
+        // Unique across machines sharing one Docker daemon (pids repeat in
+        // separate pid namespaces), and naming this process so a later run
+        // can tell a dead run's leftovers.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let run = format!("{}x{nanos:09}", std::process::id());
+        let image = format!("tempest:cluster-test-{run}");
         let redis_image = "tempest-redis:local".to_owned();
+        // The suite's containers never come back by themselves (after a
+        // daemon restart, say): a run that died cannot leave a cluster up.
+        let no_restart = context.path().join("no-restart.yml");
+        let services: String = ["redis", "director"]
+            .iter()
+            .chain(AGENTS.iter())
+            .map(|s| format!("  {s}:\n    restart: \"no\"\n"))
+            .collect();
+        std::fs::write(&no_restart, format!("services:\n{services}"))
+            .expect("writing the compose override");
+        let token = format!("cluster-test-{run}");
+        let director_port = free_port();
+        let redis_port = free_port();
+        let env = vec![
+            ("TEMPEST_IMAGE".to_owned(), image.clone()),
+            ("TEMPEST_REDIS_IMAGE".to_owned(), redis_image.clone()),
+            (
+                "TEMPEST_DIRECTOR_PORT".to_owned(),
+                director_port.to_string(),
+            ),
+            ("TEMPEST_REDIS_PORT".to_owned(), redis_port.to_string()),
+            ("TEMPEST_TOKEN".to_owned(), token.clone()),
+        ];
+        // From here on, dropping the cluster removes what was made for it
+        // (the image included), whatever fails next.
+        let mut cluster = Cluster {
+            compose,
+            project: format!("tempestct{run}"),
+            env,
+            override_file: no_restart,
+            director: format!("127.0.0.1:{director_port}"),
+            redis_url: format!("redis://127.0.0.1:{redis_port}/"),
+            token,
+            network: String::new(),
+            wordcount,
+            ids: std::sync::Mutex::new(BTreeMap::new()),
+            _context: context,
+        };
         let dockerfile = root.join("Dockerfile").display().to_string();
-        let ctx = context.path().display().to_string();
+        let ctx = cluster._context.path().display().to_string();
         let profile_arg = format!("PROFILE={}", bins.profile);
         let bound = Duration::from_secs(15 * 60);
         docker_ok(
@@ -348,32 +395,6 @@ impl Cluster {
         docker_ok(&["build", "-q", "-t", &redis_image, &redis_dir], bound);
         report_line(&json!({"step": "image-builds", "ms": started.elapsed().as_millis() as u64}));
 
-        let token = format!("cluster-test-{pid}");
-        let director_port = free_port();
-        let redis_port = free_port();
-        let env = vec![
-            ("TEMPEST_IMAGE".to_owned(), image),
-            ("TEMPEST_REDIS_IMAGE".to_owned(), redis_image),
-            (
-                "TEMPEST_DIRECTOR_PORT".to_owned(),
-                director_port.to_string(),
-            ),
-            ("TEMPEST_REDIS_PORT".to_owned(), redis_port.to_string()),
-            ("TEMPEST_TOKEN".to_owned(), token.clone()),
-        ];
-        let mut cluster = Cluster {
-            compose,
-            project: format!("tempestct{pid}"),
-            env,
-            director: format!("127.0.0.1:{director_port}"),
-            redis_url: format!("redis://127.0.0.1:{redis_port}/"),
-            token,
-            network: String::new(),
-            wordcount,
-            ids: BTreeMap::new(),
-            _context: context,
-        };
-
         let started = Instant::now();
         let out = cluster.compose(&["up", "-d", "--no-build"], Duration::from_secs(300));
         assert!(out.ok, "compose up: {}", out.text());
@@ -385,14 +406,14 @@ impl Cluster {
                 "no container for {service}: {}",
                 out.text()
             );
-            cluster.ids.insert((*service).to_owned(), id);
+            cluster.ids().insert((*service).to_owned(), id);
         }
         let networks = docker_ok(
             &[
                 "inspect",
                 "-f",
                 "{{range $k, $v := .NetworkSettings.Networks}}{{$k}}\n{{end}}",
-                cluster.container("director"),
+                &cluster.container("director"),
             ],
             Duration::from_secs(30),
         );
@@ -419,6 +440,8 @@ impl Cluster {
             .arg(&self.project)
             .arg("-f")
             .arg(repo_root().join("docker-compose.yml"))
+            .arg("-f")
+            .arg(&self.override_file)
             .args(args)
             .current_dir(repo_root());
         for (k, v) in &self.env {
@@ -427,18 +450,44 @@ impl Cluster {
         run(&mut cmd, bound)
     }
 
+    fn ids(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, String>> {
+        self.ids.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The container id of `service`.
-    pub fn container(&self, service: &str) -> &str {
-        self.ids
+    pub fn container(&self, service: &str) -> String {
+        self.ids()
             .get(service)
+            .cloned()
             .unwrap_or_else(|| panic!("no service {service}"))
     }
 
     /// `docker VERB [ARGS] CONTAINER` for `service`, which must succeed.
     pub fn docker_on(&self, verb: &[&str], service: &str) {
+        let id = self.container(service);
         let mut args = verb.to_vec();
-        args.push(self.container(service));
+        args.push(&id);
         docker_ok(&args, Duration::from_secs(120));
+    }
+
+    /// Removes `service`'s container and creates it anew from the compose
+    /// file (its named volumes stay): what survives is what is on them.
+    pub fn recreate(&self, service: &str) {
+        self.docker_on(&["rm", "-f"], service);
+        let out = self.compose(
+            &["up", "-d", "--no-deps", "--no-build", service],
+            Duration::from_secs(120),
+        );
+        assert!(out.ok, "compose up {service}: {}", out.text());
+        let out = self.compose(&["ps", "-q", service], Duration::from_secs(60));
+        let id = out.stdout.trim().to_owned();
+        assert!(
+            out.ok && !id.is_empty(),
+            "no container for {service}: {}",
+            out.text()
+        );
+        assert_ne!(self.container(service), id, "{service} was not recreated");
+        self.ids().insert(service.to_owned(), id);
     }
 
     /// Cuts `service` off the compose network.
@@ -448,7 +497,7 @@ impl Cluster {
                 "network",
                 "disconnect",
                 &self.network,
-                self.container(service),
+                &self.container(service),
             ],
             Duration::from_secs(60),
         );
@@ -463,7 +512,7 @@ impl Cluster {
                 "--alias",
                 service,
                 &self.network,
-                self.container(service),
+                &self.container(service),
             ],
             Duration::from_secs(60),
         );
@@ -476,7 +525,7 @@ impl Cluster {
         let out = docker(
             &[
                 "exec",
-                self.container(service),
+                &self.container(service),
                 "sh",
                 "-c",
                 "for f in /proc/[0-9]*/cmdline; do tr '\\000' ' ' < \"$f\"; echo; done 2>/dev/null",
@@ -567,7 +616,8 @@ impl Cluster {
 
     fn dump_logs(&self) {
         let mut text = String::new();
-        for (service, id) in &self.ids {
+        let ids = self.ids().clone();
+        for (service, id) in &ids {
             let out = docker(&["logs", "--tail", "150", id], Duration::from_secs(30));
             text.push_str(&format!("--- {service} ---\n{}\n", out.text()));
             if service.starts_with("agent") {
@@ -610,6 +660,56 @@ impl Drop for Cluster {
         }
         if let Some((_, image)) = self.env.iter().find(|(k, _)| k == "TEMPEST_IMAGE") {
             let _ = docker(&["image", "rm", image], Duration::from_secs(60));
+        }
+    }
+}
+
+/// Removes what earlier runs left when they were killed before their
+/// teardown (SIGKILL, a CI timeout): compose projects `tempestct<pid>x...`
+/// and images `tempest:cluster-test-<pid>x...` whose process is gone.
+fn reap_dead_runs(compose: &[String]) {
+    let dead = |run: &str| {
+        run.split('x')
+            .next()
+            .and_then(|pid| pid.parse::<u32>().ok())
+            .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+    };
+    let listed = docker(
+        &[
+            "ps",
+            "-a",
+            "--format",
+            "{{.Label \"com.docker.compose.project\"}}",
+        ],
+        Duration::from_secs(60),
+    );
+    let projects: BTreeSet<String> = listed
+        .stdout
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("tempestct"))
+        .filter(|run| dead(run))
+        .map(|run| format!("tempestct{run}"))
+        .collect();
+    for project in projects {
+        report_line(&json!({"note": format!("removing {project}, left by a run that died")}));
+        let mut cmd = Command::new(&compose[0]);
+        cmd.args(&compose[1..])
+            .args(["-p", &project, "-f"])
+            .arg(repo_root().join("docker-compose.yml"))
+            .args(["down", "-v", "--remove-orphans", "-t", "1"])
+            .current_dir(repo_root());
+        run(&mut cmd, Duration::from_secs(300));
+    }
+    let images = docker(
+        &["images", "tempest", "--format", "{{.Tag}}"],
+        Duration::from_secs(60),
+    );
+    for tag in images.stdout.lines().map(str::trim) {
+        if tag.strip_prefix("cluster-test-").is_some_and(dead) {
+            let _ = docker(
+                &["image", "rm", "-f", &format!("tempest:{tag}")],
+                Duration::from_secs(60),
+            );
         }
     }
 }
