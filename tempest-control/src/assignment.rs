@@ -166,6 +166,25 @@ impl ApiError {
     }
 }
 
+/// Checks a topology's or a task's name (`what` says which, for the
+/// error): 1 to 64 letters, digits, `-`, `_` or `.`, not starting with `.`
+/// (names become process ids, paths and metric labels).
+pub fn check_name(what: &str, name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && !name.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "bad {what} `{name}`: use 1 to 64 letters, digits, `-`, `_` or `.`, not starting with `.`"
+        ))
+    }
+}
+
 /// Checks one environment variable a deploy gives a topology's processes:
 /// a name of letters, digits and `_` not starting with a digit, not one of
 /// the agent's own `TEMPEST_*` names, and a value without NUL. The error

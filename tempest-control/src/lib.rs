@@ -11,7 +11,7 @@ pub mod assignment;
 pub mod package;
 
 pub use assignment::{
-    check_env_var, ApiError, Assignment, Heartbeat, NodeInfo, ProcessSpec, ProcessState,
-    ProcessStatus, Role,
+    check_env_var, check_name, ApiError, Assignment, Heartbeat, NodeInfo, ProcessSpec,
+    ProcessState, ProcessStatus, Role,
 };
 pub use package::{Manifest, PackageError};

@@ -142,6 +142,17 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 /// and out is exempt: the login form checks the token itself.
 pub fn check_token(req: &ServiceRequest, token: Option<&str>) -> Option<HttpResponse> {
     let mutating = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    if mutating && cross_site(req.headers()) {
+        // A page of another site submitting a form to the director through
+        // an operator's browser (with or without a token set).
+        return Some(
+            Error::Forbidden(
+                "a request from another site's page is refused: use the director's own pages"
+                    .into(),
+            )
+            .error_response(),
+        );
+    }
     let token = token.filter(|_| mutating && !crate::ui::is_login(req.path()))?;
     let given = req
         .headers()
@@ -153,7 +164,7 @@ pub fn check_token(req: &ServiceRequest, token: Option<&str>) -> Option<HttpResp
     }
     if req
         .cookie(crate::ui::TOKEN_COOKIE)
-        .is_some_and(|c| constant_time_eq(c.value().as_bytes(), token.as_bytes()))
+        .is_some_and(|c| crate::ui::session_matches(c.value(), token))
     {
         return None;
     }
@@ -163,6 +174,82 @@ pub fn check_token(req: &ServiceRequest, token: Option<&str>) -> Option<HttpResp
         )
         .error_response(),
     )
+}
+
+/// How much of a package upload is read (the API's body, the web UI's
+/// multipart file): up to `max_upload` is kept; past it the rest is read
+/// and dropped, so the client gets the 413 rather than a reset connection,
+/// up to twice the limit and 1 MiB, past which nothing more is read.
+pub(crate) struct UploadBudget {
+    max: u64,
+    read: u64,
+}
+
+impl UploadBudget {
+    /// A budget of `max` bytes; refuses at once a declared length past
+    /// all hope.
+    pub(crate) fn start(req: &HttpRequest, max: u64) -> Result<UploadBudget, Error> {
+        let budget = UploadBudget { max, read: 0 };
+        let declared = req
+            .headers()
+            .get("content-length")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > budget.hopeless()) {
+            return Err(budget.too_large());
+        }
+        Ok(budget)
+    }
+
+    fn hopeless(&self) -> u64 {
+        self.max.saturating_mul(2).saturating_add(1 << 20)
+    }
+
+    /// Counts `n` more bytes read: whether to keep them (within the limit),
+    /// or the 413 once reading on is pointless.
+    pub(crate) fn take(&mut self, n: usize) -> Result<bool, Error> {
+        self.read = self.read.saturating_add(n as u64);
+        if self.read > self.hopeless() {
+            return Err(self.too_large());
+        }
+        Ok(self.read <= self.max)
+    }
+
+    /// The 413 when more than the limit was read.
+    pub(crate) fn finish(&self) -> Result<(), Error> {
+        if self.read > self.max {
+            Err(self.too_large())
+        } else {
+            Ok(())
+        }
+    }
+
+    fn too_large(&self) -> Error {
+        Error::TooLarge(format!(
+            "the package is larger than the upload limit of {} bytes ({}, max_upload)",
+            self.max,
+            crate::ui::fmt::bytes(self.max)
+        ))
+    }
+}
+
+/// Whether a browser says the request comes from another site's page:
+/// `Sec-Fetch-Site: cross-site`, or an `Origin` whose host is not the one
+/// the request was sent to. Programs (agents, the CLI) send neither.
+fn cross_site(headers: &actix_web::http::header::HeaderMap) -> bool {
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    if text("sec-fetch-site") == Some("cross-site") {
+        return true;
+    }
+    match (text("origin"), text("host")) {
+        (Some("null"), _) => true,
+        (Some(origin), Some(host)) => {
+            let origin_host = origin.split_once("://").map_or(origin, |(_, rest)| rest);
+            !origin_host.eq_ignore_ascii_case(host)
+        }
+        (Some(_), None) => true,
+        (None, _) => false,
+    }
 }
 
 /// Compares two secrets in a time that does not depend on where they differ.
@@ -205,37 +292,15 @@ async fn upload_package(
     req: HttpRequest,
     mut body: web::Payload,
 ) -> Result<HttpResponse, Error> {
-    let max = data.director.settings().max_upload;
-    let too_large = || {
-        Error::TooLarge(format!(
-            "the package is larger than the upload limit of {max} bytes (max_upload)"
-        ))
-    };
-    let declared = req
-        .headers()
-        .get("content-length")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    // Far over the limit: refuse without reading.
-    if declared.is_some_and(|n| n > max.saturating_mul(2).saturating_add(1 << 20)) {
-        return Err(too_large());
-    }
+    let mut budget = UploadBudget::start(&req, data.director.settings().max_upload)?;
     let mut bytes = web::BytesMut::new();
-    let mut total: u64 = 0;
     while let Some(chunk) = body.next().await {
         let chunk = chunk.map_err(|e| Error::BadRequest(format!("reading the upload: {e}")))?;
-        total += chunk.len() as u64;
-        // Past the limit the rest is read and dropped, so the client gets
-        // the answer rather than a reset connection.
-        if total <= max {
+        if budget.take(chunk.len())? {
             bytes.extend_from_slice(&chunk);
-        } else if total > max.saturating_mul(2).saturating_add(1 << 20) {
-            break;
         }
     }
-    if total > max {
-        return Err(too_large());
-    }
+    budget.finish()?;
     let director = data.director.clone();
     let (new, view) = web::block(move || director.upload(&bytes))
         .await
@@ -435,12 +500,14 @@ pub struct LogTail {
     pub text: String,
 }
 
-/// The query of a log call.
+/// The query of a log call (the API's and the web UI's log page).
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-struct LogQuery {
-    stream: Option<String>,
-    lines: Option<u64>,
+pub(crate) struct LogQuery {
+    /// `stdout` or `stderr`.
+    pub(crate) stream: Option<String>,
+    /// The last lines to return.
+    pub(crate) lines: Option<u64>,
 }
 
 /// How long the agent has to answer a log call.

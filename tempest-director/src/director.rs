@@ -1111,19 +1111,7 @@ fn parse_process_id(topology: &str, id: &str) -> (Role, Option<String>, Option<u
 }
 
 fn check_name(what: &str, name: &str) -> Result<(), Error> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-        && !name.starts_with('.');
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::BadRequest(format!(
-            "bad {what} `{name}`: use 1 to 64 letters, digits, `-`, `_` or `.`"
-        )))
-    }
+    tempest_control::check_name(what, name).map_err(Error::BadRequest)
 }
 
 fn check_env(env: &BTreeMap<String, String>) -> Result<(), Error> {

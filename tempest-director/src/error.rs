@@ -14,6 +14,9 @@ pub enum Error {
     /// No or a wrong token.
     #[error("{0}")]
     Unauthorized(String),
+    /// Refused whoever asks (a cross-site request).
+    #[error("{0}")]
+    Forbidden(String),
     /// No such package, topology or agent.
     #[error("{0}")]
     NotFound(String),
@@ -50,6 +53,7 @@ impl ResponseError for Error {
         match self {
             Error::BadRequest(_) => StatusCode::BAD_REQUEST,
             Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Error::Forbidden(_) => StatusCode::FORBIDDEN,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::Conflict(_) => StatusCode::CONFLICT,
             Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,

@@ -17,7 +17,7 @@
 //! This module decides nothing about the cluster: it translates forms to
 //! director calls and figures to HTML, as [`crate::api`] does to JSON.
 
-mod fmt;
+pub(crate) mod fmt;
 mod svg;
 
 use std::collections::BTreeMap;
@@ -221,7 +221,7 @@ fn see_other(location: &str, message: &str) -> HttpResponse {
 fn logged_in(req: &HttpRequest, data: &AppState) -> bool {
     data.token.as_deref().is_some_and(|t| {
         req.cookie(TOKEN_COOKIE)
-            .is_some_and(|c| constant_time_eq(c.value().as_bytes(), t.as_bytes()))
+            .is_some_and(|c| session_matches(c.value(), t))
     })
 }
 
@@ -781,19 +781,13 @@ struct LogPage {
     text: Option<String>,
 }
 
-#[derive(serde::Deserialize)]
-struct LogQuery {
-    stream: Option<String>,
-    lines: Option<u64>,
-}
-
 async fn process_log(
     data: Data,
     req: HttpRequest,
     path: web::Path<(String, String)>,
 ) -> HttpResponse {
     let (name, id) = path.into_inner();
-    let query = web::Query::<LogQuery>::from_query(req.query_string());
+    let query = web::Query::<crate::api::LogQuery>::from_query(req.query_string());
     let (stream, lines) = match &query {
         Ok(q) => (
             q.stream.clone().unwrap_or_else(|| "stdout".into()),
@@ -922,26 +916,10 @@ async fn packages(data: Data, req: HttpRequest) -> HttpResponse {
 
 /// Reads the `package` file of an upload form, within the upload limit.
 async fn read_upload(req: &HttpRequest, mut form: Multipart, max: u64) -> Result<Vec<u8>, Error> {
-    let too_large = || {
-        Error::TooLarge(format!(
-            "the package is larger than the upload limit of {} (max_upload)",
-            fmt::bytes(max)
-        ))
-    };
-    // Past this the rest is not even read.
-    let hopeless = max.saturating_mul(2).saturating_add(1 << 20);
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > hopeless) {
-        return Err(too_large());
-    }
+    let mut budget = crate::api::UploadBudget::start(req, max)?;
     let bad =
         |e: actix_multipart::MultipartError| Error::BadRequest(format!("reading the upload: {e}"));
     let mut file: Option<(String, Vec<u8>)> = None;
-    let mut total: u64 = 0;
     while let Some(field) = form.next().await {
         let mut field = field.map_err(bad)?;
         let is_package = field.name() == Some("package");
@@ -953,13 +931,7 @@ async fn read_upload(req: &HttpRequest, mut form: Multipart, max: u64) -> Result
         let mut bytes = Vec::new();
         while let Some(chunk) = field.next().await {
             let chunk = chunk.map_err(bad)?;
-            total += chunk.len() as u64;
-            // Past the limit the rest is read and dropped, so the browser
-            // gets the answer rather than a reset connection.
-            if total > hopeless {
-                return Err(too_large());
-            }
-            if is_package && total <= max {
+            if budget.take(chunk.len())? && is_package {
                 bytes.extend_from_slice(&chunk);
             }
         }
@@ -967,9 +939,7 @@ async fn read_upload(req: &HttpRequest, mut form: Multipart, max: u64) -> Result
             file = Some((filename, bytes));
         }
     }
-    if total > max {
-        return Err(too_large());
-    }
+    budget.finish()?;
     match file {
         Some((_, bytes)) if !bytes.is_empty() => Ok(bytes),
         Some((name, _)) if !name.is_empty() => {
@@ -1108,11 +1078,27 @@ struct LoginPage {
 }
 
 /// Where to go after logging in: a path of this site, else the overview.
+/// Only path characters pass: browsers drop tabs and newlines from a
+/// `Location`, so `/\t/evil.example` would become `//evil.example`.
 fn safe_next(next: Option<&str>) -> String {
+    let path_char = |c: char| c.is_ascii_alphanumeric() || "/-._~%?=&+,;:@!$'()*".contains(c);
     match next {
-        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.contains('\\') => n.to_owned(),
+        Some(n) if n.starts_with('/') && !n.starts_with("//") && n.chars().all(path_char) => {
+            n.to_owned()
+        }
         _ => "/".into(),
     }
+}
+
+/// The login cookie's value for `token`: a digest, not the token itself
+/// (any text can be a token, and a cookie value cannot hold every text).
+pub fn session_value(token: &str) -> String {
+    tempest_control::package::sha256_hex(format!("tempest-ui-session\0{token}").as_bytes())
+}
+
+/// Whether a login cookie's value is the one for `token`.
+pub fn session_matches(cookie: &str, token: &str) -> bool {
+    constant_time_eq(cookie.as_bytes(), session_value(token).as_bytes())
 }
 
 fn login_view(
@@ -1158,7 +1144,7 @@ async fn login(data: Data, req: HttpRequest, body: web::Payload) -> HttpResponse
         return respond(StatusCode::UNAUTHORIZED, &page);
     }
     let mut res = see_other(&next, "logged in");
-    if let Err(e) = res.add_cookie(&cookie(TOKEN_COOKIE, token.to_owned())) {
+    if let Err(e) = res.add_cookie(&cookie(TOKEN_COOKIE, session_value(token))) {
         return error_page(&req, &data, &Error::internal(e), "/");
     }
     res

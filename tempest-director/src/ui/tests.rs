@@ -626,6 +626,13 @@ fn forms_are_read_strictly() {
     assert_eq!(safe_next(Some("//evil.example/")), "/");
     assert_eq!(safe_next(Some("https://evil.example/")), "/");
     assert_eq!(safe_next(Some("/\\evil")), "/");
+    // Browsers drop tabs and newlines from a Location: `//evil.example`.
+    assert_eq!(safe_next(Some("/\t/evil.example")), "/");
+    assert_eq!(safe_next(Some("/\n/evil.example")), "/");
+    assert_eq!(
+        safe_next(Some("/topologies?x=1&y=%2F")),
+        "/topologies?x=1&y=%2F"
+    );
     assert_eq!(safe_next(None), "/");
     for text in [
         " split=2, count = 4\n",
@@ -657,4 +664,86 @@ fn forms_are_read_strictly() {
         changes.into_iter().collect::<Vec<_>>(),
         [("b".to_owned(), 3)]
     );
+}
+
+#[actix_web::test]
+async fn pages_of_other_sites_cannot_drive_the_director_and_any_token_logs_in() {
+    // A token a cookie could not hold as it is.
+    let token = "x;y=z \"q\", w";
+    let f = fixture(Some(token));
+    f.state.director.upload(&f.archive).unwrap();
+    let app = test::init_service(crate::app(f.state.clone())).await;
+    let deploy = deploy_body("wc", &f.hash, "", "");
+
+    let body = format!(
+        "token={}&next=%2Fpackages",
+        form_urlencoded_byte_serialize(token)
+    );
+    let p = call!(&app, form("/login", &body)).await;
+    assert_eq!(p.status, StatusCode::SEE_OTHER, "{}", p.body);
+    let cookie = p
+        .cookies()
+        .into_iter()
+        .find(|c| c.starts_with("tempest_token="))
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    assert!(
+        !cookie.contains("x"),
+        "the cookie holds a digest, not the token: {cookie}"
+    );
+
+    // Another site's page, through the logged-in browser: refused, with or
+    // without the cookie, and nothing happens.
+    for (name, value) in [
+        ("origin", "http://evil.example"),
+        ("origin", "null"),
+        ("sec-fetch-site", "cross-site"),
+    ] {
+        let p = call!(
+            &app,
+            form("/packages/deploy", &deploy)
+                .insert_header((header::COOKIE, cookie.clone()))
+                .insert_header((name, value)),
+        )
+        .await;
+        assert_eq!(p.status, StatusCode::FORBIDDEN, "{name}: {value}");
+        let p = call!(
+            &app,
+            TestRequest::post()
+                .uri("/api/v1/topologies")
+                .insert_header((name, value))
+        )
+        .await;
+        assert_eq!(p.status, StatusCode::FORBIDDEN, "{name}: {value}");
+    }
+    assert!(f.state.director.topologies().is_empty());
+
+    // The director's own page (same origin) with the cookie works.
+    let p = call!(
+        &app,
+        form("/packages/deploy", &deploy)
+            .insert_header((header::COOKIE, cookie))
+            .insert_header(("origin", "http://localhost:8080"))
+            .insert_header((header::HOST, "localhost:8080"))
+            .insert_header(("sec-fetch-site", "same-origin")),
+    )
+    .await;
+    assert_eq!(p.status, StatusCode::SEE_OTHER, "{}", p.body);
+    assert_eq!(f.state.director.topologies().len(), 1);
+}
+
+/// `application/x-www-form-urlencoded` bytes of a value.
+fn form_urlencoded_byte_serialize(v: &str) -> String {
+    v.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'*' => {
+                (b as char).to_string()
+            }
+            b' ' => "+".into(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
