@@ -6,7 +6,8 @@
 //! / `--token` flags, the `TEMPEST_DIRECTOR` / `TEMPEST_TOKEN` environment
 //! variables, `./Cluster.toml` (or the file `--cluster` names), the
 //! `.tempest/Cluster.toml` a running `tempest dev` writes, and for the
-//! director the default `http://127.0.0.1:7300`.
+//! director the default `http://127.0.0.1:7300`. A file's token is only
+//! taken with that same file's URL, so it never reaches another director.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -74,7 +75,8 @@ pub struct Target {
 /// The director's URL and the token a `Cluster.toml` gives.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct FromFile {
-    /// `[agent] director`, else `[director] listen` made reachable.
+    /// `[agent] director`, else `[director] listen` made reachable (the
+    /// director's default address for a `[director]` without `listen`).
     pub url: Option<String>,
     /// `[director] token`, else `[agent] token`.
     pub token: Option<String>,
@@ -105,7 +107,8 @@ fn parse_cluster_toml(text: &str) -> std::result::Result<FromFile, String> {
         Some(url) => Some(url),
         None => match string(director, "listen") {
             Some(listen) => Some(format!("http://{}", reachable(&listen)?)),
-            None => None,
+            // A director configured here listens on its default address.
+            None => director.map(|_| DEFAULT_DIRECTOR.to_owned()),
         },
     };
     let token = string(director, "token").or_else(|| string(agent, "token"));
@@ -130,24 +133,21 @@ fn reachable(listen: &str) -> std::result::Result<String, String> {
     Ok(std::net::SocketAddr::new(ip, addr.port()).to_string())
 }
 
-/// The Cluster.toml files to look at, in order, that exist; true marks the
-/// one a running `tempest dev` wrote.
-fn cluster_files(explicit: Option<&Path>) -> Result<Vec<(PathBuf, bool)>> {
+/// The Cluster.toml files to look at, in order, that exist: `--cluster`'s,
+/// else `./Cluster.toml` and the one a running `tempest dev` wrote.
+fn cluster_files(explicit: Option<&Path>) -> Result<Vec<PathBuf>> {
     if let Some(p) = explicit {
         if !p.is_file() {
             bail!("{}: no such file (given with --cluster)", p.display());
         }
-        return Ok(vec![(p.to_path_buf(), false)]);
+        return Ok(vec![p.to_path_buf()]);
     }
     Ok([
-        (PathBuf::from("Cluster.toml"), false),
-        (
-            PathBuf::from(crate::dev::STATE_DIR).join("Cluster.toml"),
-            true,
-        ),
+        PathBuf::from("Cluster.toml"),
+        PathBuf::from(crate::dev::STATE_DIR).join("Cluster.toml"),
     ]
     .into_iter()
-    .filter(|(p, _)| p.is_file())
+    .filter(|p| p.is_file())
     .collect())
 }
 
@@ -189,22 +189,21 @@ impl Target {
             .filter(|t| !t.is_empty())
             .map(|t| (t, Origin::Flag))
             .or_else(|| env("TEMPEST_TOKEN").map(|t| (t, Origin::Env("TEMPEST_TOKEN"))));
-        // A file gives the token only while the URL is undecided or comes
-        // from that same file: a token belongs to its cluster. The
-        // `tempest dev` file is read only when nothing else named a director.
-        for (file, dev) in cluster_files(args.cluster.as_deref())? {
-            if dev && url.is_some() {
-                break;
-            }
-            let from = read_cluster_toml(&file)?;
-            if token.is_none() {
-                token = from.token.map(|t| (t, Origin::File(file.clone())));
-            }
-            if url.is_none() {
-                url = from.url.map(|u| (u, Origin::File(file.clone())));
-            }
-            if url.is_some() {
-                break;
+        // A file's token goes only with that same file's URL: a token
+        // belongs to its cluster, and must not reach a director named
+        // elsewhere. No file is read once a flag or the environment named
+        // the director; the `tempest dev` file comes after ./Cluster.toml.
+        let files = cluster_files(args.cluster.as_deref())?;
+        if url.is_none() {
+            for file in files {
+                let from = read_cluster_toml(&file)?;
+                if let Some(u) = from.url {
+                    url = Some((u, Origin::File(file.clone())));
+                    if token.is_none() {
+                        token = from.token.map(|t| (t, Origin::File(file)));
+                    }
+                    break;
+                }
             }
         }
         let (url, url_origin) = url.unwrap_or_else(|| (DEFAULT_DIRECTOR.into(), Origin::Default));
@@ -444,6 +443,10 @@ mod tests {
                 token: Some("a".into())
             }
         );
+        // A director without `listen` listens on its default address.
+        let f = parse_cluster_toml("[director]\ntoken = \"d\"\n").unwrap();
+        assert_eq!(f.url.as_deref(), Some(DEFAULT_DIRECTOR));
+        assert_eq!(f.token.as_deref(), Some("d"));
         assert!(parse_cluster_toml("[director]\nlisten = \"nope\"\n")
             .unwrap_err()
             .contains("director.listen"));

@@ -32,6 +32,7 @@ use serde_json::{json, Value};
 use tempest_control::Manifest;
 
 use crate::client::{Client, Origin, Target};
+use crate::ops;
 use crate::package::{self, Profile};
 use crate::progress::Step;
 
@@ -657,12 +658,7 @@ fn deploy(
     let (_, bytes) = package::write_archive(&launcher, Some(WORDCOUNT_TOML), manifest, &archive)?;
     step.done(format!("packaged word count: {}", archive.display()));
 
-    let len = bytes.len() as u64;
-    let uploaded = client.upload(std::io::Cursor::new(bytes), len)?;
-    let hash = uploaded["hash"]
-        .as_str()
-        .ok_or_else(|| anyhow!("the director's upload answer has no hash"))?
-        .to_owned();
+    let hash = ops::upload(client, bytes)?;
     // A topology left by a run that did not stop cleanly.
     if client.get("/api/v1/topologies/wordcount").is_ok() {
         client.post("/api/v1/topologies/wordcount/kill", None)?;
@@ -672,53 +668,20 @@ fn deploy(
          path = {}\nfollow = true\n",
         toml::Value::String(input.display().to_string())
     );
-    client.post(
-        "/api/v1/topologies",
-        Some(&json!({"name": "wordcount", "package": hash, "config": config})),
+    ops::create(
+        client,
+        &ops::Deployment {
+            name: "wordcount",
+            package: &hash,
+            config: Some(&config),
+            workers: &[],
+            env: &[],
+        },
     )?;
-    let step = Step::start("starting word count");
-    let deadline = Instant::now() + START_WAIT;
-    loop {
-        if signals.try_recv().is_ok() {
-            step.abandon();
-            return Ok(false);
-        }
-        let v = client.get("/api/v1/topologies/wordcount")?;
-        let (running, total) = (v["running"].as_u64(), v["processes"].as_u64());
-        step.detail(format!(
-            "starting word count: {}/{} processes running",
-            running.unwrap_or(0),
-            total.unwrap_or(0)
-        ));
-        if total > Some(0) && running == total {
-            step.done(format!(
-                "word count: {} processes running",
-                total.unwrap_or(0)
-            ));
-            return Ok(true);
-        }
-        if Instant::now() >= deadline {
-            step.abandon();
-            let errors: Vec<String> = v["recent_errors"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .map(|e| format!("{}: {}", e["process"], e["error"]))
-                        .collect()
-                })
-                .unwrap_or_default();
-            bail!(
-                "word count did not start within {}s{}",
-                START_WAIT.as_secs(),
-                if errors.is_empty() {
-                    String::new()
-                } else {
-                    format!(": {}", errors.join("; "))
-                }
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let started = ops::wait_running(client, "wordcount", START_WAIT, || {
+        signals.try_recv().is_ok()
+    })?;
+    Ok(started.is_some())
 }
 
 /// Runs until Ctrl-C (None) or a daemon dies (Some(error)). On a terminal

@@ -440,9 +440,7 @@ pub fn parse_task_count(s: &str) -> std::result::Result<(String, u32), String> {
         .split_once('=')
         .ok_or_else(|| format!("`{s}`: expected TASK=N, such as count=4"))?;
     let task = task.trim();
-    if task.is_empty() {
-        return Err(format!("`{s}`: the task name is empty"));
-    }
+    tempest_control::check_name("task name", task).map_err(|e| format!("`{s}`: {e}"))?;
     let n: u32 = n
         .trim()
         .parse()
@@ -521,59 +519,44 @@ pub fn deploy(client: &Client, args: &DeployArgs, json: bool) -> Result<()> {
         &args.set,
         package_toml.as_deref().and_then(source_kind),
     )?;
-    if let Some(name) = &args.name {
-        check_topology_name(name)?;
-    }
+    // The name is known before any build: --name, else the package's own
+    // (the archive's manifest, or the crate's name that packaging gives it).
+    let name = match (&args.name, &archive) {
+        (Some(name), _) => name.clone(),
+        (None, Some((_, pkg))) => pkg.manifest.name.clone(),
+        (None, None) => package::crate_name(&args.package.path)?,
+    };
+    check_topology_name(&name).map_err(|e| match args.name {
+        Some(_) => e,
+        None => e.context("the package's name; deploy it under another --name"),
+    })?;
     preflight(client)?;
-    if let Some(name) = &args.name {
-        name_is_free(client, name)?;
-    }
-    let (bytes, manifest_name) = match archive {
-        Some((bytes, pkg)) => (bytes, pkg.manifest.name),
+    name_is_free(client, &name)?;
+    let bytes = match archive {
+        Some((bytes, _)) => bytes,
         None => {
             let packaged = package::package(&args.package)?;
-            let bytes = std::fs::read(&packaged.archive)
-                .with_context(|| format!("reading {}", packaged.archive.display()))?;
-            (bytes, packaged.manifest.name)
+            std::fs::read(&packaged.archive)
+                .with_context(|| format!("reading {}", packaged.archive.display()))?
         }
     };
-    let name = args.name.clone().unwrap_or(manifest_name);
-    check_topology_name(&name)?;
-    name_is_free(client, &name)?;
 
-    let uploaded = upload(client, bytes)?;
-    let hash = uploaded["hash"]
-        .as_str()
-        .ok_or_else(|| anyhow!("the director's upload answer has no hash: {uploaded}"))?
-        .to_owned();
-    let mut body = json!({ "name": name, "package": hash });
-    if let Some(text) = &overrides {
-        body["config"] = json!(text);
-    }
-    if !args.workers.is_empty() {
-        let map: BTreeMap<&str, u32> = args.workers.iter().map(|(t, n)| (t.as_str(), *n)).collect();
-        body["workers"] = json!(map);
-    }
-    if !args.env.is_empty() {
-        let map: BTreeMap<&str, &str> = args
-            .env
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        body["env"] = json!(map);
-    }
-    let v = client
-        .post("/api/v1/topologies", Some(&body))
-        .map_err(|e| {
-            if is_status(&e, StatusCode::CONFLICT) {
-                already_deployed(&name)
-            } else {
-                e
-            }
-        })?;
+    let hash = upload(client, bytes)?;
+    let v = create(
+        client,
+        &Deployment {
+            name: &name,
+            package: &hash,
+            config: overrides.as_deref(),
+            workers: &args.workers,
+            env: &args.env,
+        },
+    )?;
     let mut detail = v;
     if args.wait {
-        detail = wait_running(client, &name)?;
+        if let Some(d) = wait_running(client, &name, DEPLOY_WAIT, || false)? {
+            detail = d;
+        }
     }
     if json {
         return print_json(&detail);
@@ -621,7 +604,9 @@ fn name_is_free(client: &Client, name: &str) -> Result<()> {
     }
 }
 
-fn upload(client: &Client, bytes: Vec<u8>) -> Result<Value> {
+/// Uploads a package archive, with its progress on standard error;
+/// returns the package's hash.
+pub(crate) fn upload(client: &Client, bytes: Vec<u8>) -> Result<String> {
     let len = bytes.len() as u64;
     let bar = bytes_bar(len, "uploading");
     if !crate::progress::tty() {
@@ -635,37 +620,116 @@ fn upload(client: &Client, bytes: Vec<u8>) -> Result<Value> {
     let result = client.upload(reader, len);
     bar.finish_and_clear();
     let v = result?;
+    let hash = v["hash"]
+        .as_str()
+        .ok_or_else(|| anyhow!("the director's upload answer has no hash: {v}"))?
+        .to_owned();
     eprintln!(
         "uploaded {} {} ({}, {})",
         v["manifest"]["name"].as_str().unwrap_or("the package"),
         v["manifest"]["version"].as_str().unwrap_or(""),
-        short(v["hash"].as_str().unwrap_or("")),
+        short(&hash),
         crate::table::bytes(len)
     );
-    Ok(v)
+    Ok(hash)
 }
 
-/// Polls until every process of `name` runs (2 minutes at most).
-fn wait_running(client: &Client, name: &str) -> Result<Value> {
+/// What a deploy request asks the director.
+pub(crate) struct Deployment<'a> {
+    /// The topology's name.
+    pub name: &'a str,
+    /// The uploaded package's hash.
+    pub package: &'a str,
+    /// A `Topology.toml` laid over the package's.
+    pub config: Option<&'a str>,
+    /// Worker counts.
+    pub workers: &'a [(String, u32)],
+    /// Environment variables for the topology's processes.
+    pub env: &'a [(String, String)],
+}
+
+/// Deploys an uploaded package; the director's answer.
+pub(crate) fn create(client: &Client, d: &Deployment<'_>) -> Result<Value> {
+    let mut body = json!({ "name": d.name, "package": d.package });
+    if let Some(text) = d.config {
+        body["config"] = json!(text);
+    }
+    if !d.workers.is_empty() {
+        let map: BTreeMap<&str, u32> = d.workers.iter().map(|(t, n)| (t.as_str(), *n)).collect();
+        body["workers"] = json!(map);
+    }
+    if !d.env.is_empty() {
+        let map: BTreeMap<&str, &str> = d
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        body["env"] = json!(map);
+    }
+    client.post("/api/v1/topologies", Some(&body)).map_err(|e| {
+        if is_status(&e, StatusCode::CONFLICT) {
+            already_deployed(d.name)
+        } else {
+            e
+        }
+    })
+}
+
+/// How long `deploy --wait` waits for every process to run.
+const DEPLOY_WAIT: Duration = Duration::from_secs(120);
+
+/// Polls until every process of `name` runs, `within` at most; fails at
+/// once, naming the process and its error, when one has failed or exited
+/// (`failed`, `backoff`). None when `interrupted` says so first.
+pub(crate) fn wait_running(
+    client: &Client,
+    name: &str,
+    within: Duration,
+    interrupted: impl Fn() -> bool,
+) -> Result<Option<Value>> {
     let step = Step::start(format!("waiting for {name}'s processes to run"));
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + within;
     loop {
-        let v = topology(client, name)?;
-        let s: Summary = parse(&v, "the topology")?;
+        if interrupted() {
+            step.abandon();
+            return Ok(None);
+        }
+        let v = match topology(client, name) {
+            Ok(v) => v,
+            Err(e) => {
+                step.abandon();
+                return Err(e);
+            }
+        };
+        let d: Detail = parse(&v, "the topology")?;
+        let s = &d.summary;
         step.detail(format!(
             "waiting for {name}'s processes to run: {}/{}",
             s.running, s.processes
         ));
         if s.processes > 0 && s.running == s.processes {
             step.done(format!("{name}: all {} processes running", s.processes));
-            return Ok(v);
+            return Ok(Some(v));
+        }
+        if let Some(e) = d.recent_errors.first() {
+            step.abandon();
+            let process = e
+                .process
+                .strip_prefix(&format!("{name}/"))
+                .unwrap_or(&e.process);
+            bail!(
+                "{name}: process `{process}` ({}): {}; `tempest logs {name} --process {process}` shows its output",
+                e.state,
+                e.error.as_deref().unwrap_or("no reason given")
+            );
         }
         if Instant::now() >= deadline {
             step.abandon();
             bail!(
-                "{name}: {} of {} processes running after 2 minutes; `tempest status {name}` shows why",
+                "{name}: {} of {} processes running after {}s; `tempest status {name}` shows why",
                 s.running,
-                s.processes
+                s.processes,
+                within.as_secs()
             );
         }
         std::thread::sleep(Duration::from_millis(250));
@@ -674,15 +738,7 @@ fn wait_running(client: &Client, name: &str) -> Result<Value> {
 
 /// Topology names as the director takes them.
 fn check_topology_name(name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 128
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if !ok {
-        bail!("`{name}` is not a topology name: use letters, digits, `-`, `_` and `.`");
-    }
-    Ok(())
+    tempest_control::check_name("topology name", name).map_err(|e| anyhow!(e))
 }
 
 /// The `[source] kind` of a `Topology.toml`.
@@ -841,13 +897,23 @@ pub fn logs(client: &Client, args: &LogsArgs, json: bool) -> Result<()> {
         .flat_map(|id| streams.iter().map(move |s| (id.clone(), *s)))
         .collect();
     let headers = sources.len() > 1;
+    // A follow fetches its first tails with the window its polls use and
+    // keeps them whole, so that its first poll finds them and prints only
+    // what is new; only the last `lines` of each are printed.
+    let window = FOLLOW_WINDOW.max(args.lines);
+    let first = if args.follow { window } else { args.lines };
     let mut out = std::io::stdout().lock();
     let mut tails: Vec<Vec<String>> = Vec::with_capacity(sources.len());
     let mut answers = Vec::new();
     for (i, (id, stream)) in sources.iter().enumerate() {
-        let tail = fetch_log(client, &args.name, id, stream, args.lines)?;
+        let tail = fetch_log(client, &args.name, id, stream, first)?;
         let lines = tail_lines(&tail);
-        if json {
+        let shown = &lines[lines.len().saturating_sub(args.lines as usize)..];
+        if json && args.follow {
+            // The JSON lines the polls print, one for each first tail.
+            let v = json!({"id": id, "stream": stream, "lines": shown});
+            writeln!(out, "{v}")?;
+        } else if json {
             answers.push(tail);
         } else {
             if headers {
@@ -856,7 +922,7 @@ pub fn logs(client: &Client, args: &LogsArgs, json: bool) -> Result<()> {
                 }
                 writeln!(out, "==> {id} ({stream}) <==")?;
             }
-            for l in &lines {
+            for l in shown {
                 writeln!(out, "{l}")?;
             }
         }
@@ -876,7 +942,7 @@ pub fn logs(client: &Client, args: &LogsArgs, json: bool) -> Result<()> {
     loop {
         std::thread::sleep(FOLLOW_EVERY);
         for (i, (id, stream)) in sources.iter().enumerate() {
-            let tail = match fetch_log(client, &args.name, id, stream, FOLLOW_WINDOW) {
+            let tail = match fetch_log(client, &args.name, id, stream, window) {
                 Ok(t) => t,
                 Err(e) if is_status(&e, StatusCode::NOT_FOUND) => {
                     if topology(client, &args.name).is_err() {
@@ -896,7 +962,7 @@ pub fn logs(client: &Client, args: &LogsArgs, json: bool) -> Result<()> {
             };
             unreachable[i] = false;
             let lines = tail_lines(&tail);
-            let (fresh, gap) = new_lines(&tails[i], &lines, FOLLOW_WINDOW as usize);
+            let (fresh, gap) = new_lines(&tails[i], &lines, window as usize);
             if !fresh.is_empty() {
                 let mut out = std::io::stdout().lock();
                 if json {
@@ -907,7 +973,7 @@ pub fn logs(client: &Client, args: &LogsArgs, json: bool) -> Result<()> {
                         writeln!(out, "\n==> {id} ({stream}) <==")?;
                     }
                     if gap {
-                        writeln!(out, "[... more lines than {FOLLOW_WINDOW} since the last poll; some were skipped ...]")?;
+                        writeln!(out, "[... more lines than {window} since the last poll; some were skipped ...]")?;
                     }
                     for l in fresh {
                         writeln!(out, "{l}")?;
@@ -1190,6 +1256,11 @@ mod tests {
         assert!(parse_task_count("count").is_err());
         assert!(parse_task_count("count=0").is_err());
         assert!(parse_task_count("=1").is_err());
+        // The director's name rule.
+        assert!(parse_task_count(".count=1")
+            .unwrap_err()
+            .contains("bad task name"));
+        assert!(parse_task_count(&format!("{}=1", "c".repeat(65))).is_err());
         assert!(parse_task_count("count=x").is_err());
     }
 

@@ -192,6 +192,12 @@ fn read_crate(dir: &Path) -> Result<Crate> {
     })
 }
 
+/// The name of the crate at `dir`: the name its package gets, and the
+/// topology's by default.
+pub fn crate_name(dir: &Path) -> Result<String> {
+    Ok(read_crate(dir)?.name)
+}
+
 fn display_dir(dir: &Path) -> String {
     if dir == Path::new(".") || dir.as_os_str().is_empty() {
         "the current directory".into()

@@ -27,6 +27,7 @@ fn wrong_arguments_get_clap_usage_errors() {
         &["rebalance", "wc"],
         &["rebalance", "wc", "--workers", "count"],
         &["rebalance", "wc", "--workers", "count=0"],
+        &["rebalance", "wc", "--workers", ".count=1"],
         &["new", "x", "--source", "kafka"],
         &["logs", "wc", "--instance", "1"],
         &["completions", "tcsh"],
@@ -431,4 +432,149 @@ fn a_server_that_is_not_a_director_is_named_as_such() {
     assert!(line.contains("is it a Tempest director?"), "{line}");
     assert!(!line.contains("no topology"), "{line}");
     server.join().unwrap();
+}
+
+/// A fake director on loopback: answers every request with `answer(request
+/// line)` (a status and a JSON body) and records each request's line and
+/// headers, lower-cased.
+fn fake_director(
+    answer: impl Fn(&str) -> (u16, String) + Send + 'static,
+) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut s) = conn else { continue };
+            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut req = Vec::new();
+            let mut buf = [0u8; 4096];
+            // The head, then as much body as it announces.
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => req.extend_from_slice(&buf[..n]),
+                }
+            }
+            let text = String::from_utf8_lossy(&req).to_lowercase();
+            let head_len = text.find("\r\n\r\n").map_or(text.len(), |i| i + 4);
+            let body_len: usize = text
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            let mut have = req.len() - head_len.min(req.len());
+            while have < body_len {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => have += n,
+                }
+            }
+            let head = text[..head_len.min(text.len())].to_owned();
+            let line = head.lines().next().unwrap_or("").to_owned();
+            record.lock().unwrap().push(head);
+            let (status, body) = answer(&line);
+            let _ = write!(
+                s,
+                "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    (addr, seen)
+}
+
+#[test]
+fn a_cluster_toml_token_never_goes_to_a_director_named_elsewhere() {
+    let dir = tempdir("tempest-cli-tokenleak");
+    let secret = "token-of-the-file-cluster";
+    std::fs::write(
+        dir.path().join("Cluster.toml"),
+        format!("[director]\nlisten = \"127.0.0.1:1\"\ntoken = \"{secret}\"\n"),
+    )
+    .unwrap();
+    std::fs::create_dir(dir.path().join(".tempest")).unwrap();
+    std::fs::write(
+        dir.path().join(".tempest").join("Cluster.toml"),
+        format!("[director]\nlisten = \"127.0.0.1:1\"\ntoken = \"{secret}-dev\"\n"),
+    )
+    .unwrap();
+    let (addr, seen) = fake_director(|_| (404, r#"{"error":"no such topology"}"#.into()));
+
+    // --director, then TEMPEST_DIRECTOR: the file's token stays home.
+    let r = run(
+        dir.path(),
+        &["stop", "x", "--director", &format!("http://{addr}")],
+    );
+    assert!(r.one_line_error().contains("no topology `x`"), "{r:#?}");
+    let r: common::Run = tempest(dir.path())
+        .args(["stop", "x"])
+        .env("TEMPEST_DIRECTOR", &addr)
+        .output()
+        .unwrap()
+        .into();
+    assert!(r.one_line_error().contains("no topology `x`"), "{r:#?}");
+    let requests = seen.lock().unwrap().clone();
+    assert_eq!(requests.len(), 2, "{requests:#?}");
+    for head in &requests {
+        assert!(head.starts_with("post /api/v1/topologies/x/stop"), "{head}");
+        assert!(!head.contains(secret), "the file's token leaked: {head}");
+        assert!(!head.contains("authorization"), "{head}");
+    }
+
+    // A token given with the director goes to it.
+    let r = run(
+        dir.path(),
+        &["stop", "x", "--director", &addr, "--token", "given"],
+    );
+    r.one_line_error();
+    let last = seen.lock().unwrap().last().cloned().unwrap();
+    assert!(last.contains("authorization: bearer given"), "{last}");
+}
+
+#[test]
+fn deploy_checks_the_name_before_building_anything() {
+    let dir = tempdir("tempest-cli-deployname");
+    run(dir.path(), &["new", "demo"]).ok();
+    let krate = dir.path().join("demo");
+    // A director where `demo` is already deployed.
+    let (addr, seen) = fake_director(|line| {
+        if line.starts_with("get /api/v1/health") {
+            (200, "{}".into())
+        } else if line.starts_with("post /api/v1/topologies ") {
+            (400, r#"{"error":"no name"}"#.into())
+        } else if line.starts_with("get /api/v1/topologies/demo ") {
+            (200, r#"{"name":"demo"}"#.into())
+        } else {
+            (500, r#"{"error":"unexpected"}"#.into())
+        }
+    });
+    let r = run(&krate, &["deploy", "--director", &addr]);
+    assert!(
+        r.one_line_error().contains("`demo` is already deployed"),
+        "{r:#?}"
+    );
+    assert!(!krate.join("target").exists(), "nothing was built");
+    assert!(
+        !seen
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|h| h.starts_with("post /api/v1/packages")),
+        "nothing was uploaded"
+    );
+
+    // The director's name rule, before anything is asked of it.
+    let before = seen.lock().unwrap().len();
+    for bad in [".hidden", &"x".repeat(65), "a/b"] {
+        let r = run(&krate, &["deploy", "--director", &addr, "--name", bad]);
+        assert!(
+            r.one_line_error().contains("bad topology name"),
+            "{bad}: {r:#?}"
+        );
+    }
+    assert_eq!(seen.lock().unwrap().len(), before, "the director was asked");
+    assert!(!krate.join("target").exists(), "nothing was built");
 }
