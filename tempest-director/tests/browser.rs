@@ -25,8 +25,8 @@ use fantoccini::{Client, ClientBuilder, Locator};
 use futures_util::FutureExt;
 use serde_json::json;
 use tempest_testkit::cluster::{
-    free_addr, signal, tempdir, wait_for, wordcount_package, AgentProcess, DirectorProcess, WAIT,
-    WORDCOUNT_TOML,
+    free_addr, signal, stop_child, tempdir, wait_for, wordcount_package, AgentProcess,
+    DirectorProcess, WAIT, WORDCOUNT_TOML,
 };
 
 const TOKEN: &str = "browser-test-token";
@@ -102,16 +102,7 @@ impl Chromedriver {
 
 impl Drop for Chromedriver {
     fn drop(&mut self) {
-        signal(self.child.id(), libc::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        stop_child(&mut self.child, Duration::from_secs(10));
         if std::thread::panicking() {
             eprintln!(
                 "--- chromedriver log (tail) ---\n{}",

@@ -181,6 +181,24 @@ pub fn cargo_bin(package: &str, bin: &str) -> PathBuf {
     path
 }
 
+/// Stops a child process as a daemon is stopped: SIGTERM, then SIGKILL
+/// once `grace` has passed; reaps it. Nothing to do if it has exited.
+pub fn stop_child(child: &mut Child, grace: Duration) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    signal(child.id(), libc::SIGTERM);
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// A daemon process that prints `... listening on http://ADDR` as its first
 /// line of standard output. Its standard error goes to a log file, printed
 /// when a test panics. Dropping it stops it (SIGTERM, then SIGKILL).
@@ -254,19 +272,7 @@ impl Daemon {
 
     /// SIGTERM, then SIGKILL after 20 s; reaps it.
     pub fn stop(&mut self) {
-        if let Ok(Some(_)) = self.child.try_wait() {
-            return;
-        }
-        signal(self.child.id(), libc::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        stop_child(&mut self.child, Duration::from_secs(20));
     }
 
     /// `GET path` on it.

@@ -355,18 +355,22 @@ struct OverviewPage {
     topologies: Vec<TopologyRow>,
 }
 
+/// Every topology's row, for the overview and the topologies page.
+fn topology_rows(data: &AppState) -> Vec<TopologyRow> {
+    data.director
+        .topologies()
+        .iter()
+        .map(TopologyRow::new)
+        .collect()
+}
+
 async fn overview(data: Data, req: HttpRequest) -> HttpResponse {
     let cluster = data.director.cluster();
     let page = OverviewPage {
         chrome: Chrome::new(&req, &data, "Overview", "overview").live(),
         rate: fmt::rate(cluster.msgs_per_sec),
         cluster,
-        topologies: data
-            .director
-            .topologies()
-            .iter()
-            .map(TopologyRow::new)
-            .collect(),
+        topologies: topology_rows(&data),
     };
     respond(StatusCode::OK, &page)
 }
@@ -381,12 +385,7 @@ struct TopologiesPage {
 async fn topologies(data: Data, req: HttpRequest) -> HttpResponse {
     let page = TopologiesPage {
         chrome: Chrome::new(&req, &data, "Topologies", "topologies").live(),
-        topologies: data
-            .director
-            .topologies()
-            .iter()
-            .map(TopologyRow::new)
-            .collect(),
+        topologies: topology_rows(&data),
     };
     respond(StatusCode::OK, &page)
 }

@@ -11,8 +11,6 @@ use actix_web::dev::ServiceResponse;
 use actix_web::http::{header, StatusCode};
 use actix_web::test::{self, TestRequest};
 use actix_web::web;
-use tempest_control::package::{pack, sha256_hex};
-use tempest_control::Manifest;
 
 use super::*;
 use crate::api::AppState;
@@ -55,20 +53,7 @@ fn fixture(token: Option<&str>) -> Fixture {
 }
 
 fn package(dir: &Path, name: &str, toml: Option<&str>) -> (Vec<u8>, String) {
-    let bin = dir.join(name);
-    std::fs::write(&bin, "#!/bin/sh\nexec sleep 600\n").unwrap();
-    let manifest = Manifest {
-        name: name.into(),
-        version: "0.1.0".into(),
-        binary: String::new(),
-        sha256: String::new(),
-        target: "x86_64-unknown-linux-gnu".into(),
-        tempest_version: "0.1.0".into(),
-    };
-    let mut out = Vec::new();
-    pack(&bin, toml, manifest, &mut out).unwrap();
-    let hash = sha256_hex(&out);
-    (out, hash)
+    tempest_testkit::cluster::script_package(dir, name, "#!/bin/sh\nexec sleep 600\n", toml)
 }
 
 /// An answer, read whole.
