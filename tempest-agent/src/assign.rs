@@ -722,16 +722,11 @@ mod tests {
     }
 
     fn free_range(n: u16) -> PortRange {
-        // A range of ports that are free now (best effort: found by binding).
-        for base in (20000u16..60000).step_by(97) {
-            if (base..base + n).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok()) {
-                return PortRange {
-                    first: base,
-                    last: base + n - 1,
-                };
-            }
-        }
-        panic!("no free port range");
+        // Free now, and different for every test of this binary (two tests
+        // running at once must not both take the same ports).
+        tempest_testkit::cluster::port_range(n)
+            .parse()
+            .expect("a port range")
     }
 
     #[test]
