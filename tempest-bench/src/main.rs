@@ -195,7 +195,8 @@ fn human(v: &serde_json::Value) -> String {
 
 fn ledger(roots: u64) -> serde_json::Value {
     let before = ALLOCATED.load(Relaxed);
-    let mut ledger: Ledger<()> = Ledger::new(Duration::from_secs(30));
+    // As a topology sizes it: room for max_pending roots up front.
+    let mut ledger: Ledger<()> = Ledger::with_capacity(Duration::from_secs(30), roots as usize);
     let t0 = Instant::now();
     let now = ledger.now();
     let ids: Vec<_> = (0..roots).map(|_| ledger.admit((), 1, now)).collect();
@@ -204,7 +205,7 @@ fn ledger(roots: u64) -> serde_json::Value {
     let bytes = ALLOCATED.load(Relaxed) - before - ids.capacity() * std::mem::size_of_val(&ids[0]);
     let t1 = Instant::now();
     for id in &ids {
-        ledger.settle(*id, 0, now);
+        ledger.ack(*id, 1, 0, now);
     }
     let settle_secs = t1.elapsed().as_secs_f64();
     assert!(ledger.is_empty());
@@ -215,6 +216,7 @@ fn ledger(roots: u64) -> serde_json::Value {
         "roots_in_flight": roots,
         "ledger_bytes": bytes,
         "bytes_per_root": bytes as f64 / roots as f64,
+        "entry_bytes": Ledger::<()>::ENTRY_BYTES,
         "seconds": admit_secs + settle_secs,
         "msgs_per_sec": roots as f64 / (admit_secs + settle_secs),
         "p50_ms": 0.0,
@@ -584,31 +586,55 @@ fn serve(args: &Args) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let report = rt.block_on(async move {
+    let (report, cpu) = rt.block_on(async move {
         let server = TopologyServer::bind(topology, ServerConfig::default()).await?;
         println!("listening on {}", server.local_addr()?);
         let (_stop, shutdown) = watch::channel(false);
-        server.run(shutdown).await
+        let before = process_cpu_micros();
+        let report = server.run(shutdown).await?;
+        anyhow::Ok((report, process_cpu_micros().saturating_sub(before)))
     })?;
-    println!(
-        "{}",
-        result(
-            args,
-            "distributed",
-            messages,
-            &report,
-            &probe,
-            &AtomicU64::new(0)
-        )?
-    );
+    let mut v = result(
+        args,
+        "distributed",
+        messages,
+        &report,
+        &probe,
+        &AtomicU64::new(0),
+    )?;
+    // The server's own CPU time (user + system, all its threads) per root:
+    // what bounds one topology when its workers run on other machines.
+    v["server_cpu_us_per_root"] = json!(cpu as f64 / report.acked().max(1) as f64);
+    println!("{v}");
     Ok(())
+}
+
+/// This process's user + system CPU time so far, in microseconds, from
+/// `/proc/self/stat` (fields 14 and 15, in clock ticks).
+fn process_cpu_micros() -> u64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0;
+    };
+    // The command name (field 2) may hold spaces: count from its closing ')'.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return 0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<u64>().ok()))
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = if hz > 0 { hz as u64 } else { 100 };
+    ticks * 1_000_000 / hz
 }
 
 /// A distributed run's worker process: runs until SIGTERM.
 fn work(args: &Args) -> anyhow::Result<()> {
     let mut topology = topology(args, messages(args), None);
     let name = args.task.clone().context("--task")?;
-    let dag = topology.dag()?;
+    let dag = Arc::new(topology.dag()?);
     let task = dag.task(dag.find(&name).context("unknown task")?);
     let mut config = WorkerConfig::new(
         args.addr.clone().context("--addr")?,
@@ -616,7 +642,7 @@ fn work(args: &Args) -> anyhow::Result<()> {
         name,
     );
     config.instance = args.instance;
-    config.batch_size = args.batch_size as u32;
+    config.instances = task.workers;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -628,14 +654,7 @@ fn work(args: &Args) -> anyhow::Result<()> {
             term.recv().await;
             let _ = stop.send(true);
         });
-        run_worker(
-            task.factory.clone(),
-            task.workers,
-            config,
-            Registry::default(),
-            shutdown,
-        )
-        .await?;
+        run_worker(dag, config, Registry::default(), shutdown).await?;
         anyhow::Ok(())
     })
 }

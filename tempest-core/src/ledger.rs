@@ -1,12 +1,23 @@
-//! The ack ledger: which roots are in flight, and how much work each still has.
+//! The ack ledger: which roots are in flight, and whether each one's tree of
+//! messages is complete.
 //!
-//! Every source message becomes a *root*. The ledger keeps one fixed-size
-//! [`Entry`] per root, whatever its fan-out: a count of the messages of its
-//! tree that are queued or being handled. Handling one message with `n`
-//! outputs adds `n - 1`; when the count reaches zero the tree is complete.
-//! A root that errors or outlives `message_timeout` is removed at once, and
-//! anything of its tree still queued is recognised as stale by its
-//! generation and dropped.
+//! Every source message becomes a *root*, and every message of its tree
+//! carries a random 64-bit [`EdgeId`]. The ledger keeps one fixed-size
+//! entry per root, whatever its fan-out: the XOR of edge ids, as Storm's
+//! acker does. The root's own id goes in at admission; whoever handles a
+//! message reports `its id ^ the ids of the children it emitted`. Every id
+//! then enters the XOR exactly twice (created, handled), so the value is 0
+//! exactly when every message of the tree was handled, in whatever order the
+//! reports arrive (a false zero needs a 64-bit collision). A root that errors
+//! or outlives `message_timeout` is removed at once, and anything of its tree
+//! still travelling is recognised as stale by its generation and ignored.
+//!
+//! Each entry also keeps a [`SlotMask`]: one bit per worker slot (task
+//! instance, folded onto 64 bits) that a message of the tree was sent to. When
+//! a worker is lost, [`Ledger::remove_touching`] finds every root whose
+//! messages it held or had been sent, so they are replayed at once rather
+//! than after the timeout. Two slots may share a bit: that replays a few more
+//! roots than needed, never fewer.
 //!
 //! The live roots also form an intrusive list in admission order. Since every
 //! root gets the same timeout, the oldest root is the first to expire, so the
@@ -15,9 +26,10 @@
 //!
 //! The ledger owns no clock and no I/O: callers pass the time in [`Tick`]s,
 //! read once per batch, and act on what it returns. It must never hold
-//! payloads or source ids in an [`Entry`]: those live in the per-slot `tags`,
+//! payloads or source ids in an entry: those live in the per-slot `tags`,
 //! which a caller may leave empty (`()`).
 
+use std::hash::{BuildHasher, Hasher};
 use std::time::{Duration, Instant};
 
 /// Time in ledger ticks of [`TICK`] since the ledger's epoch, wrapping.
@@ -31,10 +43,17 @@ pub const TICK: Duration = Duration::from_micros(10);
 /// wrapping arithmetic, which is exact while they stay under half the wrap.
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
 
+/// The id of one message of a tree; see the module docs.
+pub type EdgeId = u64;
+
+/// Worker slots a root's messages were sent to, one bit each (see
+/// [`slot_bit`]).
+pub type SlotMask = u64;
+
 const NIL: u32 = u32::MAX;
 
-// The ledger's promise: at most 32 bytes per in-flight root (it is 20).
-const _: () = assert!(std::mem::size_of::<Entry>() <= 20);
+// The ledger's promise: at most 32 bytes per in-flight root.
+const _: () = assert!(std::mem::size_of::<Entry>() <= 32);
 
 /// Identifies one root: a ledger slot and the generation of its use.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -52,12 +71,25 @@ impl RootId {
     }
 }
 
-/// The ledger's record of one root (20 bytes).
+/// The mask bit of a worker slot: instance `instance` of the task at index
+/// `task`. Stable when a task's instance count changes, so a rebalance does
+/// not move the bits of the slots that stay.
+pub fn slot_bit(task: usize, instance: u32) -> SlotMask {
+    let n = (task as u64)
+        .wrapping_mul(17)
+        .wrapping_add(u64::from(instance));
+    1 << (n % 64)
+}
+
+/// The ledger's record of one root (32 bytes).
 #[derive(Copy, Clone, Debug)]
 struct Entry {
-    /// Messages of the tree queued or being handled; 0 = slot is free.
-    pending: u32,
-    /// Bumped each time the slot is freed, so ids of old roots go stale.
+    /// XOR of the edge ids created and handled so far; 0 = complete.
+    tree: u64,
+    /// The worker slots the tree's messages were sent to.
+    slots: SlotMask,
+    /// Odd while the slot holds a live root; bumped at admission and at
+    /// release, so ids of old roots go stale.
     gen: u32,
     /// When the root was admitted.
     born: Tick,
@@ -66,7 +98,13 @@ struct Entry {
     next: u32,
 }
 
-/// What became of a root after one of its messages was settled.
+impl Entry {
+    fn live(&self) -> bool {
+        self.gen & 1 == 1
+    }
+}
+
+/// What became of a root after an ack report.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Settled<T> {
     /// Work of the tree is still outstanding.
@@ -88,6 +126,10 @@ pub struct Ledger<T> {
     live: usize,
     timeout: Tick,
     epoch: Instant,
+    /// The generation new slots start at: random per ledger, so the root ids
+    /// of an earlier ledger (a topology server before its restart) do not
+    /// name this one's roots.
+    first_gen: u32,
 }
 
 impl<T: Default> Ledger<T> {
@@ -109,6 +151,7 @@ impl<T: Default> Ledger<T> {
             live: 0,
             timeout: ticks(timeout).max(1),
             epoch: Instant::now(),
+            first_gen: (random_u64() as u32) & !1,
         }
     }
 
@@ -130,9 +173,9 @@ impl<T: Default> Ledger<T> {
     /// Bytes the ledger itself holds per slot (not counting tags).
     pub const ENTRY_BYTES: usize = std::mem::size_of::<Entry>();
 
-    /// Admits a root whose first `pending` messages are about to be queued.
-    pub fn admit(&mut self, tag: T, pending: u32, now: Tick) -> RootId {
-        debug_assert!(pending > 0, "a root starts with at least one message");
+    /// Admits a root whose first message, with edge id `edge`, is about to
+    /// be sent.
+    pub fn admit(&mut self, tag: T, edge: EdgeId, now: Tick) -> RootId {
         let slot = if self.free != NIL {
             let slot = self.free;
             self.free = self.entries[slot as usize].next;
@@ -144,8 +187,9 @@ impl<T: Default> Ledger<T> {
                 "ledger is full: more than 2^32-1 roots in flight"
             );
             self.entries.push(Entry {
-                pending: 0,
-                gen: 0,
+                tree: 0,
+                slots: 0,
+                gen: self.first_gen,
                 born: 0,
                 prev: NIL,
                 next: NIL,
@@ -155,7 +199,9 @@ impl<T: Default> Ledger<T> {
         };
         let tail = self.tail;
         let e = &mut self.entries[slot as usize];
-        e.pending = pending.max(1);
+        e.tree = edge;
+        e.slots = 0;
+        e.gen = e.gen.wrapping_add(1);
         e.born = now;
         e.prev = tail;
         e.next = NIL;
@@ -171,11 +217,17 @@ impl<T: Default> Ledger<T> {
         RootId::new(slot, gen)
     }
 
+    fn entry_mut(&mut self, root: RootId) -> Option<&mut Entry> {
+        self.entries
+            .get_mut(root.slot() as usize)
+            .filter(|e| e.gen == root.gen() && e.live())
+    }
+
     /// True while `root` is in flight.
     pub fn is_live(&self, root: RootId) -> bool {
         self.entries
             .get(root.slot() as usize)
-            .is_some_and(|e| e.gen == root.gen() && e.pending > 0)
+            .is_some_and(|e| e.gen == root.gen() && e.live())
     }
 
     /// The tag of a live root.
@@ -183,18 +235,22 @@ impl<T: Default> Ledger<T> {
         self.is_live(root).then(|| &self.tags[root.slot() as usize])
     }
 
-    /// Records that one message of `root` was handled and produced `children`
-    /// messages that are about to be queued.
-    pub fn settle(&mut self, root: RootId, children: u32, now: Tick) -> Settled<T> {
-        let Some(e) = self.entries.get_mut(root.slot() as usize) else {
+    /// The worker slots a live root's messages were sent to.
+    pub fn slots(&self, root: RootId) -> Option<SlotMask> {
+        self.is_live(root)
+            .then(|| self.entries[root.slot() as usize].slots)
+    }
+
+    /// Applies an ack report: `xor` is the handled messages' edge ids XORed
+    /// with those of the children they emitted, and `slots` the worker slots
+    /// those children were sent to.
+    pub fn ack(&mut self, root: RootId, xor: u64, slots: SlotMask, now: Tick) -> Settled<T> {
+        let Some(e) = self.entry_mut(root) else {
             return Settled::Stale;
         };
-        if e.gen != root.gen() || e.pending == 0 {
-            return Settled::Stale;
-        }
-        // pending >= 1 here, so this cannot underflow.
-        e.pending = e.pending - 1 + children;
-        if e.pending > 0 {
+        e.tree ^= xor;
+        e.slots |= slots;
+        if e.tree != 0 {
             return Settled::Pending;
         }
         let age = now.wrapping_sub(e.born);
@@ -202,25 +258,40 @@ impl<T: Default> Ledger<T> {
         Settled::Complete(tag, duration(age))
     }
 
-    /// Adds `n` messages to a live root's tree without settling one (used
-    /// when a message is copied, e.g. re-queued after a lost lease).
-    pub fn add(&mut self, root: RootId, n: u32) -> bool {
-        match self.entries.get_mut(root.slot() as usize) {
-            Some(e) if e.gen == root.gen() && e.pending > 0 => {
-                e.pending += n;
+    /// Records that a message of a live root is being sent to `slots`.
+    pub fn mark(&mut self, root: RootId, slots: SlotMask) -> bool {
+        match self.entry_mut(root) {
+            Some(e) => {
+                e.slots |= slots;
                 true
             }
-            _ => false,
+            None => false,
         }
     }
 
     /// Removes a live root (its tree failed), returning its tag and age.
     pub fn remove(&mut self, root: RootId, now: Tick) -> Option<(T, Duration)> {
-        if !self.is_live(root) {
-            return None;
-        }
-        let age = now.wrapping_sub(self.entries[root.slot() as usize].born);
+        let e = self.entry_mut(root)?;
+        let age = now.wrapping_sub(e.born);
         Some((self.release(root.slot()), duration(age)))
+    }
+
+    /// Removes every live root whose messages were sent to one of `slots`
+    /// (a lost worker's), oldest first, handing each to `lost`. Returns how
+    /// many were removed. O(roots in flight).
+    pub fn remove_touching(&mut self, slots: SlotMask, mut lost: impl FnMut(RootId, T)) -> usize {
+        let mut n = 0;
+        let mut at = self.head;
+        while at != NIL {
+            let e = self.entries[at as usize];
+            if e.slots & slots != 0 {
+                let id = RootId::new(at, e.gen);
+                lost(id, self.release(at));
+                n += 1;
+            }
+            at = e.next;
+        }
+        n
     }
 
     /// Removes every root older than the timeout, oldest first, handing each
@@ -267,7 +338,8 @@ impl<T: Default> Ledger<T> {
             self.entries[next as usize].prev = prev;
         }
         let e = &mut self.entries[slot as usize];
-        e.pending = 0;
+        e.tree = 0;
+        e.slots = 0;
         e.gen = e.gen.wrapping_add(1);
         e.prev = NIL;
         e.next = self.free;
@@ -286,6 +358,59 @@ fn duration(t: Tick) -> Duration {
     TICK * t
 }
 
+/// 64 random bits from the standard library's per-process hash keys (no
+/// dependency, good enough for seeds and generations; not for secrets).
+pub fn random_u64() -> u64 {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64),
+    );
+    h.finish()
+}
+
+/// Makes [`EdgeId`]s: splitmix64 over a randomly seeded counter. It is a
+/// bijection of the counter, so one generator never repeats an id (and never
+/// gives 0) before 2^64 calls; two generators collide with probability
+/// 2^-64 per pair of ids.
+#[derive(Clone, Debug)]
+pub struct EdgeIds {
+    state: u64,
+}
+
+impl Default for EdgeIds {
+    fn default() -> Self {
+        EdgeIds::new()
+    }
+}
+
+impl EdgeIds {
+    /// A generator with a random seed.
+    pub fn new() -> Self {
+        EdgeIds {
+            state: random_u64(),
+        }
+    }
+
+    /// A generator with a fixed seed (for tests).
+    pub fn seeded(seed: u64) -> Self {
+        EdgeIds { state: seed }
+    }
+
+    /// The next id (never 0).
+    #[inline]
+    pub fn next_id(&mut self) -> EdgeId {
+        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        // splitmix64 maps exactly one counter value to 0; use 1 instead.
+        z.max(1)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -293,26 +418,42 @@ mod tests {
     const T: Duration = Duration::from_secs(10);
 
     #[test]
-    fn completes_after_whole_tree() {
+    fn completes_after_whole_tree_in_any_order() {
         let mut l = Ledger::new(T);
-        let r = l.admit(7u32, 1, 0);
-        assert_eq!(l.settle(r, 2, 1), Settled::Pending); // root -> 2 children
-        assert_eq!(l.settle(r, 0, 2), Settled::Pending);
-        assert_eq!(l.settle(r, 0, 3), Settled::Complete(7, TICK * 3));
-        assert_eq!(l.settle(r, 0, 4), Settled::Stale);
+        let (root, a, b) = (11u64, 22u64, 33u64);
+        let r = l.admit(7u32, root, 0);
+        // The children's acks arrive before their parent's report.
+        assert_eq!(l.ack(r, a, 0, 1), Settled::Pending);
+        assert_eq!(l.ack(r, b, 0, 2), Settled::Pending);
+        assert_eq!(
+            l.ack(r, root ^ a ^ b, 0b10, 3),
+            Settled::Complete(7, TICK * 3)
+        );
+        assert_eq!(l.ack(r, 0, 0, 4), Settled::Stale);
         assert!(l.is_empty());
     }
 
     #[test]
     fn reused_slot_makes_old_ids_stale() {
         let mut l = Ledger::new(T);
-        let a = l.admit(1u32, 1, 0);
-        assert!(matches!(l.settle(a, 0, 0), Settled::Complete(1, _)));
-        let b = l.admit(2u32, 1, 0);
+        let a = l.admit(1u32, 5, 0);
+        assert!(matches!(l.ack(a, 5, 0, 0), Settled::Complete(1, _)));
+        let b = l.admit(2u32, 6, 0);
         assert_ne!(a, b);
         assert!(!l.is_live(a));
-        assert_eq!(l.settle(a, 0, 0), Settled::Stale);
+        assert_eq!(l.ack(a, 6, 0, 0), Settled::Stale);
         assert!(l.is_live(b));
+    }
+
+    #[test]
+    fn two_ledgers_do_not_share_root_ids() {
+        // A restarted server's ledger must not take an old server's ids as its own.
+        let (mut a, mut b) = (Ledger::<()>::new(T), Ledger::<()>::new(T));
+        let ids: Vec<RootId> = (0..4).map(|i| a.admit((), i + 1, 0)).collect();
+        b.admit((), 1, 0);
+        // Equal by chance once in 2^31 runs.
+        assert_ne!(a.first_gen, b.first_gen);
+        assert!(ids.iter().all(|r| !b.is_live(*r)));
     }
 
     #[test]
@@ -332,14 +473,44 @@ mod tests {
     #[test]
     fn remove_in_middle_keeps_order() {
         let mut l = Ledger::new(Duration::from_millis(1));
-        let ids: Vec<_> = (0..5u32).map(|i| l.admit(i, 1, i)).collect();
+        let ids: Vec<_> = (0..5u32).map(|i| l.admit(i, 9, i)).collect();
         assert_eq!(l.remove(ids[2], 3), Some((2, TICK)));
         assert_eq!(l.remove(ids[2], 3), None);
-        l.settle(ids[0], 0, 4);
+        l.ack(ids[0], 9, 0, 4);
         let mut out = vec![];
         l.expire(1000, |_, t| out.push(t));
         assert_eq!(out, vec![1, 3, 4]);
         assert!(l.is_empty());
+    }
+
+    #[test]
+    fn a_lost_slot_removes_exactly_the_roots_that_touched_it() {
+        let mut l = Ledger::new(T);
+        let (s1, s2) = (slot_bit(0, 1), slot_bit(1, 0));
+        assert_ne!(s1, s2);
+        let a = l.admit(1u32, 9, 0);
+        let b = l.admit(2u32, 9, 0);
+        let c = l.admit(3u32, 9, 0);
+        assert!(l.mark(a, s1));
+        assert_eq!(l.ack(b, 4, s2, 0), Settled::Pending);
+        assert_eq!(l.ack(c, 4, s1 | s2, 0), Settled::Pending);
+        assert_eq!(l.slots(c), Some(s1 | s2));
+        let mut lost = vec![];
+        assert_eq!(l.remove_touching(s1, |_, t| lost.push(t)), 2);
+        assert_eq!(lost, vec![1, 3]);
+        assert!(l.is_live(b) && !l.is_live(a) && !l.is_live(c));
+        assert!(!l.mark(a, s2), "a removed root takes no marks");
+        // The list stays whole: b expires normally.
+        assert_eq!(l.expire(u32::MAX / 4, |_, _| {}), 1);
+        assert!(l.is_empty());
+    }
+
+    #[test]
+    fn slot_bits_stay_put_when_a_task_grows() {
+        // Instance 1 of task 2 keeps its bit whatever the instance counts.
+        assert_eq!(slot_bit(2, 1), 1 << 35);
+        assert_eq!(slot_bit(0, 0), 1);
+        assert_eq!(slot_bit(3, 13), 1);
     }
 
     #[test]
@@ -352,37 +523,73 @@ mod tests {
         assert_eq!(l.expire(start.wrapping_add(100), |_, _| {}), 1);
     }
 
+    #[test]
+    fn edge_ids_do_not_repeat_and_are_never_zero() {
+        let mut ids = EdgeIds::seeded(0);
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..100_000 {
+            let id = ids.next_id();
+            assert_ne!(id, 0);
+            assert!(seen.insert(id));
+        }
+    }
+
     proptest::proptest! {
-        /// Against a model: each root completes exactly once, at the moment
-        /// its outstanding count reaches zero.
+        /// Against a model: a tree completes exactly when the last of its
+        /// reports is applied, whatever order the reports arrive in, and
+        /// roots of interleaved trees do not disturb each other.
         #[test]
-        fn matches_model(ops in proptest::collection::vec((0usize..8, 0u32..3), 1..400)) {
+        fn completes_at_the_last_report_in_any_order(
+            trees in proptest::collection::vec(
+                (proptest::collection::vec(0u32..4, 1..20), proptest::collection::vec(0usize..1000, 60)),
+                1..12,
+            )
+        ) {
             let mut l = Ledger::new(T);
-            let mut model: Vec<(RootId, u32)> = Vec::new();
-            let mut completed = 0usize;
-            let mut admitted = 0usize;
-            for (pick, children) in ops {
-                if model.is_empty() || pick == 0 {
-                    let r = l.admit(admitted, 1, 0);
-                    admitted += 1;
-                    model.push((r, 1));
-                    continue;
+            let mut ids = EdgeIds::seeded(42);
+            // Per root: its id and its reports, in the (shuffled) order they arrive.
+            let mut roots = Vec::new();
+            for (i, (fanouts, order)) in trees.iter().enumerate() {
+                let first = ids.next_id();
+                let r = l.admit(i, first, 0);
+                // Handle messages breadth-first; each handled message gives one report.
+                let mut open = std::collections::VecDeque::from([first]);
+                let mut reports = Vec::new();
+                let mut f = fanouts.iter().cycle();
+                while let Some(edge) = open.pop_front() {
+                    let mut xor = edge;
+                    if reports.len() < fanouts.len() {
+                        for _ in 0..*f.next().unwrap_or(&0) {
+                            let c = ids.next_id();
+                            xor ^= c;
+                            open.push_back(c);
+                        }
+                    }
+                    reports.push(xor);
                 }
-                let i = pick % model.len();
-                let (r, p) = model[i];
-                let res = l.settle(r, children, 0);
-                let left = p - 1 + children;
-                if left == 0 {
-                    proptest::prop_assert!(matches!(res, Settled::Complete(..)));
-                    model.swap_remove(i);
-                    completed += 1;
-                } else {
-                    proptest::prop_assert_eq!(res, Settled::Pending);
-                    model[i].1 = left;
+                // A random permutation of the reports.
+                for (j, k) in order.iter().enumerate().take(reports.len()) {
+                    let n = reports.len();
+                    reports.swap(j % n, k % n);
+                }
+                roots.push((r, i, reports));
+            }
+            // Interleave the roots' reports: one of each in turn.
+            let mut left = roots.len();
+            while left > 0 {
+                left = 0;
+                for (r, tag, reports) in &mut roots {
+                    let Some(x) = reports.pop() else { continue };
+                    let res = l.ack(*r, x, 0, 0);
+                    if reports.is_empty() {
+                        proptest::prop_assert_eq!(res, Settled::Complete(*tag, Duration::ZERO));
+                    } else {
+                        proptest::prop_assert_eq!(res, Settled::Pending);
+                        left += 1;
+                    }
                 }
             }
-            proptest::prop_assert_eq!(l.len(), model.len());
-            proptest::prop_assert_eq!(admitted, completed + model.len());
+            proptest::prop_assert!(l.is_empty());
         }
     }
 }

@@ -2,8 +2,8 @@
 //!
 //! The model every part of Tempest shares: [`Msg`], [`Task`], [`Source`],
 //! [`Pipeline`], [`Topology`] and its [`Settings`], the `Topology.toml`
-//! schema ([`config`]), the ack [`ledger`], the [`metrics`] registry, and the
-//! built-in [`sources`]. It has no runtime of its own: the topology server,
+//! schema ([`config`]), the ack [`ledger`], the [`route`] every grouping
+//! follows, the [`metrics`] registry, and the built-in [`sources`]. It has no runtime of its own: the topology server,
 //! the task workers and the standalone runtime build on it.
 
 #![warn(missing_docs)]
@@ -14,18 +14,18 @@ pub mod metrics;
 pub mod msg;
 pub mod outputs;
 pub mod pipeline;
+pub mod route;
 pub mod shutdown;
 pub mod source;
 pub mod sources;
 pub mod task;
 pub mod topology;
-pub mod wire;
 pub mod work;
 
 pub use async_trait::async_trait;
 pub use bytes::Bytes;
 pub use config::{ConfigError, ConfigErrors, TopologyFile};
-pub use ledger::{Ledger, RootId};
+pub use ledger::{EdgeId, EdgeIds, Ledger, RootId};
 pub use msg::Msg;
 pub use pipeline::{Dag, Grouping, Pipeline, PipelineError, PipelineErrors, TaskIdx};
 pub use source::{

@@ -1,10 +1,11 @@
-//! The units of work between the hub and a task instance.
+//! The units of work between whoever routes messages (the standalone hub, a
+//! worker's outbox) and a task instance.
 //!
-//! The hub hands a task instance [`Delivery`]s; the instance hands back one
-//! [`Handled`] per delivery, in order. Both carry the [`RootId`] so the hub
-//! can settle the root's tree in the ledger without a lookup.
+//! A task instance is handed [`Delivery`]s and hands back one [`Handled`]
+//! per delivery, in order. Both carry the [`RootId`] and the [`EdgeId`], so
+//! the root's tree can be settled in the ledger without a lookup.
 
-use crate::ledger::RootId;
+use crate::ledger::{EdgeId, RootId};
 use crate::{Msg, TaskResult};
 
 /// A message handed to a task instance.
@@ -12,6 +13,8 @@ use crate::{Msg, TaskResult};
 pub struct Delivery {
     /// The root whose tree the message belongs to.
     pub root: RootId,
+    /// The message's id in that tree (see [`crate::ledger`]).
+    pub edge: EdgeId,
     /// The message.
     pub msg: Msg,
 }
@@ -21,6 +24,8 @@ pub struct Delivery {
 pub struct Handled {
     /// The root of the message handled.
     pub root: RootId,
+    /// The id of the message handled.
+    pub edge: EdgeId,
     /// The task's result.
     pub result: TaskResult,
 }

@@ -6,8 +6,8 @@
 //! and is counted; the instance carries on (its state is whatever the
 //! panicking call left).
 //!
-//! The standalone runtime drives instances on tokio tasks; the task worker
-//! process (a later part of this crate) drives them from TCP pulls.
+//! The standalone runtime drives instances on threads of its own; the task
+//! [`worker`] process drives one from the batches its peers send it.
 
 #![warn(missing_docs)]
 
@@ -119,6 +119,7 @@ impl Instance {
             }
             out.push(Handled {
                 root: d.root,
+                edge: d.edge,
                 result,
             });
         }
@@ -198,6 +199,7 @@ mod tests {
             .into_iter()
             .map(|p| Delivery {
                 root: ledger.admit((), 1, 0),
+                edge: 1,
                 msg: Msg::from(p),
             })
             .collect();
@@ -247,6 +249,7 @@ mod tests {
             (0..3)
                 .map(|_| Delivery {
                     root: ledger.admit((), 1, 0),
+                    edge: 1,
                     msg: Msg::from("x"),
                 })
                 .collect()

@@ -1,28 +1,48 @@
-//! The task worker: one instance of one task, in its own process, pulling
-//! work from its topology server over TCP.
+//! The task worker: one instance of one task, in its own process.
 //!
-//! Two parts: the I/O task speaks the wire protocol and keeps several Pulls in
-//! flight; the handler thread runs `Task::handle` on each batch, so a slow
-//! handler never stalls the connection (heartbeats keep flowing). The
-//! instance, and so its state, lives across reconnections; results of a
-//! batch from a connection that dropped are discarded, because the server has
-//! already re-queued those messages.
+//! It joins its topology server over a control link (the server answers
+//! with the DAG, the membership, and the worker's instance and
+//! incarnation), accepts peer links from its upstreams on its peer port (the
+//! [`inbox`](tempest_transport::inbox)), runs `Task::handle` on each batch
+//! that arrives, sends what the task emits straight to the downstream
+//! instances the groupings name (the [`Outbox`]), and reports to the server,
+//! per batch, one small ack per root: the XOR of the edge ids handled and
+//! emitted, and the slots the children went to.
+//!
+//! Three parts: the control loop (async) speaks to the server; the inbox
+//! tasks read peer links; the handler thread runs the task, so a slow
+//! handler never stalls a connection (heartbeats keep flowing). The task
+//! instance, and so its state, lives across sessions. When the control link
+//! drops, everything of the session goes (queued messages, links,
+//! reports): the server has replayed, or will replay, the roots involved.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc as std_mpsc;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::TcpStream;
+use parking_lot::Mutex;
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
-use tokio_util::codec::Framed;
 
+use tempest_core::ledger::{EdgeIds, RootId};
 use tempest_core::metrics::{Labels, Registry};
-use tempest_core::wire::{ErrorCode, Frame, FrameCodec, Hello, WireError, WireOutcome, WireResult};
-use tempest_core::{Delivery, Handled, TaskContext, TaskFactory};
+use tempest_core::pipeline::{Dag, TaskIdx};
+use tempest_core::route::route;
+use tempest_core::{Handled, TaskContext};
+use tempest_transport::codec::delivery_size;
+use tempest_transport::inbox::{self, Identity, InBatch, InboxConfig};
+use tempest_transport::link::{self, Liveness};
+use tempest_transport::outbox::{Outbox, OutboxConfig};
+use tempest_transport::wire::{
+    Ack, ErrorCode, Fail, Fixed, Frame, Hello, Members, Report, Role, SlotRef, Welcome, WireDag,
+    WorkerHello,
+};
 
 use crate::{Instance, TaskMetrics};
 
-/// How a worker finds and talks to its server.
+/// How a worker finds and talks to its server and its peers.
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
     /// The topology server, `host:port`.
@@ -33,14 +53,21 @@ pub struct WorkerConfig {
     pub task: String,
     /// The instance to claim; the server assigns a free one if `None`.
     pub instance: Option<u32>,
-    /// The shared token, if the server wants one.
+    /// The task's instance count this worker was configured with.
+    pub instances: u32,
+    /// The layout version of that count (0: from configuration).
+    pub layout: u64,
+    /// The shared token, if the server and the peers want one.
     pub token: Option<String>,
     /// The largest frame accepted or sent.
     pub max_frame: usize,
-    /// Pulls kept in flight (at least 1).
-    pub pulls_in_flight: usize,
-    /// Messages asked for per Pull (the server may cap it).
-    pub batch_size: u32,
+    /// Batches each upstream may have outstanding at this worker.
+    pub credit: u32,
+    /// Where to accept peer links (port 0 picks a free port).
+    pub peer_listen: std::net::SocketAddr,
+    /// The address peers are told, `host:port` (default: the listener's,
+    /// with the host name for an unspecified IP).
+    pub peer_advertise: Option<String>,
     /// The first reconnect wait; it doubles up to `reconnect_max`.
     pub reconnect_min: Duration,
     /// The longest reconnect wait.
@@ -48,7 +75,7 @@ pub struct WorkerConfig {
 }
 
 impl WorkerConfig {
-    /// Defaults for a worker of `task` in `topology` at `addr`.
+    /// Defaults for a worker of `task` in `topology` whose server is at `addr`.
     pub fn new(
         topology_addr: impl Into<String>,
         topology: impl Into<String>,
@@ -59,10 +86,13 @@ impl WorkerConfig {
             topology: topology.into(),
             task: task.into(),
             instance: None,
+            instances: 1,
+            layout: 0,
             token: None,
-            max_frame: tempest_core::wire::DEFAULT_MAX_FRAME,
-            pulls_in_flight: 2,
-            batch_size: 256,
+            max_frame: tempest_transport::DEFAULT_MAX_FRAME,
+            credit: 4,
+            peer_listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            peer_advertise: None,
             reconnect_min: Duration::from_millis(50),
             reconnect_max: Duration::from_secs(2),
         }
@@ -73,443 +103,584 @@ impl WorkerConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
     /// The server refused the worker for a reason that retrying cannot fix
-    /// (version, token, topology, task or instance).
-    #[error("refused by the topology server ({code:?}): {message}")]
+    /// (version, token, topology, task, instance, layout, pipeline).
+    #[error("refused by the topology server ({code}): {message}")]
     Refused {
         /// The server's error code.
         code: ErrorCode,
         /// The server's message.
         message: String,
     },
-    /// The handler thread could not be started.
-    #[error("cannot start the handler thread: {0}")]
-    Thread(std::io::Error),
+    /// The task is not in this build's pipeline.
+    #[error("the pipeline has no task `{0}`")]
+    UnknownTask(String),
+    /// The peer port could not be bound, or the handler thread started.
+    #[error("{0}")]
+    Io(String),
 }
 
 /// What a worker did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct WorkerReport {
-    /// Messages whose results reached the server.
+    /// Messages handled (in sessions that were still current).
     pub handled: u64,
-    /// Connections made (reconnects are this minus one).
+    /// Sessions joined (reconnects are this minus one).
     pub connections: u64,
 }
 
-/// A batch for the handler thread, tagged with its connection.
-struct Job {
-    conn: u64,
-    batch: Vec<Delivery>,
+/// What the control loop is sent, in order.
+enum ToServer {
+    Report(Report),
+    LinkLost(SlotRef),
 }
 
-/// How one connection ended.
-enum ConnEnd {
-    /// Shutdown was requested and the goodbye sent.
-    Stopped,
-    /// The connection was lost or the server left; reconnect.
-    Lost(String),
+/// What the handler needs of the current session.
+struct Session {
+    id: u64,
+    outbox: Arc<Outbox>,
+    to_server: mpsc::UnboundedSender<ToServer>,
 }
 
-/// Runs a worker of `config.task` until `shutdown` turns true.
+type Current = Arc<Mutex<Option<Arc<Session>>>>;
+
+/// Runs a worker of `config.task` until `shutdown` turns true. `dag` is this
+/// build's pipeline; the server's must match it.
 pub async fn run_worker(
-    factory: TaskFactory,
-    instances: u32,
-    config: WorkerConfig,
+    dag: Arc<Dag>,
+    mut config: WorkerConfig,
     registry: Registry,
-    shutdown: watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<bool>,
 ) -> Result<WorkerReport, WorkerError> {
-    let mut config = config;
-    let mut report = WorkerReport::default();
-    let (results_tx, mut results_rx) = mpsc::unbounded_channel::<(u64, Vec<Handled>)>();
-    let mut jobs: Option<std_mpsc::Sender<Job>> = None;
+    let task = dag
+        .find(&config.task)
+        .ok_or_else(|| WorkerError::UnknownTask(config.task.clone()))?;
+    let listener = TcpListener::bind(config.peer_listen).await.map_err(|e| {
+        WorkerError::Io(format!("binding the peer port {}: {e}", config.peer_listen))
+    })?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| WorkerError::Io(format!("reading the peer port's address: {e}")))?;
+    let advertise = match &config.peer_advertise {
+        Some(a)
+            if a.rsplit_once(':')
+                .is_some_and(|(_, p)| p.parse::<u16>().is_ok()) =>
+        {
+            a.clone()
+        }
+        Some(host) => join_host_port(host, local.port()),
+        None if local.ip().is_unspecified() => {
+            join_host_port(&tempest_core::metrics::hostname(), local.port())
+        }
+        None => local.to_string(),
+    };
+    tracing::info!(peer = %advertise, "accepting peer links on {local}");
+
+    let (identity_tx, identity_rx) = watch::channel(None::<Identity>);
+    let (in_tx, in_rx) = std_mpsc::channel::<InBatch>();
+    let (stop_inbox, inbox_stop) = watch::channel(false);
+    let inbox = tokio::spawn({
+        let config = InboxConfig {
+            topology: config.topology.clone(),
+            token: config.token.clone(),
+            max_frame: config.max_frame,
+            credit: config.credit,
+            heartbeat: Duration::from_secs(1),
+        };
+        let registry = registry.clone();
+        async move { inbox::serve(listener, config, identity_rx, in_tx, &registry, inbox_stop).await }
+    });
+
+    let current: Current = Arc::default();
+    let stopping = Arc::new(AtomicBool::new(false));
+    let handled = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut handler: Option<std::thread::JoinHandle<()>> = None;
+    let mut in_rx = Some(in_rx);
+    let mut report = WorkerReport::default();
     let mut wait = config.reconnect_min;
-    let mut conn_id = 0u64;
     let reconnects = registry.counter(
         &tempest_core::metrics::catalog::WORKER_RECONNECTS,
         &Labels::new([("task", config.task.as_str())]),
     );
+    let names: Vec<String> = dag.tasks().map(|(_, t)| t.name.clone()).collect();
+    let targets: Vec<TaskIdx> = dag.task(task).edges.iter().map(|e| e.to).collect();
 
     let outcome = loop {
         if *shutdown.borrow() {
             break Ok(());
         }
-        conn_id += 1;
-        let attempt = connect(&config).await;
-        let (mut framed, welcome) = match attempt {
-            Ok(ok) => ok,
-            Err(ConnectError::Fatal { code, message }) => {
+        let hello = Hello::new(
+            config.topology.clone(),
+            config.token.clone(),
+            Role::Worker(WorkerHello {
+                task: config.task.clone(),
+                instance: config.instance,
+                instances: config.instances,
+                layout: config.layout,
+                peer: advertise.clone(),
+            }),
+        );
+        let joined = match link::connect(&config.topology_addr, config.max_frame, hello).await {
+            Ok((conn, Frame::Welcome(w))) => Ok((conn, w)),
+            Ok((_, Frame::Error { code, message })) if code.is_fatal() => {
                 break Err(WorkerError::Refused { code, message })
             }
-            Err(ConnectError::Retry(why)) => {
-                tracing::info!(addr = %config.topology_addr, "cannot reach the topology server ({why}); retrying in {wait:?}");
-                let mut sd = shutdown.clone();
+            Ok((_, Frame::Error { code, message })) => Err(format!("refused ({code}): {message}")),
+            Ok((_, other)) => Err(format!("the server answered Hello with {}", other.name())),
+            Err(e) => Err(e),
+        };
+        let (mut conn, welcome) = match joined {
+            Ok(ok) => ok,
+            Err(why) => {
+                tracing::info!(addr = %config.topology_addr, "cannot join the topology server ({why}); retrying in {wait:?}");
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
-                    _ = tempest_core::shutdown::changed(&mut sd) => {}
+                    _ = tempest_core::shutdown::changed(&mut shutdown) => {}
                 }
                 wait = (wait * 2).min(config.reconnect_max);
                 continue;
             }
         };
+        if let Err(message) = same_pipeline(&dag, &welcome.dag) {
+            link::refuse(&mut conn, ErrorCode::PipelineMismatch, message.clone()).await;
+            break Err(WorkerError::Refused {
+                code: ErrorCode::PipelineMismatch,
+                message,
+            });
+        }
         wait = config.reconnect_min;
         report.connections += 1;
         if report.connections > 1 {
             reconnects.inc();
         }
-        // The first instance assigned stays ours across reconnects, and with
-        // it the handler's state.
+        // The first instance assigned stays ours across sessions, and with it
+        // the handler's state.
         config.instance = Some(welcome.instance);
-        if jobs.is_none() {
+        let me = SlotRef {
+            task: task.get() as u32,
+            instance: welcome.instance,
+            incarnation: welcome.incarnation,
+        };
+        if handler.is_none() {
+            let Some(rx) = in_rx.take() else { break Ok(()) };
+            let instances = welcome
+                .members
+                .tasks
+                .get(task.get())
+                .map_or(config.instances, |t| t.instances);
             let ctx = TaskContext {
                 topology: config.topology.clone(),
                 task: config.task.clone(),
                 instance: welcome.instance,
-                instances: welcome.instances.max(instances),
+                instances,
             };
-            let metrics = TaskMetrics::new(&registry, &config.task);
-            let (tx, rx) = std_mpsc::channel::<Job>();
-            let results = results_tx.clone();
-            let factory = factory.clone();
+            let instance = Instance::new(
+                (dag.task(task).factory)(),
+                ctx,
+                TaskMetrics::new(&registry, &config.task),
+            );
+            let h = Handler {
+                dag: dag.clone(),
+                task,
+                current: current.clone(),
+                stopping: stopping.clone(),
+                handled: handled.clone(),
+                max_message: config.max_frame.saturating_sub(1024).max(1),
+            };
             let thread = std::thread::Builder::new()
                 .name(format!("{}-{}", config.task, welcome.instance))
-                .spawn(move || handle_jobs(factory, ctx, metrics, rx, results))
-                .map_err(WorkerError::Thread)?;
-            jobs = Some(tx);
+                .spawn(move || h.run(instance, rx))
+                .map_err(|e| WorkerError::Io(format!("starting the handler thread: {e}")))?;
             handler = Some(thread);
         }
-        let Some(jobs_tx) = jobs.as_ref() else {
-            break Ok(());
-        };
         tracing::info!(
             instance = welcome.instance,
-            "connected to the topology server"
+            incarnation = welcome.incarnation,
+            "joined the topology server"
         );
+
+        let (to_server, from_handler) = mpsc::unbounded_channel();
+        let lost_tx = to_server.clone();
+        let batch_size = welcome.batch_size.max(1) as usize;
         let heartbeat = Duration::from_millis(u64::from(welcome.heartbeat_ms.max(10)));
-        let batch = config.batch_size.min(welcome.batch_size.max(1));
-        match connection(
-            &mut framed,
-            conn_id,
-            &config,
-            batch,
+        let outbox = Outbox::new(
+            OutboxConfig {
+                topology: config.topology.clone(),
+                token: config.token.clone(),
+                session: welcome.session,
+                from: Some(me),
+                batch_size,
+                batch_bytes: config.max_frame / 2,
+                queue_limit: batch_size * 2,
+                max_frame: config.max_frame,
+                heartbeat,
+            },
+            &targets,
+            &names,
+            &registry,
+            tokio::runtime::Handle::current(),
+            Box::new(move |to| {
+                let _ = lost_tx.send(ToServer::LinkLost(to));
+            }),
+            None,
+        );
+        outbox.apply_members(&welcome.members);
+        *current.lock() = Some(Arc::new(Session {
+            id: welcome.session,
+            outbox: outbox.clone(),
+            to_server,
+        }));
+        identity_tx.send_replace(Some(Identity {
+            session: welcome.session,
+            me,
+        }));
+
+        let end = session(
+            &mut conn,
+            &welcome,
             heartbeat,
-            jobs_tx,
-            &mut results_rx,
-            shutdown.clone(),
-            &mut report,
+            &outbox,
+            from_handler,
+            &mut shutdown,
+            config.max_frame,
         )
-        .await
-        {
-            ConnEnd::Stopped => break Ok(()),
-            ConnEnd::Lost(why) => {
-                tracing::warn!("lost the topology server: {why}; reconnecting");
+        .await;
+
+        identity_tx.send_replace(None);
+        *current.lock() = None;
+        outbox.close();
+        match end {
+            SessionEnd::Stopped => break Ok(()),
+            SessionEnd::Refused(code, message) => {
+                break Err(WorkerError::Refused { code, message })
+            }
+            SessionEnd::Lost(why) => {
+                tracing::warn!("left the topology server's session: {why}; joining again")
             }
         }
     };
-    drop(jobs);
+    stopping.store(true, Ordering::Relaxed);
+    let _ = stop_inbox.send(true);
+    let _ = inbox.await;
     if let Some(h) = handler {
         let _ = tokio::task::spawn_blocking(move || h.join()).await;
     }
+    report.handled = handled.load(Ordering::Relaxed);
     outcome.map(|()| report)
 }
 
-/// The handler thread: runs batches until the job channel closes.
-fn handle_jobs(
-    factory: TaskFactory,
-    ctx: TaskContext,
-    metrics: TaskMetrics,
-    jobs: std_mpsc::Receiver<Job>,
-    results: mpsc::UnboundedSender<(u64, Vec<Handled>)>,
-) {
-    let mut instance = Instance::new(factory(), ctx, metrics);
-    instance.start();
-    while let Ok(Job { conn, batch }) = jobs.recv() {
-        let mut out = Vec::with_capacity(batch.len());
-        instance.run_batch(batch.into_iter(), &mut out);
-        if results.send((conn, out)).is_err() {
-            break;
-        }
-    }
-    instance.shutdown();
-}
-
-enum ConnectError {
-    Fatal { code: ErrorCode, message: String },
-    Retry(String),
-}
-
-type Conn = Framed<TcpStream, FrameCodec>;
-
-async fn connect(
-    config: &WorkerConfig,
-) -> Result<(Conn, tempest_core::wire::Welcome), ConnectError> {
-    let stream = tokio::time::timeout(
-        Duration::from_secs(5),
-        TcpStream::connect(&config.topology_addr),
-    )
-    .await
-    .map_err(|_| ConnectError::Retry("connect timed out".into()))?
-    .map_err(|e| ConnectError::Retry(e.to_string()))?;
-    stream
-        .set_nodelay(true)
-        .map_err(|e| ConnectError::Retry(e.to_string()))?;
-    let mut framed = Framed::new(stream, FrameCodec::new(config.max_frame));
-    let hello = Hello::new(
-        config.topology.clone(),
-        config.task.clone(),
-        config.instance,
-        config.token.clone(),
-    );
-    framed
-        .send(Frame::Hello(hello))
-        .await
-        .map_err(|e| ConnectError::Retry(e.to_string()))?;
-    match tokio::time::timeout(Duration::from_secs(10), framed.next()).await {
-        Err(_) => Err(ConnectError::Retry("no answer to Hello".into())),
-        Ok(None) => Err(ConnectError::Retry("closed during the handshake".into())),
-        Ok(Some(Err(e))) => Err(ConnectError::Retry(e.to_string())),
-        Ok(Some(Ok(Frame::Welcome(w)))) => Ok((framed, w)),
-        Ok(Some(Ok(Frame::Error { code, message }))) => match code {
-            ErrorCode::InstanceTaken | ErrorCode::ShuttingDown | ErrorCode::HandshakeTimeout => {
-                Err(ConnectError::Retry(format!("{code:?}: {message}")))
-            }
-            _ => Err(ConnectError::Fatal { code, message }),
-        },
-        Ok(Some(Ok(_))) => Err(ConnectError::Retry("unexpected answer to Hello".into())),
+fn join_host_port(host: &str, port: u16) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn connection(
-    framed: &mut Conn,
-    conn: u64,
-    config: &WorkerConfig,
-    batch: u32,
+/// The server's pipeline must be this build's: same tasks, same edges.
+fn same_pipeline(dag: &Dag, theirs: &WireDag) -> Result<(), String> {
+    let ours = WireDag::from(dag);
+    if ours == *theirs {
+        return Ok(());
+    }
+    let names = |d: &WireDag| {
+        d.tasks
+            .iter()
+            .map(|t| t.name.clone())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    Err(format!(
+        "this worker's pipeline ({}) is not the server's ({}): another build of the topology?",
+        names(&ours),
+        names(theirs)
+    ))
+}
+
+enum SessionEnd {
+    Stopped,
+    Lost(String),
+    Refused(ErrorCode, String),
+}
+
+/// Serves one session of the control link: sends reports, follows the
+/// membership, keeps the link alive.
+async fn session(
+    conn: &mut link::Conn,
+    welcome: &Welcome,
     heartbeat: Duration,
-    jobs: &std_mpsc::Sender<Job>,
-    results: &mut mpsc::UnboundedReceiver<(u64, Vec<Handled>)>,
-    mut shutdown: watch::Receiver<bool>,
-    report: &mut WorkerReport,
-) -> ConnEnd {
-    let lost = |e: WireError| ConnEnd::Lost(e.to_string());
-    let silence = heartbeat * 3;
-    let mut heard = Instant::now();
-    let mut sent = Instant::now();
-    let mut busy = 0usize; // batches at the handler
-    let mut server_leaving = false;
-    let mut stopping = *shutdown.borrow();
-    let mut hb_seq = 0u64;
-
-    if !stopping {
-        for _ in 0..config.pulls_in_flight.max(1) {
-            if let Err(e) = framed
-                .send(Frame::Pull {
-                    max: batch,
-                    results: Vec::new(),
-                })
-                .await
-            {
-                return lost(e);
-            }
-        }
-    }
+    outbox: &Outbox,
+    mut from_handler: mpsc::UnboundedReceiver<ToServer>,
+    shutdown: &mut watch::Receiver<bool>,
+    max_frame: usize,
+) -> SessionEnd {
+    let lost = |e: tempest_transport::WireError| SessionEnd::Lost(e.to_string());
+    let mut live = Liveness::new(heartbeat);
+    let mut epoch = welcome.members.epoch;
+    // Reports merge up to about a quarter of a frame.
+    let report_limit = (max_frame / 4).max(1024) / 40;
     loop {
-        let winding_down = stopping || server_leaving;
-        if winding_down && busy == 0 {
-            if let Err(e) = framed
-                .send(Frame::Goodbye {
-                    results: Vec::new(),
-                })
-                .await
-            {
-                return lost(e);
-            }
-            return if stopping {
-                ConnEnd::Stopped
-            } else {
-                ConnEnd::Lost("the server is shutting down".into())
-            };
+        if *shutdown.borrow() {
+            let _ = conn.send(Frame::Goodbye).await;
+            return SessionEnd::Stopped;
         }
-        let next_beat = sent + heartbeat;
         tokio::select! {
-            frame = framed.next() => {
-                heard = Instant::now();
-                match frame {
-                    None => return ConnEnd::Lost("connection closed by the server".into()),
-                    Some(Err(e)) => return lost(e),
-                    Some(Ok(Frame::Batch { deliveries })) => {
-                        if deliveries.is_empty() {
-                            if !winding_down {
-                                if let Err(e) = framed.send(Frame::Pull { max: batch, results: Vec::new() }).await {
-                                    return lost(e);
+            msg = from_handler.recv() => {
+                let Some(first) = msg else { return SessionEnd::Lost("the handler stopped".into()) };
+                let mut pending = Some(first);
+                while let Some(m) = pending.take() {
+                    let frame = match m {
+                        ToServer::LinkLost(to) => Frame::LinkLost(to),
+                        ToServer::Report(mut r) => {
+                            // Merge the reports waiting behind this one.
+                            while r.acks.len() + r.fails.len() < report_limit {
+                                match from_handler.try_recv() {
+                                    Ok(ToServer::Report(more)) => merge(&mut r, more),
+                                    Ok(other) => { pending = Some(other); break; }
+                                    Err(_) => break,
                                 }
-                                sent = Instant::now();
                             }
-                        } else if !winding_down || server_leaving {
-                            busy += 1;
-                            let batch = deliveries.into_iter().map(Into::into).collect();
-                            if jobs.send(Job { conn, batch }).is_err() {
-                                return ConnEnd::Lost("the handler thread stopped".into());
-                            }
+                            Frame::Report(r)
                         }
-                        // Batches that arrive after a local shutdown are not
-                        // started: the server re-queues them when we leave.
+                    };
+                    if let Err(e) = conn.feed(frame).await {
+                        return lost(e);
+                    }
+                    if pending.is_none() {
+                        pending = from_handler.try_recv().ok();
+                    }
+                }
+                if let Err(e) = conn.flush().await {
+                    return lost(e);
+                }
+                live.sent();
+            }
+            frame = conn.next() => {
+                live.heard();
+                match frame {
+                    None => return SessionEnd::Lost("connection closed by the server".into()),
+                    Some(Err(e)) => return lost(e),
+                    Some(Ok(Frame::Members(m))) => {
+                        if m.epoch > epoch {
+                            epoch = m.epoch;
+                            apply_members(outbox, &m);
+                        }
                     }
                     Some(Ok(Frame::Heartbeat { seq })) => {
-                        if let Err(e) = framed.send(Frame::HeartbeatAck { seq }).await {
+                        if let Err(e) = conn.send(Frame::HeartbeatAck { seq }).await {
                             return lost(e);
                         }
-                        sent = Instant::now();
+                        live.sent();
                     }
                     Some(Ok(Frame::HeartbeatAck { .. })) => {}
                     Some(Ok(Frame::Shutdown { reason })) => {
-                        tracing::info!("server shutting down: {reason}");
-                        server_leaving = true;
+                        tracing::info!("the server is shutting down: {reason}");
+                        let _ = conn.send(Frame::Goodbye).await;
+                        return SessionEnd::Lost("the server shut down".into());
+                    }
+                    Some(Ok(Frame::Error { code, message })) if code.is_fatal() => {
+                        return SessionEnd::Refused(code, message);
                     }
                     Some(Ok(Frame::Error { code, message })) => {
-                        return ConnEnd::Lost(format!("server error {code:?}: {message}"));
+                        return SessionEnd::Lost(format!("server error {code}: {message}"));
                     }
                     Some(Ok(other)) => {
-                        let _ = framed.send(Frame::Error {
-                            code: ErrorCode::UnexpectedFrame,
-                            message: format!("unexpected frame from the server: {other:?}"),
-                        }).await;
-                        return ConnEnd::Lost("unexpected frame".into());
+                        let name = other.name();
+                        link::refuse(conn, ErrorCode::UnexpectedFrame, format!("unexpected {name} from the server")).await;
+                        return SessionEnd::Lost(format!("unexpected {name} frame"));
                     }
                 }
             }
-            Some((from, handled)) = results.recv() => {
-                if from != conn {
-                    continue; // a batch of a dropped connection: already re-queued
-                }
-                busy -= 1;
-                let n = handled.len() as u64;
-                let results: Vec<WireResult> = handled.into_iter().map(Into::into).collect();
-                let mut chunks = chunk_results(results, config.max_frame / 2);
-                let last = chunks.pop().unwrap_or_default();
-                for chunk in chunks {
-                    if let Err(e) = framed.send(Frame::Pull { max: 0, results: chunk }).await {
-                        return lost(e);
-                    }
-                }
-                let results = last;
-                let frame = if stopping || server_leaving {
-                    if busy == 0 { Frame::Goodbye { results } } else { Frame::Pull { max: 0, results } }
-                } else {
-                    Frame::Pull { max: batch, results }
-                };
-                let goodbye = matches!(frame, Frame::Goodbye { .. });
-                if let Err(e) = framed.send(frame).await {
-                    return lost(e);
-                }
-                report.handled += n;
-                sent = Instant::now();
-                if goodbye {
-                    return if stopping { ConnEnd::Stopped } else { ConnEnd::Lost("the server is shutting down".into()) };
+            _ = tokio::time::sleep_until(live.next_check()) => {
+                match live.check() {
+                    Err(silence) => return SessionEnd::Lost(format!("server silent for {silence:?}")),
+                    Ok(Some(beat)) => if let Err(e) = conn.send(beat).await { return lost(e) },
+                    Ok(None) => {}
                 }
             }
-            _ = tokio::time::sleep_until(next_beat.into()) => {
-                if heard.elapsed() >= silence {
-                    return ConnEnd::Lost(format!("server silent for {silence:?}"));
-                }
-                hb_seq += 1;
-                if let Err(e) = framed.send(Frame::Heartbeat { seq: hb_seq }).await {
-                    return lost(e);
-                }
-                sent = Instant::now();
-            }
-            _ = tempest_core::shutdown::changed(&mut shutdown), if !stopping => {
-                stopping = *shutdown.borrow();
-            }
+            _ = tempest_core::shutdown::changed(shutdown) => {}
         }
     }
 }
 
-/// What a result costs on the wire beyond its payloads, rounded up.
-const RESULT_OVERHEAD: usize = 24;
-
-fn result_size(r: &WireResult) -> usize {
-    RESULT_OVERHEAD
-        + match &r.outcome {
-            WireOutcome::Done => 0,
-            WireOutcome::Emit(msgs) => msgs
-                .iter()
-                .map(|m| m.payload.len() + m.key.as_ref().map_or(0, |k| k.len()) + RESULT_OVERHEAD)
-                .sum(),
-            WireOutcome::Failed { message, .. } => message.len(),
-        }
+fn apply_members(outbox: &Outbox, m: &Members) {
+    outbox.apply_members(m);
 }
 
-/// Splits results into frames of at most about `limit` bytes, in order. A
-/// single result that cannot fit in a frame becomes a permanent failure of
-/// its message, so the root is dead-lettered rather than retried forever.
-fn chunk_results(results: Vec<WireResult>, limit: usize) -> Vec<Vec<WireResult>> {
-    let mut chunks = vec![Vec::new()];
-    let mut bytes = 0;
-    for mut r in results {
-        let mut size = result_size(&r);
-        if size > limit {
-            r.outcome = WireOutcome::Failed {
-                message: format!(
-                    "the task's output of {size} bytes exceeds the frame limit of {limit} bytes"
-                ),
-                retryable: false,
+fn merge(into: &mut Report, more: Report) {
+    for d in more.dests {
+        if !into.dests.contains(&d) {
+            into.dests.push(d);
+        }
+    }
+    into.acks.extend(more.acks);
+    into.fails.extend(more.fails);
+}
+
+/// The handler thread: runs batches, routes what they emit, reports.
+struct Handler {
+    dag: Arc<Dag>,
+    task: TaskIdx,
+    current: Current,
+    stopping: Arc<AtomicBool>,
+    handled: Arc<std::sync::atomic::AtomicU64>,
+    max_message: usize,
+}
+
+impl Handler {
+    fn run(self, mut instance: Instance, input: std_mpsc::Receiver<InBatch>) {
+        instance.start();
+        let mut ids = EdgeIds::new();
+        let mut out: Vec<Handled> = Vec::new();
+        let mut counts: Vec<u32> = Vec::new();
+        loop {
+            if self.stopping.load(Ordering::Relaxed) {
+                break;
+            }
+            let batch = match input.recv_timeout(Duration::from_millis(100)) {
+                Ok(b) => b,
+                Err(std_mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
             };
-            size = result_size(&r);
+            let Some(session) = self.current.lock().clone() else {
+                continue; // between sessions: its roots are replayed
+            };
+            if batch.session != session.id {
+                continue;
+            }
+            let n = batch.deliveries.len() as u64;
+            out.clear();
+            instance.run_batch(batch.deliveries.into_iter(), &mut out);
+            self.route_and_report(&session, &mut out, &mut ids, &mut counts);
+            batch.credit.give();
+            self.handled.fetch_add(n, Ordering::Relaxed);
+            let current = &self.current;
+            let stopping = &self.stopping;
+            session.outbox.wait_for_room(|| {
+                stopping.load(Ordering::Relaxed)
+                    || current.lock().as_ref().is_none_or(|s| s.id != session.id)
+            });
         }
-        if bytes + size > limit && chunks.last().is_some_and(|c| !c.is_empty()) {
-            chunks.push(Vec::new());
-            bytes = 0;
+        instance.shutdown();
+    }
+
+    /// Routes what the batch emitted and sends its report, with the outbox
+    /// locked throughout: a link loss reported after this report is about
+    /// messages this report already counted.
+    fn route_and_report(
+        &self,
+        session: &Session,
+        handled: &mut Vec<Handled>,
+        ids: &mut EdgeIds,
+        counts: &mut Vec<u32>,
+    ) {
+        let mut report = Report::default();
+        let mut placer = session.outbox.lock();
+        counts.clear();
+        counts.extend(self.dag.tasks().map(|(t, _)| placer.instances(t)));
+        for Handled { root, edge, result } in handled.drain(..) {
+            match result {
+                Ok(out) => {
+                    let mut slots = 0;
+                    let mut too_big = None;
+                    let max = self.max_message;
+                    let xor = route(
+                        &self.dag,
+                        self.task,
+                        root,
+                        out.unwrap_or_default(),
+                        ids,
+                        |t| counts[t.get()],
+                        |t, target, d| {
+                            let size = delivery_size(&d);
+                            if size > max {
+                                too_big = Some(size);
+                                return;
+                            }
+                            if let Some((dest, bit)) = placer.place(t, target, d) {
+                                slots |= bit;
+                                if !report.dests.contains(&dest) {
+                                    report.dests.push(dest);
+                                }
+                            }
+                        },
+                    );
+                    if let Some(size) = too_big {
+                        report.fails.push(Fail {
+                            root: Fixed(root.0),
+                            message: format!(
+                                "the task emitted a message of {size} bytes, over the limit of {max} bytes"
+                            ),
+                            retryable: false,
+                        });
+                        continue;
+                    }
+                    push_ack(&mut report.acks, root, edge ^ xor, slots);
+                }
+                Err(e) => report.fails.push(Fail {
+                    root: Fixed(root.0),
+                    message: e.message().to_owned(),
+                    retryable: e.is_retryable(),
+                }),
+            }
         }
-        bytes += size;
-        if let Some(c) = chunks.last_mut() {
-            c.push(r);
+        if !report.is_empty() {
+            let _ = session.to_server.send(ToServer::Report(report));
+        }
+        drop(placer);
+    }
+}
+
+/// Adds an ack, folding it into the previous one when it is for the same
+/// root (a task's messages of one root tend to arrive together).
+fn push_ack(acks: &mut Vec<Ack>, root: RootId, xor: u64, slots: u64) {
+    if let Some(last) = acks.last_mut() {
+        if last.root.0 == root.0 {
+            last.xor.0 ^= xor;
+            last.slots |= slots;
+            return;
         }
     }
-    chunks
+    acks.push(Ack {
+        root: Fixed(root.0),
+        xor: Fixed(xor),
+        slots,
+    });
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tempest_core::wire::WireMsg;
 
-    fn emit(root: u64, bytes: usize) -> WireResult {
-        WireResult {
-            root,
-            outcome: WireOutcome::Emit(vec![WireMsg {
-                key: None,
-                payload: vec![b'x'; bytes].into(),
-            }]),
-        }
+    #[test]
+    fn acks_of_one_root_fold_together() {
+        let mut acks = Vec::new();
+        push_ack(&mut acks, RootId(1), 0b0011, 1);
+        push_ack(&mut acks, RootId(1), 0b0101, 4);
+        push_ack(&mut acks, RootId(2), 7, 0);
+        push_ack(&mut acks, RootId(1), 1, 0);
+        assert_eq!(acks.len(), 3);
+        assert_eq!((acks[0].xor.0, acks[0].slots), (0b0110, 5));
+        assert_eq!(acks[2].root.0, 1);
     }
 
     #[test]
-    fn results_split_into_frames_in_order() {
-        let results: Vec<_> = (0..10).map(|i| emit(i, 300)).collect();
-        let chunks = chunk_results(results, 1000);
-        assert!(chunks.len() >= 4, "{}", chunks.len());
-        let roots: Vec<u64> = chunks.iter().flatten().map(|r| r.root).collect();
-        assert_eq!(roots, (0..10).collect::<Vec<_>>());
-        for c in &chunks {
-            assert!(c.iter().map(result_size).sum::<usize>() <= 1000);
-        }
-    }
-
-    #[test]
-    fn an_oversized_result_fails_its_message() {
-        let chunks = chunk_results(vec![emit(1, 10), emit(2, 5000), emit(3, 10)], 1000);
-        let all: Vec<_> = chunks.into_iter().flatten().collect();
-        assert_eq!(all.len(), 3);
-        match &all[1].outcome {
-            WireOutcome::Failed { message, retryable } => {
-                assert!(!retryable);
-                assert!(message.contains("exceeds the frame limit"), "{message}");
-            }
-            other => panic!("{other:?}"),
-        }
-        assert_eq!(
-            chunk_results(Vec::new(), 1000),
-            vec![Vec::<WireResult>::new()]
+    fn reports_merge_their_destinations() {
+        let d = |i| SlotRef {
+            task: 1,
+            instance: i,
+            incarnation: 0,
+        };
+        let mut a = Report {
+            dests: vec![d(0)],
+            ..Report::default()
+        };
+        merge(
+            &mut a,
+            Report {
+                dests: vec![d(0), d(1)],
+                ..Report::default()
+            },
         );
+        assert_eq!(a.dests, [d(0), d(1)]);
     }
 }

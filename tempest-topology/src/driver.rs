@@ -1,8 +1,8 @@
 //! The source driver: the one async task that owns the [`Source`].
 //!
-//! It polls while fewer than `max_pending` roots are in flight, hands polled
-//! messages to the hub, acks and fails roots at the source in batches as the
-//! hub settles them, sweeps timeouts and replays on a timer, and reconnects
+//! It polls while fewer than `max_pending` roots are in flight (and the
+//! runtime has room), hands polled messages to the runtime's [`Admission`],
+//! acks and fails roots at the source in batches as they settle, sweeps timeouts and replays on a timer, and reconnects
 //! with back-off after a retryable source error. On shutdown it stops
 //! polling and drains: it keeps acking until no root is in flight or the
 //! grace period ends; what is still in flight then stays un-acked at the
@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use tempest_core::metrics::{catalog, Counter, Gauge, Labels, Registry};
 use tempest_core::{Health, Polled, Settings, Source, SourceError};
 
-use crate::hub::{Hub, SourceWork};
+use crate::roots::{Admission, SourceWork};
 
 /// How the driver ended.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -46,10 +46,11 @@ const MAX_IDLE_WAIT: Duration = Duration::from_millis(50);
 const MAX_SWEEP_WAIT: Duration = Duration::from_millis(100);
 const MAX_RECONNECT_WAIT: Duration = Duration::from_secs(5);
 
-/// Drives `source` into `hub` until it is exhausted or `shutdown` turns true.
-pub struct Driver {
+/// Drives `source` into a runtime's [`Admission`] (the standalone hub or a
+/// topology server) until it is exhausted or `shutdown` turns true.
+pub struct Driver<A> {
     source: Box<dyn Source>,
-    hub: Arc<Mutex<Hub>>,
+    runtime: Arc<Mutex<A>>,
     max_pending: usize,
     batch: usize,
     grace: Duration,
@@ -59,18 +60,18 @@ pub struct Driver {
     healthy: Gauge,
 }
 
-impl Driver {
-    /// A driver for `source` feeding `hub`.
+impl<A: Admission> Driver<A> {
+    /// A driver for `source` feeding `runtime`.
     pub fn new(
         source: Box<dyn Source>,
-        hub: Arc<Mutex<Hub>>,
+        runtime: Arc<Mutex<A>>,
         settings: &Settings,
         registry: &Registry,
         on_exhausted: OnExhausted,
     ) -> Self {
         Driver {
             source,
-            hub,
+            runtime,
             max_pending: settings.max_pending,
             batch: settings.batch_size,
             grace: settings.grace_period,
@@ -86,7 +87,7 @@ impl Driver {
         mut self,
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<DriveEnd, SourceError> {
-        let wake = self.hub.lock().driver_waker();
+        let wake = self.runtime.lock().roots().driver_waker();
         self.source.configure(&self.settings).await?;
         let mut connected = false;
         let mut reconnect_wait = Duration::from_millis(100);
@@ -106,10 +107,12 @@ impl Driver {
             // One lock: sweep, then take everything the source has not heard
             // of yet. Acking it before polling means the source never sees
             // more than `max_pending` un-acked roots.
-            let (work, in_flight, next_sweep) = {
-                let mut hub = self.hub.lock();
-                let next = hub.sweep();
-                (hub.take_source_work(), hub.in_flight(), next)
+            let (work, in_flight, room, next_sweep) = {
+                let mut runtime = self.runtime.lock();
+                let next = runtime.sweep();
+                let room = runtime.room();
+                let roots = runtime.roots();
+                (roots.take_source_work(), roots.in_flight(), room, next)
             };
             if !work.is_empty() {
                 self.settle_at_source(work).await;
@@ -132,7 +135,9 @@ impl Driver {
             }
 
             let mut wait = next_sweep.min(MAX_SWEEP_WAIT);
-            if drain_until.is_none() && !exhausted && in_flight < self.max_pending {
+            // Room also comes from the runtime: a server whose root task cannot
+            // take more waits for it (its links wake the driver).
+            if drain_until.is_none() && !exhausted && in_flight < self.max_pending && room > 0 {
                 let now = Instant::now();
                 if !connected && now < next_connect {
                     wait = wait.min(next_connect - now);
@@ -153,11 +158,11 @@ impl Driver {
                         }
                     }
                 } else {
-                    let want = self.batch.min(self.max_pending - in_flight);
+                    let want = self.batch.min(self.max_pending - in_flight).min(room);
                     match self.source.poll(want).await {
                         Ok(Polled::Msgs(msgs)) => {
                             idle_wait = Duration::from_millis(1);
-                            self.hub.lock().admit(msgs);
+                            self.runtime.lock().admit(msgs);
                             // Let the workers on this thread run before polling again.
                             tokio::task::yield_now().await;
                             continue;

@@ -1,16 +1,18 @@
 //! # tempest-topology
 //!
-//! The topology service: the [`hub`] that admits source messages as roots,
-//! routes every task's output along the DAG and settles roots in the ack
-//! ledger; the source [`driver`]; the two in-process runtimes built on
-//! them, [`standalone`] (one process, for development) and [`testing`] (for
-//! `#[test]`s); and the Prometheus [`scrape`] endpoint every process serves
-//! when asked to.
+//! The topology service: the [`roots`] of a topology (admission, the ack
+//! ledger, the failure policy and replays) and the source [`driver`] that
+//! feeds them; the topology [`server`], which keeps the roots and the
+//! membership while its task workers send messages to each other; the
+//! in-process [`hub`] and the two runtimes built on it, [`standalone`] (one
+//! process, for development) and [`testing`] (for `#[test]`s); and the
+//! Prometheus [`scrape`] endpoint every process serves when asked to.
 
 #![warn(missing_docs)]
 
 pub mod driver;
 pub mod hub;
+pub mod roots;
 pub mod scrape;
 pub mod server;
 pub mod standalone;

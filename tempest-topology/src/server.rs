@@ -1,15 +1,26 @@
-//! The topology server: the hub behind a TCP listener.
+//! The topology server: the control of a distributed topology.
 //!
-//! One tokio task per worker connection. A connection starts with a
-//! handshake (Hello → Welcome, or an Error frame naming what is wrong, then
-//! close), opens a lease on the hub, and then answers Pulls: the results in a
-//! Pull are settled, and the Pull is answered with one Batch as soon as there
-//! is work for the worker's instance, or with an empty Batch after the
-//! long-poll wait. When the connection ends for any reason (goodbye, error,
-//! kill -9 of the worker, missed heartbeats) its lease is closed and every
-//! message it held is re-queued at once.
+//! It keeps the source, admission and `max_pending`, the ack ledger, the
+//! failure policy and replays ([`Roots`]), and the **membership**: which
+//! worker serves which instance of which task, in which incarnation, and
+//! where it accepts peer links. It does not carry task messages: it sends
+//! each root to an instance of the root task over a peer link (the same
+//! [`Outbox`] workers use), and from there messages go worker to worker.
 //!
-//! A connection never holds the hub lock across an await, and a bad peer
+//! One tokio task per worker connection (a control link). A connection
+//! starts with a handshake (Hello → Welcome with the DAG and the membership,
+//! or an Error naming what is wrong, then close), then carries the worker's
+//! ack reports in and membership changes out. When a connection ends for any
+//! reason (goodbye, error, kill -9, missed heartbeats), its slot's
+//! incarnation ends and every root whose messages it held or had been sent
+//! is replayed at once ([`Roots::lose`]).
+//!
+//! Instance counts can change while running: a worker whose `Hello` carries
+//! a higher layout version than the server's brings its task's new count
+//! (a rebalance). Workers of an older layout with another count are refused;
+//! instances beyond a shrunk count drain and leave.
+//!
+//! A connection never holds the control lock across an await, and a bad peer
 //! only ever costs its own connection.
 
 use std::net::SocketAddr;
@@ -19,21 +30,25 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use parking_lot::Mutex;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
-use tokio_util::codec::Framed;
 use tracing::Instrument;
 
-use tempest_core::metrics::{catalog, Counter, Gauge, Labels, Registry};
-use tempest_core::pipeline::TaskIdx;
-use tempest_core::wire::{
-    ErrorCode, Frame, FrameCodec, Hello, Welcome, WireError, MAGIC, PROTOCOL_VERSION,
+use tempest_core::ledger::{random_u64, slot_bit, RootId, SlotMask};
+use tempest_core::metrics::{catalog, Counter, Gauge, Labels};
+use tempest_core::pipeline::{Dag, TaskIdx};
+use tempest_core::route::Target;
+use tempest_core::{Delivery, TaskError, Topology};
+use tempest_transport::codec::delivery_size;
+use tempest_transport::link::{self, Liveness, NoHello};
+use tempest_transport::outbox::{Outbox, OutboxConfig};
+use tempest_transport::wire::{
+    ErrorCode, Frame, Members, Report, Role, SlotInfo, SlotRef, TaskMembers, Welcome, WorkerHello,
 };
-use tempest_core::{Delivery, Handled};
+use tempest_transport::DEFAULT_MAX_FRAME;
 
-use tempest_core::Topology;
-
-use crate::hub::{Hub, LeaseError, LeaseId};
+use crate::hub::register_edges;
+use crate::roots::{Admission, Roots};
 use crate::standalone::{Parts, RunError, RunReport};
 
 /// How the server listens and talks to workers.
@@ -48,10 +63,6 @@ pub struct ServerConfig {
     /// How often an idle peer must be heard from; silence for three times
     /// this drops the connection.
     pub heartbeat: Duration,
-    /// How long an empty Pull is held before an empty Batch answers it.
-    pub long_poll: Duration,
-    /// How long a new connection has to say Hello.
-    pub handshake_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -59,29 +70,328 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             token: None,
-            max_frame: tempest_core::wire::DEFAULT_MAX_FRAME,
+            max_frame: DEFAULT_MAX_FRAME,
             heartbeat: Duration::from_secs(1),
-            long_poll: Duration::from_millis(500),
-            handshake_timeout: Duration::from_secs(5),
         }
     }
 }
 
+/// One instance of a task, as the server knows it.
+#[derive(Clone, Debug, Default)]
+struct Slot {
+    /// The current incarnation, or the next while nobody serves it.
+    incarnation: u32,
+    /// The connection serving it, and its peer address.
+    conn: Option<u64>,
+    peer: Option<String>,
+}
+
+/// One task's layout: its instance count, the layout version of that count,
+/// and its slots (beyond `instances`: workers of a shrunk layout, draining).
+#[derive(Clone, Debug)]
+struct TaskLayout {
+    instances: u32,
+    layout: u64,
+    slots: Vec<Slot>,
+}
+
+/// Everything behind the server's one lock.
+pub struct Control {
+    roots: Roots,
+    dag: Arc<Dag>,
+    tasks: Vec<TaskLayout>,
+    epoch: u64,
+    session: u64,
+    outbox: Arc<Outbox>,
+    members: watch::Sender<Arc<Members>>,
+    max_message: usize,
+    scratch: Vec<Delivery>,
+}
+
+/// Why a worker may not join.
+type Refusal = (ErrorCode, String);
+
+impl Control {
+    fn current(&self, s: &SlotRef) -> bool {
+        self.tasks
+            .get(s.task as usize)
+            .filter(|t| s.instance < t.instances)
+            .and_then(|t| t.slots.get(s.instance as usize))
+            .is_some_and(|slot| slot.incarnation == s.incarnation)
+    }
+
+    fn publish(&mut self) {
+        self.epoch += 1;
+        let members = Members {
+            epoch: self.epoch,
+            tasks: self
+                .tasks
+                .iter()
+                .map(|t| TaskMembers {
+                    instances: t.instances,
+                    layout: t.layout,
+                    slots: t.slots[..t.instances as usize]
+                        .iter()
+                        .map(|s| SlotInfo {
+                            incarnation: s.incarnation,
+                            peer: s.peer.clone(),
+                        })
+                        .collect(),
+                })
+                .collect(),
+        };
+        self.outbox.apply_members(&members);
+        self.members.send_replace(Arc::new(members));
+    }
+
+    fn task_bits(task: usize, from: u32, to: u32) -> SlotMask {
+        (from..to).fold(0, |m, i| m | slot_bit(task, i))
+    }
+
+    /// Adopts a new instance count for `task` (a rebalance).
+    fn resize(&mut self, task: TaskIdx, instances: u32, layout: u64) {
+        let name = self.dag.task(task).name.clone();
+        let t = &mut self.tasks[task.get()];
+        let old = t.instances;
+        tracing::info!(task = %name, from = old, to = instances, layout, "task layout changes");
+        t.instances = instances;
+        t.layout = layout;
+        if t.slots.len() < instances as usize {
+            t.slots.resize(instances as usize, Slot::default());
+        }
+        // Slots beyond the new count that nobody serves go; served ones drain.
+        while t.slots.len() > instances as usize && t.slots.last().is_some_and(|s| s.conn.is_none())
+        {
+            t.slots.pop();
+        }
+        if instances < old {
+            // Upstreams drop what they had queued for the instances that go.
+            let gone = Self::task_bits(task.get(), instances, old);
+            self.roots.lose(
+                gone,
+                &format!("task `{name}` shrank to {instances} instances"),
+            );
+        }
+    }
+
+    fn join(&mut self, hello: &WorkerHello, conn: u64) -> Result<(TaskIdx, u32, u32), Refusal> {
+        let task = self.dag.find(&hello.task).ok_or_else(|| {
+            (
+                ErrorCode::UnknownTask,
+                format!("this topology has no task `{}`", hello.task),
+            )
+        })?;
+        if hello.instances == 0 || hello.instances > tempest_core::pipeline::MAX_WORKERS {
+            return Err((
+                ErrorCode::BadInstance,
+                format!(
+                    "task `{}`: {} instances is out of range 1..={}",
+                    hello.task,
+                    hello.instances,
+                    tempest_core::pipeline::MAX_WORKERS
+                ),
+            ));
+        }
+        let t = &self.tasks[task.get()];
+        let (have, layout) = (t.instances, t.layout);
+        let mut resized = false;
+        if hello.instances != have {
+            if hello.layout > layout {
+                resized = true;
+            } else if hello.layout == layout {
+                return Err((
+                    ErrorCode::LayoutConflict,
+                    format!(
+                        "task `{}` has {have} instances in layout {layout}; this worker says {} in the same layout",
+                        hello.task, hello.instances
+                    ),
+                ));
+            } else {
+                return Err((
+                    ErrorCode::StaleLayout,
+                    format!(
+                        "task `{}` has {have} instances in layout {layout}; this worker's layout {} ({} instances) is older",
+                        hello.task, hello.layout, hello.instances
+                    ),
+                ));
+            }
+        }
+        let instances = hello.instances;
+        let slots = &self.tasks[task.get()].slots;
+        let free = |i: u32| slots.get(i as usize).is_none_or(|s| s.conn.is_none());
+        let instance = match hello.instance {
+            Some(i) if i >= instances => return Err((
+                ErrorCode::BadInstance,
+                format!(
+                    "task `{}`: instance {i} does not exist: the task has {instances} instance(s)",
+                    hello.task
+                ),
+            )),
+            Some(i) if !free(i) => {
+                return Err((
+                    ErrorCode::InstanceTaken,
+                    format!("task `{}`: instance {i} is already connected", hello.task),
+                ))
+            }
+            Some(i) => i,
+            None => (0..instances).find(|&i| free(i)).ok_or_else(|| {
+                (
+                    ErrorCode::InstanceTaken,
+                    format!(
+                        "task `{}`: all {instances} instance(s) are connected",
+                        hello.task
+                    ),
+                )
+            })?,
+        };
+        if resized {
+            self.resize(task, instances, hello.layout);
+        } else if hello.layout > layout {
+            self.tasks[task.get()].layout = hello.layout;
+        }
+        let slot = &mut self.tasks[task.get()].slots[instance as usize];
+        slot.conn = Some(conn);
+        slot.peer = Some(hello.peer.clone());
+        let incarnation = slot.incarnation;
+        self.publish();
+        Ok((task, instance, incarnation))
+    }
+
+    fn leave(&mut self, task: TaskIdx, instance: u32, conn: u64) {
+        let name = self.dag.task(task).name.clone();
+        let t = &mut self.tasks[task.get()];
+        let Some(slot) = t.slots.get_mut(instance as usize) else {
+            return;
+        };
+        if slot.conn != Some(conn) {
+            return;
+        }
+        slot.conn = None;
+        slot.peer = None;
+        slot.incarnation = slot.incarnation.wrapping_add(1);
+        while t.slots.len() > t.instances as usize
+            && t.slots.last().is_some_and(|s| s.conn.is_none())
+        {
+            t.slots.pop();
+        }
+        let lost = self.roots.lose(
+            slot_bit(task.get(), instance),
+            &format!("worker {name}/{instance} was lost"),
+        );
+        if lost > 0 {
+            tracing::info!(task = %name, instance, lost, "roots of a lost worker replayed");
+        }
+        self.publish();
+    }
+
+    /// Applies a worker's report.
+    fn report(&mut self, r: Report) {
+        let now = self.roots.now();
+        let dead: SlotMask = r
+            .dests
+            .iter()
+            .filter(|d| !self.current(d))
+            .fold(0, |m, d| m | slot_bit(d.task as usize, d.instance));
+        let mut completed = false;
+        for f in &r.fails {
+            let err = if f.retryable {
+                TaskError::new(f.message.clone())
+            } else {
+                TaskError::permanent(f.message.clone())
+            };
+            self.roots.fail_root(RootId(f.root.0), &err);
+        }
+        for a in &r.acks {
+            let root = RootId(a.root.0);
+            if a.slots & dead != 0 {
+                // A child went to a worker that had already left.
+                self.roots
+                    .lose_root(root, "a message was sent to a worker that had left");
+                continue;
+            }
+            completed |= self.roots.ack(root, a.xor.0, a.slots, now);
+        }
+        if completed {
+            self.roots.wake_driver();
+        }
+    }
+
+    fn link_lost(&mut self, to: SlotRef) {
+        if self.current(&to) {
+            let name = &self.dag.task(TaskIdx(to.task as u16)).name;
+            let why = format!("the peer link to {name}/{} broke", to.instance);
+            let n = self
+                .roots
+                .lose(slot_bit(to.task as usize, to.instance), &why);
+            tracing::info!(lost = n, "{why}: roots replayed");
+        }
+    }
+
+    fn welcome(&self, instance: u32, incarnation: u32, heartbeat: Duration, batch: u32) -> Welcome {
+        Welcome {
+            instance,
+            incarnation,
+            session: self.session,
+            heartbeat_ms: u32::try_from(heartbeat.as_millis()).unwrap_or(u32::MAX),
+            batch_size: batch,
+            dag: self.dag.as_ref().into(),
+            members: (**self.members.borrow()).clone(),
+        }
+    }
+}
+
+impl Admission for Control {
+    fn roots(&mut self) -> &mut Roots {
+        &mut self.roots
+    }
+
+    fn dispatch(&mut self) {
+        let root_task = self.dag.root();
+        let mut batch = std::mem::take(&mut self.scratch);
+        self.roots.take_admitted(&mut batch);
+        {
+            let mut placer = self.outbox.lock();
+            for d in batch.drain(..) {
+                let size = delivery_size(&d);
+                if size > self.max_message {
+                    let limit = self.max_message;
+                    self.roots.fail_root(
+                        d.root,
+                        &TaskError::permanent(format!(
+                            "a message of {size} bytes exceeds the limit of {limit} bytes"
+                        )),
+                    );
+                    continue;
+                }
+                let root = d.root;
+                if let Some((_, bit)) = placer.place(root_task, Target::Any, d) {
+                    self.roots.mark(root, bit);
+                }
+            }
+        }
+        self.scratch = batch;
+    }
+
+    fn room(&self) -> usize {
+        self.outbox.room(self.dag.root())
+    }
+}
+
 /// What every connection needs.
-#[derive(Clone)]
-pub(crate) struct Shared {
-    pub hub: Arc<Mutex<Hub>>,
-    pub topology: String,
-    pub config: ServerConfig,
-    pub batch_size: u32,
-    pub stopping: watch::Receiver<bool>,
-    pub connections: Gauge,
-    pub rejected: Counter,
+struct Shared {
+    control: Arc<Mutex<Control>>,
+    topology: String,
+    config: ServerConfig,
+    batch_size: u32,
+    stopping: watch::Receiver<bool>,
+    connections: Gauge,
+    rejected: Counter,
+    next_conn: std::sync::atomic::AtomicU64,
 }
 
 /// Accepts worker connections until `stop` turns true, then tells every
 /// worker to go and waits (up to `grace`) for their goodbyes.
-pub(crate) async fn accept(listener: TcpListener, shared: Shared, grace: Duration) {
+async fn accept(listener: TcpListener, shared: Arc<Shared>, grace: Duration) {
     let mut stopping = shared.stopping.clone();
     let mut conns = JoinSet::new();
     loop {
@@ -118,294 +428,181 @@ pub(crate) async fn accept(listener: TcpListener, shared: Shared, grace: Duratio
     }
 }
 
-/// Binds the listener.
-pub async fn bind(config: &ServerConfig) -> std::io::Result<TcpListener> {
-    TcpListener::bind(config.listen).await
-}
-
-pub(crate) fn metrics(registry: &Registry) -> (Gauge, Counter) {
-    let none = Labels::default();
-    (
-        registry.gauge(&catalog::WORKER_CONNECTIONS, &none),
-        registry.counter(&catalog::WORKER_REJECTED, &none),
-    )
-}
-
-async fn connection(stream: TcpStream, peer: SocketAddr, shared: Shared) {
-    if let Err(e) = stream.set_nodelay(true) {
-        tracing::warn!(%peer, "cannot set TCP_NODELAY: {e}");
-    }
-    let mut framed = Framed::new(stream, FrameCodec::new(shared.config.max_frame));
-    let (lease, task, instance) = match handshake(&mut framed, &shared).await {
-        Ok(ok) => ok,
-        Err((_, message)) if message == CLOSED_BEFORE_HELLO => {
-            // A port probe or a health check: not a worker, nothing to refuse.
-            tracing::debug!(%peer, "connection closed before Hello");
-            return;
-        }
-        Err((code, message)) => {
-            shared.rejected.inc();
-            tracing::warn!(%peer, ?code, "refused worker: {message}");
-            // Best effort: the peer may already be gone.
-            let _ = tokio::time::timeout(
-                Duration::from_secs(1),
-                framed.send(Frame::Error { code, message }),
-            )
-            .await;
-            return;
-        }
-    };
-    shared.connections.set(shared.connections.get() + 1.0);
-    let task_name = shared.hub.lock().dag().task(task).name.clone();
-    let span = tracing::info_span!("worker", %peer, task = %task_name, instance);
-    span.in_scope(|| tracing::info!("worker connected"));
-    let why = serve(&mut framed, &shared, lease, task, instance)
-        .instrument(span.clone())
-        .await;
-    let _enter = span.enter();
-    let requeued = shared.hub.lock().close_lease(lease);
-    shared.connections.set(shared.connections.get() - 1.0);
-    match why {
-        Ok(()) => tracing::info!(requeued, "worker left"),
-        Err(e) => tracing::warn!(requeued, "worker connection closed: {e}"),
+fn check_peer_address(peer: &str) -> Result<(), String> {
+    let ok = peer
+        .rsplit_once(':')
+        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+    if ok && peer.len() <= 255 {
+        Ok(())
+    } else {
+        Err(format!("peer address `{peer}` is not HOST:PORT"))
     }
 }
 
-type Conn = Framed<TcpStream, FrameCodec>;
-
-const CLOSED_BEFORE_HELLO: &str = "closed before Hello";
-
-async fn handshake(
-    framed: &mut Conn,
-    shared: &Shared,
-) -> Result<(LeaseId, TaskIdx, u32), (ErrorCode, String)> {
-    let first = tokio::time::timeout(shared.config.handshake_timeout, framed.next())
-        .await
-        .map_err(|_| {
-            (
-                ErrorCode::HandshakeTimeout,
-                format!("no Hello within {:?}", shared.config.handshake_timeout),
-            )
-        })?;
-    let hello: Hello = match first {
-        Some(Ok(Frame::Hello(h))) => h,
-        Some(Ok(other)) => {
-            return Err((
-                ErrorCode::UnexpectedFrame,
-                format!("expected Hello, got {}", other.name()),
-            ))
-        }
-        Some(Err(e)) => return Err((e.code(), e.to_string())),
-        None => return Err((ErrorCode::HandshakeTimeout, CLOSED_BEFORE_HELLO.into())),
-    };
-    if hello.magic != MAGIC {
-        return Err((ErrorCode::BadMagic, format!("bad magic {:#x}", hello.magic)));
-    }
-    if hello.version != PROTOCOL_VERSION {
-        return Err((
-            ErrorCode::VersionMismatch,
-            format!("protocol version {} is not supported: this server speaks version {PROTOCOL_VERSION}", hello.version),
-        ));
-    }
-    if let Some(want) = &shared.config.token {
-        let ok = hello
-            .token
-            .as_deref()
-            .is_some_and(|t| constant_time_eq(t.as_bytes(), want.as_bytes()));
-        if !ok {
-            return Err((ErrorCode::BadToken, "missing or wrong token".into()));
-        }
+async fn handshake(conn: &mut link::Conn, shared: &Shared) -> Result<WorkerHello, NoHello> {
+    let hello = link::read_hello(conn).await?;
+    let refuse = |code, message: String| Err(NoHello::Refuse(code, message));
+    if !link::token_ok(shared.config.token.as_deref(), hello.token.as_deref()) {
+        return refuse(ErrorCode::BadToken, "missing or wrong token".into());
     }
     if hello.topology != shared.topology {
-        return Err((
+        return refuse(
             ErrorCode::UnknownTopology,
             format!(
                 "this server runs topology `{}`, not `{}`",
                 shared.topology, hello.topology
             ),
-        ));
+        );
+    }
+    let w = match hello.role {
+        Role::Worker(w) => w,
+        Role::Peer(_) => {
+            return refuse(
+                ErrorCode::UnexpectedFrame,
+                "this is the topology server; peer links go to a worker's peer port".into(),
+            )
+        }
+    };
+    if let Err(e) = check_peer_address(&w.peer) {
+        return refuse(ErrorCode::Malformed, e);
     }
     if *shared.stopping.borrow() {
-        return Err((
+        return refuse(
             ErrorCode::ShuttingDown,
             "the server is shutting down".into(),
-        ));
+        );
     }
-    let (task, instances, lease, instance) = {
-        let mut hub = shared.hub.lock();
-        let task = hub.dag().find(&hello.task).ok_or_else(|| {
-            (
-                ErrorCode::UnknownTask,
-                format!(
-                    "topology `{}` has no task `{}`",
-                    shared.topology, hello.task
-                ),
-            )
-        })?;
-        let instances = hub.dag().task(task).workers;
-        let (lease, instance) = hub.open_lease(task, hello.instance).map_err(|e| {
-            let code = match e {
-                LeaseError::BadInstance { .. } => ErrorCode::BadInstance,
-                _ => ErrorCode::InstanceTaken,
-            };
-            (code, format!("task `{}`: {e}", hello.task))
-        })?;
-        (task, instances, lease, instance)
-    };
-    let welcome = Frame::Welcome(Welcome {
-        instance,
-        instances,
-        batch_size: shared.batch_size,
-        heartbeat_ms: u32::try_from(shared.config.heartbeat.as_millis()).unwrap_or(u32::MAX),
-    });
-    if let Err(e) = framed.send(welcome).await {
-        shared.hub.lock().close_lease(lease);
-        return Err((ErrorCode::Malformed, format!("sending Welcome: {e}")));
-    }
-    Ok((lease, task, instance))
+    Ok(w)
 }
 
-/// Why a connection ended badly.
-#[derive(Debug, thiserror::Error)]
-enum ConnError {
-    #[error("{0}")]
-    Wire(#[from] WireError),
-    #[error("protocol: {0}")]
-    Protocol(String),
-    #[error("silent for {0:?}")]
-    Silent(Duration),
+async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let mut conn = link::framed(stream, shared.config.max_frame);
+    let id = shared
+        .next_conn
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let joined = match handshake(&mut conn, &shared).await {
+        Ok(w) => {
+            let result = shared.control.lock().join(&w, id);
+            result
+                .map(|j| (w, j))
+                .map_err(|(c, m)| NoHello::Refuse(c, m))
+        }
+        Err(e) => Err(e),
+    };
+    let (hello, (task, instance, incarnation)) = match joined {
+        Ok(ok) => ok,
+        Err(NoHello::Closed) => {
+            // A port probe or a health check: not a worker, nothing to refuse.
+            tracing::debug!(%peer, "connection closed before Hello");
+            return;
+        }
+        Err(NoHello::Refuse(code, message)) => {
+            shared.rejected.inc();
+            tracing::warn!(%peer, %code, "refused worker: {message}");
+            link::refuse(&mut conn, code, message).await;
+            return;
+        }
+    };
+    let welcome = shared.control.lock().welcome(
+        instance,
+        incarnation,
+        shared.config.heartbeat,
+        shared.batch_size,
+    );
+    let members = shared.control.lock().members.subscribe();
+    shared.connections.add(1.0);
+    let span = tracing::info_span!("worker", %peer, task = %hello.task, instance, incarnation);
+    span.in_scope(|| tracing::info!(peer_addr = %hello.peer, "worker joined"));
+    let why = async {
+        conn.send(Frame::Welcome(welcome))
+            .await
+            .map_err(|e| e.to_string())?;
+        serve(&mut conn, &shared, members).await
+    }
+    .instrument(span.clone())
+    .await;
+    shared.control.lock().leave(task, instance, id);
+    shared.connections.add(-1.0);
+    let _enter = span.enter();
+    match why {
+        Ok(()) => tracing::info!("worker left"),
+        Err(e) => tracing::warn!("worker connection closed: {e}"),
+    }
 }
 
 async fn serve(
-    framed: &mut Conn,
+    conn: &mut link::Conn,
     shared: &Shared,
-    lease: LeaseId,
-    task: TaskIdx,
-    instance: u32,
-) -> Result<(), ConnError> {
-    let wake = shared.hub.lock().waker(task, instance);
+    mut members: watch::Receiver<Arc<Members>>,
+) -> Result<(), String> {
     let mut stopping = shared.stopping.clone();
-    let silence = shared.config.heartbeat * 3;
-    let mut heard = Instant::now();
-    let mut sent = Instant::now();
-    let mut beats = 0u64;
+    let mut live = Liveness::new(shared.config.heartbeat);
     let mut told_to_go = false;
-    // Pulls not yet answered, oldest first: (max, long-poll deadline).
-    let mut pulls: std::collections::VecDeque<(usize, Instant)> = Default::default();
-    let mut handled: Vec<Handled> = Vec::new();
-    let mut batch: Vec<Delivery> = Vec::new();
-
+    members.mark_unchanged();
     loop {
-        // Answer what can be answered now.
-        while let Some(&(max, deadline)) = pulls.front() {
-            batch.clear();
-            if !told_to_go {
-                shared
-                    .hub
-                    .lock()
-                    .lease_exchange(lease, &mut handled, max, &mut batch)
-                    .map_err(|e| ConnError::Protocol(e.to_string()))?;
-            }
-            if batch.is_empty() && Instant::now() < deadline && !told_to_go {
-                break;
-            }
-            pulls.pop_front();
-            let deliveries = batch.drain(..).map(Into::into).collect();
-            if let Err(e) = framed.send(Frame::Batch { deliveries }).await {
-                // After Shutdown a worker may say goodbye and close before
-                // our empty answers reach it: that is a normal end.
-                return if told_to_go { Ok(()) } else { Err(e.into()) };
-            }
-            sent = Instant::now();
-        }
         if *stopping.borrow() && !told_to_go {
             told_to_go = true;
-            framed
-                .send(Frame::Shutdown {
-                    reason: "the topology server is shutting down".into(),
-                })
-                .await?;
-            continue;
+            conn.send(Frame::Shutdown {
+                reason: "the topology server is shutting down".into(),
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+            live.sent();
         }
-
-        let next_deadline = pulls.front().map(|p| p.1);
-        let silent_at = heard + silence;
         tokio::select! {
-            frame = framed.next() => {
-                let Some(frame) = frame else {
-                    return if told_to_go { Ok(()) } else { Err(ConnError::Protocol("connection closed".into())) };
-                };
-                heard = Instant::now();
-                match frame? {
-                    Frame::Pull { max, results } => {
-                        let mut h: Vec<Handled> = results.into_iter().map(Into::into).collect();
-                        if !h.is_empty() {
-                            shared.hub.lock().lease_exchange(lease, &mut h, 0, &mut batch)
-                                .map_err(|e| ConnError::Protocol(e.to_string()))?;
-                        }
-                        if max > 0 {
-                            let max = (max as usize).min(shared.batch_size as usize).max(1);
-                            pulls.push_back((max, Instant::now() + shared.config.long_poll));
-                        }
+            frame = conn.next() => {
+                live.heard();
+                let frame = match frame {
+                    None if told_to_go => return Ok(()),
+                    None => return Err("connection closed".into()),
+                    Some(Err(e)) => {
+                        link::refuse(conn, e.code(), e.to_string()).await;
+                        return Err(e.to_string());
                     }
+                    Some(Ok(f)) => f,
+                };
+                match frame {
+                    Frame::Report(r) => shared.control.lock().report(r),
+                    Frame::LinkLost(to) => shared.control.lock().link_lost(to),
                     Frame::Heartbeat { seq } => {
-                        framed.send(Frame::HeartbeatAck { seq }).await?;
-                        sent = Instant::now();
+                        conn.send(Frame::HeartbeatAck { seq }).await.map_err(|e| e.to_string())?;
+                        live.sent();
                     }
                     Frame::HeartbeatAck { .. } => {}
-                    Frame::Goodbye { results } => {
-                        let mut h: Vec<Handled> = results.into_iter().map(Into::into).collect();
-                        shared.hub.lock().lease_exchange(lease, &mut h, 0, &mut batch)
-                            .map_err(|e| ConnError::Protocol(e.to_string()))?;
-                        return Ok(());
-                    }
+                    Frame::Goodbye => return Ok(()),
                     Frame::Error { code, message } => {
-                        return Err(ConnError::Protocol(format!("worker sent error {code:?}: {message}")));
+                        return Err(format!("worker sent error {code}: {message}"));
                     }
                     other => {
                         let name = other.name();
-                        let _ = framed.send(Frame::Error {
-                            code: ErrorCode::UnexpectedFrame,
-                            message: format!("unexpected {name} frame from a worker"),
-                        }).await;
-                        return Err(ConnError::Protocol(format!("unexpected {name} frame")));
+                        link::refuse(conn, ErrorCode::UnexpectedFrame, format!("unexpected {name} frame from a worker")).await;
+                        return Err(format!("unexpected {name} frame"));
                     }
                 }
             }
-            _ = wake.notified(), if !pulls.is_empty() => {}
-            _ = sleep_until(next_deadline) => {}
-            _ = tokio::time::sleep_until(silent_at.into()) => {
-                if heard.elapsed() >= silence {
-                    return Err(ConnError::Silent(silence));
+            changed = members.changed() => {
+                if changed.is_err() {
+                    return Ok(());
                 }
+                let m = (**members.borrow_and_update()).clone();
+                conn.send(Frame::Members(m)).await.map_err(|e| e.to_string())?;
+                live.sent();
             }
-            _ = tokio::time::sleep_until((sent + shared.config.heartbeat).into()) => {
-                // Quiet for a heartbeat: show the worker we are alive.
-                beats += 1;
-                framed.send(Frame::Heartbeat { seq: beats }).await?;
-                sent = Instant::now();
+            _ = tokio::time::sleep_until(live.next_check()) => {
+                match live.check() {
+                    Err(silence) => return Err(format!("silent for {silence:?}")),
+                    Ok(Some(beat)) => conn.send(beat).await.map_err(|e| e.to_string())?,
+                    Ok(None) => {}
+                }
             }
             _ = tempest_core::shutdown::changed(&mut stopping), if !told_to_go => {}
         }
     }
 }
 
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
-        None => std::future::pending().await,
-    }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// A topology running as a server: the source, the hub and the ledger in
-/// this process, the task instances in worker processes that connect to it.
+/// A topology running as a server: the source, the roots and the
+/// membership in this process, the task instances in worker processes that
+/// join it and send messages to each other.
 pub struct TopologyServer {
     parts: Parts,
     listener: TcpListener,
@@ -415,11 +612,13 @@ pub struct TopologyServer {
 impl TopologyServer {
     /// Validates the topology and binds the listener.
     pub async fn bind(topology: Topology, config: ServerConfig) -> Result<Self, RunError> {
-        let parts = Parts::prepare(topology, None, Vec::new())?;
-        let listener = bind(&config).await.map_err(|source| RunError::Io {
-            context: format!("binding {}", config.listen),
-            source,
-        })?;
+        let parts = Parts::prepare(topology, None)?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| RunError::Io {
+                context: format!("binding {}", config.listen),
+                source,
+            })?;
         Ok(TopologyServer {
             parts,
             listener,
@@ -440,34 +639,87 @@ impl TopologyServer {
     /// the workers to go.
     pub async fn run(mut self, shutdown: watch::Receiver<bool>) -> Result<RunReport, RunError> {
         let started = Instant::now();
-        let (stop_tx, stopping) = watch::channel(false);
-        let (connections, rejected) = metrics(&self.parts.registry);
-        let shared = Shared {
-            hub: self.parts.hub.clone(),
-            topology: self.parts.settings.name.clone(),
-            batch_size: u32::try_from(self.parts.settings.batch_size).unwrap_or(u32::MAX),
-            config: self.config.clone(),
-            stopping,
-            connections,
-            rejected,
-        };
-        // Batches stay well inside the frame limit; a single message that
-        // cannot fit in a frame fails its root instead of wedging the queue.
+        let parts = &self.parts;
+        let (settings, dag, registry) = (&parts.settings, parts.dag.clone(), &parts.registry);
+        register_edges(&dag, registry);
+        let session = random_u64();
+        let roots = Roots::new(settings, registry, true);
+        let driver_waker = roots.driver_waker();
+        let (lost_tx, mut lost_rx) = mpsc::unbounded_channel::<SlotRef>();
+        let names: Vec<String> = dag.tasks().map(|(_, t)| t.name.clone()).collect();
         let max_frame = self.config.max_frame;
-        self.parts
-            .hub
-            .lock()
-            .set_limits(max_frame / 2, max_frame.saturating_sub(1024).max(1));
-        let goodbye_wait = self.parts.settings.grace_period.min(Duration::from_secs(5));
+        let batch_size = settings.batch_size.max(1);
+        let outbox = Outbox::new(
+            OutboxConfig {
+                topology: settings.name.clone(),
+                token: self.config.token.clone(),
+                session,
+                from: None,
+                batch_size,
+                batch_bytes: max_frame / 2,
+                queue_limit: batch_size * 2,
+                max_frame,
+                heartbeat: self.config.heartbeat,
+            },
+            &[dag.root()],
+            &names,
+            registry,
+            tokio::runtime::Handle::current(),
+            Box::new(move |to| {
+                let _ = lost_tx.send(to);
+            }),
+            Some(driver_waker),
+        );
+        let tasks = dag
+            .tasks()
+            .map(|(_, t)| TaskLayout {
+                instances: t.workers,
+                layout: 0,
+                slots: vec![Slot::default(); t.workers as usize],
+            })
+            .collect();
+        let (members, _) = watch::channel(Arc::new(Members::default()));
+        let mut control = Control {
+            roots,
+            dag: dag.clone(),
+            tasks,
+            epoch: 0,
+            session,
+            outbox: outbox.clone(),
+            members,
+            max_message: max_frame.saturating_sub(1024).max(1),
+            scratch: Vec::new(),
+        };
+        control.publish();
+        let control = Arc::new(Mutex::new(control));
+        let lost_control = control.clone();
+        let lost_task = tokio::spawn(async move {
+            while let Some(to) = lost_rx.recv().await {
+                lost_control.lock().link_lost(to);
+            }
+        });
+        let none = Labels::default();
+        let (stop_tx, stopping) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            control: control.clone(),
+            topology: settings.name.clone(),
+            config: self.config.clone(),
+            batch_size: u32::try_from(batch_size).unwrap_or(u32::MAX),
+            stopping,
+            connections: registry.gauge(&catalog::WORKER_CONNECTIONS, &none),
+            rejected: registry.counter(&catalog::WORKER_REJECTED, &none),
+            next_conn: std::sync::atomic::AtomicU64::new(1),
+        });
+        let goodbye_wait = settings.grace_period.min(Duration::from_secs(5));
         let acceptor = tokio::spawn(accept(self.listener, shared, goodbye_wait));
-        let end = self.parts.drive(shutdown).await;
+        let end = self.parts.drive(control.clone(), shutdown).await;
         let _ = stop_tx.send(true);
         if let Err(e) = acceptor.await {
             tracing::error!("acceptor ended abnormally: {e}");
         }
-        self.parts
-            .finish(end?, started)
-            .await
-            .map(|(report, _)| report)
+        outbox.close();
+        lost_task.abort();
+        Admission::sweep(&mut *control.lock()); // final gauges
+        Ok(self.parts.finish(end?, started).await)
     }
 }

@@ -1,9 +1,10 @@
 //! The standalone runtime: a whole topology in one process.
 //!
-//! The same [`Hub`] and [`Driver`] as the topology server, with in-process
-//! workers instead of TCP connections: each task instance is a tokio task
-//! that swaps its handled batch for the next one in one short lock of the
-//! hub, and waits on its own notifier when there is nothing for it.
+//! The same [`Roots`](crate::roots::Roots) and [`Driver`] as the topology
+//! server, with the [`Hub`] routing in process instead of workers routing
+//! over TCP: each task instance runs on its own thread and swaps its handled
+//! batch for the next one in one short lock of the hub, and waits on its own
+//! notifier when there is nothing for it.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,6 +20,7 @@ use tempest_task::{Instance, TaskMetrics};
 
 use crate::driver::{DriveEnd, Driver, OnExhausted};
 use crate::hub::Hub;
+use crate::roots::Admission;
 use crate::scrape::ScrapeEndpoint;
 
 /// Why a topology could not run.
@@ -146,7 +148,12 @@ impl Standalone {
         self,
         shutdown: watch::Receiver<bool>,
     ) -> Result<(RunReport, Arc<Mutex<Hub>>), RunError> {
-        let mut parts = Parts::prepare(self.topology, self.registry, self.setup)?;
+        let mut parts = Parts::prepare(self.topology, self.registry)?;
+        let mut hub = Hub::new(parts.dag.clone(), &parts.settings, &parts.registry);
+        for f in self.setup {
+            f(&mut hub);
+        }
+        let hub = Arc::new(Mutex::new(hub));
         let started = Instant::now();
         let (stop_workers, workers_stopped) = watch::channel(false);
         let mut workers = Vec::new();
@@ -160,7 +167,7 @@ impl Standalone {
                     instances: task.workers,
                 };
                 let instance = Instance::new((task.factory)(), ctx, metrics.clone());
-                let (hub, stop) = (parts.hub.clone(), workers_stopped.clone());
+                let (hub, stop) = (hub.clone(), workers_stopped.clone());
                 let (batch_size, rt) =
                     (parts.settings.batch_size, tokio::runtime::Handle::current());
                 let thread = std::thread::Builder::new()
@@ -178,10 +185,10 @@ impl Standalone {
             parts.dag.clone(),
             workers_stopped.clone(),
         ));
-        let end = parts.drive(shutdown).await;
+        let end = parts.drive(hub.clone(), shutdown).await;
 
         let _ = stop_workers.send(true);
-        parts.hub.lock().wake_all();
+        hub.lock().wake_all();
         let joined = tokio::task::spawn_blocking(move || {
             for w in workers {
                 if w.join().is_err() {
@@ -193,28 +200,25 @@ impl Standalone {
             tracing::error!("joining task instances: {e}");
         }
         let _ = capacity.await;
-        parts.finish(end?, started).await
+        Admission::sweep(&mut *hub.lock()); // final gauges
+        let report = parts.finish(end?, started).await;
+        Ok((report, hub))
     }
 }
 
 /// What every runtime of a topology sets up the same way: the validated
-/// DAG, the source, the metrics registry and flusher, and the hub.
+/// DAG, the source, and the metrics registry and flusher.
 pub(crate) struct Parts {
     pub settings: tempest_core::Settings,
     pub dag: Arc<tempest_core::Dag>,
     pub registry: Registry,
-    pub hub: Arc<Mutex<Hub>>,
     source: Option<Box<dyn Source>>,
     flusher: Flusher,
     scrape: Vec<ScrapeEndpoint>,
 }
 
 impl Parts {
-    pub fn prepare(
-        mut topology: Topology,
-        registry: Option<Registry>,
-        setup: Vec<HubSetup>,
-    ) -> Result<Parts, RunError> {
+    pub fn prepare(mut topology: Topology, registry: Option<Registry>) -> Result<Parts, RunError> {
         let mut problems = topology.settings.problems();
         problems.extend(target_problems(&topology.settings.metrics.targets));
         if !problems.is_empty() {
@@ -224,10 +228,6 @@ impl Parts {
         let dag = Arc::new(topology.dag()?);
         let source: Box<dyn Source> = topology.take_source().ok_or(RunError::NoSource)?;
         let registry = registry.unwrap_or_else(|| Registry::for_topology(&settings.name));
-        let mut hub = Hub::new(dag.clone(), &settings, &registry);
-        for f in setup {
-            f(&mut hub);
-        }
         let scrape = start_scrape(&registry, &settings.metrics.targets)?;
         let flusher = spawn_flusher(
             registry.clone(),
@@ -238,19 +238,23 @@ impl Parts {
             settings,
             dag,
             registry,
-            hub: Arc::new(Mutex::new(hub)),
             source: Some(source),
             flusher,
             scrape,
         })
     }
 
-    /// Runs the source driver until the source is exhausted or the drain ends.
-    pub async fn drive(&mut self, shutdown: watch::Receiver<bool>) -> Result<DriveEnd, RunError> {
+    /// Runs the source driver into `runtime` until the source is exhausted
+    /// or the drain ends.
+    pub async fn drive<A: Admission>(
+        &mut self,
+        runtime: Arc<Mutex<A>>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<DriveEnd, RunError> {
         let source = self.source.take().ok_or(RunError::NoSource)?;
         let driver = Driver::new(
             source,
-            self.hub.clone(),
+            runtime,
             &self.settings,
             &self.registry,
             OnExhausted::Finish,
@@ -259,13 +263,8 @@ impl Parts {
     }
 
     /// Flushes the metrics a last time and makes the report.
-    pub async fn finish(
-        self,
-        end: DriveEnd,
-        started: Instant,
-    ) -> Result<(RunReport, Arc<Mutex<Hub>>), RunError> {
+    pub async fn finish(self, end: DriveEnd, started: Instant) -> RunReport {
         let elapsed = started.elapsed();
-        self.hub.lock().sweep(); // final gauges
         let flusher = self.flusher;
         if let Err(e) = tokio::task::spawn_blocking(move || flusher.stop()).await {
             tracing::error!("stopping the metrics flusher: {e}");
@@ -273,14 +272,11 @@ impl Parts {
         for endpoint in self.scrape {
             endpoint.stop().await;
         }
-        Ok((
-            RunReport {
-                end,
-                elapsed,
-                metrics: self.registry.snapshot(),
-            },
-            self.hub,
-        ))
+        RunReport {
+            end,
+            elapsed,
+            metrics: self.registry.snapshot(),
+        }
     }
 }
 

@@ -177,7 +177,7 @@ impl TestRuntime {
                     let msg = reason.message.clone();
                     let status = match action {
                         FailAction::AckedAnyway => RootStatus::Failed(msg.clone()),
-                        FailAction::Replaying => RootStatus::InFlight,
+                        FailAction::Replaying | FailAction::Lost => RootStatus::InFlight,
                         FailAction::DeadLettered => RootStatus::DeadLettered(msg.clone()),
                         FailAction::LeftUnacked => RootStatus::Unacked(msg.clone()),
                     };

@@ -43,10 +43,11 @@ pub enum Mode {
         #[command(flatten)]
         metrics: MetricArgs,
     },
-    /// Runs the topology server: polls the source, routes messages along the
-    /// DAG to the task workers that connect to it, and acks every root whose
-    /// tree completed. SIGTERM drains roots in flight up to the grace period,
-    /// tells the workers, and exits 0.
+    /// Runs the topology server: polls the source, sends each root to a
+    /// worker of the root task, keeps the membership of the workers that join
+    /// it (they send messages to each other directly), and acks every root
+    /// whose tree completed. SIGTERM drains roots in flight up to the grace
+    /// period, tells the workers, and exits 0.
     Topology {
         /// A Topology.toml whose settings override the ones in code.
         #[arg(long, short)]
@@ -68,10 +69,11 @@ pub enum Mode {
         #[command(flatten)]
         metrics: MetricArgs,
     },
-    /// Runs one worker of a task: connects to the topology server, pulls
-    /// batches of the task's messages, handles them and returns the results.
-    /// Reconnects with back-off when the server goes away. SIGTERM finishes
-    /// the current batch, returns its results and exits 0.
+    /// Runs one worker of a task: joins the topology server, accepts its
+    /// upstreams' messages on its peer port, handles them, sends what the
+    /// task emits straight to the downstream workers, and reports acks to the
+    /// server. Joins again with back-off when the server goes away. SIGTERM
+    /// finishes the current batch, says goodbye and exits 0.
     Task {
         /// The task to run.
         #[arg(long)]
@@ -82,15 +84,31 @@ pub enum Mode {
         /// The instance to claim (default: the server assigns a free one).
         #[arg(long)]
         instance: Option<u32>,
+        /// The task's instance count (default: the code's or Topology.toml's).
+        #[arg(long)]
+        instances: Option<u32>,
+        /// The layout version of that count: a server adopts the count of the
+        /// highest layout its workers bring (a rebalance). 0 means "from
+        /// configuration".
+        #[arg(long, default_value_t = 0)]
+        layout: u64,
+        /// Where to accept peer links from upstream workers, IP:PORT (port 0
+        /// picks a free port).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        peer_listen: std::net::SocketAddr,
+        /// The address upstream workers are told, HOST[:PORT] (default: the
+        /// listen address; the host name when listening on all addresses).
+        #[arg(long)]
+        peer_advertise: Option<String>,
+        /// Batches each upstream may have in flight to this worker.
+        #[arg(long, default_value_t = 4)]
+        credit: u32,
         /// A Topology.toml whose settings override the ones in code.
         #[arg(long, short)]
         config: Option<PathBuf>,
         /// Token and frame limits.
         #[command(flatten)]
         wire: WireArgs,
-        /// Pulls kept in flight.
-        #[arg(long, default_value_t = 2)]
-        pulls: usize,
         /// Metric targets and interval.
         #[command(flatten)]
         metrics: MetricArgs,
@@ -168,7 +186,7 @@ pub struct WireArgs {
     #[arg(long, env = "TEMPEST_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// The largest frame accepted or sent, in bytes.
-    #[arg(long, default_value_t = tempest_core::wire::DEFAULT_MAX_FRAME)]
+    #[arg(long, default_value_t = tempest_transport::DEFAULT_MAX_FRAME)]
     pub max_frame: usize,
 }
 
@@ -344,15 +362,20 @@ fn run(cli: Cli, build: impl FnOnce() -> Topology) -> anyhow::Result<()> {
                 heartbeat: std::time::Duration::from_millis(heartbeat_ms.max(10)),
                 ..ServerConfig::default()
             };
+            refuse_open_bind(server.listen, server.token.as_deref(), "worker connections")?;
             topology_server(topology, server)
         }
         Mode::Task {
             name,
             topology_addr,
             instance,
+            instances,
+            layout,
+            peer_listen,
+            peer_advertise,
+            credit,
             config,
             wire,
-            pulls,
             metrics,
         } => {
             let mut topology = configured(build, config.as_ref(), &metrics)?;
@@ -360,18 +383,21 @@ fn run(cli: Cli, build: impl FnOnce() -> Topology) -> anyhow::Result<()> {
             if !problems.is_empty() {
                 anyhow::bail!("{}", problems.join("; "));
             }
-            let dag = topology.dag()?;
+            let dag = std::sync::Arc::new(topology.dag()?);
             let idx = dag.find(&name).with_context(|| {
                 format!("topology `{}` has no task `{name}`", topology.settings.name)
             })?;
-            let task = dag.task(idx);
             let mut worker =
                 WorkerConfig::new(topology_addr, topology.settings.name.clone(), name.clone());
             worker.instance = instance;
+            worker.instances = instances.unwrap_or(dag.task(idx).workers);
+            worker.layout = layout;
             worker.token = wire.token;
             worker.max_frame = wire.max_frame;
-            worker.pulls_in_flight = pulls.max(1);
-            worker.batch_size = u32::try_from(topology.settings.batch_size).unwrap_or(u32::MAX);
+            worker.credit = credit.max(1);
+            worker.peer_listen = peer_listen;
+            worker.peer_advertise = peer_advertise;
+            refuse_open_bind(peer_listen, worker.token.as_deref(), "peer links")?;
             let mut labels = vec![
                 ("topology", topology.settings.name.clone()),
                 ("host", tempest_core::metrics::hostname()),
@@ -381,7 +407,6 @@ fn run(cli: Cli, build: impl FnOnce() -> Topology) -> anyhow::Result<()> {
             }
             let registry = Registry::new(Labels::new(labels));
             let rt = runtime()?;
-            let (factory, workers) = (task.factory.clone(), task.workers);
             let settings = topology.settings.clone();
             let report = rt.block_on(async move {
                 let shutdown = shutdown_on_signal();
@@ -391,7 +416,7 @@ fn run(cli: Cli, build: impl FnOnce() -> Topology) -> anyhow::Result<()> {
                     push_targets(&settings.metrics.targets),
                     settings.metrics.flush_interval,
                 );
-                let report = run_worker(factory, workers, worker, registry, shutdown).await;
+                let report = run_worker(dag, worker, registry, shutdown).await;
                 let _ = tokio::task::spawn_blocking(move || flusher.stop()).await;
                 for endpoint in scrape {
                     endpoint.stop().await;
@@ -399,12 +424,27 @@ fn run(cli: Cli, build: impl FnOnce() -> Topology) -> anyhow::Result<()> {
                 anyhow::Ok(report?)
             })?;
             println!(
-                "worker {name}: handled {} messages over {} connection(s)",
+                "worker {name}: handled {} messages over {} session(s)",
                 report.handled, report.connections
             );
             Ok(())
         }
     }
+}
+
+/// A data-plane port beyond loopback must want a token: otherwise anyone on
+/// the network could join the topology or feed it messages.
+fn refuse_open_bind(
+    addr: std::net::SocketAddr,
+    token: Option<&str>,
+    what: &str,
+) -> anyhow::Result<()> {
+    if !addr.ip().is_loopback() && token.is_none_or(str::is_empty) {
+        anyhow::bail!(
+            "refusing to accept {what} on {addr} without a token: set TEMPEST_TOKEN, or listen on a loopback address"
+        );
+    }
+    Ok(())
 }
 
 fn topology_server(topology: Topology, config: ServerConfig) -> anyhow::Result<()> {

@@ -144,6 +144,15 @@ impl Gauge {
             .as_ref()
             .map_or(0.0, |g| f64::from_bits(g.load(Relaxed)))
     }
+    /// Adds `d` (negative to subtract), atomically: for gauges that count
+    /// things several tasks open and close.
+    pub fn add(&self, d: f64) {
+        if let Some(g) = &self.0 {
+            let _ = g.fetch_update(Relaxed, Relaxed, |v| {
+                Some((f64::from_bits(v) + d).to_bits())
+            });
+        }
+    }
 }
 
 /// A latency histogram (microseconds).

@@ -1,0 +1,27 @@
+//! # tempest-transport
+//!
+//! The data plane of a distributed topology, protocol version 2
+//! (`PROTOCOL.md` at the repository root):
+//!
+//! - [`wire`]: the frames, each field marked with the version that added it;
+//! - [`codec`]: length-prefixed framing with a maximum frame size, and the
+//!   zero-copy fast path for batches of messages;
+//! - [`link`]: what every connection shares (handshake deadline, liveness,
+//!   refusals);
+//! - [`outbox`]: the sending side of peer links, with credit-based
+//!   backpressure and load-aware shuffle;
+//! - [`inbox`]: a worker's peer port, the receiving side.
+//!
+//! The topology server (`tempest-topology`) and the task worker
+//! (`tempest-task`) build on it; the daemons and the CLI do not compile it.
+
+#![warn(missing_docs)]
+
+pub mod codec;
+pub mod inbox;
+pub mod link;
+pub mod outbox;
+pub mod wire;
+
+pub use codec::{FrameCodec, WireError};
+pub use wire::{Frame, DEFAULT_MAX_FRAME, PROTOCOL_VERSION};

@@ -1,0 +1,168 @@
+//! What every connection of the data plane shares: the framed TCP stream,
+//! liveness (heartbeats, silence), the handshake deadline, and closing with
+//! a reason.
+
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio_util::codec::Framed;
+
+use crate::codec::{FrameCodec, WireError};
+use crate::wire::{ErrorCode, Frame, Hello};
+
+/// A framed connection.
+pub type Conn = Framed<TcpStream, FrameCodec>;
+
+/// How long a new connection has to say `Hello`, and a connector to hear an
+/// answer to its own.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Frames `stream` with `max_frame`, Nagle off (frames are written whole,
+/// and waiting for more would only add latency).
+pub fn framed(stream: TcpStream, max_frame: usize) -> Conn {
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!("cannot set TCP_NODELAY: {e}");
+    }
+    Framed::new(stream, FrameCodec::new(max_frame))
+}
+
+/// Liveness of one connection: when it last heard and sent anything, and
+/// the heartbeats it owes.
+#[derive(Debug)]
+pub struct Liveness {
+    interval: Duration,
+    heard: Instant,
+    sent: Instant,
+    seq: u64,
+}
+
+impl Liveness {
+    /// Heartbeats every `interval` of silence; silence for three times as
+    /// long from the other side is death.
+    pub fn new(interval: Duration) -> Self {
+        let now = Instant::now();
+        Liveness {
+            interval: interval.max(Duration::from_millis(10)),
+            heard: now,
+            sent: now,
+            seq: 0,
+        }
+    }
+
+    /// Something arrived.
+    pub fn heard(&mut self) {
+        self.heard = Instant::now();
+    }
+
+    /// Something was sent.
+    pub fn sent(&mut self) {
+        self.sent = Instant::now();
+    }
+
+    /// When to look again: the next heartbeat or the silence deadline.
+    pub fn next_check(&self) -> tokio::time::Instant {
+        (self.sent + self.interval)
+            .min(self.heard + self.interval * 3)
+            .into()
+    }
+
+    /// At a check: `Err` when the other side has been silent too long,
+    /// `Ok(Some(frame))` for a heartbeat to send.
+    pub fn check(&mut self) -> Result<Option<Frame>, Duration> {
+        let silence = self.interval * 3;
+        if self.heard.elapsed() >= silence {
+            return Err(silence);
+        }
+        if self.sent.elapsed() >= self.interval {
+            self.seq += 1;
+            self.sent = Instant::now();
+            return Ok(Some(Frame::Heartbeat { seq: self.seq }));
+        }
+        Ok(None)
+    }
+}
+
+/// Sends an `Error` frame (best effort, within a second) before the caller
+/// closes the connection.
+pub async fn refuse(conn: &mut Conn, code: ErrorCode, message: impl Into<String>) {
+    let _ = tokio::time::timeout(
+        Duration::from_secs(1),
+        conn.send(Frame::error(code, message)),
+    )
+    .await;
+}
+
+/// Why a handshake did not produce a `Hello`.
+#[derive(Debug)]
+pub enum NoHello {
+    /// The connection closed before a frame (a port probe): nothing to say.
+    Closed,
+    /// A refusal to send before closing.
+    Refuse(ErrorCode, String),
+}
+
+/// Reads the first frame of an accepted connection: it must be a `Hello`,
+/// within [`HANDSHAKE_TIMEOUT`]. The codec has already checked its magic and
+/// version when it could not parse the rest.
+pub async fn read_hello(conn: &mut Conn) -> Result<Hello, NoHello> {
+    let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.next())
+        .await
+        .map_err(|_| {
+            NoHello::Refuse(
+                ErrorCode::HandshakeTimeout,
+                format!("no Hello within {HANDSHAKE_TIMEOUT:?}"),
+            )
+        })?;
+    let hello = match first {
+        Some(Ok(Frame::Hello(h))) => h,
+        Some(Ok(other)) => {
+            return Err(NoHello::Refuse(
+                ErrorCode::UnexpectedFrame,
+                format!("expected Hello, got {}", other.name()),
+            ))
+        }
+        Some(Err(WireError::Io(_))) | None => return Err(NoHello::Closed),
+        Some(Err(e)) => return Err(NoHello::Refuse(e.code(), e.to_string())),
+    };
+    if let Err(e) = crate::codec::check_magic_version(hello.magic, hello.version) {
+        return Err(NoHello::Refuse(e.code(), e.to_string()));
+    }
+    Ok(hello)
+}
+
+/// Compares two secrets in time independent of where they differ.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// True when `given` is the token `want` asks for (any, when `want` is
+/// `None`).
+pub fn token_ok(want: Option<&str>, given: Option<&str>) -> bool {
+    match want {
+        None => true,
+        Some(w) => given.is_some_and(|g| constant_time_eq(g.as_bytes(), w.as_bytes())),
+    }
+}
+
+/// Connects to `addr` and sends `hello`, then waits for the first frame of
+/// the answer. Errors are strings for logs: the caller retries.
+pub async fn connect(addr: &str, max_frame: usize, hello: Hello) -> Result<(Conn, Frame), String> {
+    let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| format!("connecting to {addr} timed out"))?
+        .map_err(|e| format!("connecting to {addr}: {e}"))?;
+    let mut conn = framed(stream, max_frame);
+    conn.send(Frame::Hello(hello))
+        .await
+        .map_err(|e| format!("sending Hello to {addr}: {e}"))?;
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.next()).await {
+        Err(_) => Err(format!("no answer to Hello from {addr}")),
+        Ok(None) => Err(format!("{addr} closed during the handshake")),
+        Ok(Some(Err(e))) => Err(format!("handshake with {addr}: {e}")),
+        Ok(Some(Ok(frame))) => Ok((conn, frame)),
+    }
+}
