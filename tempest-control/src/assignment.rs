@@ -39,6 +39,14 @@ pub struct ProcessSpec {
     /// The instance a worker claims.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance: Option<u32>,
+    /// For a worker, its task's instance count in the current layout. The
+    /// agent passes it as `--instances`, with [`ProcessSpec::generation`]
+    /// as the layout version (`--layout`): the topology server adopts a
+    /// task's count from the worker with the highest layout, so a worker
+    /// of an older layout with another count is refused. Without it the
+    /// worker takes the count from its configuration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instances: Option<u32>,
     /// Where a worker finds its topology server, `host:port`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub topology_addr: Option<String>,
@@ -97,7 +105,8 @@ pub struct ProcessStatus {
     pub restarts: u32,
     /// Seconds since it was last started.
     pub uptime_secs: u64,
-    /// For a topology server: the address workers connect to.
+    /// For a topology server: the address workers connect to. For a
+    /// worker: the address its upstream workers open peer links to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
     /// For a process that serves metrics: its scrape address.
@@ -225,6 +234,7 @@ mod tests {
             role: Role::Task,
             task: Some("count".into()),
             instance: Some(1),
+            instances: Some(3),
             topology_addr: Some("10.0.0.2:7311".into()),
             config: None,
             env: BTreeMap::new(),
@@ -235,8 +245,25 @@ mod tests {
         })
         .unwrap();
         let back: Assignment = serde_json::from_str(&json).unwrap();
-        assert_eq!(back.processes, vec![spec]);
+        assert_eq!(back.processes, vec![spec.clone()]);
+        assert!(json.contains("\"instances\":3"), "{json}");
         let bad = json.replace("\"generation\"", "\"generatoin\"");
         assert!(serde_json::from_str::<Assignment>(&bad).is_err());
+
+        // A spec without a count (a server, or from an older director)
+        // leaves the key out, and reads back without one.
+        let server = ProcessSpec {
+            id: "wc/server".into(),
+            role: Role::Topology,
+            task: None,
+            instance: None,
+            instances: None,
+            topology_addr: None,
+            ..spec
+        };
+        let json = serde_json::to_string(&server).unwrap();
+        assert!(!json.contains("instances"), "{json}");
+        let back: ProcessSpec = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, server);
     }
 }
