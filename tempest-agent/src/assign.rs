@@ -36,24 +36,35 @@ const RETRY_TICK: Duration = Duration::from_secs(1);
 /// The ports one process holds.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct Held {
-    /// A topology server's listening port.
-    pub server: Option<u16>,
-    /// Its Prometheus endpoint's port.
+    /// The port it listens on, on the server IP: a topology server's for
+    /// its workers, a worker's for the peer links of its upstream workers.
+    pub listen: u16,
+    /// Its Prometheus endpoint's port (on 127.0.0.1).
     pub metrics: u16,
 }
 
-/// Ports of the range, allocated to processes by id. A process keeps its
-/// ports for as long as it is assigned, across agent restarts (they are
-/// read back from the launches the supervisor adopted).
+/// The ports of one process as far as they are known: a launch adopted
+/// from an older agent may not name a listening port.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+struct Taken {
+    listen: Option<u16>,
+    metrics: u16,
+}
+
+/// Ports of the range, allocated to processes by id. Every process gets
+/// two: one to listen on and one for its metrics. A process keeps its ports
+/// for as long as it is assigned, across agent restarts (they are read back
+/// from the launches the supervisor adopted) and across new generations of
+/// its spec.
 #[derive(Debug)]
 pub struct Ports {
     range: PortRange,
     server_ip: IpAddr,
-    held: BTreeMap<String, Held>,
+    held: BTreeMap<String, Taken>,
 }
 
 impl Ports {
-    /// An empty allocation over `range`; topology servers bind `server_ip`.
+    /// An empty allocation over `range`; processes listen on `server_ip`.
     pub fn new(range: PortRange, server_ip: IpAddr) -> Self {
         Ports {
             range,
@@ -62,7 +73,9 @@ impl Ports {
         }
     }
 
-    /// Takes the ports that running launches use back into the allocation.
+    /// Takes the ports that running launches use back into the allocation:
+    /// the port of the launch's `address` (a server's, or a worker's peer
+    /// address) and of its metrics address, when they are in the range.
     pub fn seed(&mut self, launches: &[Launch]) {
         let port = |addr: &Option<String>| {
             let addr = addr.as_deref()?;
@@ -76,11 +89,8 @@ impl Ports {
             let Some(metrics) = port(&l.metrics_address) else {
                 continue;
             };
-            let server = match l.spec.role {
-                Role::Topology => port(&l.address),
-                Role::Task => None,
-            };
-            seeded.insert(l.spec.id.clone(), Held { server, metrics });
+            let listen = port(&l.address).filter(|p| *p != metrics);
+            seeded.insert(l.spec.id.clone(), Taken { listen, metrics });
         }
         self.held.extend(seeded);
     }
@@ -97,28 +107,27 @@ impl Ports {
 
     /// The ports `id` holds.
     pub fn get(&self, id: &str) -> Option<Held> {
-        self.held.get(id).copied()
+        let t = self.held.get(id)?;
+        Some(Held {
+            listen: t.listen?,
+            metrics: t.metrics,
+        })
     }
 
     /// The ports `spec` needs: the ones it holds, or free ones from the
-    /// range (free of other processes of the agent, and bindable now).
+    /// range (free of other processes of the agent, and bindable now: the
+    /// metrics port on 127.0.0.1, the listening port on the server IP).
+    /// When the range cannot give both, `spec` holds nothing.
     pub fn allocate(&mut self, spec: &ProcessSpec) -> Result<Held, String> {
-        let wants_server = spec.role == Role::Topology;
-        let current = self.held.get(&spec.id).copied();
-        if let Some(mut h) = current {
-            if !wants_server {
-                h.server = None;
-            }
-            if h.server.is_some() == wants_server {
-                self.held.insert(spec.id.clone(), h);
-                return Ok(h);
-            }
+        if let Some(h) = self.get(&spec.id) {
+            return Ok(h);
         }
+        let current = self.held.get(&spec.id).copied();
         let mut taken: BTreeSet<u16> = self
             .held
             .iter()
             .filter(|(id, _)| **id != spec.id)
-            .flat_map(|(_, h)| h.server.into_iter().chain([h.metrics]))
+            .flat_map(|(_, t)| t.listen.into_iter().chain([t.metrics]))
             .collect();
         let mut busy = 0usize;
         let mut pick = |ip: IpAddr, taken: &mut BTreeSet<u16>| {
@@ -136,27 +145,34 @@ impl Ports {
             None
         };
         let metrics = match current {
-            Some(h) => Some(h.metrics),
+            Some(t) => {
+                taken.insert(t.metrics);
+                Some(t.metrics)
+            }
             None => pick(IpAddr::V4(Ipv4Addr::LOCALHOST), &mut taken),
         };
-        let server = match (wants_server, metrics) {
-            (true, Some(_)) => pick(self.server_ip, &mut taken).map(Some),
-            (false, _) => Some(None),
-            (true, None) => None,
-        };
-        match (metrics, server) {
-            (Some(metrics), Some(server)) => {
-                let h = Held { server, metrics };
-                self.held.insert(spec.id.clone(), h);
-                Ok(h)
+        let listen = metrics.and_then(|_| pick(self.server_ip, &mut taken));
+        match (metrics, listen) {
+            (Some(metrics), Some(listen)) => {
+                self.held.insert(
+                    spec.id.clone(),
+                    Taken {
+                        listen: Some(listen),
+                        metrics,
+                    },
+                );
+                Ok(Held { listen, metrics })
             }
-            _ => Err(format!(
-                "no free port for `{}` in the port range {} ({} held by this agent's other \
-                 processes, {busy} in use by other programs); widen port_range",
-                spec.id,
-                self.range,
-                taken.len()
-            )),
+            _ => {
+                self.held.remove(&spec.id);
+                Err(format!(
+                    "no free port for `{}` in the port range {} ({} held by this agent's other \
+                     processes, {busy} in use by other programs); widen port_range",
+                    spec.id,
+                    self.range,
+                    taken.len()
+                ))
+            }
         }
     }
 }
@@ -164,9 +180,10 @@ impl Ports {
 /// What every launch shares.
 #[derive(Clone, Debug)]
 pub struct LaunchContext {
-    /// The IP topology servers bind.
+    /// The IP topology servers and workers listen on (the API's).
     pub server_ip: IpAddr,
-    /// The host in the addresses workers are told.
+    /// The host in the addresses other processes are told: a server's (for
+    /// its workers) and a worker's peer address (for its upstream workers).
     pub advertise_host: String,
     /// The cluster token, given to processes as `TEMPEST_TOKEN`.
     pub token: Option<String>,
@@ -175,6 +192,13 @@ pub struct LaunchContext {
 }
 
 /// The command line and environment of `spec`'s process.
+///
+/// A topology server listens on `server_ip:listen`; a worker accepts peer
+/// links there (`--peer-listen`) and tells its upstreams
+/// `advertise_host:listen` (`--peer-advertise`), and runs with its task's
+/// instance count and the spec's generation as that count's layout version
+/// when the spec gives a count. Either way the advertised address is the
+/// launch's `address`.
 pub fn build_launch(
     spec: &ProcessSpec,
     package: &Package,
@@ -183,18 +207,16 @@ pub fn build_launch(
     ctx: &LaunchContext,
 ) -> Launch {
     let mut args: Vec<String> = Vec::new();
-    let mut address = None;
+    let address = join_host_port(&ctx.advertise_host, ports.listen);
     match spec.role {
         Role::Topology => {
-            let port = ports.server.unwrap_or_default();
             args.extend([
                 "topology".into(),
                 "--host".into(),
                 ctx.server_ip.to_string(),
                 "--port".into(),
-                port.to_string(),
+                ports.listen.to_string(),
             ]);
-            address = Some(join_host_port(&ctx.advertise_host, port));
         }
         Role::Task => {
             args.extend([
@@ -207,6 +229,20 @@ pub fn build_launch(
             if let Some(i) = spec.instance {
                 args.extend(["--instance".into(), i.to_string()]);
             }
+            if let Some(n) = spec.instances {
+                args.extend([
+                    "--instances".into(),
+                    n.to_string(),
+                    "--layout".into(),
+                    spec.generation.to_string(),
+                ]);
+            }
+            args.extend([
+                "--peer-listen".into(),
+                std::net::SocketAddr::new(ctx.server_ip, ports.listen).to_string(),
+                "--peer-advertise".into(),
+                address.clone(),
+            ]);
         }
     }
     if let Some(c) = config {
@@ -226,7 +262,7 @@ pub fn build_launch(
         program: package.binary.clone(),
         args,
         env,
-        address,
+        address: Some(address),
         metrics_address: Some(metrics_address),
     }
 }
@@ -264,6 +300,21 @@ pub fn check_spec(spec: &ProcessSpec) -> Result<(), String> {
                 ))
             }
             Some(_) => {}
+        }
+        match (spec.instance, spec.instances) {
+            (_, Some(0)) => {
+                return Err(format!(
+                    "task process `{}` has an instance count of 0",
+                    spec.id
+                ))
+            }
+            (Some(i), Some(n)) if i >= n => {
+                return Err(format!(
+                    "task process `{}` claims instance {i} of a task with {n} instance(s)",
+                    spec.id
+                ))
+            }
+            _ => {}
         }
     }
     for key in spec.env.keys() {
@@ -714,6 +765,7 @@ mod tests {
             role,
             task: (role == Role::Task).then(|| "count".into()),
             instance: Some(1),
+            instances: None,
             topology_addr: Some("10.0.0.1:7311".into()),
             config: None,
             env: BTreeMap::new(),
@@ -729,45 +781,8 @@ mod tests {
             .expect("a port range")
     }
 
-    #[test]
-    fn ports_are_stable_and_run_out_cleanly() {
-        let range = free_range(3);
-        let mut ports = Ports::new(range, IpAddr::V4(Ipv4Addr::LOCALHOST));
-        let server = ports.allocate(&spec("wc/server", Role::Topology)).unwrap();
-        assert!(server.server.is_some());
-        assert_ne!(server.server, Some(server.metrics));
-        let worker = ports.allocate(&spec("wc/count/1", Role::Task)).unwrap();
-        assert_eq!(worker.server, None);
-        // The same ids get the same ports.
-        assert_eq!(
-            ports.allocate(&spec("wc/server", Role::Topology)).unwrap(),
-            server
-        );
-        assert_eq!(
-            ports.allocate(&spec("wc/count/1", Role::Task)).unwrap(),
-            worker
-        );
-        // The range is used up.
-        let err = ports.allocate(&spec("wc/count/2", Role::Task)).unwrap_err();
-        assert!(
-            err.contains("no free port") && err.contains(&range.to_string()),
-            "{err}"
-        );
-        // Released ports are reused.
-        ports.retain(|id| id != "wc/count/1");
-        assert_eq!(
-            ports
-                .allocate(&spec("wc/count/2", Role::Task))
-                .unwrap()
-                .metrics,
-            worker.metrics
-        );
-    }
-
-    #[test]
-    fn ports_are_seeded_from_launches() {
-        let range = free_range(4);
-        let package = Package {
+    fn package() -> Package {
+        Package {
             hash: "a".repeat(64),
             dir: "/p".into(),
             manifest: tempest_control::Manifest {
@@ -780,15 +795,86 @@ mod tests {
             },
             binary: "/p/wc".into(),
             topology_toml: None,
-        };
-        let ctx = LaunchContext {
+        }
+    }
+
+    fn ctx() -> LaunchContext {
+        LaunchContext {
             server_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             advertise_host: "node1".into(),
             token: Some("t".into()),
             configs_dir: "/c".into(),
+        }
+    }
+
+    #[test]
+    fn ports_are_stable_and_run_out_cleanly() {
+        let range = free_range(4);
+        let mut ports = Ports::new(range, IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let server = ports.allocate(&spec("wc/server", Role::Topology)).unwrap();
+        assert_ne!(server.listen, server.metrics);
+        let worker = ports.allocate(&spec("wc/count/1", Role::Task)).unwrap();
+        let all: BTreeSet<u16> = [server.listen, server.metrics, worker.listen, worker.metrics]
+            .into_iter()
+            .collect();
+        assert_eq!(all.len(), 4, "every process has two ports of its own");
+        assert!(all.iter().all(|p| (range.first..=range.last).contains(p)));
+        // The same ids get the same ports, whatever their generation.
+        assert_eq!(
+            ports.allocate(&spec("wc/server", Role::Topology)).unwrap(),
+            server
+        );
+        let mut next = spec("wc/count/1", Role::Task);
+        next.generation = 7;
+        next.instances = Some(3);
+        assert_eq!(ports.allocate(&next).unwrap(), worker);
+        assert_eq!(ports.get("wc/count/1"), Some(worker));
+        // The range is used up: the next process gets nothing, not half.
+        let err = ports.allocate(&spec("wc/count/2", Role::Task)).unwrap_err();
+        assert!(
+            err.contains("no free port") && err.contains(&range.to_string()),
+            "{err}"
+        );
+        assert_eq!(ports.get("wc/count/2"), None);
+        // Released ports are reused.
+        ports.retain(|id| id != "wc/count/1");
+        let again = ports.allocate(&spec("wc/count/2", Role::Task)).unwrap();
+        assert_eq!(
+            [again.listen, again.metrics]
+                .into_iter()
+                .collect::<BTreeSet<_>>(),
+            [worker.listen, worker.metrics].into_iter().collect()
+        );
+    }
+
+    #[test]
+    fn a_process_adopted_without_a_listening_port_gets_one_and_keeps_its_metrics_port() {
+        let range = free_range(3);
+        let metrics = range.first + 1;
+        // A worker started by an agent that gave workers no peer port.
+        let old = Launch {
+            spec: spec("wc/count/1", Role::Task),
+            program: "/p/wc".into(),
+            args: vec![],
+            env: BTreeMap::new(),
+            address: None,
+            metrics_address: Some(format!("127.0.0.1:{metrics}")),
         };
+        let mut ports = Ports::new(range, IpAddr::V4(Ipv4Addr::LOCALHOST));
+        ports.seed(std::slice::from_ref(&old));
+        assert_eq!(ports.get("wc/count/1"), None, "half a pair is not held");
+        let h = ports.allocate(&old.spec).unwrap();
+        assert_eq!(h.metrics, metrics);
+        assert_ne!(h.listen, metrics);
+    }
+
+    #[test]
+    fn ports_are_seeded_from_launches() {
+        let range = free_range(4);
+        let package = package();
+        let ctx = ctx();
         let held = Held {
-            server: Some(range.first + 3),
+            listen: range.first + 3,
             metrics: range.first + 2,
         };
         let s = spec("wc/server", Role::Topology);
@@ -801,21 +887,56 @@ mod tests {
             launch.env.get("TEMPEST_TOKEN").map(String::as_str),
             Some("t")
         );
-        assert_eq!(launch.args[0], "topology");
+        assert_eq!(
+            launch.args[..5],
+            [
+                "topology",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &(range.first + 3).to_string()
+            ]
+        );
         let mut ports = Ports::new(range, IpAddr::V4(Ipv4Addr::LOCALHOST));
         ports.seed(std::slice::from_ref(&launch));
         assert_eq!(ports.allocate(&s).unwrap(), held);
         // And the launch built again is the same launch.
         assert_eq!(build_launch(&s, &package, held, None, &ctx), launch);
-        let w = build_launch(
-            &spec("wc/count/1", Role::Task),
-            &package,
-            held,
-            Some(Path::new("/c/x.toml")),
-            &ctx,
-        );
+
+        // A worker's peer port is seeded from its advertised address.
+        let worker_held = Held {
+            listen: range.first,
+            metrics: range.first + 1,
+        };
+        let w = spec("wc/count/1", Role::Task);
+        let wl = build_launch(&w, &package, worker_held, None, &ctx);
         assert_eq!(
-            w.args,
+            wl.address.as_deref(),
+            Some(format!("node1:{}", range.first).as_str())
+        );
+        let mut ports = Ports::new(range, IpAddr::V4(Ipv4Addr::LOCALHOST));
+        ports.seed(&[launch, wl]);
+        assert_eq!(ports.get("wc/count/1"), Some(worker_held));
+        assert_eq!(ports.allocate(&w).unwrap(), worker_held);
+        assert_eq!(ports.allocate(&s).unwrap(), held);
+    }
+
+    #[test]
+    fn workers_get_their_peer_address_and_their_layout() {
+        let package = package();
+        let mut ctx = ctx();
+        ctx.server_ip = "10.1.2.3".parse().unwrap();
+        ctx.advertise_host = "node1.internal".into();
+        let held = Held {
+            listen: 7512,
+            metrics: 7513,
+        };
+        let mut w = spec("wc/count/1", Role::Task);
+        w.generation = 42;
+        w.instances = Some(3);
+        let l = build_launch(&w, &package, held, Some(Path::new("/c/x.toml")), &ctx);
+        assert_eq!(
+            l.args,
             [
                 "task",
                 "--name",
@@ -824,12 +945,43 @@ mod tests {
                 "10.0.0.1:7311",
                 "--instance",
                 "1",
+                "--instances",
+                "3",
+                "--layout",
+                "42",
+                "--peer-listen",
+                "10.1.2.3:7512",
+                "--peer-advertise",
+                "node1.internal:7512",
                 "--config",
                 "/c/x.toml",
                 "--metrics-target",
-                &format!("prometheus=127.0.0.1:{}", range.first + 2)
+                "prometheus=127.0.0.1:7513"
             ]
         );
+        assert_eq!(l.address.as_deref(), Some("node1.internal:7512"));
+        assert_eq!(l.metrics_address.as_deref(), Some("127.0.0.1:7513"));
+
+        // Without a count the worker takes its configuration's, and no
+        // layout is claimed.
+        w.instances = None;
+        let l = build_launch(&w, &package, held, None, &ctx);
+        assert!(
+            !l.args.iter().any(|a| a == "--instances" || a == "--layout"),
+            "{:?}",
+            l.args
+        );
+
+        // IPv6: the listen address and the advertised one in brackets.
+        ctx.server_ip = "::1".parse().unwrap();
+        ctx.advertise_host = "fd00::7".into();
+        let l = build_launch(&w, &package, held, None, &ctx);
+        let at = |flag: &str| {
+            let i = l.args.iter().position(|a| a == flag).unwrap();
+            l.args[i + 1].clone()
+        };
+        assert_eq!(at("--peer-listen"), "[::1]:7512");
+        assert_eq!(at("--peer-advertise"), "[fd00::7]:7512");
     }
 
     #[test]
@@ -837,6 +989,13 @@ mod tests {
         let mut s = spec("wc/count/1", Role::Task);
         s.topology_addr = None;
         assert!(check_spec(&s).unwrap_err().contains("topology_addr"));
+        let mut s = spec("wc/count/1", Role::Task);
+        s.instances = Some(0);
+        assert!(check_spec(&s).unwrap_err().contains("count of 0"));
+        s.instances = Some(1);
+        assert!(check_spec(&s).unwrap_err().contains("instance 1 of"));
+        s.instances = Some(2);
+        assert_eq!(check_spec(&s), Ok(()));
         let a = Assignment {
             processes: vec![spec("x", Role::Topology), spec("x", Role::Topology)],
         };

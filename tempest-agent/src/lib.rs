@@ -304,6 +304,13 @@ pub async fn run(mut config: AgentConfig) -> anyhow::Result<()> {
         data_dir.display(),
         config.director.as_deref().unwrap_or("none")
     );
+    if !config.listen.ip().is_loopback() && config.token.is_none() {
+        tracing::warn!(
+            "no token: topology servers and workers refuse to listen on {} (beyond loopback) \
+             without one, so they will fail to start; set token or TEMPEST_TOKEN",
+            config.listen.ip()
+        );
+    }
     println!("tempest-agent {id} listening on http://{local}");
     {
         use std::io::Write;

@@ -170,7 +170,8 @@ pub struct Launch {
     pub args: Vec<String>,
     /// Extra environment.
     pub env: BTreeMap<String, String>,
-    /// For a topology server: the address workers connect to.
+    /// The address others connect to: a topology server's (its workers)
+    /// or a worker's peer address (its upstream workers).
     pub address: Option<String>,
     /// Where it serves metrics, if it does.
     pub metrics_address: Option<String>,

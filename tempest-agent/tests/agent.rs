@@ -235,6 +235,7 @@ fn spec(id: &str, package: &str, role: Role) -> ProcessSpec {
         role,
         task: (role == Role::Task).then(|| id.split('/').nth(1).unwrap_or("t").into()),
         instance: (role == Role::Task).then_some(0),
+        instances: None,
         topology_addr: (role == Role::Task).then(|| "127.0.0.1:1".into()),
         config: None,
         env: BTreeMap::new(),
@@ -353,10 +354,14 @@ fn converges_to_assignments_start_stop_change() {
     let (archive, hash) = sleeper(tmp.path(), "converge");
     let director = Director::start();
     director.serve_package(&hash, archive);
-    director.assign(vec![
-        spec("t/server", &hash, Role::Topology),
-        spec("t/split/0", &hash, Role::Task),
-    ]);
+    // A worker with its task's count, as the director assigns them.
+    let split = |generation: u64, instances: u32| {
+        let mut s = spec("t/split/0", &hash, Role::Task);
+        s.generation = generation;
+        s.instances = Some(instances);
+        s
+    };
+    director.assign(vec![spec("t/server", &hash, Role::Topology), split(1, 1)]);
     let range = port_range(10);
     let agent = Agent::start(
         &tmp.path().join("data"),
@@ -373,21 +378,32 @@ fn converges_to_assignments_start_stop_change() {
     );
     let pids = agent.wait_running(&["t/server", "t/split/0"]);
 
-    // The server got a port of the range, and is told so in its arguments.
+    // The server and the worker each got a port of the range to listen on,
+    // and are told so in their arguments; each reports it as its address.
+    let (first, last) = range.split_once('-').unwrap();
+    let in_range = |address: &str| -> u16 {
+        let port: u16 = address.rsplit(':').next().unwrap().parse().unwrap();
+        assert!(
+            (first.parse().unwrap()..=last.parse().unwrap()).contains(&port),
+            "{address} not in {range}"
+        );
+        port
+    };
     let server = agent.process("t/server").unwrap();
     let address = server.address.clone().expect("a server address");
-    let (first, last) = range.split_once('-').unwrap();
-    let port: u16 = address.rsplit(':').next().unwrap().parse().unwrap();
-    assert!(
-        (first.parse().unwrap()..=last.parse().unwrap()).contains(&port),
-        "{address} not in {range}"
-    );
-    let logs = wait_for("the server's first log line", || {
-        let r = agent.get("/api/v1/processes/t%2Fserver/logs?stream=stdout&lines=10");
-        assert_eq!(r.status, 200, "{}", r.body);
-        let text = r.json()["text"].as_str().unwrap_or_default().to_owned();
-        text.contains("started").then_some(text)
-    });
+    let port = in_range(&address);
+    let first_line = |id: &str| {
+        wait_for(&format!("{id}'s first log line"), || {
+            let r = agent.get(&format!(
+                "/api/v1/processes/{}/logs?stream=stdout&lines=10",
+                id.replace('/', "%2F")
+            ));
+            assert_eq!(r.status, 200, "{}", r.body);
+            let text = r.json()["text"].as_str().unwrap_or_default().to_owned();
+            text.contains("started").then_some(text)
+        })
+    };
+    let logs = first_line("t/server");
     assert!(
         logs.contains(&format!(
             "started t/server with topology --host 127.0.0.1 --port {port}"
@@ -396,6 +412,22 @@ fn converges_to_assignments_start_stop_change() {
     );
     assert!(
         logs.contains("--metrics-target prometheus=127.0.0.1:"),
+        "{logs}"
+    );
+    let peer = agent
+        .process("t/split/0")
+        .unwrap()
+        .address
+        .expect("a peer address");
+    let peer_port = in_range(&peer);
+    assert_ne!(peer_port, port);
+    let logs = first_line("t/split/0");
+    assert!(
+        logs.contains(&format!(
+            "started t/split/0 with task --name split --topology-addr 127.0.0.1:1 --instance 0 \
+             --instances 1 --layout 1 --peer-listen 127.0.0.1:{peer_port} \
+             --peer-advertise 127.0.0.1:{peer_port} --metrics-target prometheus=127.0.0.1:"
+        )),
         "{logs}"
     );
     let stderr = agent.get("/api/v1/processes/t/server/logs?stream=stderr");
@@ -426,6 +458,29 @@ fn converges_to_assignments_start_stop_change() {
     });
     assert_eq!(agent.wait_running(&["t/server", "t/split/0"]), pids);
     assert_eq!(director.downloads(&hash), 1);
+
+    // A new layout of the worker's task (a rebalance): the worker is
+    // replaced, with the new count and layout, on the same peer port; the
+    // server stays as it is.
+    director.assign(vec![spec("t/server", &hash, Role::Topology), split(5, 2)]);
+    let relaid = wait_for("the worker replaced", || {
+        let p = agent.process("t/split/0")?;
+        (p.state == ProcessState::Running && p.generation == 5 && p.pid? != pids["t/split/0"])
+            .then_some(p)
+    });
+    assert_eq!(relaid.address.as_deref(), Some(peer.as_str()));
+    let logs = first_line("t/split/0");
+    assert!(
+        logs.contains(&format!(
+            "--instances 2 --layout 5 --peer-listen 127.0.0.1:{peer_port} "
+        )),
+        "{logs}"
+    );
+    assert_eq!(
+        agent.process("t/server").unwrap().pid,
+        Some(pids["t/server"])
+    );
+    let pids = agent.wait_running(&["t/server", "t/split/0"]);
 
     // A change: a worker goes, another comes, the server stays as it is.
     director.assign(vec![
@@ -575,14 +630,15 @@ fn refuses_a_bad_package_while_the_others_run() {
 fn an_exhausted_port_range_fails_only_the_process_without_a_port() {
     let tmp = tempdir();
     let (archive, hash) = sleeper(tmp.path(), "ports");
-    let agent = Agent::start(&tmp.path().join("data"), &["--port-range", &port_range(3)]);
+    let agent = Agent::start(&tmp.path().join("data"), &["--port-range", &port_range(5)]);
     assert_eq!(
         agent
             .put(&format!("/api/v1/packages/{hash}"), None, &archive)
             .status,
         200
     );
-    // A server takes two ports, a worker one: the second worker gets none.
+    // Every process takes two ports (one to listen on, one for metrics):
+    // the second worker finds one left, and gets none.
     let r = agent.assign(
         None,
         vec![
@@ -600,6 +656,9 @@ fn an_exhausted_port_range_fails_only_the_process_without_a_port() {
         err.contains("no free port") && err.contains("p/b/0"),
         "{err}"
     );
+    assert_eq!(p.address, None);
+    let a = agent.process("p/a/0").unwrap();
+    let a_peer = a.address.expect("a's peer address");
     // Freeing a port lets it run; the others are left alone.
     let r = agent.assign(
         None,
@@ -611,6 +670,14 @@ fn an_exhausted_port_range_fails_only_the_process_without_a_port() {
     assert_eq!(r.status, 200, "{}", r.body);
     let now = agent.wait_running(&["p/server", "p/b/0"]);
     assert_eq!(now["p/server"], pids["p/server"]);
+    // With ports a/0 let go of: none of the server's.
+    let server = agent.process("p/server").unwrap().address.unwrap();
+    let b_peer = agent.process("p/b/0").unwrap().address.unwrap();
+    assert_ne!(b_peer, server);
+    assert!(
+        b_peer.starts_with("127.0.0.1:"),
+        "{b_peer} (a/0 had {a_peer})"
+    );
 }
 
 #[test]
@@ -835,7 +902,11 @@ fn survives_its_own_sigkill_without_orphans_or_duplicates() {
     ];
     let first = Agent::start(&data, &args);
     let pids = first.wait_running(&ids);
-    let address = first.process(ids[0]).unwrap().address;
+    let addresses: Vec<Option<String>> = ids
+        .iter()
+        .map(|id| first.process(id).unwrap().address)
+        .collect();
+    assert!(addresses.iter().all(Option::is_some), "{addresses:?}");
     let id = first.get("/api/v1/health").json()["agent_id"].clone();
     let data_dir = first.data_dir.clone();
     let _orphans = first.kill9();
@@ -855,7 +926,12 @@ fn survives_its_own_sigkill_without_orphans_or_duplicates() {
     live.sort();
     expected.sort();
     assert_eq!(live, expected);
-    assert_eq!(second.process(ids[0]).unwrap().address, address);
+    // With the same ports: the server's, and the workers' peer ports.
+    let now: Vec<Option<String>> = ids
+        .iter()
+        .map(|id| second.process(id).unwrap().address)
+        .collect();
+    assert_eq!(now, addresses);
     assert_eq!(
         director.downloads(&hash),
         1,
@@ -938,6 +1014,7 @@ fn serves_the_aggregated_metrics_of_a_running_topology() {
         s.topology = "wordcount".into();
         s.task = Some(task.into());
         s.instance = Some(instance);
+        s.instances = Some(if task == "count" { 2 } else { 1 });
         s.topology_addr = Some(addr.clone());
         s.config = Some(config.clone());
         s

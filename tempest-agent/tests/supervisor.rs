@@ -84,6 +84,7 @@ fn spec(id: &str, generation: u64) -> ProcessSpec {
         role: Role::Task,
         task: Some("count".into()),
         instance: Some(1),
+        instances: Some(2),
         topology_addr: None,
         config: None,
         env: BTreeMap::new(),

@@ -176,6 +176,7 @@ mod tests {
                 role: Role::Topology,
                 task: None,
                 instance: None,
+                instances: None,
                 topology_addr: None,
                 config: Some("name = \"t\"".into()),
                 env: BTreeMap::from([("A".into(), "1".into())]),
