@@ -1037,6 +1037,9 @@ impl Inner {
             } else {
                 None
             };
+            // A worker's task count in the current layout; its generation
+            // is that layout's version.
+            let instances = task.as_ref().and_then(|task| t.workers.get(task)).copied();
             processes.push(ProcessSpec {
                 id: p.process.clone(),
                 topology: t.name.clone(),
@@ -1044,6 +1047,7 @@ impl Inner {
                 role,
                 task,
                 instance,
+                instances,
                 topology_addr,
                 config: Some(config.clone()),
                 env: t.env.clone(),
