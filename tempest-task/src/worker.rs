@@ -68,6 +68,8 @@ pub struct WorkerConfig {
     /// The address peers are told, `host:port` (default: the listener's,
     /// with the host name for an unspecified IP).
     pub peer_advertise: Option<String>,
+    /// How long a new peer connection has to say `Hello`.
+    pub handshake_timeout: Duration,
     /// The first reconnect wait; it doubles up to `reconnect_max`.
     pub reconnect_min: Duration,
     /// The longest reconnect wait.
@@ -93,6 +95,7 @@ impl WorkerConfig {
             credit: 4,
             peer_listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
             peer_advertise: None,
+            handshake_timeout: link::HANDSHAKE_TIMEOUT,
             reconnect_min: Duration::from_millis(50),
             reconnect_max: Duration::from_secs(2),
         }
@@ -185,6 +188,7 @@ pub async fn run_worker(
             max_frame: config.max_frame,
             credit: config.credit,
             heartbeat: Duration::from_secs(1),
+            handshake_timeout: config.handshake_timeout,
         };
         let registry = registry.clone();
         async move { inbox::serve(listener, config, identity_rx, in_tx, &registry, inbox_stop).await }

@@ -23,10 +23,22 @@ use tempest_core::{
     Delivery, FailReason, FailurePolicy, Msg, Settings, SourceId, SourceMsg, TaskError,
 };
 
-/// A root lost with its worker this many times is no longer replayed for
-/// free: the next loss goes to the failure policy like an error (a message
-/// that crashes every worker it reaches must not loop forever).
+/// A root lost with a crashed worker this many times is no longer replayed
+/// for free: the next crash goes to the failure policy like an error (a
+/// message that crashes every worker it reaches must not loop forever).
+/// Workers that leave on purpose (a rebalance, a stop) do not count.
 pub const MAX_FREE_LOSSES: u8 = 3;
+
+/// How a worker was lost, for [`Roots::lose`].
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Loss {
+    /// It left on purpose (said goodbye, or its instance left the layout):
+    /// its roots are replayed, and this does not count against them.
+    Departure,
+    /// It crashed, fell silent, or a link to it broke: counts towards
+    /// [`MAX_FREE_LOSSES`].
+    Crash,
+}
 
 /// What is kept beside each root's ledger entry.
 #[derive(Default)]
@@ -296,12 +308,12 @@ impl Roots {
     /// A worker (or a peer link) that held or had been sent messages of the
     /// roots touching `slots` is lost: those roots are replayed at once,
     /// without counting an attempt and whatever the policy, up to
-    /// [`MAX_FREE_LOSSES`] times each. Returns how many roots were lost.
-    pub fn lose(&mut self, slots: SlotMask, why: &str) -> usize {
+    /// [`MAX_FREE_LOSSES`] crashes each. Returns how many roots were lost.
+    pub fn lose(&mut self, slots: SlotMask, why: &str, loss: Loss) -> usize {
         let mut lost = Vec::new();
         let n = self.ledger.remove_touching(slots, |_, tag| lost.push(tag));
         for tag in lost {
-            self.replay_lost(tag, why);
+            self.replay_lost(tag, why, loss);
         }
         if n > 0 {
             self.driver.notify_one();
@@ -315,7 +327,7 @@ impl Roots {
         let now = self.ledger.now();
         match self.ledger.remove(root, now) {
             Some((tag, _)) => {
-                self.replay_lost(tag, why);
+                self.replay_lost(tag, why, Loss::Crash);
                 self.driver.notify_one();
                 true
             }
@@ -323,9 +335,10 @@ impl Roots {
         }
     }
 
-    fn replay_lost(&mut self, mut tag: RootTag, why: &str) {
+    fn replay_lost(&mut self, mut tag: RootTag, why: &str, loss: Loss) {
         self.metrics.lost.inc();
-        if tag.losses >= MAX_FREE_LOSSES || tag.payload.is_none() {
+        let crash = loss == Loss::Crash;
+        if (crash && tag.losses >= MAX_FREE_LOSSES) || tag.payload.is_none() {
             self.metrics.failed.inc();
             let err = TaskError::new(format!(
                 "{why} (lost with a worker {} times)",
@@ -338,7 +351,9 @@ impl Roots {
             message: why.to_owned(),
             attempts: tag.attempts,
         };
-        tag.losses += 1;
+        if crash {
+            tag.losses += 1;
+        }
         let id = tag.source;
         let msg = tag.payload.clone().unwrap_or_default();
         self.admit_root(tag, msg, self.ledger.now());
@@ -510,7 +525,7 @@ mod tests {
             r.mark(d[0].root, slot_bit(0, 0));
             r.ack(d[1].root, d[1].edge ^ 99, bit, r.now());
             r.mark(d[2].root, bit);
-            assert_eq!(r.lose(bit, "worker x lost"), 2);
+            assert_eq!(r.lose(bit, "worker x lost", Loss::Crash), 2);
             let mut again = Vec::new();
             r.take_admitted(&mut again);
             assert_eq!(again.len(), 2, "replayed at once, no back-off");
@@ -544,13 +559,20 @@ mod tests {
         let mut d = admit(&mut r, 1);
         for _ in 0..MAX_FREE_LOSSES {
             r.mark(d[0].root, bit);
-            assert_eq!(r.lose(bit, "lost"), 1);
+            assert_eq!(r.lose(bit, "lost", Loss::Crash), 1);
             d.clear();
             r.take_admitted(&mut d);
             assert_eq!(d.len(), 1);
         }
+        // Departures are free however many.
+        for _ in 0..10 {
+            r.mark(d[0].root, bit);
+            assert_eq!(r.lose(bit, "left", Loss::Departure), 1);
+            d.clear();
+            r.take_admitted(&mut d);
+        }
         r.mark(d[0].root, bit);
-        r.lose(bit, "lost");
+        r.lose(bit, "lost", Loss::Crash);
         let work = r.take_source_work();
         assert_eq!(work.fails.len(), 1, "dead-lettered: {work:?}");
         assert!(work.fails[0]

@@ -48,7 +48,7 @@ use tempest_transport::wire::{
 use tempest_transport::DEFAULT_MAX_FRAME;
 
 use crate::hub::register_edges;
-use crate::roots::{Admission, Roots};
+use crate::roots::{Admission, Loss, Roots};
 use crate::standalone::{Parts, RunError, RunReport};
 
 /// How the server listens and talks to workers.
@@ -63,6 +63,8 @@ pub struct ServerConfig {
     /// How often an idle peer must be heard from; silence for three times
     /// this drops the connection.
     pub heartbeat: Duration,
+    /// How long a new connection has to say `Hello`.
+    pub handshake_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -72,6 +74,7 @@ impl Default for ServerConfig {
             token: None,
             max_frame: DEFAULT_MAX_FRAME,
             heartbeat: Duration::from_secs(1),
+            handshake_timeout: link::HANDSHAKE_TIMEOUT,
         }
     }
 }
@@ -167,10 +170,8 @@ impl Control {
         if instances < old {
             // Upstreams drop what they had queued for the instances that go.
             let gone = Self::task_bits(task.get(), instances, old);
-            self.roots.lose(
-                gone,
-                &format!("task `{name}` shrank to {instances} instances"),
-            );
+            let why = format!("task `{name}` shrank to {instances} instances");
+            self.roots.lose(gone, &why, Loss::Departure);
         }
     }
 
@@ -220,13 +221,15 @@ impl Control {
         let slots = &self.tasks[task.get()].slots;
         let free = |i: u32| slots.get(i as usize).is_none_or(|s| s.conn.is_none());
         let instance = match hello.instance {
-            Some(i) if i >= instances => return Err((
-                ErrorCode::BadInstance,
-                format!(
+            Some(i) if i >= instances => {
+                return Err((
+                    ErrorCode::BadInstance,
+                    format!(
                     "task `{}`: instance {i} does not exist: the task has {instances} instance(s)",
                     hello.task
                 ),
-            )),
+                ))
+            }
             Some(i) if !free(i) => {
                 return Err((
                     ErrorCode::InstanceTaken,
@@ -257,7 +260,7 @@ impl Control {
         Ok((task, instance, incarnation))
     }
 
-    fn leave(&mut self, task: TaskIdx, instance: u32, conn: u64) {
+    fn leave(&mut self, task: TaskIdx, instance: u32, conn: u64, loss: Loss) {
         let name = self.dag.task(task).name.clone();
         let t = &mut self.tasks[task.get()];
         let Some(slot) = t.slots.get_mut(instance as usize) else {
@@ -274,10 +277,11 @@ impl Control {
         {
             t.slots.pop();
         }
-        let lost = self.roots.lose(
-            slot_bit(task.get(), instance),
-            &format!("worker {name}/{instance} was lost"),
-        );
+        let why = match loss {
+            Loss::Departure => format!("worker {name}/{instance} left"),
+            Loss::Crash => format!("worker {name}/{instance} was lost"),
+        };
+        let lost = self.roots.lose(slot_bit(task.get(), instance), &why, loss);
         if lost > 0 {
             tracing::info!(task = %name, instance, lost, "roots of a lost worker replayed");
         }
@@ -322,7 +326,7 @@ impl Control {
             let why = format!("the peer link to {name}/{} broke", to.instance);
             let n = self
                 .roots
-                .lose(slot_bit(to.task as usize, to.instance), &why);
+                .lose(slot_bit(to.task as usize, to.instance), &why, Loss::Crash);
             tracing::info!(lost = n, "{why}: roots replayed");
         }
     }
@@ -440,7 +444,7 @@ fn check_peer_address(peer: &str) -> Result<(), String> {
 }
 
 async fn handshake(conn: &mut link::Conn, shared: &Shared) -> Result<WorkerHello, NoHello> {
-    let hello = link::read_hello(conn).await?;
+    let hello = link::read_hello(conn, shared.config.handshake_timeout).await?;
     let refuse = |code, message: String| Err(NoHello::Refuse(code, message));
     if !link::token_ok(shared.config.token.as_deref(), hello.token.as_deref()) {
         return refuse(ErrorCode::BadToken, "missing or wrong token".into());
@@ -503,13 +507,19 @@ async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
             return;
         }
     };
-    let welcome = shared.control.lock().welcome(
-        instance,
-        incarnation,
-        shared.config.heartbeat,
-        shared.batch_size,
-    );
-    let members = shared.control.lock().members.subscribe();
+    // One lock: the Welcome's membership is the one the subscription has
+    // seen, so no change between them is missed.
+    let (welcome, members) = {
+        let control = shared.control.lock();
+        let members = control.members.subscribe();
+        let welcome = control.welcome(
+            instance,
+            incarnation,
+            shared.config.heartbeat,
+            shared.batch_size,
+        );
+        (welcome, members)
+    };
     shared.connections.add(1.0);
     let span = tracing::info_span!("worker", %peer, task = %hello.task, instance, incarnation);
     span.in_scope(|| tracing::info!(peer_addr = %hello.peer, "worker joined"));
@@ -521,7 +531,12 @@ async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     }
     .instrument(span.clone())
     .await;
-    shared.control.lock().leave(task, instance, id);
+    let loss = if why.is_ok() {
+        Loss::Departure
+    } else {
+        Loss::Crash
+    };
+    shared.control.lock().leave(task, instance, id, loss);
     shared.connections.add(-1.0);
     let _enter = span.enter();
     match why {
@@ -538,7 +553,6 @@ async fn serve(
     let mut stopping = shared.stopping.clone();
     let mut live = Liveness::new(shared.config.heartbeat);
     let mut told_to_go = false;
-    members.mark_unchanged();
     loop {
         if *stopping.borrow() && !told_to_go {
             told_to_go = true;

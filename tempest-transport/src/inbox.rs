@@ -48,6 +48,8 @@ pub struct InboxConfig {
     pub credit: u32,
     /// Heartbeat interval of the links.
     pub heartbeat: Duration,
+    /// How long a new connection has to say `Hello`.
+    pub handshake_timeout: Duration,
 }
 
 /// A batch that arrived on a peer link.
@@ -181,7 +183,7 @@ async fn serve_link(
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let hello = match link::read_hello(&mut conn).await {
+    let hello = match link::read_hello(&mut conn, shared.config.handshake_timeout).await {
         Ok(h) => h,
         Err(NoHello::Closed) => {
             tracing::debug!(%peer, "peer connection closed before Hello");

@@ -14,8 +14,8 @@ use crate::wire::{ErrorCode, Frame, Hello};
 /// A framed connection.
 pub type Conn = Framed<TcpStream, FrameCodec>;
 
-/// How long a new connection has to say `Hello`, and a connector to hear an
-/// answer to its own.
+/// How long a new connection has to say `Hello` (by default), and a
+/// connector to hear an answer to its own.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Frames `stream` with `max_frame`, Nagle off (frames are written whole,
@@ -103,15 +103,15 @@ pub enum NoHello {
 }
 
 /// Reads the first frame of an accepted connection: it must be a `Hello`,
-/// within [`HANDSHAKE_TIMEOUT`]. The codec has already checked its magic and
-/// version when it could not parse the rest.
-pub async fn read_hello(conn: &mut Conn) -> Result<Hello, NoHello> {
-    let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.next())
+/// within `deadline`. The codec has already checked its magic and version
+/// when it could not parse the rest.
+pub async fn read_hello(conn: &mut Conn, deadline: Duration) -> Result<Hello, NoHello> {
+    let first = tokio::time::timeout(deadline, conn.next())
         .await
         .map_err(|_| {
             NoHello::Refuse(
                 ErrorCode::HandshakeTimeout,
-                format!("no Hello within {HANDSHAKE_TIMEOUT:?}"),
+                format!("no Hello within {deadline:?}"),
             )
         })?;
     let hello = match first {

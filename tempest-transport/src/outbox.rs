@@ -279,14 +279,16 @@ impl Outbox {
         })
     }
 
-    /// How many more messages task `task`'s queues could take before the
-    /// limit (0 while it has no destination at all).
+    /// How many more messages task `task`'s served instances could take
+    /// before their limit (0 while no worker serves any): what a shuffle to
+    /// it may place without waiting.
     pub fn room(&self, task: TaskIdx) -> usize {
         let state = self.state.lock();
         match state.tasks.get(task.get()).and_then(Option::as_ref) {
             Some(td) => td
                 .dests
                 .iter()
+                .filter(|d| d.peer.is_some())
                 .map(|d| self.config.queue_limit.saturating_sub(d.queue.len()))
                 .sum(),
             None => 0,
