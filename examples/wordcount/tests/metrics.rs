@@ -182,8 +182,8 @@ fn processes_serve_metrics_and_the_numbers_agree() {
         .collect();
     let split_metrics = metrics_addr(&mut split);
 
-    // While the run goes on: four connections, leases per connection, and
-    // the worker's own task metrics.
+    // While the run goes on: four connections, and the worker's own task
+    // and peer-link metrics.
     let deadline = Instant::now() + LIMIT;
     loop {
         assert!(
@@ -192,15 +192,9 @@ fn processes_serve_metrics_and_the_numbers_agree() {
         );
         let s = scrape(&server_metrics);
         let connected = value(&s, "tempest_worker_connections", &[]) == Some(4.0);
-        let leases = ["0", "1"].iter().all(|i| {
-            value(
-                &s,
-                "tempest_worker_leases",
-                &[("task", "count"), ("instance", i)],
-            )
-            .is_some()
-        });
-        if connected && leases {
+        // The server sends roots to split over one peer link.
+        let linked = value(&s, "tempest_peer_links", &[("direction", "out")]) == Some(1.0);
+        if connected && linked {
             let host = s
                 .samples
                 .iter()
