@@ -141,7 +141,7 @@ pub struct ProcessView {
     pub state: String,
     /// Its OS process id.
     pub pid: Option<u32>,
-    /// A topology server's address.
+    /// A topology server's address, or a worker's peer address.
     pub address: Option<String>,
     /// Restarts after exits.
     pub restarts: u32,
@@ -234,7 +234,9 @@ pub struct TopologyDetail {
     pub config: String,
     /// The environment variables its processes get.
     pub env: BTreeMap<String, String>,
-    /// The `Topology.toml` its processes run with.
+    /// Its effective `Topology.toml`: the package's, the overrides, its name
+    /// and worker counts. Its processes run with the same text without the
+    /// worker counts (a worker is given its task's count on its command line).
     pub effective_config: String,
     /// Its processes and where they run.
     pub placement: Vec<ProcessView>,
@@ -267,10 +269,36 @@ pub struct Director {
 struct Inner {
     store: Store,
     s: Snapshot,
-    /// The effective `Topology.toml` of each topology.
-    effective: HashMap<String, String>,
+    /// The configuration texts of each topology.
+    effective: HashMap<String, Configs>,
     /// The last scrape's figures of each running topology.
     figures: HashMap<String, Figures>,
+}
+
+/// A topology's `Topology.toml` texts, derived from its record (they are
+/// not stored: a restarted director derives the same texts again).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Configs {
+    /// The effective `Topology.toml` ([`effective_config`]): validated, and
+    /// shown by the API and the UI.
+    effective: String,
+    /// What its processes run with ([`process_config`]): the same without
+    /// worker counts, so that it stays the same across rebalances.
+    processes: String,
+}
+
+impl Configs {
+    fn of(
+        name: &str,
+        package_toml: Option<&str>,
+        overrides: &str,
+        workers: &BTreeMap<String, u32>,
+    ) -> Result<Configs, Error> {
+        Ok(Configs {
+            effective: effective_config(name, package_toml, overrides, workers)?,
+            processes: process_config(name, package_toml, overrides)?,
+        })
+    }
 }
 
 /// One process a running topology needs.
@@ -293,9 +321,9 @@ impl Director {
                 .packages
                 .get(&t.package)
                 .and_then(|p| p.topology_toml.as_deref());
-            match effective_config(&t.name, pkg, &t.config, &t.workers) {
-                Ok(text) => {
-                    effective.insert(t.name.clone(), text);
+            match Configs::of(&t.name, pkg, &t.config, &t.workers) {
+                Ok(configs) => {
+                    effective.insert(t.name.clone(), configs);
                 }
                 Err(e) => tracing::error!("topology {}: {e}", t.name),
             }
@@ -585,7 +613,7 @@ impl Director {
         }
         check_workers(&workers)?;
         check_env(&req.env)?;
-        let effective = effective_config(
+        let effective = Configs::of(
             &req.name,
             pkg.topology_toml.as_deref(),
             &overrides,
@@ -672,19 +700,17 @@ impl Director {
                     .packages
                     .get(&t.package)
                     .and_then(|p| p.topology_toml.clone());
-                let effective = effective_config(name, pkg.as_deref(), &t.config, &workers)?;
+                let effective = Configs::of(name, pkg.as_deref(), &t.config, &workers)?;
                 inner.effective.insert(name.to_owned(), effective);
                 let t = inner.s.topologies.get_mut(name).expect("checked");
-                t.workers = workers;
+                let old = std::mem::replace(&mut t.workers, workers);
                 t.generation += 1;
-                // The processes that stay get a new generation: their
-                // configuration changed.
-                let s = &mut inner.s;
-                for p in s.placements.values_mut().filter(|p| p.topology == name) {
-                    p.generation = s.next_generation;
-                    s.next_generation += 1;
-                }
-                tracing::info!("rebalanced topology {name}");
+                let moved = relayout(&mut inner.s, name, &old);
+                tracing::info!(
+                    "rebalanced topology {name}: {} worker(s) of the changed tasks get a new \
+                     generation",
+                    moved.len()
+                );
             }
         }
         self.reconcile(inner);
@@ -953,7 +979,11 @@ impl Director {
             },
             config: t.config.clone(),
             env: t.env.clone(),
-            effective_config: inner.effective.get(name).cloned().unwrap_or_default(),
+            effective_config: inner
+                .effective
+                .get(name)
+                .map(|c| c.effective.clone())
+                .unwrap_or_default(),
             // The worker counts asked for, not those of the last scrape,
             // so a rebalance shows at once.
             tasks: t
@@ -982,7 +1012,7 @@ type Checkpoint = (
     BTreeMap<String, TopologyRecord>,
     BTreeMap<String, PlacementRecord>,
     u64,
-    HashMap<String, String>,
+    HashMap<String, Configs>,
 );
 
 impl Inner {
@@ -1025,7 +1055,7 @@ impl Inner {
             let Some(t) = s.topologies.get(&p.topology) else {
                 continue;
             };
-            let Some(config) = self.effective.get(&t.name) else {
+            let Some(configs) = self.effective.get(&t.name) else {
                 continue;
             };
             let (role, task, instance) = parse_process_id(&t.name, &p.process);
@@ -1049,7 +1079,7 @@ impl Inner {
                 instance,
                 instances,
                 topology_addr,
-                config: Some(config.clone()),
+                config: Some(configs.processes.clone()),
                 env: t.env.clone(),
                 generation: p.generation,
             });
@@ -1070,6 +1100,39 @@ impl Inner {
             })
             .and_then(|st| st.address.clone())
     }
+}
+
+/// After a rebalance of `topology` from the worker counts `old` to those of
+/// its record: the placed workers of every task whose count changed, and
+/// that stay, get a new generation, the version of their task's new layout
+/// (a worker runs with its task's count, and the topology server adopts the
+/// count of the highest layout). The workers of the other tasks and the
+/// server keep theirs, so their agents leave them running. Instances beyond
+/// a shrunk count and new ones are left to [`Director::reconcile`], which
+/// drops and places them. Returns the ids given a new generation.
+fn relayout(s: &mut Snapshot, topology: &str, old: &BTreeMap<String, u32>) -> Vec<String> {
+    let Some(t) = s.topologies.get(topology) else {
+        return Vec::new();
+    };
+    let changed: BTreeMap<&str, u32> = t
+        .workers
+        .iter()
+        .filter(|(task, n)| old.get(*task) != Some(*n))
+        .map(|(task, n)| (task.as_str(), *n))
+        .collect();
+    let mut moved = Vec::new();
+    for p in s.placements.values_mut().filter(|p| p.topology == topology) {
+        let (_, task, instance) = parse_process_id(topology, &p.process);
+        let (Some(task), Some(instance)) = (task, instance) else {
+            continue;
+        };
+        if changed.get(task.as_str()).is_some_and(|n| instance < *n) {
+            p.generation = s.next_generation;
+            s.next_generation += 1;
+            moved.push(p.process.clone());
+        }
+    }
+    moved
 }
 
 fn package_view(p: &PackageRecord) -> PackageView {
@@ -1166,14 +1229,12 @@ fn merge(base: &mut toml::Table, over: toml::Table) {
     }
 }
 
-/// The `Topology.toml` a topology's processes run with: the package's own,
-/// the overrides over it, its name and worker counts over both.
-pub fn effective_config(
+/// The package's `Topology.toml`, the overrides over it, the name over both.
+fn base_config(
     name: &str,
     package_toml: Option<&str>,
     overrides: &str,
-    workers: &BTreeMap<String, u32>,
-) -> Result<String, Error> {
+) -> Result<toml::Table, Error> {
     let parse = |what: &str, text: &str| -> Result<toml::Table, Error> {
         text.parse()
             .map_err(|e| Error::BadRequest(format!("invalid {what}: {e}")))
@@ -1181,6 +1242,28 @@ pub fn effective_config(
     let mut table = parse("package Topology.toml", package_toml.unwrap_or(""))?;
     merge(&mut table, parse("config", overrides)?);
     table.insert("name".into(), toml::Value::String(name.into()));
+    Ok(table)
+}
+
+/// Serializes `table` and checks that it is a valid `Topology.toml`.
+fn checked(table: &toml::Table) -> Result<String, Error> {
+    let text = toml::to_string(table).map_err(Error::internal)?;
+    TopologyFile::parse(&text, Some(Path::new("Topology.toml")))
+        .map_err(|e| Error::BadRequest(format!("invalid configuration: {e}")))?;
+    Ok(text)
+}
+
+/// A topology's effective `Topology.toml`: the package's own, the overrides
+/// over it, its name and worker counts over both. It is what the API and
+/// the UI show, and it is validated before a deploy or a rebalance is
+/// stored. Its processes get [`process_config`].
+pub fn effective_config(
+    name: &str,
+    package_toml: Option<&str>,
+    overrides: &str,
+    workers: &BTreeMap<String, u32>,
+) -> Result<String, Error> {
+    let mut table = base_config(name, package_toml, overrides)?;
     let mut tasks = toml::Table::new();
     for (task, n) in workers {
         let mut t = toml::Table::new();
@@ -1193,15 +1276,300 @@ pub fn effective_config(
             .into_iter()
             .collect(),
     );
-    let text = toml::to_string(&table).map_err(Error::internal)?;
-    TopologyFile::parse(&text, Some(Path::new("Topology.toml")))
-        .map_err(|e| Error::BadRequest(format!("invalid configuration: {e}")))?;
-    Ok(text)
+    checked(&table)
+}
+
+/// The `Topology.toml` a topology's processes run with: the package's own,
+/// the overrides over it, its name over both, and no worker counts (those
+/// of the package and the overrides are dropped too). A worker is told its
+/// task's count in its spec (`instances`, with its generation as the layout
+/// version) and the topology server learns the counts from its workers, so
+/// this text does not change when a count does: a rebalance restarts only
+/// the workers of the tasks whose count changed.
+pub fn process_config(
+    name: &str,
+    package_toml: Option<&str>,
+    overrides: &str,
+) -> Result<String, Error> {
+    let mut table = base_config(name, package_toml, overrides)?;
+    if let Some(toml::Value::Table(tasks)) = table.get_mut("tasks") {
+        for (_, t) in tasks.iter_mut() {
+            if let toml::Value::Table(t) = t {
+                t.remove("workers");
+            }
+        }
+        tasks.retain(|_, t| !matches!(t, toml::Value::Table(t) if t.is_empty()));
+    }
+    if matches!(table.get("tasks"), Some(toml::Value::Table(t)) if t.is_empty()) {
+        table.remove("tasks");
+    }
+    checked(&table)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::placement::LeastLoaded;
+
+    const TOML: &str =
+        "[tasks.split]\nworkers = 1\n\n[tasks.count]\nworkers = 2\n\n[tasks.output]\nworkers = 1\n";
+
+    /// Where each process is placed, and its spec.
+    type Placed = BTreeMap<String, (String, ProcessSpec)>;
+
+    fn open(dir: &Path) -> Director {
+        Director::open(
+            Settings {
+                data_dir: dir.join("data"),
+                // No agent counts as down during a test.
+                agent_timeout: Duration::from_secs(3600),
+                max_upload: 1 << 20,
+            },
+            Box::new(LeastLoaded),
+        )
+        .unwrap()
+    }
+
+    /// A director with agents `a` and `b` and word count deployed.
+    fn deployed(dir: &Path) -> Director {
+        let d = open(dir);
+        for agent in ["a", "b"] {
+            beat(&d, agent, &[]);
+        }
+        let (archive, hash) = tempest_testkit::cluster::script_package(
+            dir,
+            "wordcount",
+            "#!/bin/sh\nexec sleep 600\n",
+            Some(TOML),
+        );
+        d.upload(&archive).unwrap();
+        d.deploy(DeployRequest {
+            name: "wc".into(),
+            package: hash,
+            config: Some("max_pending = 64\n".into()),
+            workers: BTreeMap::new(),
+            env: [("WORDCOUNT_REDIS".to_owned(), "redis://r".to_owned())].into(),
+        })
+        .unwrap();
+        d
+    }
+
+    /// A heartbeat of `agent` reporting `running` as running (a server
+    /// with its address); answers its assignment.
+    fn beat(d: &Director, agent: &str, running: &[ProcessSpec]) -> Assignment {
+        let processes = running
+            .iter()
+            .map(|spec| ProcessStatus {
+                id: spec.id.clone(),
+                topology: spec.topology.clone(),
+                role: spec.role,
+                task: spec.task.clone(),
+                instance: spec.instance,
+                pid: Some(100),
+                state: ProcessState::Running,
+                restarts: 0,
+                uptime_secs: 1,
+                address: Some(format!("{agent}.test:7500")),
+                metrics_address: None,
+                generation: spec.generation,
+                error: None,
+            })
+            .collect();
+        d.heartbeat(Heartbeat {
+            agent_id: agent.into(),
+            address: format!("{agent}.test:7400"),
+            node: NodeInfo::default(),
+            processes,
+        })
+        .unwrap()
+    }
+
+    /// Heartbeats from `a` and `b`, each running what it was assigned,
+    /// until no assignment changes.
+    fn settle(d: &Director) -> Placed {
+        let mut last: BTreeMap<&str, Assignment> = BTreeMap::new();
+        for _ in 0..10 {
+            let mut changed = false;
+            for agent in ["a", "b"] {
+                let running = last.get(agent).cloned().unwrap_or_default();
+                let now = beat(d, agent, &running.processes);
+                changed |= last.get(agent) != Some(&now);
+                last.insert(agent, now);
+            }
+            if !changed {
+                return last
+                    .into_iter()
+                    .flat_map(|(agent, a)| {
+                        a.processes
+                            .into_iter()
+                            .map(move |s| (s.id.clone(), (agent.to_owned(), s)))
+                    })
+                    .collect();
+            }
+        }
+        panic!("the assignments do not settle");
+    }
+
+    fn rebalance(d: &Director, task: &str, n: u32) {
+        d.command("wc", Command::Rebalance([(task.to_owned(), n)].into()))
+            .unwrap();
+    }
+
+    #[test]
+    fn workers_are_told_their_task_count_and_every_process_the_same_config() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = deployed(tmp.path());
+        let placed = settle(&d);
+        let ids: Vec<&str> = placed.keys().map(String::as_str).collect();
+        assert_eq!(
+            ids,
+            [
+                "wc/count/0",
+                "wc/count/1",
+                "wc/output/0",
+                "wc/server",
+                "wc/split/0"
+            ]
+        );
+        let agents: BTreeSet<&str> = placed.values().map(|(a, _)| a.as_str()).collect();
+        assert_eq!(agents, ["a", "b"].into(), "spread over both agents");
+        let config = placed["wc/server"].1.config.clone().unwrap();
+        for (id, (_, spec)) in &placed {
+            assert_eq!(spec.config.as_ref(), Some(&config), "{id}");
+            let want = match spec.task.as_deref() {
+                Some("count") => Some(2),
+                Some(_) => Some(1),
+                None => None,
+            };
+            assert_eq!(spec.instances, want, "{id}");
+            if spec.role == Role::Task {
+                let server = &placed["wc/server"].0;
+                assert_eq!(
+                    spec.topology_addr.as_deref(),
+                    Some(format!("{server}.test:7500").as_str())
+                );
+            }
+        }
+        // The processes' text has the overrides and no worker counts; the
+        // effective one shown has the counts.
+        assert!(config.contains("max_pending = 64"), "{config}");
+        assert!(!config.contains("workers"), "{config}");
+        let shown = d.topology("wc").unwrap().effective_config;
+        let t: toml::Table = shown.parse().unwrap();
+        assert_eq!(t["tasks"]["count"]["workers"].as_integer(), Some(2));
+        assert_eq!(t["max_pending"].as_integer(), Some(64));
+    }
+
+    #[test]
+    fn a_rebalance_gives_new_generations_only_to_the_workers_of_the_changed_task() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = deployed(tmp.path());
+        let before = settle(&d);
+        let newest = before.values().map(|(_, s)| s.generation).max().unwrap();
+        let topology_generation = d.topology("wc").unwrap().summary.generation;
+
+        rebalance(&d, "count", 3);
+        let after = settle(&d);
+        assert_eq!(after.len(), 6, "{after:#?}");
+        // The server and the other tasks' workers: the very same specs on
+        // the same agents, so their agents leave them running.
+        for id in ["wc/server", "wc/split/0", "wc/output/0"] {
+            assert_eq!(after[id], before[id], "{id}");
+        }
+        // The count workers: a new layout, newer than every generation
+        // before it, with the new count and the same config.
+        let mut layouts = BTreeSet::new();
+        for i in 0..3 {
+            let id = format!("wc/count/{i}");
+            let (agent, spec) = &after[&id];
+            assert!(spec.generation > newest, "{id}: {spec:?}");
+            assert_eq!(spec.instances, Some(3), "{id}");
+            assert_eq!(spec.config, before["wc/server"].1.config, "{id}");
+            if let Some((was, _)) = before.get(&id) {
+                assert_eq!(agent, was, "{id} stays where it was");
+            }
+            layouts.insert(spec.generation);
+        }
+        assert_eq!(layouts.len(), 3, "generations are never reused");
+        let d_after = d.topology("wc").unwrap();
+        assert_eq!(d_after.summary.generation, topology_generation + 1);
+        assert_eq!(d_after.summary.workers["count"], 3);
+        assert!(d_after.effective_config.contains("workers = 3"));
+
+        // Shrinking: the instances beyond the count go, the one that stays
+        // gets a new layout, the rest is untouched.
+        let newest = after.values().map(|(_, s)| s.generation).max().unwrap();
+        rebalance(&d, "count", 1);
+        let shrunk = settle(&d);
+        let ids: Vec<&str> = shrunk.keys().map(String::as_str).collect();
+        assert_eq!(
+            ids,
+            ["wc/count/0", "wc/output/0", "wc/server", "wc/split/0"]
+        );
+        for id in ["wc/server", "wc/split/0", "wc/output/0"] {
+            assert_eq!(shrunk[id], before[id], "{id}");
+        }
+        let count = &shrunk["wc/count/0"].1;
+        assert!(count.generation > newest, "{count:?}");
+        assert_eq!(count.instances, Some(1));
+
+        // A rebalance that changes nothing moves nothing.
+        rebalance(&d, "count", 1);
+        assert_eq!(settle(&d), shrunk);
+        // Nor does one of a task that does not exist.
+        assert!(d
+            .command("wc", Command::Rebalance([("nope".to_owned(), 2)].into()))
+            .is_err());
+        assert_eq!(settle(&d), shrunk);
+    }
+
+    #[test]
+    fn a_restarted_director_assigns_exactly_what_it_did() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = deployed(tmp.path());
+        settle(&d);
+        rebalance(&d, "count", 3);
+        let placed = settle(&d);
+        let reported: BTreeMap<&str, Vec<ProcessSpec>> = ["a", "b"]
+            .into_iter()
+            .map(|agent| {
+                let specs = placed
+                    .values()
+                    .filter(|(a, _)| a == agent)
+                    .map(|(_, s)| s.clone())
+                    .collect();
+                (agent, specs)
+            })
+            .collect();
+        drop(d);
+
+        let d = open(tmp.path());
+        // The first heartbeat of each agent, reporting what it runs, is
+        // answered with exactly that.
+        for (agent, specs) in &reported {
+            let mut got = beat(&d, agent, specs).processes;
+            got.sort_by(|x, y| x.id.cmp(&y.id));
+            assert_eq!(&got, specs, "{agent}");
+        }
+        assert_eq!(settle(&d), placed);
+    }
+
+    #[test]
+    fn the_process_config_has_no_worker_counts() {
+        let pkg = "max_pending = 10\n[tasks.split]\nworkers = 1\n[tasks.count]\nworkers = 2\n";
+        let text = process_config("wc", Some(pkg), "[tasks.count]\nworkers = 5\n").unwrap();
+        let t: toml::Table = text.parse().unwrap();
+        assert_eq!(t["max_pending"].as_integer(), Some(10));
+        assert_eq!(t["name"].as_str(), Some("wc"));
+        assert!(t.get("tasks").is_none(), "{text}");
+        assert_eq!(process_config("wc", Some(pkg), "").unwrap(), text);
+        assert!(process_config("wc", None, "max_pendin = 1").is_err());
+        // Counts are checked in the effective config, which a deploy and a
+        // rebalance validate; the processes' text never has them.
+        let zero = "[tasks.count]\nworkers = 0\n";
+        assert!(effective_config("wc", Some(pkg), zero, &BTreeMap::new()).is_err());
+        assert_eq!(process_config("wc", Some(pkg), zero).unwrap(), text);
+    }
 
     #[test]
     fn the_effective_config_lays_overrides_and_workers_over_the_package() {

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use tempest_testkit::cluster::{
-    all_running, free_addr, marked_processes, script_package, tempdir, wait_for, wordcount_package,
-    AgentProcess, DirectorProcess, WAIT, WORDCOUNT_TOML,
+    all_running, free_addr, marked_processes, script_package, tempdir, try_wait_for, wait_for,
+    wordcount_package, AgentProcess, DirectorProcess, WAIT, WORDCOUNT_TOML,
 };
 use tempest_testkit::{redis_pipeline, RedisServer};
 
@@ -498,19 +498,98 @@ fn deploys_wordcount_on_redis_moves_the_processes_of_a_dead_agent_and_survives_a
         b"{\"workers\": {\"nope\": 2}}",
     );
     assert_eq!(r.status, 400, "{}", r.body);
+    // count 2 -> 3, with sentences flowing: only count's workers move (a
+    // new layout); the server and the other tasks' workers keep running
+    // as they are, and the third count instance gets its share.
+    let before = director.topology("wordcount");
+    let placed = |d: &Value| -> BTreeMap<String, (Value, Value, Value)> {
+        d["placement"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                let id = p["id"].as_str().unwrap().to_owned();
+                (
+                    id,
+                    (
+                        p["pid"].clone(),
+                        p["generation"].clone(),
+                        p["agent"].clone(),
+                    ),
+                )
+            })
+            .collect()
+    };
+    let before = placed(&before);
+    let feeder = Feeder::start(&redis, 1_000);
     let r = director.post(
         "/api/v1/topologies/wordcount/rebalance",
         Some(TOKEN),
         b"{\"workers\": {\"count\": 3}}",
     );
     assert_eq!(r.status, 200, "{}", r.body);
-    let agents = wait_for("the rebalanced topology running", WAIT, || {
-        all_running(&director.topology("wordcount"), 6)
+    let (agents, after) = wait_for("the rebalanced topology running", WAIT, || {
+        let d = director.topology("wordcount");
+        all_running(&d, 6).map(|agents| (agents, placed(&d)))
     });
     assert!(
         agents.contains(&b_id),
         "the new worker goes to the idle agent"
     );
+    for id in [
+        "wordcount/server",
+        "wordcount/split/0",
+        "wordcount/output/0",
+    ] {
+        assert_eq!(after[id], before[id], "{id} is left running as it was");
+        assert!(after[id].0.is_u64(), "{id}: {:?}", after[id]);
+    }
+    for id in ["wordcount/count/0", "wordcount/count/1"] {
+        let (pid, generation, agent) = &after[id];
+        assert_ne!(pid, &before[id].0, "{id} restarts with the new layout");
+        assert!(generation.as_u64() > before[id].1.as_u64(), "{id}");
+        assert_eq!(agent, &before[id].2, "{id} stays on its agent");
+    }
+    assert!(after["wordcount/count/2"].0.is_u64(), "{after:?}");
+    let detail = director.topology("wordcount");
+    assert_eq!(detail["tasks"]["count"]["workers"], json!(3), "{detail}");
+    // The third instance handles messages: the server and the upstream
+    // worker (neither restarted) took up the new count.
+    wait_for("messages into count/2", WAIT, || {
+        [&a, &b]
+            .iter()
+            .flat_map(|agent| {
+                let body = agent.get("/metrics").body;
+                body.lines()
+                    .filter(|l| {
+                        l.starts_with("tempest_task_messages_in_total{")
+                            && l.contains("task=\"count\"")
+                            && l.contains("instance=\"2\"")
+                    })
+                    .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                    .collect::<Vec<_>>()
+            })
+            .any(|n| n > 0.0)
+            .then_some(())
+    });
+    // And every sentence fed across the rebalance is counted.
+    let fed_across = feeder.stop();
+    let mut expected = expected_counts(fed);
+    for (w, n) in expected_counts(fed_across) {
+        *expected.entry(w).or_insert(0) += n;
+    }
+    let all_counted = try_wait_for(Duration::from_secs(90), || {
+        let (lost, _) = shortfall_and_excess(&expected, &counted(&redis));
+        (lost == 0).then_some(())
+    });
+    if all_counted.is_none() {
+        let got = counted(&redis);
+        let (lost, _) = shortfall_and_excess(&expected, &got);
+        panic!(
+            "{lost} word occurrences of {fed_across} sentences fed across the rebalance were \
+             never counted: {got:?}"
+        );
+    }
     let r = director.post("/api/v1/topologies/wordcount/stop", Some(TOKEN), b"");
     assert_eq!(r.status, 200, "{}", r.body);
     let r = director.post("/api/v1/topologies/wordcount/stop", Some(TOKEN), b"");
