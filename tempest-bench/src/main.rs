@@ -123,6 +123,9 @@ struct Args {
     /// Messages per batch (worker pulls and source polls).
     #[arg(long, default_value_t = 512)]
     batch_size: usize,
+    /// Batches each upstream may have in flight to a worker (distributed).
+    #[arg(long, default_value_t = 4)]
+    credit: u32,
     /// Sentences per second for the `latency` workload.
     #[arg(long, default_value_t = 50_000.0)]
     rate: f64,
@@ -508,6 +511,7 @@ fn distributed(args: &Args) -> anyhow::Result<serde_json::Value> {
             .args(["--messages", &messages(args).to_string()])
             .args(["--max-pending", &args.max_pending.to_string()])
             .args(["--batch-size", &args.batch_size.to_string()])
+            .args(["--credit", &args.credit.to_string()])
             .args(["--rate", &args.rate.to_string()]);
         if let Some(w) = args.workers {
             cmd.args(["--workers", &w.to_string()]);
@@ -643,6 +647,7 @@ fn work(args: &Args) -> anyhow::Result<()> {
     );
     config.instance = args.instance;
     config.instances = task.workers;
+    config.credit = args.credit;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

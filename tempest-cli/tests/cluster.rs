@@ -292,11 +292,33 @@ fn operates_word_count_on_a_real_cluster_through_the_director() {
     let r = cli(&["logs", "wordcount", "--task", "nope"]);
     assert!(r.one_line_error().contains("no task `nope`"), "{r:#?}");
 
-    // logs --follow sees the server start again after a rebalance (its
-    // processes get a new generation).
+    // logs --follow sees count/0 start again after a rebalance of count
+    // (its instances get a new layout; the server and the other tasks run on).
+    let count0 = [
+        "logs",
+        "wordcount",
+        "--task",
+        "count",
+        "--instance",
+        "0",
+        "--stream",
+        "stdout",
+    ];
+    let server_pid = |d: &Value| {
+        d["placement"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["id"] == "wordcount/server"))
+            .and_then(|p| p["pid"].as_u64())
+    };
+    let server_before = server_pid(&director.topology("wordcount"));
+    assert!(
+        server_before.is_some(),
+        "the server runs before the rebalance"
+    );
     let mut follow = Reaped(
         tempest(tmp.path())
-            .args(["logs", "wordcount", "--stream", "stdout", "--follow"])
+            .args(count0)
+            .arg("--follow")
             .env("TEMPEST_DIRECTOR", &url)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -304,32 +326,44 @@ fn operates_word_count_on_a_real_cluster_through_the_director() {
             .unwrap(),
     );
     let followed = lines_of(&mut follow.0);
-    let listening = |seen: &[String]| seen.iter().filter(|l| l.contains("listening on")).count();
-    let first = lines_until(&followed, WAIT, "the tail", |s| listening(s) >= 1);
+    let started = |seen: &[String]| {
+        seen.iter()
+            .filter(|l| l.contains("metrics on http://"))
+            .count()
+    };
+    let first = lines_until(&followed, WAIT, "the tail", |s| started(s) >= 1);
     let r = cli(&["rebalance", "wordcount", "--workers", "count=3"]).ok();
     assert!(r.stdout.contains("count×3"), "{r:#?}");
     wait_for("the rebalanced topology running", WAIT, || {
         all_running(&director.topology("wordcount"), 6)
     });
-    // Lines received after the first tail: the old server's summary, then
-    // the new one listening.
+    // Lines received after the first tail: the old count/0's summary, then
+    // the new one serving its metrics.
     let seen = lines_until(
         &followed,
         WAIT,
-        "the restarted server in the followed log",
-        |s| listening(s) >= 1,
+        "the restarted count/0 in the followed log",
+        |s| started(s) >= 1,
     );
     assert!(seen.iter().all(|l| !l.starts_with("==>")), "{seen:#?}");
+    assert_eq!(
+        server_pid(&director.topology("wordcount")),
+        server_before,
+        "a rebalance of count leaves the topology server running"
+    );
     // Nothing printed twice: what the follow printed is the log itself.
     let mut followed_all = first;
     followed_all.extend(seen);
     followed_all.extend(lines_for(&followed, Duration::from_millis(2500)));
     drop(follow);
+    let full = cli(&count0).ok().stdout;
+    let full: Vec<String> = full.lines().map(str::to_owned).collect();
+    assert_eq!(followed_all, full);
+
     let full = cli(&["logs", "wordcount", "--stream", "stdout"])
         .ok()
         .stdout;
     let full: Vec<String> = full.lines().map(str::to_owned).collect();
-    assert_eq!(followed_all, full);
 
     // A follow of the last line only: its first poll, which looks at more
     // lines, prints none of the older ones; nor in JSON lines, which

@@ -602,7 +602,10 @@ impl Handler {
                             }
                             if let Some((dest, bit)) = placer.place(t, target, d) {
                                 slots |= bit;
-                                if !report.dests.contains(&dest) {
+                                // Runs of one destination are the common case.
+                                if report.dests.last() != Some(&dest)
+                                    && !report.dests.contains(&dest)
+                                {
                                     report.dests.push(dest);
                                 }
                             }

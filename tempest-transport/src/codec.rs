@@ -15,7 +15,8 @@ use tokio_util::codec::{Decoder, Encoder};
 use tempest_core::{Delivery, Msg, RootId};
 
 use crate::wire::{
-    Deliveries, ErrorCode, Frame, BATCH_TAG, DEFAULT_MAX_FRAME, MAGIC, PROTOCOL_VERSION,
+    Ack, Deliveries, ErrorCode, Fail, Fixed, Frame, Report, SlotRef, BATCH_TAG, DEFAULT_MAX_FRAME,
+    MAGIC, PROTOCOL_VERSION, REPORT_TAG,
 };
 
 /// Bytes of the length prefix in front of every frame body.
@@ -145,8 +146,10 @@ impl FrameCodec {
     ///
     /// On error `dst` is left as it was.
     pub fn encode_ref(&self, frame: &Frame, dst: &mut BytesMut) -> Result<(), WireError> {
-        if let Frame::Batch(Deliveries(ds)) = frame {
-            return self.encode_batch(ds.iter(), dst);
+        match frame {
+            Frame::Batch(Deliveries(ds)) => return self.encode_batch(ds.iter(), dst),
+            Frame::Report(r) => return self.encode_report(r, dst),
+            _ => {}
         }
         let start = dst.len();
         dst.put_u32(0); // patched below
@@ -215,6 +218,60 @@ impl FrameCodec {
     }
 }
 
+impl FrameCodec {
+    /// Appends a [`Frame::Report`] to `dst`, field by field as postcard
+    /// would. On error (over the maximum) `dst` is left as it was.
+    pub fn encode_report(&self, r: &Report, dst: &mut BytesMut) -> Result<(), WireError> {
+        let dest_len = |d: &SlotRef| {
+            varint_len(u64::from(d.task))
+                + varint_len(u64::from(d.instance))
+                + varint_len(u64::from(d.incarnation))
+        };
+        let len = 1
+            + varint_len(r.dests.len() as u64)
+            + r.dests.iter().map(dest_len).sum::<usize>()
+            + varint_len(r.acks.len() as u64)
+            + r.acks
+                .iter()
+                .map(|a| 16 + varint_len(a.slots))
+                .sum::<usize>()
+            + varint_len(r.fails.len() as u64)
+            + r.fails
+                .iter()
+                .map(|f| 8 + varint_len(f.message.len() as u64) + f.message.len() + 1)
+                .sum::<usize>();
+        if len > self.max_frame {
+            return Err(WireError::FrameTooLarge {
+                len,
+                max: self.max_frame,
+            });
+        }
+        dst.reserve(LEN_PREFIX + len);
+        dst.put_u32(len as u32);
+        dst.put_u8(REPORT_TAG);
+        put_varint(dst, r.dests.len() as u64);
+        for d in &r.dests {
+            put_varint(dst, u64::from(d.task));
+            put_varint(dst, u64::from(d.instance));
+            put_varint(dst, u64::from(d.incarnation));
+        }
+        put_varint(dst, r.acks.len() as u64);
+        for a in &r.acks {
+            dst.put_u64_le(a.root.0);
+            dst.put_u64_le(a.xor.0);
+            put_varint(dst, a.slots);
+        }
+        put_varint(dst, r.fails.len() as u64);
+        for f in &r.fails {
+            dst.put_u64_le(f.root.0);
+            put_varint(dst, f.message.len() as u64);
+            dst.extend_from_slice(f.message.as_bytes());
+            dst.put_u8(u8::from(f.retryable));
+        }
+        Ok(())
+    }
+}
+
 impl Default for FrameCodec {
     fn default() -> Self {
         FrameCodec::new(DEFAULT_MAX_FRAME)
@@ -227,8 +284,10 @@ fn patch_len(dst: &mut BytesMut, start: usize, len: usize) {
 }
 
 fn decode_body(body: Bytes) -> Result<Frame, WireError> {
-    if body.first() == Some(&BATCH_TAG) {
-        return decode_batch(body).map(|ds| Frame::Batch(Deliveries(ds)));
+    match body.first() {
+        Some(&BATCH_TAG) => return decode_batch(body).map(|ds| Frame::Batch(Deliveries(ds))),
+        Some(&REPORT_TAG) => return decode_report(&body).map(Frame::Report),
+        _ => {}
     }
     let err = match postcard::take_from_bytes::<Frame>(&body) {
         Ok((frame, [])) => return Ok(frame),
@@ -294,6 +353,68 @@ fn decode_batch(body: Bytes) -> Result<Vec<Delivery>, WireError> {
     Ok(out)
 }
 
+/// Reads a report body (after its tag), refusing counts its body cannot
+/// hold before allocating for them.
+fn decode_report(body: &[u8]) -> Result<Report, WireError> {
+    let mut r = Reader { buf: body, at: 1 };
+    let count = |r: &mut Reader<'_>, min: usize, what: &str| -> Result<usize, WireError> {
+        let n = r.varint()?;
+        let left = (body.len() - r.at) / min;
+        if n > left as u64 {
+            return Err(malformed(format!(
+                "a report claims {n} {what} in {} bytes",
+                body.len()
+            )));
+        }
+        Ok(n as usize)
+    };
+    let u32_of = |v: u64| u32::try_from(v).map_err(|_| malformed(format!("{v} overflows u32")));
+    let n = count(&mut r, 3, "destinations")?;
+    let mut dests = Vec::with_capacity(n);
+    for _ in 0..n {
+        dests.push(SlotRef {
+            task: u32_of(r.varint()?)?,
+            instance: u32_of(r.varint()?)?,
+            incarnation: u32_of(r.varint()?)?,
+        });
+    }
+    let n = count(&mut r, 17, "acks")?;
+    let mut acks = Vec::with_capacity(n);
+    for _ in 0..n {
+        acks.push(Ack {
+            root: Fixed(r.fixed()?),
+            xor: Fixed(r.fixed()?),
+            slots: r.varint()?,
+        });
+    }
+    let n = count(&mut r, 10, "failures")?;
+    let mut fails = Vec::with_capacity(n);
+    for _ in 0..n {
+        let root = Fixed(r.fixed()?);
+        let (a, b) = r.bytes()?;
+        let message = std::str::from_utf8(&body[a..b])
+            .map_err(|_| malformed("a failure's message is not UTF-8".into()))?
+            .to_owned();
+        let retryable = match r.byte()? {
+            0 => false,
+            1 => true,
+            b => return Err(malformed(format!("bad bool {b}"))),
+        };
+        fails.push(Fail {
+            root,
+            message,
+            retryable,
+        });
+    }
+    if r.at != body.len() {
+        return Err(malformed(format!(
+            "Report frame followed by {} unexpected bytes",
+            body.len() - r.at
+        )));
+    }
+    Ok(Report { dests, acks, fails })
+}
+
 enum KeyOf {
     None,
     Bytes((usize, usize)),
@@ -314,7 +435,7 @@ impl Reader<'_> {
         let b = *self
             .buf
             .get(self.at)
-            .ok_or_else(|| malformed("batch ends early".into()))?;
+            .ok_or_else(|| malformed("frame ends early".into()))?;
         self.at += 1;
         Ok(b)
     }
@@ -324,7 +445,7 @@ impl Reader<'_> {
         let bytes = self
             .buf
             .get(self.at..end)
-            .ok_or_else(|| malformed("batch ends early".into()))?;
+            .ok_or_else(|| malformed("frame ends early".into()))?;
         self.at = end;
         let mut b = [0u8; 8];
         b.copy_from_slice(bytes);
@@ -490,4 +611,69 @@ impl postcard::ser_flavors::Flavor for Counter {
 /// The body size of `frame` in bytes (as postcard encodes it).
 pub fn frame_size<T: serde::Serialize>(frame: &T) -> usize {
     postcard::serialize_with_flavor(frame, Counter::default()).unwrap_or(usize::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn report() -> impl Strategy<Value = Report> {
+        let dest = any::<(u32, u32, u32)>().prop_map(|(task, instance, incarnation)| SlotRef {
+            task,
+            instance,
+            incarnation,
+        });
+        let ack = any::<(u64, u64, u64)>().prop_map(|(r, x, slots)| Ack {
+            root: Fixed(r),
+            xor: Fixed(x),
+            slots,
+        });
+        let fail =
+            (any::<u64>(), ".{0,40}", any::<bool>()).prop_map(|(r, message, retryable)| Fail {
+                root: Fixed(r),
+                message,
+                retryable,
+            });
+        (
+            proptest::collection::vec(dest, 0..5),
+            proptest::collection::vec(ack, 0..40),
+            proptest::collection::vec(fail, 0..4),
+        )
+            .prop_map(|(dests, acks, fails)| Report { dests, acks, fails })
+    }
+
+    proptest! {
+        /// The report fast path writes exactly postcard's bytes, and reads
+        /// them back.
+        #[test]
+        fn report_fast_path_is_postcard(r in report()) {
+            let frame = Frame::Report(r);
+            let mut fast = BytesMut::new();
+            FrameCodec::default().encode_ref(&frame, &mut fast).unwrap();
+            let slow = postcard::to_stdvec(&frame).unwrap();
+            prop_assert_eq!(&fast[4..], &slow[..]);
+            let mut codec = FrameCodec::default();
+            prop_assert_eq!(codec.decode(&mut fast).unwrap(), Some(frame));
+        }
+
+        /// Truncating a report anywhere is malformed, never a panic.
+        #[test]
+        fn cut_reports_are_malformed(r in report(), cut in any::<proptest::sample::Index>()) {
+            let body = postcard::to_stdvec(&Frame::Report(r)).unwrap();
+            let at = cut.index(body.len()).max(1);
+            prop_assume!(at < body.len());
+            prop_assert!(matches!(decode_report(&body[..at]), Err(WireError::Malformed(_))));
+        }
+    }
+
+    #[test]
+    fn a_report_claiming_more_than_its_body_holds_is_refused() {
+        // Tag, no dests, then a claim of 2^40 acks in a few bytes.
+        let body = [REPORT_TAG, 0, 0x80, 0x80, 0x80, 0x80, 0x80, 0x20];
+        match decode_report(&body) {
+            Err(WireError::Malformed(m)) => assert!(m.contains("acks"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+    }
 }

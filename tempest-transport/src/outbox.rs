@@ -424,8 +424,9 @@ impl Placer<'_> {
         };
         let dest = &mut td.dests[i];
         dest.queue.push_back(d);
-        if !self.touched.contains(&(task, i as u32)) {
-            self.touched.push((task, i as u32));
+        let key = (task, i as u32);
+        if self.touched.last() != Some(&key) && !self.touched.contains(&key) {
+            self.touched.push(key);
         }
         Some((
             SlotRef {

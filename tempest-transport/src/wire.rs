@@ -527,3 +527,7 @@ impl Frame {
 
 /// The variant index of [`Frame::Batch`], which the codec reads itself.
 pub(crate) const BATCH_TAG: u8 = 4;
+
+/// The variant index of [`Frame::Report`], which the codec reads and writes
+/// itself.
+pub(crate) const REPORT_TAG: u8 = 6;
