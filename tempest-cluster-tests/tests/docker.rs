@@ -1,7 +1,18 @@
 //! The Docker cluster fault suite: `docker-compose.yml`'s Redis, director and
 //! three agents (each its own host on the compose network) run word count
 //! reading a Redis stream and counting words into a Redis hash, while
-//! 200,000 sentences are fed, 50,000 during each fault:
+//! 200,000 sentences are fed, 50,000 during each fault.
+//!
+//! Word count is deployed with more instances than its package's defaults
+//! (split ×2, count ×3, output ×2), so its workers spread over the three
+//! agents and task messages cross the compose network worker to worker
+//! (protocol v2's peer links). Before each fault and after each re-placement
+//! the suite checks that from the director's placement (every worker's peer
+//! address names its agent's container, and each edge of the pipeline has
+//! instances on different agents) and from the containers' `/proc` (an
+//! established peer link between every such pair of instances).
+//!
+//! The faults:
 //!
 //! 1. `agent-kill`: the agent running the topology server is `docker kill`ed;
 //!    its processes are placed on the other two and run there; then it is
@@ -22,7 +33,10 @@
 //! (`s<n>`), so a sentence counted zero times is lost and one counted twice
 //! is duplicated. It prints one JSON line per fault (`cluster-suite: {...}`,
 //! with the lost and duplicated sentences and words and how long recovery
-//! took) and fails if any sentence is lost. The cluster is torn down at the
+//! took) and fails if any sentence is lost, or if a fault duplicated more
+//! sentences than could be in flight at once (`max_pending`; a lost
+//! worker's or server's roots are replayed, each at most once more per
+//! fault) or more word occurrences than those sentences hold. The cluster is torn down at the
 //! end, volumes included, and every container's logs are printed when the
 //! suite fails (`TEMPEST_KEEP_CLUSTER=1` leaves it up).
 //!
@@ -33,12 +47,13 @@
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::RangeInclusive;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use redis::{Connection, RedisResult};
 use serde_json::{json, Map, Value};
-use support::cluster::{Cluster, AGENTS};
+use support::cluster::{repo_root, Cluster, AGENTS};
 use support::redis_side::{self as rs, Feeder, GroupState};
 use support::{report_line, try_wait_for, wait_for};
 use tempest_control::package::{pack, sha256_hex};
@@ -50,8 +65,24 @@ const PER_FAULT: u64 = 50_000;
 /// 5,000/s with debug builds on two cores), so a backlog left by a fault is
 /// worked off.
 const RATE: f64 = 2_000.0;
-/// server, split ×1, count ×2, output ×1.
-const PROCESSES: usize = 5;
+/// The deploy's worker counts (the package's own are 1, 2, 1): enough
+/// instances that every task's run on more than one agent, and the
+/// messages of both edges (split -> count, count -> output, both key
+/// grouped) cross the compose network between workers.
+const WORKERS: [(&str, u32); 3] = [("split", 2), ("count", 3), ("output", 2)];
+/// The topology server and the workers.
+const PROCESSES: usize = {
+    let mut n = 1;
+    let mut i = 0;
+    while i < WORKERS.len() {
+        n += WORKERS[i].1 as usize;
+        i += 1;
+    }
+    n
+};
+/// The roots the topology server admits at once: what can be in flight
+/// when a fault strikes, so the bound on the sentences a fault duplicates.
+const MAX_PENDING: u64 = 2000;
 const TOPOLOGY: &str = "wordcount";
 /// The bound on moving an agent's processes and on a rejoin.
 const MOVE_BOUND: Duration = Duration::from_secs(90);
@@ -62,15 +93,16 @@ const RECOVERY_BOUND: Duration = Duration::from_secs(180);
 const PACKAGE_TOML: &str =
     "[tasks.split]\nworkers = 1\n\n[tasks.count]\nworkers = 2\n\n[tasks.output]\nworkers = 1\n";
 
-/// The deploy's overrides: read the compose network's Redis; never give up
-/// on a sentence (`none` leaves a failed root pending at Redis, which
-/// redelivers it after `claim_idle_ms`), and keep the timeouts short so a
-/// fault's stranded roots come back within seconds. The counts go to the
+/// The deploy's overrides (with `max_pending = MAX_PENDING` before them):
+/// read the compose network's Redis; never give up on a sentence (`none`
+/// leaves a failed root pending at Redis, which redelivers it after
+/// `claim_idle_ms`), and keep the timeouts short so the roots a lost
+/// topology server leaves pending at Redis come back within seconds (a lost
+/// worker's are replayed at once by the server). The counts go to the
 /// Redis hash through WORDCOUNT_REDIS, which the deploy's `env` gives the
 /// topology's processes.
 const OVERRIDES: &str = r#"
 message_timeout = "5s"
-max_pending = 2000
 batch_size = 256
 grace_period = "2s"
 
@@ -150,6 +182,190 @@ fn wait_each_process_once(cluster: &Cluster, what: &str) {
     );
 }
 
+/// The ports an agent gives its processes (`port_range` in
+/// docker/cluster/SERVICE.toml): a topology server's port, a worker's peer
+/// port.
+fn port_range(service: &str) -> RangeInclusive<u16> {
+    let path = repo_root().join(format!("docker/cluster/{service}.toml"));
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("port_range"))
+        .and_then(|v| v.trim().strip_prefix('='))
+        .and_then(|v| v.trim().trim_matches('"').split_once('-'))
+        .and_then(|(a, b)| Some(a.trim().parse().ok()?..=b.trim().parse().ok()?))
+        .unwrap_or_else(|| panic!("no port_range \"A-B\" in {}", path.display()))
+}
+
+/// A placement entry's process as the containers' `/proc` names it:
+/// `server`, `TASK/INSTANCE`.
+fn identity(p: &Value) -> Option<String> {
+    if p["role"] == json!("topology") {
+        return Some("server".into());
+    }
+    Some(format!(
+        "{}/{}",
+        p["task"].as_str()?,
+        p["instance"].as_u64()?
+    ))
+}
+
+/// Checks that word count runs as a mesh over the agent containers and
+/// that its task messages cross the compose network between workers; returns
+/// the figures.
+///
+/// From the director's placement: every process's address (a worker's peer
+/// address, the server's address) names the container of the agent it is
+/// placed on, with a port of that agent's `port_range` (not 127.0.0.1, not
+/// another host), no two alike; the processes use at least two agents; and
+/// each edge of the pipeline has pairs of instances on different agents.
+/// From the containers' `/proc`: every such pair is joined by an
+/// established TCP connection between the two containers (a peer link),
+/// each end held by the process placed there.
+fn check_mesh(cluster: &Cluster, what: &str) -> Value {
+    let started = Instant::now();
+    let (detail, services) = wait_for(
+        &format!("{what}: every process running with its address"),
+        MOVE_BOUND,
+        || {
+            let d = topology(cluster)?;
+            all_running(&d, PROCESSES)?;
+            let services = cluster.agents_up()?;
+            d["placement"]
+                .as_array()?
+                .iter()
+                .all(|p| {
+                    p["address"].is_string()
+                        && p["agent"]
+                            .as_str()
+                            .is_some_and(|a| services.contains_key(a))
+                })
+                .then_some((d, services))
+        },
+    );
+    // process -> (service, address)
+    let mut placed: BTreeMap<String, (String, String)> = BTreeMap::new();
+    for p in detail["placement"].as_array().into_iter().flatten() {
+        let id = identity(p).unwrap_or_else(|| panic!("{what}: a placement entry {p}"));
+        let service = services[p["agent"].as_str().unwrap_or_default()].clone();
+        let address = p["address"].as_str().unwrap_or_default().to_owned();
+        let (host, port) = address
+            .rsplit_once(':')
+            .unwrap_or_else(|| panic!("{what}: {id}'s address {address:?} has no port"));
+        assert!(
+            host == service && AGENTS.contains(&host),
+            "{what}: {id} runs on {service} but its address is {address}: others must reach \
+             it by its agent's container name\n{detail:#}"
+        );
+        let port: u16 = port
+            .parse()
+            .unwrap_or_else(|_| panic!("{what}: {id}'s address {address:?}"));
+        let range = port_range(&service);
+        assert!(
+            range.contains(&port),
+            "{what}: {id}'s port {port} is not in {service}'s port_range {range:?}"
+        );
+        placed.insert(id, (service, address));
+    }
+    let addresses: BTreeSet<&String> = placed.values().map(|(_, a)| a).collect();
+    assert_eq!(
+        addresses.len(),
+        placed.len(),
+        "{what}: two processes share an address: {placed:?}"
+    );
+    let used: BTreeSet<&String> = placed.values().map(|(s, _)| s).collect();
+    assert!(
+        used.len() >= 2,
+        "{what}: every process runs on {used:?} ({} agents up): no message crosses the \
+         network\n{placed:?}",
+        services.len()
+    );
+
+    // Per edge, the pairs of instances on different agents.
+    let edges: Vec<(String, String)> = detail["edges"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| Some((e["from"].as_str()?.to_owned(), e["to"].as_str()?.to_owned())))
+        .collect();
+    assert!(
+        !edges.is_empty(),
+        "{what}: the topology shows no edges\n{detail:#}"
+    );
+    let instances = |task: &str| -> Vec<String> {
+        placed
+            .keys()
+            .filter(|id| id.split_once('/').is_some_and(|(t, _)| t == task))
+            .cloned()
+            .collect()
+    };
+    let mut crossing: BTreeMap<String, (usize, BTreeSet<(String, String)>)> = BTreeMap::new();
+    for (from, to) in &edges {
+        let (ups, downs) = (instances(from), instances(to));
+        let pairs: BTreeSet<(String, String)> = ups
+            .iter()
+            .flat_map(|u| downs.iter().map(move |d| (u.clone(), d.clone())))
+            .filter(|(u, d)| placed[u].0 != placed[d].0)
+            .collect();
+        assert!(
+            !pairs.is_empty(),
+            "{what}: no instance of {from} is on another agent than an instance of {to}: \
+             their messages never cross the network\n{placed:?}"
+        );
+        crossing.insert(format!("{from}->{to}"), (ups.len() * downs.len(), pairs));
+    }
+
+    // The peer links between containers, seen from both ends.
+    let mut linked: BTreeSet<(String, String)> = BTreeSet::new();
+    let mut missing: Vec<(String, String)> = Vec::new();
+    let found = try_wait_for(Duration::from_secs(60), || {
+        // (local, remote) -> (service, process), of the processes placed there.
+        let mut ends: HashMap<(String, String), (String, String)> = HashMap::new();
+        for service in &used {
+            for c in cluster.connections_in(service)? {
+                // Loopback connections stay in their container (and the
+                // same loopback pair may exist in two).
+                let loopback = c
+                    .local
+                    .parse::<std::net::SocketAddr>()
+                    .map_or(true, |a| a.ip().is_loopback());
+                if !loopback && placed.get(&c.process).is_some_and(|(s, _)| s == *service) {
+                    ends.insert((c.local, c.remote), ((*service).clone(), c.process));
+                }
+            }
+        }
+        linked = ends
+            .iter()
+            .filter_map(|((local, remote), (service, process))| {
+                let (other_service, other) = ends.get(&(remote.clone(), local.clone()))?;
+                (other_service != service).then(|| (process.clone(), other.clone()))
+            })
+            .collect();
+        missing = crossing
+            .values()
+            .flat_map(|(_, pairs)| pairs.iter())
+            .filter(|(u, d)| !linked.contains(&(u.clone(), d.clone())))
+            .cloned()
+            .collect();
+        missing.is_empty().then_some(())
+    });
+    assert!(
+        found.is_some(),
+        "{what}: no peer link across the network between {missing:?}, which run on different \
+         agents; links seen between containers: {linked:?}\nplacement: {placed:?}"
+    );
+    let mut figures = Map::new();
+    figures.insert("agents".into(), json!(used));
+    for (edge, (pairs, across)) in &crossing {
+        figures.insert(
+            edge.clone(),
+            json!({"pairs": pairs, "across_agents": across.len()}),
+        );
+    }
+    figures.insert("checked_ms".into(), json!(ms(started.elapsed())));
+    Value::Object(figures)
+}
+
 /// Uploads the word count package and deploys it; returns its hash.
 fn deploy(cluster: &Cluster) -> String {
     let manifest = Manifest {
@@ -181,7 +397,18 @@ fn deploy(cluster: &Cluster) -> String {
     );
     // Word count's output task counts into this Redis (the compose network's).
     let env = json!({"WORDCOUNT_REDIS": "redis://redis:6379"});
-    let body = json!({"name": TOPOLOGY, "package": hash, "config": OVERRIDES, "env": env});
+    let config = format!("max_pending = {MAX_PENDING}\n{OVERRIDES}");
+    let workers: Map<String, Value> = WORKERS
+        .iter()
+        .map(|(task, n)| ((*task).to_owned(), json!(n)))
+        .collect();
+    let body = json!({
+        "name": TOPOLOGY,
+        "package": hash,
+        "config": config,
+        "workers": workers.clone(),
+        "env": env,
+    });
     let r = cluster.post(
         "/api/v1/topologies",
         &serde_json::to_vec(&body).expect("JSON"),
@@ -189,10 +416,19 @@ fn deploy(cluster: &Cluster) -> String {
     assert_eq!(r.status, 201, "deploying: {}", r.body);
     let upload_ms = ms(started.elapsed());
     let started = Instant::now();
-    wait_for(
+    let detail = wait_for(
         "word count running on the cluster",
         Duration::from_secs(180),
-        || all_running(&topology(cluster)?, PROCESSES),
+        || {
+            let d = topology(cluster)?;
+            all_running(&d, PROCESSES)?;
+            Some(d)
+        },
+    );
+    assert_eq!(
+        detail["workers"],
+        Value::Object(workers),
+        "the deploy's worker counts"
     );
     report_line(&json!({
         "step": "deploy",
@@ -276,11 +512,13 @@ impl Run<'_> {
                     .then_some(())
             },
         );
+        let mesh = check_mesh(self.cluster, &format!("{fault}: before the fault"));
         let f = Fault {
             at: feeder.progress(),
             t0: Instant::now(),
         };
         let mut figures = strike(self, &f);
+        figures.insert("mesh_before".into(), mesh);
         let feed = feeder.finish();
 
         let settled = try_wait_for(RECOVERY_BOUND, || {
@@ -364,6 +602,7 @@ fn agent_kill(run: &mut Run, f: &Fault) -> Map<String, Value> {
     );
     let replaced_ms = ms(f.t0.elapsed());
     wait_each_process_once(cluster, "after the agent was killed");
+    let mesh_after = check_mesh(cluster, "agent-kill: after re-placement");
     let recovery_ms = run.recovered("agent-kill", f);
 
     cluster.docker_on(&["start"], &service);
@@ -379,6 +618,7 @@ fn agent_kill(run: &mut Run, f: &Fault) -> Map<String, Value> {
     m.insert("replaced_ms".into(), json!(replaced_ms));
     m.insert("recovery_ms".into(), json!(recovery_ms));
     m.insert("rejoined_ms".into(), json!(rejoined_ms));
+    m.insert("mesh_after".into(), mesh_after);
     assert!(moved > 0, "the killed agent ran nothing");
     m
 }
@@ -401,6 +641,9 @@ fn network_cut(run: &mut Run, f: &Fault) -> Map<String, Value> {
         },
     );
     let replaced_ms = ms(f.t0.elapsed());
+    // Among the agents still on the network (the cut-off one's processes
+    // run on, unreachable, and are not looked at).
+    let mesh_after = check_mesh(cluster, "network-cut: after re-placement");
     let recovery_ms = run.recovered("network-cut", f);
     // Cut off, it cannot hear that its processes moved: they still run.
     let stale = cluster.processes_in(&service).map_or(0, |p| p.len());
@@ -421,6 +664,7 @@ fn network_cut(run: &mut Run, f: &Fault) -> Map<String, Value> {
     m.insert("stale_while_cut".into(), json!(stale));
     m.insert("rejoined_ms".into(), json!(rejoined_ms));
     m.insert("no_duplicate_process_ms".into(), json!(once_ms));
+    m.insert("mesh_after".into(), mesh_after);
     assert!(moved > 0, "the cut-off agent ran nothing");
     assert!(
         stale > 0,
@@ -596,6 +840,9 @@ fn wordcount_loses_no_sentence_to_killed_or_cut_off_agents_or_restarts() {
                 && w[1..].bytes().all(|b| b.is_ascii_digit()))),
         "a sentence has a word like the markers"
     );
+    // The most word occurrences (other than its marker) one sentence holds:
+    // a replayed sentence counts each of them at most once more.
+    let max_words = base.iter().map(|s| words(s).len()).max().unwrap_or(0) as u64;
     let mut run = Run {
         cluster: &cluster,
         redis: None,
@@ -639,6 +886,19 @@ fn wordcount_loses_no_sentence_to_killed_or_cut_off_agents_or_restarts() {
                 && r["dead_lettered"] == json!(0)
                 && r["settled"] == json!(true),
             "sentences lost in {}: {r}\nall faults: {:#?}",
+            r["fault"],
+            run.reports
+        );
+        // At least once, and no more than once more for what was in flight
+        // when the fault struck: a lost worker's roots are replayed by the
+        // server, a lost server's (or failed ones) are redelivered by Redis,
+        // and the server never has more than max_pending roots out.
+        let duplicates = r["duplicates"].as_u64().unwrap_or(u64::MAX);
+        let words_duplicated = r["words_duplicated"].as_u64().unwrap_or(u64::MAX);
+        assert!(
+            duplicates <= MAX_PENDING && words_duplicated <= MAX_PENDING * max_words,
+            "{} duplicated more than was in flight (max_pending {MAX_PENDING} sentences of at \
+             most {max_words} words): {r}\nall faults: {:#?}",
             r["fault"],
             run.reports
         );

@@ -538,6 +538,31 @@ impl Cluster {
         Some(out.stdout.lines().filter_map(process_identity).collect())
     }
 
+    /// The established TCP connections of the topology processes in
+    /// `service`'s container, read from its `/proc` (`net/tcp`, `net/tcp6`
+    /// and each process's socket descriptors). None when it cannot be read
+    /// (the container is not running).
+    pub fn connections_in(&self, service: &str) -> Option<Vec<Connection>> {
+        let script = r#"
+for t in /proc/net/tcp /proc/net/tcp6; do [ -r "$t" ] && sed 's/^/T /' "$t"; done
+for p in /proc/[0-9]*; do
+  pid=${p#/proc/}
+  c=$(tr '\000' ' ' < "$p/cmdline" 2>/dev/null) || continue
+  case "$c" in *"/packages/"*) ;; *) continue ;; esac
+  echo "P $pid $c"
+  ls -l "$p/fd" 2>/dev/null | sed -n "s/.*socket:\[\([0-9]*\)\].*/S $pid \1/p"
+done
+"#;
+        let out = docker(
+            &["exec", &self.container(service), "sh", "-c", script],
+            Duration::from_secs(30),
+        );
+        if !out.ok && out.stdout.is_empty() {
+            return None;
+        }
+        Some(parse_connections(&out.stdout))
+    }
+
     /// Every topology process in every running agent container, with the
     /// services it runs in.
     pub fn processes(&self) -> BTreeMap<String, Vec<String>> {
@@ -714,6 +739,94 @@ fn reap_dead_runs(compose: &[String]) {
     }
 }
 
+/// An established TCP connection of a topology process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Connection {
+    /// Its own end, `ip:port`.
+    pub local: String,
+    /// The other end, `ip:port`.
+    pub remote: String,
+    /// The process holding it: `server`, `TASK/INSTANCE`.
+    pub process: String,
+}
+
+/// `0100007F:1F90` (IPv4) or a 32-digit IPv6 address of `/proc/net/tcp6`
+/// -> `127.0.0.1:8080`; an IPv4-mapped IPv6 address reads as IPv4.
+fn proc_address(field: &str) -> Option<String> {
+    let (ip, port) = field.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    // Each 32-bit word is in the kernel's (little-endian) byte order.
+    let word = |hex: &str| u32::from_str_radix(hex, 16).ok().map(u32::to_le_bytes);
+    let ip = match ip.len() {
+        8 => std::net::IpAddr::from(word(ip)?),
+        32 => {
+            let mut bytes = [0u8; 16];
+            for (i, chunk) in bytes.chunks_mut(4).enumerate() {
+                chunk.copy_from_slice(&word(ip.get(i * 8..i * 8 + 8)?)?);
+            }
+            let v6 = std::net::Ipv6Addr::from(bytes);
+            v6.to_ipv4_mapped()
+                .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4)
+        }
+        _ => return None,
+    };
+    Some(std::net::SocketAddr::new(ip, port).to_string())
+}
+
+/// The output of [`Cluster::connections_in`]'s script: `T` lines of
+/// `/proc/net/tcp*`, `P PID CMDLINE` and `S PID INODE` lines.
+fn parse_connections(text: &str) -> Vec<Connection> {
+    // inode -> (local, remote) of the established sockets.
+    let mut sockets: BTreeMap<u64, (String, String)> = BTreeMap::new();
+    let mut identity: BTreeMap<u64, String> = BTreeMap::new();
+    let mut owned: Vec<(u64, u64)> = Vec::new();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        match words.next() {
+            Some("T") => {
+                let f: Vec<&str> = words.collect();
+                // sl local rem st tx:rx tr:when retrnsmt uid timeout inode
+                if f.len() < 10 || f[3] != "01" {
+                    continue;
+                }
+                if let (Some(local), Some(remote), Ok(inode)) =
+                    (proc_address(f[1]), proc_address(f[2]), f[9].parse())
+                {
+                    sockets.insert(inode, (local, remote));
+                }
+            }
+            Some("P") => {
+                let Some(pid) = words.next().and_then(|p| p.parse().ok()) else {
+                    continue;
+                };
+                let cmdline = words.collect::<Vec<_>>().join(" ");
+                if let Some(id) = process_identity(&cmdline) {
+                    identity.insert(pid, id);
+                }
+            }
+            Some("S") => {
+                if let (Some(Ok(pid)), Some(Ok(inode))) =
+                    (words.next().map(str::parse), words.next().map(str::parse))
+                {
+                    owned.push((pid, inode));
+                }
+            }
+            _ => {}
+        }
+    }
+    owned
+        .into_iter()
+        .filter_map(|(pid, inode)| {
+            let (local, remote) = sockets.get(&inode)?.clone();
+            Some(Connection {
+                local,
+                remote,
+                process: identity.get(&pid)?.clone(),
+            })
+        })
+        .collect()
+}
+
 /// `agent2:7400` -> `agent2`.
 fn service_of(address: &str) -> String {
     address
@@ -746,5 +859,64 @@ fn process_identity(cmdline: &str) -> Option<String> {
             ))
         }
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_proc_net_tcp_addresses() {
+        assert_eq!(
+            proc_address("0100007F:1F90").as_deref(),
+            Some("127.0.0.1:8080")
+        );
+        assert_eq!(
+            proc_address("040012AC:1D4F").as_deref(),
+            Some("172.18.0.4:7503")
+        );
+        assert_eq!(
+            proc_address("0000000000000000FFFF0000040012AC:1D4F").as_deref(),
+            Some("172.18.0.4:7503")
+        );
+        assert_eq!(
+            proc_address("00000000000000000000000001000000:0050").as_deref(),
+            Some("[::1]:80")
+        );
+        assert_eq!(proc_address("zz:1"), None);
+    }
+
+    #[test]
+    fn joins_sockets_to_the_processes_holding_them() {
+        let text = "\
+T   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+T    0: 00000000:1D4F 00000000:0000 0A 00000000:00000000 00:00000000 00000000   999        0 100 1 0 100 0 0 10 0
+T    1: 040012AC:1D4F 030012AC:AF74 01 00000000:00000000 00:00000000 00000000   999        0 101 1 0 20 4 16 18 -1
+T    2: 040012AC:BE16 020012AC:1D4D 01 00000000:00000000 00:00000000 00000000   999        0 102 1 0 20 4 16 18 -1
+T    3: 040012AC:1CE8 020012AC:AD7E 06 00000000:00000000 03:00001346 00000000     0        0 0 3 0
+P 7 /var/lib/tempest-agent/packages/abc/wordcount task --name count --topology-addr agent1:7501 --instance 2 --instances 3
+S 7 100
+S 7 101
+P 9 /var/lib/tempest-agent/packages/abc/wordcount topology --host 0.0.0.0 --port 7501
+S 9 102
+P 11 tempest-agent --config /etc/tempest/agent1.toml
+S 11 103
+";
+        assert_eq!(
+            parse_connections(text),
+            vec![
+                Connection {
+                    local: "172.18.0.4:7503".into(),
+                    remote: "172.18.0.3:44916".into(),
+                    process: "count/2".into(),
+                },
+                Connection {
+                    local: "172.18.0.4:48662".into(),
+                    remote: "172.18.0.2:7501".into(),
+                    process: "server".into(),
+                },
+            ]
+        );
     }
 }
