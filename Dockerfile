@@ -23,7 +23,10 @@ COPY target/${PROFILE}/tempest-director target/${PROFILE}/tempest-agent target/$
 
 USER tempest
 WORKDIR /var/lib/tempest
-# The director's API and UI; an agent's API (topology servers take ports
-# from the agents' port_range, 7500-7599 in docker/cluster).
-EXPOSE 7300 7400
+# The director's API and UI; an agent's API; the ports an agent gives its
+# processes from its port_range (7500-7599 in docker/cluster): topology
+# servers' ports and task workers' peer ports, which workers on the other
+# agents' containers connect to. (EXPOSE only documents them: containers on
+# one network reach each other's ports without publishing.)
+EXPOSE 7300 7400 7500-7599
 CMD ["tempest-director", "--listen", "0.0.0.0:7300", "--data-dir", "/var/lib/tempest-director"]
