@@ -1,0 +1,806 @@
+//! `PROTOCOL.md` pinned: the byte examples it shows are exactly what the
+//! codec writes and reads (a change to the document or to the codec breaks
+//! this test), its tables of frames and error codes match the enums, the
+//! fast paths write postcard's bytes, and the algorithms it spells out for
+//! other implementations (key grouping, slot bits) are the ones the code
+//! runs.
+
+use std::collections::BTreeSet;
+
+use bytes::BytesMut;
+use proptest::prelude::*;
+use tempest_core::ledger::slot_bit;
+use tempest_core::msg::key_instance;
+use tempest_core::{Bytes, Delivery, Grouping, Msg, RootId};
+use tempest_transport::codec::{
+    check_magic_version, frame_size, peek_hello_version, FrameCodec, WireError,
+};
+use tempest_transport::wire::{
+    Ack, Deliveries, ErrorCode, Fail, Fixed, Frame, Hello, Members, PeerHello, PeerWelcome, Report,
+    Role, SlotInfo, SlotRef, TaskMembers, Welcome, WireDag, WireEdge, WireTask, WorkerHello, MAGIC,
+    PROTOCOL_VERSION,
+};
+use tokio_util::codec::{Decoder, Encoder};
+
+const PROTOCOL_MD: &str = include_str!("../../PROTOCOL.md");
+
+// ---------------------------------------------------------------------------
+// Reading PROTOCOL.md
+// ---------------------------------------------------------------------------
+
+/// The lines of the fenced block that follows `<!-- example: NAME -->`.
+fn example_block(name: &str) -> Vec<&'static str> {
+    let marker = format!("<!-- example: {name} -->");
+    let at = PROTOCOL_MD
+        .find(&marker)
+        .unwrap_or_else(|| panic!("PROTOCOL.md has no example `{name}`"));
+    let mut lines = PROTOCOL_MD[at + marker.len()..].lines().skip(1);
+    let fence = lines.next().unwrap_or_default();
+    assert!(
+        fence.starts_with("```"),
+        "example `{name}`: a fenced block must follow its marker, found {fence:?}"
+    );
+    lines.take_while(|l| !l.starts_with("```")).collect()
+}
+
+/// The bytes an example of PROTOCOL.md shows: every line of its block is
+/// hex bytes separated by single spaces, then optionally two or more spaces
+/// and a note.
+fn doc_bytes(name: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    for line in example_block(name) {
+        let hex = line.split("  ").next().unwrap_or_default();
+        for token in hex.split(' ') {
+            let ok = token.len() == 2 && token.bytes().all(|b| b.is_ascii_hexdigit());
+            assert!(
+                ok,
+                "example `{name}`: {line:?} is not a line of bytes (`{token}`)"
+            );
+            out.push(u8::from_str_radix(token, 16).expect("hex"));
+        }
+    }
+    out
+}
+
+/// Every example name PROTOCOL.md has.
+fn doc_example_names() -> BTreeSet<String> {
+    PROTOCOL_MD
+        .match_indices("<!-- example: ")
+        .map(|(at, m)| {
+            let rest = &PROTOCOL_MD[at + m.len()..];
+            rest[..rest.find(" -->").expect("marker closes")].to_owned()
+        })
+        .collect()
+}
+
+/// The rows of the first markdown table after `heading` whose first cell
+/// is a number: (number, the other cells, trimmed).
+fn table_rows(heading: &str) -> Vec<(u32, Vec<String>)> {
+    let at = PROTOCOL_MD
+        .find(heading)
+        .unwrap_or_else(|| panic!("PROTOCOL.md has no {heading:?}"));
+    PROTOCOL_MD[at..]
+        .lines()
+        .skip_while(|l| !l.starts_with('|'))
+        .take_while(|l| l.starts_with('|'))
+        .filter_map(|l| {
+            let cells: Vec<String> = l
+                .trim_matches('|')
+                .split(" | ")
+                .map(|c| c.trim().to_owned())
+                .collect();
+            let n = cells.first()?.parse().ok()?;
+            Some((n, cells[1..].to_vec()))
+        })
+        .collect()
+}
+
+/// The name in the first backticks of a cell.
+fn ticked(cell: &str) -> &str {
+    cell.split('`').nth(1).unwrap_or("")
+}
+
+// ---------------------------------------------------------------------------
+// The examples
+// ---------------------------------------------------------------------------
+
+const SESSION: u64 = 0x9f3a_1c2d_4e5f_6071;
+const ROOT_COW: u64 = 0x0000_002b_0000_0005;
+const ROOT_MOO: u64 = 0x0000_0031_0000_0009;
+const EDGE_COW: u64 = 0x1122_3344_5566_7788;
+const EDGE_MOO: u64 = 0x0102_0304_0506_0708;
+const EDGE_CHILD: u64 = 0xaabb_ccdd_eeff_0011;
+
+fn slot(task: u32, instance: u32, incarnation: u32) -> SlotRef {
+    SlotRef {
+        task,
+        instance,
+        incarnation,
+    }
+}
+
+fn token() -> Option<String> {
+    Some("s3cret".into())
+}
+
+/// The examples of PROTOCOL.md: name, frame, and its bytes, written out
+/// here as well so that the document, this list and the codec must agree.
+fn examples() -> Vec<(&'static str, Frame, Vec<u8>)> {
+    let message = "the peer speaks protocol version 1, this side speaks version 2";
+    vec![
+        (
+            "worker-hello",
+            Frame::Hello(Hello::new(
+                "wc",
+                token(),
+                Role::Worker(WorkerHello {
+                    task: "count".into(),
+                    instance: Some(1),
+                    instances: 2,
+                    layout: 3,
+                    peer: "h1:7001".into(),
+                }),
+            )),
+            [
+                &[0x00, 0x00, 0x00, 0x25][..],                     // length 37
+                &[0x00],                                           // Hello
+                &[0xd0, 0x9a, 0x95, 0xa2, 0x05],                   // magic
+                &[0x02],                                           // version 2
+                &[0x02, b'w', b'c'],                               // topology
+                &[0x01, 0x06, b's', b'3', b'c', b'r', b'e', b't'], // token
+                &[0x00],                                           // Worker
+                &[0x05, b'c', b'o', b'u', b'n', b't'],             // task
+                &[0x01, 0x01],                                     // instance Some(1)
+                &[0x02],                                           // instances
+                &[0x03],                                           // layout
+                &[0x07, b'h', b'1', b':', b'7', b'0', b'0', b'1'], // peer
+            ]
+            .concat(),
+        ),
+        (
+            "welcome",
+            Frame::Welcome(Welcome {
+                instance: 1,
+                incarnation: 3,
+                session: SESSION,
+                heartbeat_ms: 1000,
+                batch_size: 256,
+                dag: WireDag {
+                    tasks: vec![
+                        WireTask {
+                            name: "split".into(),
+                            edges: vec![WireEdge {
+                                to: 1,
+                                grouping: Grouping::Key,
+                            }],
+                        },
+                        WireTask {
+                            name: "count".into(),
+                            edges: vec![WireEdge {
+                                to: 2,
+                                grouping: Grouping::Key,
+                            }],
+                        },
+                        WireTask {
+                            name: "output".into(),
+                            edges: vec![],
+                        },
+                    ],
+                    root: 0,
+                },
+                members: Members {
+                    epoch: 7,
+                    tasks: vec![
+                        TaskMembers {
+                            instances: 1,
+                            layout: 0,
+                            slots: vec![SlotInfo {
+                                incarnation: 0,
+                                peer: Some("h0:7000".into()),
+                            }],
+                        },
+                        TaskMembers {
+                            instances: 2,
+                            layout: 3,
+                            slots: vec![
+                                SlotInfo {
+                                    incarnation: 2,
+                                    peer: Some("h2:7002".into()),
+                                },
+                                SlotInfo {
+                                    incarnation: 3,
+                                    peer: Some("h1:7001".into()),
+                                },
+                            ],
+                        },
+                        TaskMembers {
+                            instances: 1,
+                            layout: 0,
+                            slots: vec![SlotInfo {
+                                incarnation: 0,
+                                peer: None,
+                            }],
+                        },
+                    ],
+                },
+            }),
+            [
+                &[0x00, 0x00, 0x00, 0x58][..], // length 88
+                &[0x01],                       // Welcome
+                &[0x01],                       // instance
+                &[0x03],                       // incarnation
+                &[0xf1, 0xc0, 0xfd, 0xf2, 0xd4, 0x85, 0x87, 0x9d, 0x9f, 0x01], // session
+                &[0xe8, 0x07],                 // heartbeat_ms
+                &[0x80, 0x02],                 // batch_size
+                &[0x03],                       // 3 tasks
+                &[0x05, b's', b'p', b'l', b'i', b't'], // split
+                &[0x01, 0x01, 0x01],           // -> 1 by key
+                &[0x05, b'c', b'o', b'u', b'n', b't'], // count
+                &[0x01, 0x02, 0x01],           // -> 2 by key
+                &[0x06, b'o', b'u', b't', b'p', b'u', b't'], // output
+                &[0x00],                       // no edges
+                &[0x00],                       // root 0
+                &[0x07],                       // epoch
+                &[0x03],                       // 3 tasks
+                &[0x01, 0x00],                 // split: 1, layout 0
+                &[
+                    0x01, 0x00, 0x01, 0x07, b'h', b'0', b':', b'7', b'0', b'0', b'0',
+                ],
+                &[0x02, 0x03], // count: 2, layout 3
+                &[
+                    0x02, 0x02, 0x01, 0x07, b'h', b'2', b':', b'7', b'0', b'0', b'2',
+                ],
+                &[0x03, 0x01, 0x07, b'h', b'1', b':', b'7', b'0', b'0', b'1'],
+                &[0x01, 0x00],       // output: 1, layout 0
+                &[0x01, 0x00, 0x00], // incarnation 0, nobody
+            ]
+            .concat(),
+        ),
+        (
+            "peer-hello",
+            Frame::Hello(Hello::new(
+                "wc",
+                token(),
+                Role::Peer(PeerHello {
+                    session: SESSION,
+                    from: Some(slot(0, 0, 0)),
+                    to: slot(1, 1, 3),
+                }),
+            )),
+            [
+                &[0x00, 0x00, 0x00, 0x24][..],                     // length 36
+                &[0x00],                                           // Hello
+                &[0xd0, 0x9a, 0x95, 0xa2, 0x05],                   // magic
+                &[0x02],                                           // version 2
+                &[0x02, b'w', b'c'],                               // topology
+                &[0x01, 0x06, b's', b'3', b'c', b'r', b'e', b't'], // token
+                &[0x01],                                           // Peer
+                &[0xf1, 0xc0, 0xfd, 0xf2, 0xd4, 0x85, 0x87, 0x9d, 0x9f, 0x01], // session
+                &[0x01, 0x00, 0x00, 0x00],                         // from Some(0/0/0)
+                &[0x01, 0x01, 0x03],                               // to 1/1/3
+            ]
+            .concat(),
+        ),
+        (
+            "peer-welcome",
+            Frame::PeerWelcome(PeerWelcome {
+                credit: 4,
+                heartbeat_ms: 1000,
+            }),
+            vec![0x00, 0x00, 0x00, 0x04, 0x03, 0x04, 0xe8, 0x07],
+        ),
+        (
+            "batch",
+            Frame::Batch(Deliveries(vec![
+                Delivery {
+                    root: RootId(ROOT_COW),
+                    edge: EDGE_COW,
+                    msg: Msg::keyed_by_payload("cow"),
+                },
+                Delivery {
+                    root: RootId(ROOT_MOO),
+                    edge: EDGE_MOO,
+                    msg: Msg::new("moo"),
+                },
+            ])),
+            [
+                &[0x00, 0x00, 0x00, 0x2c][..],                     // length 44
+                &[0x04],                                           // Batch
+                &[0x02],                                           // 2 messages
+                &[0x05, 0x00, 0x00, 0x00, 0x2b, 0x00, 0x00, 0x00], // root
+                &[0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11], // edge
+                &[0x02],                                           // key = payload
+                &[0x03, b'c', b'o', b'w'],                         // payload
+                &[0x09, 0x00, 0x00, 0x00, 0x31, 0x00, 0x00, 0x00], // root
+                &[0x08, 0x07, 0x06, 0x05, 0x04, 0x03, 0x02, 0x01], // edge
+                &[0x00],                                           // no key
+                &[0x03, b'm', b'o', b'o'],                         // payload
+            ]
+            .concat(),
+        ),
+        (
+            "credit",
+            Frame::Credit { batches: 1 },
+            vec![0x00, 0x00, 0x00, 0x02, 0x05, 0x01],
+        ),
+        (
+            "report",
+            Frame::Report(Report {
+                dests: vec![slot(2, 0, 0)],
+                acks: vec![Ack {
+                    root: Fixed(ROOT_COW),
+                    xor: Fixed(EDGE_COW ^ EDGE_CHILD),
+                    slots: slot_bit(2, 0),
+                }],
+                fails: vec![Fail {
+                    root: Fixed(ROOT_MOO),
+                    message: "bad input".into(),
+                    retryable: false,
+                }],
+            }),
+            [
+                &[0x00, 0x00, 0x00, 0x2f][..],                     // length 47
+                &[0x06],                                           // Report
+                &[0x01],                                           // 1 dest
+                &[0x02, 0x00, 0x00],                               // 2/0/0
+                &[0x01],                                           // 1 ack
+                &[0x05, 0x00, 0x00, 0x00, 0x2b, 0x00, 0x00, 0x00], // root
+                &[0x99, 0x77, 0x99, 0xbb, 0x99, 0xff, 0x99, 0xbb], // xor
+                &[0x80, 0x80, 0x80, 0x80, 0x40],                   // slots 1 << 34
+                &[0x01],                                           // 1 fail
+                &[0x09, 0x00, 0x00, 0x00, 0x31, 0x00, 0x00, 0x00], // root
+                &[0x09, b'b', b'a', b'd', b' ', b'i', b'n', b'p', b'u', b't'],
+                &[0x00], // retryable: false
+            ]
+            .concat(),
+        ),
+        (
+            "link-lost",
+            Frame::LinkLost(slot(2, 0, 0)),
+            vec![0x00, 0x00, 0x00, 0x04, 0x07, 0x02, 0x00, 0x00],
+        ),
+        (
+            "heartbeat",
+            Frame::Heartbeat { seq: 1 },
+            vec![0x00, 0x00, 0x00, 0x02, 0x08, 0x01],
+        ),
+        (
+            "heartbeat-ack",
+            Frame::HeartbeatAck { seq: 1 },
+            vec![0x00, 0x00, 0x00, 0x02, 0x09, 0x01],
+        ),
+        (
+            "shutdown",
+            Frame::Shutdown {
+                reason: "bye".into(),
+            },
+            vec![0x00, 0x00, 0x00, 0x05, 0x0b, 0x03, b'b', b'y', b'e'],
+        ),
+        (
+            "goodbye",
+            Frame::Goodbye,
+            vec![0x00, 0x00, 0x00, 0x01, 0x0a],
+        ),
+        (
+            "error",
+            Frame::error(ErrorCode::VersionMismatch, message),
+            [
+                &[0x00, 0x00, 0x00, 0x41][..], // length 65
+                &[0x0c],                       // Error
+                &[0x01],                       // VersionMismatch
+                &[0x3e],                       // 62 bytes
+                message.as_bytes(),
+            ]
+            .concat(),
+        ),
+    ]
+}
+
+/// A version 1 worker's `Hello`, as version 1's PROTOCOL.md pinned it.
+const V1_HELLO: &[u8] = &[
+    0x00, 0x00, 0x00, 0x12, // length 18
+    0x00, // Hello
+    0xd0, 0x9a, 0x95, 0xa2, 0x05, // magic
+    0x01, // version 1
+    0x02, b'w', b'c', // topology
+    0x05, b's', b'p', b'l', b'i', b't', // task
+    0x00, // instance: None
+    0x00, // token: None
+];
+
+fn encode(frame: &Frame) -> BytesMut {
+    let mut buf = BytesMut::new();
+    FrameCodec::default()
+        .encode_ref(frame, &mut buf)
+        .unwrap_or_else(|e| panic!("{}: {e}", frame.name()));
+    buf
+}
+
+fn decode_all(bytes: &[u8]) -> Result<Vec<Frame>, WireError> {
+    let mut codec = FrameCodec::default();
+    let mut buf = BytesMut::from(bytes);
+    let mut out = Vec::new();
+    while let Some(f) = codec.decode_eof(&mut buf)? {
+        out.push(f);
+    }
+    Ok(out)
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter()
+        .map(|x| format!("{x:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+// ---------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------
+
+#[test]
+fn the_examples_are_what_the_codec_writes_and_reads() {
+    for (name, frame, bytes) in examples() {
+        let written = encode(&frame);
+        assert_eq!(
+            hex(&written),
+            hex(&bytes),
+            "example `{name}`: the codec writes other bytes"
+        );
+        assert_eq!(
+            hex(&doc_bytes(name)),
+            hex(&bytes),
+            "example `{name}`: PROTOCOL.md shows other bytes"
+        );
+        // The length prefix counts the body.
+        let len = u32::from_be_bytes(bytes[..4].try_into().expect("4 bytes")) as usize;
+        assert_eq!(len, bytes.len() - 4, "example `{name}`: length prefix");
+        assert_eq!(frame_size(&frame), len, "example `{name}`: frame_size");
+        // The body is postcard's, whichever path the codec took.
+        let body = postcard::to_stdvec(&frame).expect("postcard");
+        assert_eq!(hex(&body), hex(&bytes[4..]), "example `{name}`: postcard");
+        assert_eq!(
+            postcard::from_bytes::<Frame>(&bytes[4..]).ok().as_ref(),
+            Some(&frame),
+            "example `{name}`: postcard reads it back"
+        );
+        // The Encoder writes the same.
+        let mut buf = BytesMut::new();
+        FrameCodec::default()
+            .encode(frame.clone(), &mut buf)
+            .expect("encode");
+        assert_eq!(&buf[..], &bytes[..], "example `{name}`: Encoder::encode");
+        // And it reads back: alone, and two in a row.
+        assert_eq!(
+            decode_all(&bytes).expect("decode"),
+            std::slice::from_ref(&frame),
+            "example `{name}`"
+        );
+        let twice = [&bytes[..], &bytes[..]].concat();
+        assert_eq!(
+            decode_all(&twice).expect("decode"),
+            [frame.clone(), frame],
+            "example `{name}`"
+        );
+    }
+}
+
+#[test]
+fn every_example_in_the_document_is_pinned() {
+    let pinned: BTreeSet<String> = examples()
+        .iter()
+        .map(|(n, _, _)| n.to_string())
+        .chain(["v1-hello".to_string()])
+        .collect();
+    assert_eq!(doc_example_names(), pinned);
+    let required = [
+        "worker-hello",
+        "peer-hello",
+        "credit",
+        "batch",
+        "report",
+        "error",
+    ];
+    for name in required {
+        assert!(pinned.contains(name), "{name}");
+    }
+}
+
+#[test]
+fn the_examples_say_what_the_document_says_they_do() {
+    let ex = examples();
+    let frame = |n: &str| {
+        ex.iter()
+            .find(|(name, _, _)| *name == n)
+            .map(|(_, f, _)| f.clone())
+            .expect("example")
+    };
+    // Both Hellos are variant 0 with magic and version in front.
+    for name in ["worker-hello", "peer-hello"] {
+        let bytes = doc_bytes(name);
+        assert_eq!(bytes[4], 0, "{name}: Hello is variant 0");
+        assert_eq!(
+            peek_hello_version(&bytes[4..]),
+            Some((MAGIC, PROTOCOL_VERSION)),
+            "{name}"
+        );
+    }
+    // The batch: one key is the payload (tag 2), the other message has none (tag 0).
+    let Frame::Batch(Deliveries(ds)) = frame("batch") else {
+        panic!("batch")
+    };
+    assert_eq!(ds[0].msg.key(), Some(ds[0].msg.payload()));
+    assert_eq!(ds[1].msg.key(), None);
+    let bytes = doc_bytes("batch");
+    assert_eq!((bytes[4 + 2 + 16], bytes[4 + 2 + 16 + 1 + 4 + 16]), (2, 0));
+    // The report's ack: the child went to output/0, whose bit is 1 << 34,
+    // and the ack's XOR is the handled edge id's and the child's.
+    assert_eq!(slot_bit(2, 0), 1 << 34);
+    let Frame::Report(r) = frame("report") else {
+        panic!("report")
+    };
+    assert_eq!(r.acks[0].xor.0, 0xbb99_ff99_bb99_7799);
+    assert_eq!(r.acks[0].xor.0 ^ EDGE_CHILD, EDGE_COW);
+    assert_eq!(r.dests, [slot(2, 0, 0)]);
+    // The Welcome's slot for count/1 is the worker's own incarnation.
+    let Frame::Welcome(w) = frame("welcome") else {
+        panic!("welcome")
+    };
+    let me = &w.members.tasks[1].slots[w.instance as usize];
+    assert_eq!(me.incarnation, w.incarnation);
+    assert_eq!(me.peer.as_deref(), Some("h1:7001"));
+}
+
+#[test]
+fn a_version_1_hello_gets_the_documented_error() {
+    let bytes = doc_bytes("v1-hello");
+    assert_eq!(bytes, V1_HELLO, "PROTOCOL.md shows version 1's bytes");
+    assert_eq!(peek_hello_version(&bytes[4..]), Some((MAGIC, 1)));
+    let err = decode_all(&bytes).expect_err("a version 1 Hello is refused");
+    assert!(
+        matches!(err, WireError::Version { theirs: 1, ours: 2 }),
+        "{err:?}"
+    );
+    assert_eq!(err.code(), ErrorCode::VersionMismatch);
+    // The Error a refusal sends is the documented one, byte for byte.
+    let refusal = err.frame();
+    assert_eq!(hex(&encode(&refusal)), hex(&doc_bytes("error")));
+    assert_eq!(decode_all(&doc_bytes("error")).expect("decode"), [refusal]);
+}
+
+/// One frame of every variant, in variant order.
+fn one_of_each() -> Vec<Frame> {
+    let ex = examples();
+    let by_name = |n: &str| {
+        ex.iter()
+            .find(|(name, _, _)| *name == n)
+            .map(|(_, f, _)| f.clone())
+            .expect("example")
+    };
+    vec![
+        by_name("worker-hello"),
+        by_name("welcome"),
+        Frame::Members(Members::default()),
+        by_name("peer-welcome"),
+        by_name("batch"),
+        by_name("credit"),
+        by_name("report"),
+        by_name("link-lost"),
+        by_name("heartbeat"),
+        by_name("heartbeat-ack"),
+        by_name("goodbye"),
+        by_name("shutdown"),
+        by_name("error"),
+    ]
+}
+
+#[test]
+fn the_frame_table_gives_every_variant_its_index() {
+    let rows = table_rows("| # | frame | link | dir | fields |");
+    let frames = one_of_each();
+    assert_eq!(rows.len(), frames.len(), "one row per frame variant");
+    for (i, frame) in frames.iter().enumerate() {
+        let body = &encode(frame)[4..];
+        assert_eq!(usize::from(body[0]), i, "{} is variant {i}", frame.name());
+        let (n, cells) = &rows[i];
+        assert_eq!(*n as usize, i, "row {i} of the frame table");
+        assert_eq!(
+            ticked(&cells[0]),
+            frame.name(),
+            "row {i} of the frame table"
+        );
+    }
+    // There is no variant after the last one in the table.
+    let mut buf = BytesMut::from(&[0, 0, 0, 1, frames.len() as u8][..]);
+    assert!(matches!(
+        FrameCodec::default().decode(&mut buf),
+        Err(WireError::Malformed(_))
+    ));
+}
+
+const ALL_CODES: [ErrorCode; 16] = [
+    ErrorCode::BadMagic,
+    ErrorCode::VersionMismatch,
+    ErrorCode::BadToken,
+    ErrorCode::UnknownTopology,
+    ErrorCode::UnknownTask,
+    ErrorCode::InstanceTaken,
+    ErrorCode::BadInstance,
+    ErrorCode::Malformed,
+    ErrorCode::FrameTooLarge,
+    ErrorCode::HandshakeTimeout,
+    ErrorCode::UnexpectedFrame,
+    ErrorCode::ShuttingDown,
+    ErrorCode::StaleLayout,
+    ErrorCode::LayoutConflict,
+    ErrorCode::WrongPeer,
+    ErrorCode::PipelineMismatch,
+];
+
+#[test]
+fn the_error_code_table_gives_every_code_its_index_and_fatality() {
+    let rows = table_rows("| # | code | added | on refusal | sent when |");
+    assert_eq!(rows.len(), ALL_CODES.len(), "one row per error code");
+    for (i, code) in ALL_CODES.into_iter().enumerate() {
+        assert_eq!(
+            postcard::to_stdvec(&code).expect("postcard"),
+            [i as u8],
+            "{code} is code {i}"
+        );
+        let (n, cells) = &rows[i];
+        assert_eq!(*n as usize, i);
+        assert_eq!(ticked(&cells[0]), code.as_str(), "row {i}");
+        let added = if i < 12 { "v1" } else { "v2" };
+        assert_eq!(cells[1], added, "{code} was added in {added}");
+        let fatal = if code.is_fatal() { "fatal" } else { "retry" };
+        assert_eq!(cells[2], fatal, "{code}");
+    }
+    // No code beyond the table: an Error with code 16 is malformed.
+    let mut buf = BytesMut::from(&[0, 0, 0, 3, 12, 16, 0][..]);
+    assert!(matches!(
+        FrameCodec::default().decode(&mut buf),
+        Err(WireError::Malformed(_))
+    ));
+    let mut buf = BytesMut::from(&[0, 0, 0, 3, 12, 15, 0][..]);
+    assert!(FrameCodec::default().decode(&mut buf).is_ok());
+}
+
+#[test]
+fn groupings_and_roles_are_encoded_as_documented() {
+    for (g, i) in [
+        (Grouping::Shuffle, 0u8),
+        (Grouping::Key, 1),
+        (Grouping::All, 2),
+    ] {
+        assert_eq!(postcard::to_stdvec(&g).expect("postcard"), [i], "{g}");
+    }
+    // The magic is "TEMP" in ASCII, and a version 2 Hello says 2.
+    assert_eq!(&MAGIC.to_be_bytes(), b"TEMP");
+    assert_eq!(PROTOCOL_VERSION, 2);
+    assert!(check_magic_version(MAGIC, 2).is_ok());
+    assert!(matches!(
+        check_magic_version(MAGIC, 1),
+        Err(WireError::Version { theirs: 1, ours: 2 })
+    ));
+    assert!(matches!(
+        check_magic_version(0x4854_5450, 2),
+        Err(WireError::BadMagic(0x4854_5450))
+    ));
+}
+
+/// `key_instance` as PROTOCOL.md spells it out for other implementations.
+fn documented_key_instance(key: &[u8], instances: u32) -> u32 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in key {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^= h >> 33;
+    ((u128::from(h) * u128::from(instances)) >> 64) as u32
+}
+
+#[test]
+fn key_grouping_and_slot_bits_are_as_documented() {
+    assert_eq!(documented_key_instance(b"cow", 2), key_instance(b"cow", 2));
+    assert_eq!(slot_bit(0, 0), 1);
+    assert_eq!(slot_bit(3, 13), 1 << 0, "3 x 17 + 13 = 64 folds to bit 0");
+}
+
+fn delivery() -> impl Strategy<Value = Delivery> {
+    let bytes = |max: usize| proptest::collection::vec(any::<u8>(), 0..max).prop_map(Bytes::from);
+    let msg = prop_oneof![
+        bytes(300).prop_map(Msg::new),
+        bytes(300).prop_map(Msg::keyed_by_payload),
+        (bytes(40), bytes(300)).prop_map(|(k, p)| Msg::new(p).with_key(k)),
+        // A key equal to the payload, in a buffer of its own.
+        bytes(40).prop_map(|p| Msg::new(p.clone()).with_key(Bytes::from(p.to_vec()))),
+    ];
+    (any::<u64>(), any::<u64>(), msg).prop_map(|(root, edge, msg)| Delivery {
+        root: RootId(root),
+        edge,
+        msg,
+    })
+}
+
+fn report() -> impl Strategy<Value = Report> {
+    let dest = any::<(u32, u32, u32)>().prop_map(|(t, i, n)| slot(t, i, n));
+    let ack = any::<(u64, u64, u64)>().prop_map(|(r, x, slots)| Ack {
+        root: Fixed(r),
+        xor: Fixed(x),
+        slots,
+    });
+    let fail = (any::<u64>(), ".{0,30}", any::<bool>()).prop_map(|(r, message, retryable)| Fail {
+        root: Fixed(r),
+        message,
+        retryable,
+    });
+    (
+        proptest::collection::vec(dest, 0..6),
+        proptest::collection::vec(ack, 0..20),
+        proptest::collection::vec(fail, 0..4),
+    )
+        .prop_map(|(dests, acks, fails)| Report { dests, acks, fails })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 256,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    /// The batch fast path writes exactly postcard's bytes for the same
+    /// frame, and both readers (the fast path and postcard through the
+    /// serde impl) give back an equal frame.
+    #[test]
+    fn the_batch_fast_path_is_postcard(ds in proptest::collection::vec(delivery(), 0..12)) {
+        let frame = Frame::Batch(Deliveries(ds));
+        let fast = encode(&frame);
+        let slow = postcard::to_stdvec(&frame).expect("postcard");
+        prop_assert_eq!(&fast[4..], &slow[..]);
+        prop_assert_eq!(frame_size(&frame), slow.len());
+        prop_assert_eq!(decode_all(&fast).expect("decode"), vec![frame.clone()]);
+        prop_assert_eq!(postcard::from_bytes::<Frame>(&slow).expect("postcard"), frame);
+    }
+
+    /// The same for reports.
+    #[test]
+    fn the_report_fast_path_is_postcard(r in report()) {
+        let frame = Frame::Report(r);
+        let fast = encode(&frame);
+        let slow = postcard::to_stdvec(&frame).expect("postcard");
+        prop_assert_eq!(&fast[4..], &slow[..]);
+        prop_assert_eq!(decode_all(&fast).expect("decode"), vec![frame.clone()]);
+        prop_assert_eq!(postcard::from_bytes::<Frame>(&slow).expect("postcard"), frame);
+    }
+
+    /// The key tag is 2 exactly when the key's bytes are the payload's.
+    #[test]
+    fn the_key_tag_follows_the_key(d in delivery()) {
+        let tag_at = 4 + 1 + 1 + 16;
+        let expect = match d.msg.key() {
+            None => 0,
+            Some(k) if k == d.msg.payload() => 2,
+            Some(_) => 1,
+        };
+        let bytes = encode(&Frame::Batch(Deliveries(vec![d])));
+        prop_assert_eq!(bytes[tag_at], expect);
+    }
+
+    #[test]
+    fn key_instance_is_the_documented_algorithm(
+        key in proptest::collection::vec(any::<u8>(), 0..40),
+        instances in 1u32..=1024,
+    ) {
+        prop_assert_eq!(key_instance(&key, instances), documented_key_instance(&key, instances));
+    }
+
+    #[test]
+    fn slot_bits_are_the_documented_fold(task in 0usize..1000, instance in 0u32..1024) {
+        let n = (task as u64 * 17 + u64::from(instance)) % 64;
+        prop_assert_eq!(slot_bit(task, instance), 1u64 << n);
+    }
+}
