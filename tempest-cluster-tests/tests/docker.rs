@@ -61,9 +61,8 @@ use tempest_control::Manifest;
 
 /// Sentences fed during each fault.
 const PER_FAULT: u64 = 50_000;
-/// Sentences fed per second: well under what the cluster handles (about
-/// 5,000/s with debug builds on two cores), so a backlog left by a fault is
-/// worked off.
+/// Sentences fed per second: well under what the cluster handles with
+/// debug builds on two cores, so a backlog left by a fault is worked off.
 const RATE: f64 = 2_000.0;
 /// The deploy's worker counts (the package's own are 1, 2, 1): enough
 /// instances that every task's run on more than one agent, and the
