@@ -474,11 +474,14 @@ struct Link {
 
 impl Link {
     async fn run(self) {
+        const MAX_BACKOFF: Duration = Duration::from_secs(1);
         let mut backoff = Duration::from_millis(20);
+        let mut warned = false;
         loop {
             match self.connect().await {
                 Ok((conn, credit, heartbeat)) => {
                     backoff = Duration::from_millis(20);
+                    warned = false;
                     self.outbox.links_out.add(1.0);
                     let why = self.send(conn, credit, heartbeat).await;
                     self.outbox.links_out.add(-1.0);
@@ -491,11 +494,22 @@ impl Link {
                     }
                 }
                 Err(why) => {
-                    tracing::debug!(to = ?self.to, peer = %self.peer, "peer link not up: {why}");
+                    // A receiver that has not heard of its own join yet is
+                    // routine; one still unreachable at the longest back-off
+                    // is an operator's problem (a wrong advertised address,
+                    // a firewall): say so, once per stretch of failures.
+                    if backoff == MAX_BACKOFF {
+                        if !warned {
+                            tracing::warn!(to = ?self.to, peer = %self.peer, "cannot open a peer link: {why}; messages for it wait");
+                            warned = true;
+                        }
+                    } else {
+                        tracing::debug!(to = ?self.to, peer = %self.peer, "peer link not up: {why}");
+                    }
                 }
             }
             tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(1));
+            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
 
