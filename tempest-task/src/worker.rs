@@ -31,7 +31,7 @@ use tempest_core::metrics::{Labels, Registry};
 use tempest_core::pipeline::{Dag, TaskIdx};
 use tempest_core::route::route;
 use tempest_core::{Handled, TaskContext};
-use tempest_transport::codec::delivery_size;
+use tempest_transport::codec::{delivery_size, report_size};
 use tempest_transport::inbox::{self, Identity, InBatch, InboxConfig};
 use tempest_transport::link::{self, Liveness};
 use tempest_transport::outbox::{Outbox, OutboxConfig};
@@ -420,8 +420,8 @@ async fn session(
     let lost = |e: tempest_transport::WireError| SessionEnd::Lost(e.to_string());
     let mut live = Liveness::new(heartbeat);
     let mut epoch = welcome.members.epoch;
-    // Reports merge up to about a quarter of a frame.
-    let report_limit = (max_frame / 4).max(1024) / 40;
+    // Reports merge up to a quarter of a frame; a larger one is split.
+    let budget = (max_frame / 4).max(1024);
     loop {
         if *shutdown.borrow() {
             let _ = conn.send(Frame::Goodbye).await;
@@ -432,22 +432,33 @@ async fn session(
                 let Some(first) = msg else { return SessionEnd::Lost("the handler stopped".into()) };
                 let mut pending = Some(first);
                 while let Some(m) = pending.take() {
-                    let frame = match m {
-                        ToServer::LinkLost(to) => Frame::LinkLost(to),
+                    let frames = match m {
+                        ToServer::LinkLost(to) => vec![Frame::LinkLost(to)],
                         ToServer::Report(mut r) => {
                             // Merge the reports waiting behind this one.
-                            while r.acks.len() + r.fails.len() < report_limit {
+                            let mut size = report_size(&r);
+                            while size < budget {
                                 match from_handler.try_recv() {
-                                    Ok(ToServer::Report(more)) => merge(&mut r, more),
+                                    Ok(ToServer::Report(more)) => {
+                                        let more_size = report_size(&more);
+                                        if size + more_size > budget {
+                                            pending = Some(ToServer::Report(more));
+                                            break;
+                                        }
+                                        size += more_size;
+                                        merge(&mut r, more);
+                                    }
                                     Ok(other) => { pending = Some(other); break; }
                                     Err(_) => break,
                                 }
                             }
-                            Frame::Report(r)
+                            split_report(r, budget).into_iter().map(Frame::Report).collect()
                         }
                     };
-                    if let Err(e) = conn.feed(frame).await {
-                        return lost(e);
+                    for frame in frames {
+                        if let Err(e) = conn.feed(frame).await {
+                            return lost(e);
+                        }
                     }
                     if pending.is_none() {
                         pending = from_handler.try_recv().ok();
@@ -508,6 +519,53 @@ async fn session(
 
 fn apply_members(outbox: &Outbox, m: &Members) {
     outbox.apply_members(m);
+}
+
+/// Splits a report too large for `budget` bytes into parts that fit (each
+/// with every destination, which the server needs beside each ack). A
+/// single entry always fits: failure messages are cut to
+/// [`MAX_FAIL_MESSAGE`] bytes.
+fn split_report(r: Report, budget: usize) -> Vec<Report> {
+    if report_size(&r) <= budget || r.acks.len() + r.fails.len() <= 1 {
+        return vec![r];
+    }
+    let Report { dests, acks, fails } = r;
+    let (mut acks_b, mut fails_b) = (acks, fails);
+    let (acks_a, fails_a): (Vec<Ack>, Vec<Fail>) = if acks_b.len() > 1 {
+        let rest = acks_b.split_off(acks_b.len() / 2);
+        (std::mem::replace(&mut acks_b, rest), Vec::new())
+    } else {
+        let rest = fails_b.split_off(fails_b.len() / 2);
+        (Vec::new(), std::mem::replace(&mut fails_b, rest))
+    };
+    let a = Report {
+        dests: dests.clone(),
+        acks: acks_a,
+        fails: fails_a,
+    };
+    let b = Report {
+        dests,
+        acks: acks_b,
+        fails: fails_b,
+    };
+    let mut out = split_report(a, budget);
+    out.extend(split_report(b, budget));
+    out
+}
+
+/// The longest failure message a report carries; longer ones are cut (on a
+/// character boundary) and marked.
+const MAX_FAIL_MESSAGE: usize = 1024;
+
+fn fail_message(message: &str) -> String {
+    if message.len() <= MAX_FAIL_MESSAGE {
+        return message.to_owned();
+    }
+    let mut end = MAX_FAIL_MESSAGE;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &message[..end], message.len())
 }
 
 fn merge(into: &mut Report, more: Report) {
@@ -625,7 +683,7 @@ impl Handler {
                 }
                 Err(e) => report.fails.push(Fail {
                     root: Fixed(root.0),
-                    message: e.message().to_owned(),
+                    message: fail_message(e.message()),
                     retryable: e.is_retryable(),
                 }),
             }
@@ -668,6 +726,52 @@ mod tests {
         assert_eq!(acks.len(), 3);
         assert_eq!((acks[0].xor.0, acks[0].slots), (0b0110, 5));
         assert_eq!(acks[2].root.0, 1);
+    }
+
+    #[test]
+    fn large_reports_split_into_parts_that_fit() {
+        let dest = SlotRef {
+            task: 1,
+            instance: 0,
+            incarnation: 3,
+        };
+        let r = Report {
+            dests: vec![dest],
+            acks: (0..1000)
+                .map(|i| Ack {
+                    root: Fixed(i),
+                    xor: Fixed(i),
+                    slots: 1,
+                })
+                .collect(),
+            fails: (0..10)
+                .map(|i| Fail {
+                    root: Fixed(5000 + i),
+                    message: fail_message(&"x".repeat(9 << 20)),
+                    retryable: true,
+                })
+                .collect(),
+        };
+        assert!(r
+            .fails
+            .iter()
+            .all(|f| f.message.len() < MAX_FAIL_MESSAGE + 32));
+        let budget = 4096;
+        let parts = split_report(r.clone(), budget);
+        assert!(parts.len() > 1);
+        assert!(parts
+            .iter()
+            .all(|p| report_size(p) <= budget && p.dests == [dest]));
+        let acks: Vec<_> = parts.iter().flat_map(|p| p.acks.clone()).collect();
+        let fails: Vec<_> = parts.iter().flat_map(|p| p.fails.clone()).collect();
+        assert_eq!(
+            (acks, fails),
+            (r.acks, r.fails),
+            "nothing lost or reordered"
+        );
+        assert_eq!(fail_message("héllo"), "héllo");
+        let cut = fail_message(&"é".repeat(1000));
+        assert!(cut.ends_with("… (2000 bytes)"), "{cut}");
     }
 
     #[test]

@@ -95,7 +95,26 @@ struct Slot {
 struct TaskLayout {
     instances: u32,
     layout: u64,
+    /// Above every incarnation a slot that went had used: a slot made again
+    /// (a shrink, then a grow) starts here, so a late report naming an old
+    /// incarnation is never taken for the new one's.
+    floor: u32,
     slots: Vec<Slot>,
+}
+
+impl TaskLayout {
+    /// Drops the slots beyond the count that nobody serves any more
+    /// (workers of a shrunk layout that have left), keeping their
+    /// incarnations below `floor`.
+    fn retire_idle(&mut self) {
+        while self.slots.len() > self.instances as usize
+            && self.slots.last().is_some_and(|s| s.conn.is_none())
+        {
+            if let Some(s) = self.slots.pop() {
+                self.floor = self.floor.max(s.incarnation.wrapping_add(1));
+            }
+        }
+    }
 }
 
 /// Everything behind the server's one lock.
@@ -160,13 +179,14 @@ impl Control {
         t.instances = instances;
         t.layout = layout;
         if t.slots.len() < instances as usize {
-            t.slots.resize(instances as usize, Slot::default());
+            let fresh = Slot {
+                incarnation: t.floor,
+                ..Slot::default()
+            };
+            t.slots.resize(instances as usize, fresh);
         }
         // Slots beyond the new count that nobody serves go; served ones drain.
-        while t.slots.len() > instances as usize && t.slots.last().is_some_and(|s| s.conn.is_none())
-        {
-            t.slots.pop();
-        }
+        t.retire_idle();
         if instances < old {
             // Upstreams drop what they had queued for the instances that go.
             let gone = Self::task_bits(task.get(), instances, old);
@@ -272,11 +292,7 @@ impl Control {
         slot.conn = None;
         slot.peer = None;
         slot.incarnation = slot.incarnation.wrapping_add(1);
-        while t.slots.len() > t.instances as usize
-            && t.slots.last().is_some_and(|s| s.conn.is_none())
-        {
-            t.slots.pop();
-        }
+        t.retire_idle();
         let why = match loss {
             Loss::Departure => format!("worker {name}/{instance} left"),
             Loss::Crash => format!("worker {name}/{instance} was lost"),
@@ -468,7 +484,7 @@ async fn handshake(conn: &mut link::Conn, shared: &Shared) -> Result<WorkerHello
         }
     };
     if let Err(e) = check_peer_address(&w.peer) {
-        return refuse(ErrorCode::Malformed, e);
+        return refuse(ErrorCode::BadAddress, e);
     }
     if *shared.stopping.borrow() {
         return refuse(
@@ -480,7 +496,7 @@ async fn handshake(conn: &mut link::Conn, shared: &Shared) -> Result<WorkerHello
 }
 
 async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
-    let mut conn = link::framed(stream, shared.config.max_frame);
+    let mut conn = link::framed(stream, tempest_transport::codec::PRE_AUTH_MAX_FRAME);
     let id = shared
         .next_conn
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -494,7 +510,10 @@ async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         Err(e) => Err(e),
     };
     let (hello, (task, instance, incarnation)) = match joined {
-        Ok(ok) => ok,
+        Ok(ok) => {
+            link::accepted(&mut conn, shared.config.max_frame);
+            ok
+        }
         Err(NoHello::Closed) => {
             // A port probe or a health check: not a worker, nothing to refuse.
             tracing::debug!(%peer, "connection closed before Hello");
@@ -689,6 +708,7 @@ impl TopologyServer {
             .map(|(_, t)| TaskLayout {
                 instances: t.workers,
                 layout: 0,
+                floor: 0,
                 slots: vec![Slot::default(); t.workers as usize],
             })
             .collect();

@@ -22,6 +22,11 @@ use crate::wire::{
 /// Bytes of the length prefix in front of every frame body.
 const LEN_PREFIX: usize = 4;
 
+/// The largest frame an accepted connection may send before its handshake
+/// is accepted: a `Hello` is a few hundred bytes, and nobody unauthenticated
+/// gets to make a daemon reserve more.
+pub const PRE_AUTH_MAX_FRAME: usize = 16 * 1024;
+
 /// The fewest bytes one delivery takes in a batch: root, edge, key tag,
 /// empty payload.
 const MIN_DELIVERY: usize = 8 + 8 + 1 + 1;
@@ -141,6 +146,13 @@ impl FrameCodec {
         self.max_frame
     }
 
+    /// Changes the maximum body size (clamped like [`FrameCodec::new`]): a
+    /// connection reads its `Hello` under [`PRE_AUTH_MAX_FRAME`] and gets
+    /// its full limit once the handshake accepted it.
+    pub fn set_max_frame(&mut self, max_frame: usize) {
+        self.max_frame = max_frame.min(u32::MAX as usize);
+    }
+
     /// Appends `frame`, length prefix and body, to `dst`: what
     /// [`Encoder::encode`] does, without taking the frame.
     ///
@@ -222,24 +234,7 @@ impl FrameCodec {
     /// Appends a [`Frame::Report`] to `dst`, field by field as postcard
     /// would. On error (over the maximum) `dst` is left as it was.
     pub fn encode_report(&self, r: &Report, dst: &mut BytesMut) -> Result<(), WireError> {
-        let dest_len = |d: &SlotRef| {
-            varint_len(u64::from(d.task))
-                + varint_len(u64::from(d.instance))
-                + varint_len(u64::from(d.incarnation))
-        };
-        let len = 1
-            + varint_len(r.dests.len() as u64)
-            + r.dests.iter().map(dest_len).sum::<usize>()
-            + varint_len(r.acks.len() as u64)
-            + r.acks
-                .iter()
-                .map(|a| 16 + varint_len(a.slots))
-                .sum::<usize>()
-            + varint_len(r.fails.len() as u64)
-            + r.fails
-                .iter()
-                .map(|f| 8 + varint_len(f.message.len() as u64) + f.message.len() + 1)
-                .sum::<usize>();
+        let len = report_size(r);
         if len > self.max_frame {
             return Err(WireError::FrameTooLarge {
                 len,
@@ -270,6 +265,27 @@ impl FrameCodec {
         }
         Ok(())
     }
+}
+
+/// The body size of a [`Frame::Report`] of `r`, in bytes.
+pub fn report_size(r: &Report) -> usize {
+    let dest_len = |d: &SlotRef| {
+        varint_len(u64::from(d.task))
+            + varint_len(u64::from(d.instance))
+            + varint_len(u64::from(d.incarnation))
+    };
+    1 + varint_len(r.dests.len() as u64)
+        + r.dests.iter().map(dest_len).sum::<usize>()
+        + varint_len(r.acks.len() as u64)
+        + r.acks
+            .iter()
+            .map(|a| 16 + varint_len(a.slots))
+            .sum::<usize>()
+        + varint_len(r.fails.len() as u64)
+        + r.fails
+            .iter()
+            .map(|f| 8 + varint_len(f.message.len() as u64) + f.message.len() + 1)
+            .sum::<usize>()
 }
 
 impl Default for FrameCodec {
@@ -368,14 +384,13 @@ fn decode_report(body: &[u8]) -> Result<Report, WireError> {
         }
         Ok(n as usize)
     };
-    let u32_of = |v: u64| u32::try_from(v).map_err(|_| malformed(format!("{v} overflows u32")));
     let n = count(&mut r, 3, "destinations")?;
     let mut dests = Vec::with_capacity(n);
     for _ in 0..n {
         dests.push(SlotRef {
-            task: u32_of(r.varint()?)?,
-            instance: u32_of(r.varint()?)?,
-            incarnation: u32_of(r.varint()?)?,
+            task: r.varint32()?,
+            instance: r.varint32()?,
+            incarnation: r.varint32()?,
         });
     }
     let n = count(&mut r, 17, "acks")?;
@@ -466,6 +481,22 @@ impl Reader<'_> {
             }
         }
         Err(malformed("varint longer than 10 bytes".into()))
+    }
+
+    /// A `u32` varint as postcard reads it: at most 5 bytes, no overflow.
+    fn varint32(&mut self) -> Result<u32, WireError> {
+        let mut v = 0u32;
+        for i in 0..5 {
+            let b = self.byte()?;
+            if i == 4 && b > 0x0f {
+                return Err(malformed("varint overflows 32 bits".into()));
+            }
+            v |= u32::from(b & 0x7f) << (7 * i);
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(malformed("varint longer than 5 bytes".into()))
     }
 
     /// A length-prefixed byte string: its range in the buffer.

@@ -114,7 +114,7 @@ pub async fn serve(
                     let shared = shared.clone();
                     let stop = stop.clone();
                     links.spawn(async move {
-                        let conn = link::framed(stream, shared.config.max_frame);
+                        let conn = link::framed(stream, crate::codec::PRE_AUTH_MAX_FRAME);
                         serve_link(conn, peer, shared, stop).await
                     });
                 }
@@ -210,6 +210,7 @@ async fn serve_link(
             return;
         }
     };
+    link::accepted(&mut conn, shared.config.max_frame);
     let credit = shared.config.credit.max(1);
     let heartbeat = shared.config.heartbeat;
     let welcome = Frame::PeerWelcome(PeerWelcome {

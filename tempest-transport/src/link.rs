@@ -27,6 +27,13 @@ pub fn framed(stream: TcpStream, max_frame: usize) -> Conn {
     Framed::new(stream, FrameCodec::new(max_frame))
 }
 
+/// Gives an accepted connection its full frame limit, once its handshake
+/// was accepted; until then it reads under
+/// [`crate::codec::PRE_AUTH_MAX_FRAME`].
+pub fn accepted(conn: &mut Conn, max_frame: usize) {
+    conn.codec_mut().set_max_frame(max_frame);
+}
+
 /// Liveness of one connection: when it last heard and sent anything, and
 /// the heartbeats it owes.
 #[derive(Debug)]

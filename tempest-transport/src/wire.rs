@@ -272,7 +272,7 @@ pub struct Report {
     /// whose incarnation the server already saw leave lost those messages:
     /// their roots are replayed. (v2)
     pub dests: Vec<SlotRef>,
-    /// Acks, at most one per root per batch. (v2)
+    /// Acks: consecutive acks of one root are folded into one. (v2)
     pub acks: Vec<Ack>,
     /// Failures. (v2)
     pub fails: Vec<Fail>,
@@ -394,6 +394,8 @@ pub enum ErrorCode {
     WrongPeer,
     /// The worker's pipeline is not the server's (another build). (v2)
     PipelineMismatch,
+    /// The peer address a worker gave is not `HOST:PORT`. (v2)
+    BadAddress,
 }
 
 impl ErrorCode {
@@ -416,6 +418,7 @@ impl ErrorCode {
             ErrorCode::LayoutConflict => "LayoutConflict",
             ErrorCode::WrongPeer => "WrongPeer",
             ErrorCode::PipelineMismatch => "PipelineMismatch",
+            ErrorCode::BadAddress => "BadAddress",
         }
     }
 
@@ -433,6 +436,7 @@ impl ErrorCode {
                 | ErrorCode::StaleLayout
                 | ErrorCode::LayoutConflict
                 | ErrorCode::PipelineMismatch
+                | ErrorCode::BadAddress
         )
     }
 }
@@ -445,7 +449,8 @@ impl fmt::Display for ErrorCode {
 
 /// One frame of the protocol. See `PROTOCOL.md` for who sends what, when.
 ///
-/// Variants are encoded by position. `Hello` is variant 0 forever.
+/// Variants are encoded by position. `Hello` is variant 0 and `Error`
+/// variant 8 forever; [`ErrorCode`]s keep their numbers.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Frame {
     /// The first frame of every connection. (v1)
@@ -469,6 +474,15 @@ pub enum Frame {
     /// Worker → server: a peer link to this slot incarnation broke; what was
     /// sent on it may be lost. (v2)
     LinkLost(SlotRef),
+    /// Either direction: a fatal problem; the sender closes after it. (v1;
+    /// variant 8 in every version, as in version 1, so that a refusal is
+    /// readable by a peer of any version.)
+    Error {
+        /// What went wrong.
+        code: ErrorCode,
+        /// A message for humans naming the problem.
+        message: String,
+    },
     /// Either direction, after `heartbeat_ms` of silence. (v1)
     Heartbeat {
         /// Echoed in the `HeartbeatAck`.
@@ -486,13 +500,6 @@ pub enum Frame {
     Shutdown {
         /// Why, for the worker's log.
         reason: String,
-    },
-    /// Either direction: a fatal problem; the sender closes after it. (v1)
-    Error {
-        /// What went wrong.
-        code: ErrorCode,
-        /// A message for humans naming the problem.
-        message: String,
     },
 }
 
@@ -531,3 +538,6 @@ pub(crate) const BATCH_TAG: u8 = 4;
 /// The variant index of [`Frame::Report`], which the codec reads and writes
 /// itself.
 pub(crate) const REPORT_TAG: u8 = 6;
+
+/// The variant index of [`Frame::Error`], in every version.
+pub const ERROR_TAG: u8 = 8;
