@@ -299,7 +299,7 @@ impl Control {
         };
         let lost = self.roots.lose(slot_bit(task.get(), instance), &why, loss);
         if lost > 0 {
-            tracing::info!(task = %name, instance, lost, "roots of a lost worker replayed");
+            tracing::info!(task = %name, instance, lost, "roots replayed: {why}");
         }
         self.publish();
     }
@@ -343,7 +343,9 @@ impl Control {
             let n = self
                 .roots
                 .lose(slot_bit(to.task as usize, to.instance), &why, Loss::Crash);
-            tracing::info!(lost = n, "{why}: roots replayed");
+            if n > 0 {
+                tracing::info!(task = %name, instance = to.instance, lost = n, "roots replayed: {why}");
+            }
         }
     }
 

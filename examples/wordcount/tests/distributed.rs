@@ -344,11 +344,12 @@ impl Cluster {
     }
 
     /// SIGKILLs the worker `id` of `task` and waits until `server` logs that
-    /// it replayed the roots the worker held; returns how long after the
-    /// kill that was.
+    /// it replayed the roots the worker held (when its control link closed,
+    /// or when the peer link to it broke, whichever it noticed first);
+    /// returns how long after the kill that was.
     #[track_caller]
     fn kill_and_time_the_replay(&mut self, id: Id, server: Id, task: &str) -> Duration {
-        let marker = "roots of a lost worker replayed";
+        let marker = "roots replayed:";
         let task_field = format!("task={task}");
         let replays = |c: &mut Run| {
             c.proc(server)
