@@ -4,7 +4,8 @@
 //! never leaves the decoder waiting on a complete frame; oversized frames are
 //! refused both ways before anything is buffered or allocated for them;
 //! truncated frames, trailing bytes, impossible counts, other versions and
-//! other protocols are refused with the right error.
+//! other protocols are refused with the right error; a connection reads
+//! under the pre-handshake limit until its `Hello` is accepted.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -16,11 +17,12 @@ use serde::Serialize;
 use tempest_core::{Delivery, Grouping, Msg, RootId};
 use tempest_transport::codec::{
     check_magic_version, delivery_size, frame_size, peek_hello_version, FrameCodec, WireError,
+    PRE_AUTH_MAX_FRAME,
 };
 use tempest_transport::wire::{
     Ack, Deliveries, ErrorCode, Fail, Fixed, Frame, Hello, Members, PeerHello, PeerWelcome, Report,
     Role, SlotInfo, SlotRef, TaskMembers, Welcome, WireDag, WireEdge, WireTask, WorkerHello,
-    DEFAULT_MAX_FRAME, MAGIC, PROTOCOL_VERSION,
+    DEFAULT_MAX_FRAME, ERROR_TAG, MAGIC, PROTOCOL_VERSION,
 };
 use tokio_util::codec::{Decoder, Encoder, Framed};
 
@@ -161,7 +163,7 @@ fn slot_ref() -> impl Strategy<Value = SlotRef> {
     any::<(u32, u32, u32)>().prop_map(|(t, i, n)| slot(t, i, n))
 }
 
-const ALL_CODES: [ErrorCode; 16] = [
+const ALL_CODES: [ErrorCode; 17] = [
     ErrorCode::BadMagic,
     ErrorCode::VersionMismatch,
     ErrorCode::BadToken,
@@ -178,6 +180,7 @@ const ALL_CODES: [ErrorCode; 16] = [
     ErrorCode::LayoutConflict,
     ErrorCode::WrongPeer,
     ErrorCode::PipelineMismatch,
+    ErrorCode::BadAddress,
 ];
 
 fn role() -> impl Strategy<Value = Role> {
@@ -275,16 +278,16 @@ fn frame() -> impl Strategy<Value = Frame> {
         any::<u32>().prop_map(|batches| Frame::Credit { batches }),
         report().prop_map(Frame::Report),
         slot_ref().prop_map(Frame::LinkLost),
+        (proptest::sample::select(ALL_CODES.to_vec()), text())
+            .prop_map(|(code, message)| Frame::Error { code, message }),
         any::<u64>().prop_map(|seq| Frame::Heartbeat { seq }),
         any::<u64>().prop_map(|seq| Frame::HeartbeatAck { seq }),
         Just(Frame::Goodbye),
         text().prop_map(|reason| Frame::Shutdown { reason }),
-        (proptest::sample::select(ALL_CODES.to_vec()), text())
-            .prop_map(|(code, message)| Frame::Error { code, message }),
     ]
 }
 
-/// A small frame of every variant.
+/// A small frame of every variant, in variant order.
 fn one_of_each() -> Vec<Frame> {
     vec![
         Frame::Hello(Hello::new(
@@ -351,13 +354,13 @@ fn one_of_each() -> Vec<Frame> {
             }],
         }),
         Frame::LinkLost(slot(1, 2, 3)),
+        Frame::error(ErrorCode::WrongPeer, "not me"),
         Frame::Heartbeat { seq: 7 },
         Frame::HeartbeatAck { seq: 7 },
         Frame::Goodbye,
         Frame::Shutdown {
             reason: "bye".into(),
         },
-        Frame::error(ErrorCode::WrongPeer, "not me"),
     ]
 }
 
@@ -553,6 +556,9 @@ fn every_variant_round_trips_through_both_encoders() {
         assert_eq!(usize::from(by_ref[4]), i, "{} is variant {i}", f.name());
         assert_eq!(decode_body(&by_ref[4..]).expect("decode"), Some(f.clone()));
     }
+    // Error is variant 8, as in version 1.
+    assert_eq!(frames[8].name(), "Error");
+    assert_eq!(ERROR_TAG, 8);
 }
 
 #[test]
@@ -697,16 +703,18 @@ fn garbage_is_malformed() {
         ),
         ("unknown variant", vec![13]),
         ("unknown variant, far", vec![99]),
-        ("Heartbeat without seq", vec![8]),
+        ("Heartbeat without seq", vec![9]),
         (
             "Heartbeat seq varint overflows u64",
-            cat(&[&[8], &[0xff; 9], &[0x02]]),
+            cat(&[&[9], &[0xff; 9], &[0x02]]),
         ),
-        ("Heartbeat and a trailing byte", vec![8, 7, 7]),
-        ("Goodbye and a trailing byte", vec![10, 0]),
-        ("Shutdown with invalid UTF-8", vec![11, 1, 0xff]),
-        ("Shutdown longer than its body", vec![11, 5, b'a']),
-        ("Error with an unknown code", vec![12, 16, 0]),
+        ("Heartbeat and a trailing byte", vec![9, 7, 7]),
+        ("Goodbye and a trailing byte", vec![11, 0]),
+        ("Shutdown with invalid UTF-8", vec![12, 1, 0xff]),
+        ("Shutdown longer than its body", vec![12, 5, b'a']),
+        ("Error with an unknown code", vec![8, 17, 0]),
+        ("Error without a message", vec![8, 1]),
+        ("Error with invalid UTF-8", vec![8, 1, 1, 0xff]),
         (
             "Credit overflowing u32",
             vec![5, 0xff, 0xff, 0xff, 0xff, 0x10],
@@ -743,6 +751,14 @@ fn garbage_is_malformed() {
             vec![6, 1, 0xff, 0xff, 0xff, 0xff, 0x10, 0, 0, 0, 0],
         ),
         (
+            "Report dest u32 varint longer than 5 bytes",
+            vec![6, 1, 0x80, 0x80, 0x80, 0x80, 0x80, 0, 0, 0, 0, 0],
+        ),
+        (
+            "Report incarnation u32 varint longer than 5 bytes",
+            vec![6, 1, 0, 0, 0x81, 0x80, 0x80, 0x80, 0x80, 0, 0, 0],
+        ),
+        (
             "Report slots varint overflowing u64",
             cat(&[&[6, 0, 1], &[0; 16], &[0xff; 9], &[0x02, 0]]),
         ),
@@ -767,6 +783,99 @@ fn garbage_is_malformed() {
             other => panic!("{what}: {body:02x?}: {other:?}"),
         }
     }
+}
+
+#[test]
+fn report_dests_read_u32_varints_as_postcard_does() {
+    // Task 0 in 6 bytes: a value that fits, in a form longer than a u32's
+    // 5 bytes. Postcard refuses it, and so does the fast path (it used to
+    // read it as a u64 and take the 0).
+    let long = [6, 1, 0x80, 0x80, 0x80, 0x80, 0x80, 0, 0, 0, 0, 0];
+    assert!(postcard::from_bytes::<Frame>(&long).is_err());
+    match decode_body(&long) {
+        Err(WireError::Malformed(m)) => assert!(m.contains("varint"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    // In 5 bytes, a longer form than needed but within a u32's: both read 0.
+    let five = [6, 1, 0x80, 0x80, 0x80, 0x80, 0, 0, 0, 0, 0];
+    let zero = Frame::Report(Report {
+        dests: vec![slot(0, 0, 0)],
+        ..Report::default()
+    });
+    assert_eq!(
+        postcard::from_bytes::<Frame>(&five).ok(),
+        Some(zero.clone())
+    );
+    assert_eq!(decode_body(&five).expect("decode"), Some(zero));
+    // u32::MAX is the largest: its fifth byte is 0x0f, one more overflows.
+    let max = [6, 1, 0xff, 0xff, 0xff, 0xff, 0x0f, 0, 0, 0, 0];
+    let expect = Frame::Report(Report {
+        dests: vec![slot(u32::MAX, 0, 0)],
+        ..Report::default()
+    });
+    assert_eq!(
+        postcard::from_bytes::<Frame>(&max).ok(),
+        Some(expect.clone())
+    );
+    assert_eq!(decode_body(&max).expect("decode"), Some(expect));
+    let over = [6, 1, 0x80, 0x80, 0x80, 0x80, 0x10, 0, 0, 0, 0];
+    assert!(postcard::from_bytes::<Frame>(&over).is_err());
+    assert!(matches!(decode_body(&over), Err(WireError::Malformed(_))));
+}
+
+#[test]
+fn a_connection_reads_under_the_pre_handshake_limit_until_accepted() {
+    assert_eq!(PRE_AUTH_MAX_FRAME, 16 * 1024);
+    // A Hello fits well within it.
+    let hello = Frame::Hello(Hello::new(
+        "wordcount",
+        Some("s3cret".into()),
+        Role::Worker(WorkerHello {
+            task: "count".into(),
+            instance: Some(3),
+            instances: 8,
+            layout: 2,
+            peer: format!("{}:7001", "h".repeat(250)),
+        }),
+    ));
+    let mut codec = FrameCodec::new(PRE_AUTH_MAX_FRAME);
+    let mut buf = encode(&hello);
+    assert_eq!(codec.decode(&mut buf).expect("decode"), Some(hello));
+    // A longer first frame is refused from its length alone, before its
+    // body arrives, with nothing allocated for it.
+    let mut buf = BytesMut::from(&(PRE_AUTH_MAX_FRAME as u32 + 1).to_be_bytes()[..]);
+    let (result, largest) = largest_allocation(|| codec.decode(&mut buf));
+    match result {
+        Err(e @ WireError::FrameTooLarge { len, max }) => {
+            assert_eq!((len, max), (PRE_AUTH_MAX_FRAME + 1, PRE_AUTH_MAX_FRAME));
+            assert_eq!(e.code(), ErrorCode::FrameTooLarge);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(largest < 1024, "an allocation of {largest} bytes");
+    // At the limit, the decoder waits for the body.
+    let mut buf = BytesMut::from(&(PRE_AUTH_MAX_FRAME as u32).to_be_bytes()[..]);
+    assert!(codec.decode(&mut buf).expect("at the limit").is_none());
+    // Once the Hello is accepted, the configured maximum applies, both ways.
+    codec.set_max_frame(DEFAULT_MAX_FRAME);
+    assert_eq!(codec.max_frame(), DEFAULT_MAX_FRAME);
+    let big = Frame::Batch(Deliveries(vec![Delivery {
+        root: RootId(1),
+        edge: 2,
+        msg: Msg::new(Bytes::from(vec![0u8; 4 * PRE_AUTH_MAX_FRAME])),
+    }]));
+    let mut buf = BytesMut::new();
+    codec.encode_ref(&big, &mut buf).expect("encode");
+    assert_eq!(codec.decode(&mut buf).expect("decode"), Some(big.clone()));
+    // The limit held for writing too: the big frame was not encodable.
+    let before = FrameCodec::new(PRE_AUTH_MAX_FRAME);
+    assert!(matches!(
+        before.encode_ref(&big, &mut BytesMut::new()),
+        Err(WireError::FrameTooLarge { .. })
+    ));
+    // set_max_frame clamps like new.
+    codec.set_max_frame(usize::MAX);
+    assert_eq!(codec.max_frame(), u32::MAX as usize);
 }
 
 #[test]

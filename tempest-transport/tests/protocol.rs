@@ -1,24 +1,27 @@
 //! `PROTOCOL.md` pinned: the byte examples it shows are exactly what the
 //! codec writes and reads (a change to the document or to the codec breaks
 //! this test), its tables of frames and error codes match the enums, the
-//! fast paths write postcard's bytes, and the algorithms it spells out for
-//! other implementations (key grouping, slot bits) are the ones the code
-//! runs.
+//! fast paths write postcard's bytes (and read what postcard reads), a
+//! refusal reads the same in version 1 and version 2, and the algorithms it
+//! spells out for other implementations (key grouping, slot bits) are the
+//! ones the code runs.
 
 use std::collections::BTreeSet;
 
 use bytes::BytesMut;
 use proptest::prelude::*;
+use serde::{Deserialize, Serialize};
 use tempest_core::ledger::slot_bit;
 use tempest_core::msg::key_instance;
 use tempest_core::{Bytes, Delivery, Grouping, Msg, RootId};
 use tempest_transport::codec::{
-    check_magic_version, frame_size, peek_hello_version, FrameCodec, WireError,
+    check_magic_version, frame_size, peek_hello_version, report_size, FrameCodec, WireError,
+    PRE_AUTH_MAX_FRAME,
 };
 use tempest_transport::wire::{
     Ack, Deliveries, ErrorCode, Fail, Fixed, Frame, Hello, Members, PeerHello, PeerWelcome, Report,
-    Role, SlotInfo, SlotRef, TaskMembers, Welcome, WireDag, WireEdge, WireTask, WorkerHello, MAGIC,
-    PROTOCOL_VERSION,
+    Role, SlotInfo, SlotRef, TaskMembers, Welcome, WireDag, WireEdge, WireTask, WorkerHello,
+    DEFAULT_MAX_FRAME, ERROR_TAG, MAGIC, PROTOCOL_VERSION,
 };
 use tokio_util::codec::{Decoder, Encoder};
 
@@ -362,31 +365,31 @@ fn examples() -> Vec<(&'static str, Frame, Vec<u8>)> {
         (
             "heartbeat",
             Frame::Heartbeat { seq: 1 },
-            vec![0x00, 0x00, 0x00, 0x02, 0x08, 0x01],
+            vec![0x00, 0x00, 0x00, 0x02, 0x09, 0x01],
         ),
         (
             "heartbeat-ack",
             Frame::HeartbeatAck { seq: 1 },
-            vec![0x00, 0x00, 0x00, 0x02, 0x09, 0x01],
+            vec![0x00, 0x00, 0x00, 0x02, 0x0a, 0x01],
         ),
         (
             "shutdown",
             Frame::Shutdown {
                 reason: "bye".into(),
             },
-            vec![0x00, 0x00, 0x00, 0x05, 0x0b, 0x03, b'b', b'y', b'e'],
+            vec![0x00, 0x00, 0x00, 0x05, 0x0c, 0x03, b'b', b'y', b'e'],
         ),
         (
             "goodbye",
             Frame::Goodbye,
-            vec![0x00, 0x00, 0x00, 0x01, 0x0a],
+            vec![0x00, 0x00, 0x00, 0x01, 0x0b],
         ),
         (
             "error",
             Frame::error(ErrorCode::VersionMismatch, message),
             [
                 &[0x00, 0x00, 0x00, 0x41][..], // length 65
-                &[0x0c],                       // Error
+                &[0x08],                       // Error
                 &[0x01],                       // VersionMismatch
                 &[0x3e],                       // 62 bytes
                 message.as_bytes(),
@@ -406,6 +409,70 @@ const V1_HELLO: &[u8] = &[
     0x05, b's', b'p', b'l', b'i', b't', // task
     0x00, // instance: None
     0x00, // token: None
+];
+
+/// What a version 1 server answers a version 2 worker's `Hello`.
+const V1_REFUSAL: &str = "the peer speaks protocol version 2, this side speaks version 1";
+
+/// That answer's bytes, as version 1 writes them: `Error` is variant 8 and
+/// `VersionMismatch` code 1 there too.
+fn v1_error() -> Vec<u8> {
+    [
+        &[0x00, 0x00, 0x00, 0x41][..], // length 65
+        &[0x08],                       // Error (variant 8 in version 1)
+        &[0x01],                       // VersionMismatch
+        &[0x3e],                       // 62 bytes
+        V1_REFUSAL.as_bytes(),
+    ]
+    .concat()
+}
+
+/// Version 1's `Frame`, as far as a reader of its `Error` needs: the
+/// variants in front of it (by index; their fields are never read here)
+/// and `Error` at 8, with version 1's fields.
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+enum V1Frame {
+    Hello,
+    Welcome,
+    Pull,
+    Batch,
+    Heartbeat,
+    HeartbeatAck,
+    Goodbye,
+    Shutdown,
+    Error { code: V1ErrorCode, message: String },
+}
+
+/// Version 1's error codes, 0–11.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+enum V1ErrorCode {
+    BadMagic,
+    VersionMismatch,
+    BadToken,
+    UnknownTopology,
+    UnknownTask,
+    InstanceTaken,
+    BadInstance,
+    Malformed,
+    FrameTooLarge,
+    HandshakeTimeout,
+    UnexpectedFrame,
+    ShuttingDown,
+}
+
+const V1_CODES: [V1ErrorCode; 12] = [
+    V1ErrorCode::BadMagic,
+    V1ErrorCode::VersionMismatch,
+    V1ErrorCode::BadToken,
+    V1ErrorCode::UnknownTopology,
+    V1ErrorCode::UnknownTask,
+    V1ErrorCode::InstanceTaken,
+    V1ErrorCode::BadInstance,
+    V1ErrorCode::Malformed,
+    V1ErrorCode::FrameTooLarge,
+    V1ErrorCode::HandshakeTimeout,
+    V1ErrorCode::UnexpectedFrame,
+    V1ErrorCode::ShuttingDown,
 ];
 
 fn encode(frame: &Frame) -> BytesMut {
@@ -489,7 +556,7 @@ fn every_example_in_the_document_is_pinned() {
     let pinned: BTreeSet<String> = examples()
         .iter()
         .map(|(n, _, _)| n.to_string())
-        .chain(["v1-hello".to_string()])
+        .chain(["v1-hello".to_string(), "v1-error".to_string()])
         .collect();
     assert_eq!(doc_example_names(), pinned);
     let required = [
@@ -499,6 +566,7 @@ fn every_example_in_the_document_is_pinned() {
         "batch",
         "report",
         "error",
+        "v1-error",
     ];
     for name in required {
         assert!(pinned.contains(name), "{name}");
@@ -567,6 +635,132 @@ fn a_version_1_hello_gets_the_documented_error() {
     assert_eq!(decode_all(&doc_bytes("error")).expect("decode"), [refusal]);
 }
 
+#[test]
+fn a_version_1_worker_reads_a_version_2_refusal() {
+    // The refusal's body is what version 1 reads as its Error: variant 8,
+    // code 1, then a length-prefixed message.
+    let bytes = doc_bytes("error");
+    let body = &bytes[4..];
+    assert_eq!(ERROR_TAG, 8);
+    assert_eq!(body[0], ERROR_TAG, "Error is variant 8, as in version 1");
+    assert_eq!(body[1], 1, "VersionMismatch is code 1, as in version 1");
+    assert_eq!(usize::from(body[2]), body.len() - 3, "the message's length");
+    let message = std::str::from_utf8(&body[3..]).expect("UTF-8");
+    assert_eq!(
+        message,
+        "the peer speaks protocol version 1, this side speaks version 2"
+    );
+    // A version 1 decoder reads it as its own Error, and that is fatal to
+    // a version 1 worker.
+    assert_eq!(
+        postcard::from_bytes::<V1Frame>(body).expect("version 1 reads it"),
+        V1Frame::Error {
+            code: V1ErrorCode::VersionMismatch,
+            message: message.into(),
+        }
+    );
+    // Codes 0-11 read as version 1's own codes, whatever the refusal; the
+    // codes added since are unknown to version 1.
+    for (i, code) in ALL_CODES.into_iter().enumerate() {
+        let frame = encode(&Frame::error(code, "why"));
+        let v1 = postcard::from_bytes::<V1Frame>(&frame[4..]);
+        match V1_CODES.get(i) {
+            Some(&v1_code) => {
+                assert_eq!(format!("{v1_code:?}"), code.as_str());
+                assert_eq!(
+                    v1.ok(),
+                    Some(V1Frame::Error {
+                        code: v1_code,
+                        message: "why".into()
+                    }),
+                    "{code}"
+                );
+            }
+            None => assert!(v1.is_err(), "{code} is not a version 1 code"),
+        }
+    }
+}
+
+#[test]
+fn a_version_2_worker_reads_a_version_1_refusal() {
+    let bytes = doc_bytes("v1-error");
+    assert_eq!(
+        hex(&bytes),
+        hex(&v1_error()),
+        "PROTOCOL.md shows other bytes"
+    );
+    // These are version 1's bytes for its Error.
+    let v1 = postcard::to_stdvec(&V1Frame::Error {
+        code: V1ErrorCode::VersionMismatch,
+        message: V1_REFUSAL.into(),
+    })
+    .expect("postcard");
+    assert_eq!(hex(&v1), hex(&bytes[4..]));
+    // The version 2 codec reads them as its Error, and the code is fatal:
+    // the worker stops rather than retrying.
+    let frames = decode_all(&bytes).expect("a version 2 worker reads it");
+    assert_eq!(
+        frames,
+        [Frame::Error {
+            code: ErrorCode::VersionMismatch,
+            message: V1_REFUSAL.into(),
+        }]
+    );
+    assert!(ErrorCode::VersionMismatch.is_fatal());
+    // Version 1's Error of every code reads as version 2's same code.
+    for (i, v1_code) in V1_CODES.into_iter().enumerate() {
+        let body = postcard::to_stdvec(&V1Frame::Error {
+            code: v1_code,
+            message: "why".into(),
+        })
+        .expect("postcard");
+        assert_eq!(
+            decode_all(&[&(body.len() as u32).to_be_bytes()[..], &body].concat()).expect("decode"),
+            [Frame::error(ALL_CODES[i], "why")],
+            "{v1_code:?}"
+        );
+    }
+}
+
+#[test]
+fn the_documented_frame_limits_are_the_codes() {
+    assert_eq!(DEFAULT_MAX_FRAME, 16 * 1024 * 1024);
+    assert_eq!(PRE_AUTH_MAX_FRAME, 16 * 1024);
+    for text in [
+        "**16 MiB** (`DEFAULT_MAX_FRAME`",
+        "**16 KiB** (`PRE_AUTH_MAX_FRAME`)",
+    ] {
+        assert!(PROTOCOL_MD.contains(text), "PROTOCOL.md says {text:?}");
+    }
+    // A Hello the size the document allows (a peer address of 255 bytes,
+    // names and a token of a reasonable size) is well within the limit.
+    let hello = Frame::Hello(Hello::new(
+        "t".repeat(200),
+        Some("s".repeat(200)),
+        Role::Worker(WorkerHello {
+            task: "k".repeat(200),
+            instance: Some(u32::MAX),
+            instances: 1024,
+            layout: u64::MAX,
+            peer: format!("{}:65535", "h".repeat(249)),
+        }),
+    ));
+    assert!(frame_size(&hello) < PRE_AUTH_MAX_FRAME / 8);
+    // Until the Hello is accepted a connection reads under the limit; then
+    // under the configured maximum.
+    let mut codec = FrameCodec::new(PRE_AUTH_MAX_FRAME);
+    let over = (PRE_AUTH_MAX_FRAME as u32 + 1).to_be_bytes();
+    assert!(matches!(
+        codec.decode(&mut BytesMut::from(&over[..])),
+        Err(WireError::FrameTooLarge { max, .. }) if max == PRE_AUTH_MAX_FRAME
+    ));
+    codec.set_max_frame(DEFAULT_MAX_FRAME);
+    assert!(codec
+        .decode(&mut BytesMut::from(&over[..]))
+        .expect("within the maximum")
+        .is_none());
+}
+
 /// One frame of every variant, in variant order.
 fn one_of_each() -> Vec<Frame> {
     let ex = examples();
@@ -585,11 +779,11 @@ fn one_of_each() -> Vec<Frame> {
         by_name("credit"),
         by_name("report"),
         by_name("link-lost"),
+        by_name("error"),
         by_name("heartbeat"),
         by_name("heartbeat-ack"),
         by_name("goodbye"),
         by_name("shutdown"),
-        by_name("error"),
     ]
 }
 
@@ -609,6 +803,9 @@ fn the_frame_table_gives_every_variant_its_index() {
             "row {i} of the frame table"
         );
     }
+    // Hello and Error are where version 1 had them.
+    assert_eq!((frames[0].name(), frames[8].name()), ("Hello", "Error"));
+    assert_eq!(usize::from(ERROR_TAG), 8);
     // There is no variant after the last one in the table.
     let mut buf = BytesMut::from(&[0, 0, 0, 1, frames.len() as u8][..]);
     assert!(matches!(
@@ -617,7 +814,7 @@ fn the_frame_table_gives_every_variant_its_index() {
     ));
 }
 
-const ALL_CODES: [ErrorCode; 16] = [
+const ALL_CODES: [ErrorCode; 17] = [
     ErrorCode::BadMagic,
     ErrorCode::VersionMismatch,
     ErrorCode::BadToken,
@@ -634,6 +831,7 @@ const ALL_CODES: [ErrorCode; 16] = [
     ErrorCode::LayoutConflict,
     ErrorCode::WrongPeer,
     ErrorCode::PipelineMismatch,
+    ErrorCode::BadAddress,
 ];
 
 #[test]
@@ -654,14 +852,19 @@ fn the_error_code_table_gives_every_code_its_index_and_fatality() {
         let fatal = if code.is_fatal() { "fatal" } else { "retry" };
         assert_eq!(cells[2], fatal, "{code}");
     }
-    // No code beyond the table: an Error with code 16 is malformed.
-    let mut buf = BytesMut::from(&[0, 0, 0, 3, 12, 16, 0][..]);
+    // No code beyond the table: an Error with code 17 is malformed.
+    let last = ALL_CODES.len() as u8;
+    let mut buf = BytesMut::from(&[0, 0, 0, 3, ERROR_TAG, last, 0][..]);
     assert!(matches!(
         FrameCodec::default().decode(&mut buf),
         Err(WireError::Malformed(_))
     ));
-    let mut buf = BytesMut::from(&[0, 0, 0, 3, 12, 15, 0][..]);
-    assert!(FrameCodec::default().decode(&mut buf).is_ok());
+    let mut buf = BytesMut::from(&[0, 0, 0, 3, ERROR_TAG, last - 1, 0][..]);
+    assert_eq!(
+        FrameCodec::default().decode(&mut buf).expect("decode"),
+        Some(Frame::error(ErrorCode::BadAddress, ""))
+    );
+    assert!(ErrorCode::BadAddress.is_fatal());
 }
 
 #[test]
@@ -726,7 +929,8 @@ fn delivery() -> impl Strategy<Value = Delivery> {
 }
 
 fn report() -> impl Strategy<Value = Report> {
-    let dest = any::<(u32, u32, u32)>().prop_map(|(t, i, n)| slot(t, i, n));
+    let dest = prop_oneof![any::<(u32, u32, u32)>(), (0u32..4, 0u32..4, 0u32..200)]
+        .prop_map(|(t, i, n)| slot(t, i, n));
     let ack = any::<(u64, u64, u64)>().prop_map(|(r, x, slots)| Ack {
         root: Fixed(r),
         xor: Fixed(x),
@@ -766,15 +970,76 @@ proptest! {
         prop_assert_eq!(postcard::from_bytes::<Frame>(&slow).expect("postcard"), frame);
     }
 
-    /// The same for reports.
+    /// The same for reports; `report_size` is their body's size.
     #[test]
     fn the_report_fast_path_is_postcard(r in report()) {
+        let size = report_size(&r);
         let frame = Frame::Report(r);
         let fast = encode(&frame);
         let slow = postcard::to_stdvec(&frame).expect("postcard");
         prop_assert_eq!(&fast[4..], &slow[..]);
+        prop_assert_eq!(size, slow.len());
         prop_assert_eq!(decode_all(&fast).expect("decode"), vec![frame.clone()]);
         prop_assert_eq!(postcard::from_bytes::<Frame>(&slow).expect("postcard"), frame);
+    }
+
+    /// Damaged reports and batches: the fast path reads exactly what
+    /// postcard reads (the same frame, or both refuse it), but for a batch's
+    /// key tag, which is one byte. Damage is a
+    /// byte replaced, a byte inserted, or a one-byte varint written in a
+    /// longer form (`05` as `85 80 00`: the same value; past 5 bytes for a
+    /// `u32`, or 10 for a `u64`, malformed).
+    #[test]
+    fn the_fast_paths_read_what_postcard_reads(
+        frame in prop_oneof![
+            report().prop_map(Frame::Report),
+            proptest::collection::vec(delivery(), 0..4)
+                .prop_map(|ds| Frame::Batch(Deliveries(ds))),
+        ],
+        damage in proptest::collection::vec(
+            (
+                any::<proptest::sample::Index>(),
+                0u8..3,
+                prop_oneof![Just(0x80u8), Just(0xff), Just(0), any::<u8>()],
+                1usize..8,
+            ),
+            1..4,
+        ),
+    ) {
+        let mut body = postcard::to_stdvec(&frame).expect("postcard");
+        for (at, how, b, n) in damage {
+            // Keep the variant: the fast path is what is under test.
+            let i = 1 + at.index(body.len() - 1);
+            match how {
+                0 => body[i] = b,
+                1 => body.insert(i, b),
+                _ => {
+                    // `b` as `b|80 80 … 00`: the same value, n bytes longer.
+                    body[i] |= 0x80;
+                    let longer = std::iter::repeat_n(0x80, n - 1).chain([0]);
+                    body.splice(i + 1..i + 1, longer);
+                }
+            }
+        }
+        let fast = decode_all(&[&(body.len() as u32).to_be_bytes()[..], &body].concat());
+        // Postcard, as strict as the codec: nothing left over.
+        let slow = postcard::take_from_bytes::<Frame>(&body)
+            .map_err(|e| e.to_string())
+            .and_then(|(f, rest)| {
+                if rest.is_empty() { Ok(f) } else { Err("bytes left over".to_string()) }
+            });
+        match (fast, slow) {
+            (Ok(f), Ok(s)) => prop_assert_eq!(f, vec![s]),
+            (Err(WireError::Malformed(_)), Err(_)) => {}
+            // A batch's key tag is one byte: written as a longer varint,
+            // which postcard reads, the codec refuses it (senders write the
+            // shortest form).
+            (Err(WireError::Malformed(m)), Ok(s)) if body[0] == 4 => {
+                prop_assert!(m.contains("key tag"), "{}", m);
+                prop_assert_ne!(postcard::to_stdvec(&s).expect("postcard"), body);
+            }
+            (f, s) => prop_assert!(false, "{:02x?}: fast {:?}, postcard {:?}", body, f, s),
+        }
     }
 
     /// The key tag is 2 exactly when the key's bytes are the payload's.
