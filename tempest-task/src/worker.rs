@@ -6,7 +6,7 @@
 //! [`inbox`](tempest_transport::inbox)), runs `Task::handle` on each batch
 //! that arrives, sends what the task emits straight to the downstream
 //! instances the groupings name (the [`Outbox`]), and reports to the server,
-//! per batch, one small ack per root: the XOR of the edge ids handled and
+//! per batch, one small ack per root (per run of its messages): the XOR of the edge ids handled and
 //! emitted, and the slots the children went to.
 //!
 //! Three parts: the control loop (async) speaks to the server; the inbox

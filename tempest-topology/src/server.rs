@@ -498,7 +498,10 @@ async fn handshake(conn: &mut link::Conn, shared: &Shared) -> Result<WorkerHello
 }
 
 async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
-    let mut conn = link::framed(stream, tempest_transport::codec::PRE_AUTH_MAX_FRAME);
+    let mut conn = link::framed(
+        stream,
+        tempest_transport::codec::PRE_AUTH_MAX_FRAME.min(shared.config.max_frame),
+    );
     let id = shared
         .next_conn
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -114,7 +114,10 @@ pub async fn serve(
                     let shared = shared.clone();
                     let stop = stop.clone();
                     links.spawn(async move {
-                        let conn = link::framed(stream, crate::codec::PRE_AUTH_MAX_FRAME);
+                        let conn = link::framed(
+                            stream,
+                            crate::codec::PRE_AUTH_MAX_FRAME.min(shared.config.max_frame),
+                        );
                         serve_link(conn, peer, shared, stop).await
                     });
                 }

@@ -154,6 +154,17 @@ fn parse_target(s: &str) -> Result<TargetArg, String> {
     s.parse().map(|t| TargetArg(Some(t)))
 }
 
+fn parse_max_frame(s: &str) -> Result<usize, String> {
+    let n: usize = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of bytes"))?;
+    if !(64 * 1024..=1 << 30).contains(&n) {
+        return Err(format!("must be 65536 to 1073741824 bytes, not {n}"));
+    }
+    Ok(n)
+}
+
 fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
     let d = humantime::parse_duration(s.trim())
         .map_err(|e| format!("{s:?} is not a duration ({e}); such as \"1s\" or \"500ms\""))?;
@@ -185,8 +196,9 @@ pub struct WireArgs {
     /// The shared token workers present to the server.
     #[arg(long, env = "TEMPEST_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
-    /// The largest frame accepted or sent, in bytes.
-    #[arg(long, default_value_t = tempest_transport::DEFAULT_MAX_FRAME)]
+    /// The largest frame accepted or sent, in bytes (64 KiB to 1 GiB).
+    #[arg(long, default_value_t = tempest_transport::DEFAULT_MAX_FRAME,
+          value_parser = parse_max_frame)]
     pub max_frame: usize,
 }
 
