@@ -31,7 +31,7 @@ use tempest_core::metrics::{Labels, Registry};
 use tempest_core::pipeline::{Dag, TaskIdx};
 use tempest_core::route::route;
 use tempest_core::{Handled, TaskContext};
-use tempest_transport::codec::{delivery_size, report_size};
+use tempest_transport::codec::{delivery_size, report_size_bound};
 use tempest_transport::inbox::{self, Identity, InBatch, InboxConfig};
 use tempest_transport::link::{self, Liveness};
 use tempest_transport::outbox::{Outbox, OutboxConfig};
@@ -436,11 +436,11 @@ async fn session(
                         ToServer::LinkLost(to) => vec![Frame::LinkLost(to)],
                         ToServer::Report(mut r) => {
                             // Merge the reports waiting behind this one.
-                            let mut size = report_size(&r);
+                            let mut size = report_size_bound(&r);
                             while size < budget {
                                 match from_handler.try_recv() {
                                     Ok(ToServer::Report(more)) => {
-                                        let more_size = report_size(&more);
+                                        let more_size = report_size_bound(&more);
                                         if size + more_size > budget {
                                             pending = Some(ToServer::Report(more));
                                             break;
@@ -526,7 +526,7 @@ fn apply_members(outbox: &Outbox, m: &Members) {
 /// single entry always fits: failure messages are cut to
 /// [`MAX_FAIL_MESSAGE`] bytes.
 fn split_report(r: Report, budget: usize) -> Vec<Report> {
-    if report_size(&r) <= budget || r.acks.len() + r.fails.len() <= 1 {
+    if report_size_bound(&r) <= budget || r.acks.len() + r.fails.len() <= 1 {
         return vec![r];
     }
     let Report { dests, acks, fails } = r;
@@ -715,6 +715,7 @@ fn push_ack(acks: &mut Vec<Ack>, root: RootId, xor: u64, slots: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tempest_transport::codec::report_size;
 
     #[test]
     fn acks_of_one_root_fold_together() {

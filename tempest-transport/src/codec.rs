@@ -267,6 +267,19 @@ impl FrameCodec {
     }
 }
 
+/// At least [`report_size`], in O(failures): every varint at its widest.
+pub fn report_size_bound(r: &Report) -> usize {
+    1 + 10
+        + r.dests.len() * 15
+        + 10
+        + r.acks.len() * (16 + 10)
+        + 10
+        + r.fails
+            .iter()
+            .map(|f| 8 + 10 + f.message.len() + 1)
+            .sum::<usize>()
+}
+
 /// The body size of a [`Frame::Report`] of `r`, in bytes.
 pub fn report_size(r: &Report) -> usize {
     let dest_len = |d: &SlotRef| {

@@ -418,7 +418,13 @@ fn run(cli: Cli, build: impl FnOnce() -> Topology) -> anyhow::Result<()> {
                 labels.push(("instance", i.to_string()));
             }
             let registry = Registry::new(Labels::new(labels));
-            let rt = runtime()?;
+            // The task runs on its own thread; the links, the inbox and the
+            // control link need one thread between them, and fewer threads
+            // to wake per batch cost less.
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the tokio runtime")?;
             let settings = topology.settings.clone();
             let report = rt.block_on(async move {
                 let shutdown = shutdown_on_signal();
