@@ -456,38 +456,83 @@ fn two_step(name: &str, n: u64, seen: &Seen, go: Arc<std::sync::atomic::AtomicBo
         .unwrap()
 }
 
+/// A running a → b over a token-guarded server, with b held back until
+/// [`Gated::finish`]: the stage the bad peers and workers knock on.
+struct Gated {
+    name: &'static str,
+    n: u64,
+    server: Server,
+    a: Worker,
+    b: Worker,
+    b_metrics: Registry,
+    /// b's peer port.
+    peer: SocketAddr,
+    seen: Seen,
+    go: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Gated {
+    async fn start(name: &'static str, n: u64) -> Gated {
+        let seen = Seen::default();
+        let go = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let server = start_server(two_step(name, n, &seen, go.clone()), |c| {
+            c.token = Some(TOKEN.into());
+            c.handshake_timeout = Duration::from_millis(300);
+        })
+        .await;
+        let dag = dag_of(two_step(name, n, &seen, go.clone()));
+        let mut a = worker(server.addr, name, "a", 0, 1);
+        a.token = Some(TOKEN.into());
+        let peer = SocketAddr::from((
+            [127, 0, 0, 1],
+            tempest_testkit::free_port().expect("a free port"),
+        ));
+        let mut b = worker(server.addr, name, "b", 0, 1);
+        b.token = Some(TOKEN.into());
+        b.peer_listen = peer;
+        b.handshake_timeout = Duration::from_millis(300);
+        let b_metrics = Registry::default();
+        let (a, b) = (
+            spawn_worker(dag.clone(), a, Registry::default()),
+            spawn_worker(dag.clone(), b, b_metrics.clone()),
+        );
+        wait_until("both workers joined and a's peer link to b is up", || {
+            b_metrics
+                .snapshot()
+                .gauge("tempest_peer_links", &[("direction", "in")])
+                .is_some_and(|n| n >= 1.0)
+        })
+        .await;
+        Gated {
+            name,
+            n,
+            server,
+            a,
+            b,
+            b_metrics,
+            peer,
+            seen,
+            go,
+        }
+    }
+
+    /// Lets b go, and checks the stream went on to its last root.
+    async fn finish(self) -> RunReport {
+        self.go.store(true, std::sync::atomic::Ordering::Relaxed);
+        let report = self.server.finish(WAIT).await;
+        self.a.stop().await;
+        self.b.stop().await;
+        assert_eq!(report.acked(), self.n, "{}: the flow went on", self.name);
+        assert_eq!(self.seen.distinct(), self.n as usize);
+        report
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_peers_are_refused_and_the_flow_goes_on() {
     const NAME: &str = "bad-peers";
-    const N: u64 = 5_000;
-    let seen = Seen::default();
-    let go = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let server = start_server(two_step(NAME, N, &seen, go.clone()), |c| {
-        c.token = Some(TOKEN.into());
-        c.handshake_timeout = Duration::from_millis(300);
-    })
-    .await;
-    let dag = dag_of(two_step(NAME, N, &seen, go.clone()));
-    let mut a = worker(server.addr, NAME, "a", 0, 1);
-    a.token = Some(TOKEN.into());
-    let peer_port = tempest_testkit::free_port().expect("a free port");
-    let mut b = worker(server.addr, NAME, "b", 0, 1);
-    b.token = Some(TOKEN.into());
-    b.peer_listen = SocketAddr::from(([127, 0, 0, 1], peer_port));
-    b.handshake_timeout = Duration::from_millis(300);
-    let b_metrics = Registry::default();
-    let (wa, wb) = (
-        spawn_worker(dag.clone(), a, Registry::default()),
-        spawn_worker(dag.clone(), b, b_metrics.clone()),
-    );
-    let peer = SocketAddr::from(([127, 0, 0, 1], peer_port));
-    wait_until("a's peer link to b is up", || {
-        b_metrics
-            .snapshot()
-            .gauge("tempest_peer_links", &[("direction", "in")])
-            .is_some_and(|n| n >= 1.0)
-    })
-    .await;
+    let g = Gated::start(NAME, 5_000).await;
+    let (peer, b_metrics) = (g.peer, g.b_metrics.clone());
 
     let peer_hello = |topology: &str, token: Option<&str>, session: u64| {
         Frame::Hello(Hello::new(
@@ -572,43 +617,14 @@ async fn bad_peers_are_refused_and_the_flow_goes_on() {
     // Each refusal is counted before its Error is sent.
     assert_eq!(rejected() - before, refused, "each refusal counted once");
 
-    go.store(true, std::sync::atomic::Ordering::Relaxed);
-    let report = server.finish(WAIT).await;
-    wa.stop().await;
-    wb.stop().await;
-    assert_eq!(report.acked(), N, "the flow went on");
-    assert_eq!(seen.distinct(), N as usize);
+    g.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_workers_are_refused_and_the_flow_goes_on() {
     const NAME: &str = "bad-workers";
-    const N: u64 = 3_000;
-    let seen = Seen::default();
-    let go = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let server = start_server(two_step(NAME, N, &seen, go.clone()), |c| {
-        c.token = Some(TOKEN.into());
-        c.handshake_timeout = Duration::from_millis(300);
-    })
-    .await;
-    let addr = server.addr;
-    let dag = dag_of(two_step(NAME, N, &seen, go.clone()));
-    let mut a = worker(addr, NAME, "a", 0, 1);
-    a.token = Some(TOKEN.into());
-    let mut b = worker(addr, NAME, "b", 0, 1);
-    b.token = Some(TOKEN.into());
-    let b_metrics = Registry::default();
-    let (wa, wb) = (
-        spawn_worker(dag.clone(), a, Registry::default()),
-        spawn_worker(dag.clone(), b, b_metrics.clone()),
-    );
-    wait_until("both workers joined and linked", || {
-        b_metrics
-            .snapshot()
-            .gauge("tempest_peer_links", &[("direction", "in")])
-            .is_some_and(|n| n >= 1.0)
-    })
-    .await;
+    let g = Gated::start(NAME, 3_000).await;
+    let addr = g.server.addr;
 
     let hello = |topology: &str,
                  token: Option<&str>,
@@ -698,11 +714,7 @@ async fn bad_workers_are_refused_and_the_flow_goes_on() {
     for (what, bytes, code) in cases {
         assert_refused(what, &bad_peer(addr, &bytes).await, code);
     }
-    go.store(true, std::sync::atomic::Ordering::Relaxed);
-    let report = server.finish(WAIT).await;
-    wa.stop().await;
-    wb.stop().await;
-    assert_eq!(report.acked(), N, "the flow went on");
+    let report = g.finish().await;
     let rejected = report.metrics.counter("tempest_worker_rejected", &[]);
     assert!(
         rejected == n || rejected == n + 2,

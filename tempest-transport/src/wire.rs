@@ -399,6 +399,27 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, by index (what the wire carries).
+    pub const ALL: [ErrorCode; 17] = [
+        ErrorCode::BadMagic,
+        ErrorCode::VersionMismatch,
+        ErrorCode::BadToken,
+        ErrorCode::UnknownTopology,
+        ErrorCode::UnknownTask,
+        ErrorCode::InstanceTaken,
+        ErrorCode::BadInstance,
+        ErrorCode::Malformed,
+        ErrorCode::FrameTooLarge,
+        ErrorCode::HandshakeTimeout,
+        ErrorCode::UnexpectedFrame,
+        ErrorCode::ShuttingDown,
+        ErrorCode::StaleLayout,
+        ErrorCode::LayoutConflict,
+        ErrorCode::WrongPeer,
+        ErrorCode::PipelineMismatch,
+        ErrorCode::BadAddress,
+    ];
+
     /// The code's name, as in the enum.
     pub fn as_str(self) -> &'static str {
         match self {

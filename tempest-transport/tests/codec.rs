@@ -163,26 +163,6 @@ fn slot_ref() -> impl Strategy<Value = SlotRef> {
     any::<(u32, u32, u32)>().prop_map(|(t, i, n)| slot(t, i, n))
 }
 
-const ALL_CODES: [ErrorCode; 17] = [
-    ErrorCode::BadMagic,
-    ErrorCode::VersionMismatch,
-    ErrorCode::BadToken,
-    ErrorCode::UnknownTopology,
-    ErrorCode::UnknownTask,
-    ErrorCode::InstanceTaken,
-    ErrorCode::BadInstance,
-    ErrorCode::Malformed,
-    ErrorCode::FrameTooLarge,
-    ErrorCode::HandshakeTimeout,
-    ErrorCode::UnexpectedFrame,
-    ErrorCode::ShuttingDown,
-    ErrorCode::StaleLayout,
-    ErrorCode::LayoutConflict,
-    ErrorCode::WrongPeer,
-    ErrorCode::PipelineMismatch,
-    ErrorCode::BadAddress,
-];
-
 fn role() -> impl Strategy<Value = Role> {
     prop_oneof![
         (
@@ -278,7 +258,7 @@ fn frame() -> impl Strategy<Value = Frame> {
         any::<u32>().prop_map(|batches| Frame::Credit { batches }),
         report().prop_map(Frame::Report),
         slot_ref().prop_map(Frame::LinkLost),
-        (proptest::sample::select(ALL_CODES.to_vec()), text())
+        (proptest::sample::select(ErrorCode::ALL.to_vec()), text())
             .prop_map(|(code, message)| Frame::Error { code, message }),
         any::<u64>().prop_map(|seq| Frame::Heartbeat { seq }),
         any::<u64>().prop_map(|seq| Frame::HeartbeatAck { seq }),

@@ -661,7 +661,7 @@ fn a_version_1_worker_reads_a_version_2_refusal() {
     );
     // Codes 0-11 read as version 1's own codes, whatever the refusal; the
     // codes added since are unknown to version 1.
-    for (i, code) in ALL_CODES.into_iter().enumerate() {
+    for (i, code) in ErrorCode::ALL.into_iter().enumerate() {
         let frame = encode(&Frame::error(code, "why"));
         let v1 = postcard::from_bytes::<V1Frame>(&frame[4..]);
         match V1_CODES.get(i) {
@@ -716,7 +716,7 @@ fn a_version_2_worker_reads_a_version_1_refusal() {
         .expect("postcard");
         assert_eq!(
             decode_all(&[&(body.len() as u32).to_be_bytes()[..], &body].concat()).expect("decode"),
-            [Frame::error(ALL_CODES[i], "why")],
+            [Frame::error(ErrorCode::ALL[i], "why")],
             "{v1_code:?}"
         );
     }
@@ -814,31 +814,11 @@ fn the_frame_table_gives_every_variant_its_index() {
     ));
 }
 
-const ALL_CODES: [ErrorCode; 17] = [
-    ErrorCode::BadMagic,
-    ErrorCode::VersionMismatch,
-    ErrorCode::BadToken,
-    ErrorCode::UnknownTopology,
-    ErrorCode::UnknownTask,
-    ErrorCode::InstanceTaken,
-    ErrorCode::BadInstance,
-    ErrorCode::Malformed,
-    ErrorCode::FrameTooLarge,
-    ErrorCode::HandshakeTimeout,
-    ErrorCode::UnexpectedFrame,
-    ErrorCode::ShuttingDown,
-    ErrorCode::StaleLayout,
-    ErrorCode::LayoutConflict,
-    ErrorCode::WrongPeer,
-    ErrorCode::PipelineMismatch,
-    ErrorCode::BadAddress,
-];
-
 #[test]
 fn the_error_code_table_gives_every_code_its_index_and_fatality() {
     let rows = table_rows("| # | code | added | on refusal | sent when |");
-    assert_eq!(rows.len(), ALL_CODES.len(), "one row per error code");
-    for (i, code) in ALL_CODES.into_iter().enumerate() {
+    assert_eq!(rows.len(), ErrorCode::ALL.len(), "one row per error code");
+    for (i, code) in ErrorCode::ALL.into_iter().enumerate() {
         assert_eq!(
             postcard::to_stdvec(&code).expect("postcard"),
             [i as u8],
@@ -853,7 +833,7 @@ fn the_error_code_table_gives_every_code_its_index_and_fatality() {
         assert_eq!(cells[2], fatal, "{code}");
     }
     // No code beyond the table: an Error with code 17 is malformed.
-    let last = ALL_CODES.len() as u8;
+    let last = ErrorCode::ALL.len() as u8;
     let mut buf = BytesMut::from(&[0, 0, 0, 3, ERROR_TAG, last, 0][..]);
     assert!(matches!(
         FrameCodec::default().decode(&mut buf),
