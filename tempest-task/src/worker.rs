@@ -36,8 +36,7 @@ use tempest_transport::inbox::{self, Identity, InBatch, InboxConfig};
 use tempest_transport::link::{self, Liveness};
 use tempest_transport::outbox::{Outbox, OutboxConfig};
 use tempest_transport::wire::{
-    Ack, ErrorCode, Fail, Fixed, Frame, Hello, Members, Report, Role, SlotRef, Welcome, WireDag,
-    WorkerHello,
+    Ack, ErrorCode, Fail, Fixed, Frame, Hello, Report, Role, SlotRef, Welcome, WireDag, WorkerHello,
 };
 
 use crate::{Instance, TaskMetrics};
@@ -477,7 +476,7 @@ async fn session(
                     Some(Ok(Frame::Members(m))) => {
                         if m.epoch > epoch {
                             epoch = m.epoch;
-                            apply_members(outbox, &m);
+                            outbox.apply_members(&m);
                         }
                     }
                     Some(Ok(Frame::Heartbeat { seq })) => {
@@ -515,10 +514,6 @@ async fn session(
             _ = tempest_core::shutdown::changed(shutdown) => {}
         }
     }
-}
-
-fn apply_members(outbox: &Outbox, m: &Members) {
-    outbox.apply_members(m);
 }
 
 /// Splits a report too large for `budget` bytes into parts that fit (each

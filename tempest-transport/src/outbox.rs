@@ -306,17 +306,6 @@ impl Outbox {
         self.room.notify_all();
     }
 
-    /// Messages queued in all.
-    pub fn queued(&self) -> usize {
-        let state = self.state.lock();
-        state
-            .tasks
-            .iter()
-            .flatten()
-            .map(|td| td.dests.iter().map(|d| d.queue.len()).sum::<usize>())
-            .sum()
-    }
-
     /// Takes the next batch for a link: up to `batch_size` messages and
     /// `batch_bytes` bytes (at least one message). `None` when the link is
     /// stale (replaced, or the outbox closed).
