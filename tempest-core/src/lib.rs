@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod ledger;
+pub mod limits;
 pub mod metrics;
 pub mod msg;
 pub mod outputs;

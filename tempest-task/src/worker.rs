@@ -31,7 +31,9 @@ use tempest_core::metrics::{Labels, Registry};
 use tempest_core::pipeline::{Dag, TaskIdx};
 use tempest_core::route::route;
 use tempest_core::{Handled, TaskContext};
+use tempest_transport::auth::Secret;
 use tempest_transport::codec::{delivery_size, report_size_bound};
+use tempest_transport::gate::GateConfig;
 use tempest_transport::inbox::{self, Identity, InBatch, InboxConfig};
 use tempest_transport::link::{self, Liveness};
 use tempest_transport::outbox::{Outbox, OutboxConfig};
@@ -56,8 +58,9 @@ pub struct WorkerConfig {
     pub instances: u32,
     /// The layout version of that count (0: from configuration).
     pub layout: u64,
-    /// The shared token, if the server and the peers want one.
-    pub token: Option<String>,
+    /// The deployment's data-plane secret, if it has one: proven to the
+    /// server and to peers, and asked of peers (never sent).
+    pub secret: Option<Secret>,
     /// The largest frame accepted or sent.
     pub max_frame: usize,
     /// Batches each upstream may have outstanding at this worker.
@@ -69,6 +72,8 @@ pub struct WorkerConfig {
     pub peer_advertise: Option<String>,
     /// How long a new peer connection has to say `Hello`.
     pub handshake_timeout: Duration,
+    /// Limits on the peer port's connections.
+    pub gate: GateConfig,
     /// The first reconnect wait; it doubles up to `reconnect_max`.
     pub reconnect_min: Duration,
     /// The longest reconnect wait.
@@ -89,12 +94,13 @@ impl WorkerConfig {
             instance: None,
             instances: 1,
             layout: 0,
-            token: None,
+            secret: None,
             max_frame: tempest_transport::DEFAULT_MAX_FRAME,
             credit: 4,
             peer_listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
             peer_advertise: None,
             handshake_timeout: link::HANDSHAKE_TIMEOUT,
+            gate: GateConfig::default(),
             reconnect_min: Duration::from_millis(50),
             reconnect_max: Duration::from_secs(2),
         }
@@ -183,11 +189,12 @@ pub async fn run_worker(
     let inbox = tokio::spawn({
         let config = InboxConfig {
             topology: config.topology.clone(),
-            token: config.token.clone(),
+            secret: config.secret.clone(),
             max_frame: config.max_frame,
             credit: config.credit,
             heartbeat: Duration::from_secs(1),
             handshake_timeout: config.handshake_timeout,
+            gate: config.gate,
         };
         let registry = registry.clone();
         async move { inbox::serve(listener, config, identity_rx, in_tx, &registry, inbox_stop).await }
@@ -213,7 +220,6 @@ pub async fn run_worker(
         }
         let hello = Hello::new(
             config.topology.clone(),
-            config.token.clone(),
             Role::Worker(WorkerHello {
                 task: config.task.clone(),
                 instance: config.instance,
@@ -222,7 +228,14 @@ pub async fn run_worker(
                 peer: advertise.clone(),
             }),
         );
-        let joined = match link::connect(&config.topology_addr, config.max_frame, hello).await {
+        let joined = match link::connect(
+            &config.topology_addr,
+            config.max_frame,
+            hello,
+            config.secret.as_ref(),
+        )
+        .await
+        {
             Ok((conn, Frame::Welcome(w))) => Ok((conn, w)),
             Ok((_, Frame::Error { code, message })) if code.is_fatal() => {
                 break Err(WorkerError::Refused { code, message })
@@ -308,7 +321,7 @@ pub async fn run_worker(
         let outbox = Outbox::new(
             OutboxConfig {
                 topology: config.topology.clone(),
-                token: config.token.clone(),
+                secret: config.secret.clone(),
                 session: welcome.session,
                 from: Some(me),
                 batch_size,

@@ -39,7 +39,9 @@ use tempest_core::metrics::{catalog, Counter, Gauge, Labels};
 use tempest_core::pipeline::{Dag, TaskIdx};
 use tempest_core::route::Target;
 use tempest_core::{Delivery, TaskError, Topology};
+use tempest_transport::auth::Secret;
 use tempest_transport::codec::delivery_size;
+use tempest_transport::gate::{Gate, GateConfig, Handshake};
 use tempest_transport::link::{self, Liveness, NoHello};
 use tempest_transport::outbox::{Outbox, OutboxConfig};
 use tempest_transport::wire::{
@@ -56,25 +58,29 @@ use crate::standalone::{Parts, RunError, RunReport};
 pub struct ServerConfig {
     /// Where to listen (port 0 picks a free port).
     pub listen: SocketAddr,
-    /// A shared token workers must present, if set.
-    pub token: Option<String>,
+    /// The deployment's data-plane secret, which workers must prove they
+    /// have (challenge and response; never sent), if set.
+    pub secret: Option<Secret>,
     /// The largest frame accepted or sent.
     pub max_frame: usize,
     /// How often an idle peer must be heard from; silence for three times
     /// this drops the connection.
     pub heartbeat: Duration,
-    /// How long a new connection has to say `Hello`.
+    /// How long a new connection has to say `Hello` (and prove the secret).
     pub handshake_timeout: Duration,
+    /// Limits on worker connections.
+    pub gate: GateConfig,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            token: None,
+            secret: None,
             max_frame: DEFAULT_MAX_FRAME,
             heartbeat: Duration::from_secs(1),
             handshake_timeout: link::HANDSHAKE_TIMEOUT,
+            gate: GateConfig::default(),
         }
     }
 }
@@ -402,6 +408,7 @@ impl Admission for Control {
 /// What every connection needs.
 struct Shared {
     control: Arc<Mutex<Control>>,
+    gate: Arc<Gate>,
     topology: String,
     config: ServerConfig,
     batch_size: u32,
@@ -420,8 +427,13 @@ async fn accept(listener: TcpListener, shared: Arc<Shared>, grace: Duration) {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    let Some(pending) = shared.gate.arrive(peer.ip()) else {
+                        shared.rejected.inc();
+                        tracing::debug!(%peer, "shut out for failed authentications");
+                        continue;
+                    };
                     let shared = shared.clone();
-                    conns.spawn(async move { connection(stream, peer, shared).await });
+                    conns.spawn(async move { connection(stream, peer, shared, pending).await });
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off, keep serving.
@@ -461,12 +473,21 @@ fn check_peer_address(peer: &str) -> Result<(), String> {
     }
 }
 
-async fn handshake(conn: &mut link::Conn, shared: &Shared) -> Result<WorkerHello, NoHello> {
-    let hello = link::read_hello(conn, shared.config.handshake_timeout).await?;
-    let refuse = |code, message: String| Err(NoHello::Refuse(code, message));
-    if !link::token_ok(shared.config.token.as_deref(), hello.token.as_deref()) {
-        return refuse(ErrorCode::BadToken, "missing or wrong token".into());
+async fn handshake(
+    conn: &mut link::Conn,
+    shared: &Shared,
+    peer: SocketAddr,
+) -> Result<WorkerHello, NoHello> {
+    let deadline = shared.config.handshake_timeout;
+    let hello = link::read_hello(conn, deadline).await?;
+    if let Err(e) = link::authenticate(conn, &hello, shared.config.secret.as_ref(), deadline).await
+    {
+        if matches!(e, NoHello::Refuse(ErrorCode::BadToken, _)) {
+            shared.gate.failed_auth(peer.ip());
+        }
+        return Err(e);
     }
+    let refuse = |code, message: String| Err(NoHello::Refuse(code, message));
     if hello.topology != shared.topology {
         return refuse(
             ErrorCode::UnknownTopology,
@@ -497,7 +518,7 @@ async fn handshake(conn: &mut link::Conn, shared: &Shared) -> Result<WorkerHello
     Ok(w)
 }
 
-async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, pending: Handshake) {
     let mut conn = link::framed(
         stream,
         tempest_transport::codec::PRE_AUTH_MAX_FRAME.min(shared.config.max_frame),
@@ -505,16 +526,28 @@ async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let id = shared
         .next_conn
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let joined = match handshake(&mut conn, &shared).await {
-        Ok(w) => {
+    let evicted = pending.evicted.clone();
+    let outcome = tokio::select! {
+        r = handshake(&mut conn, &shared, peer) => r,
+        _ = evicted.cancelled() => Err(NoHello::Refuse(
+            ErrorCode::Busy,
+            "too many connections in their handshake: the oldest goes".into(),
+        )),
+    };
+    let joined = match outcome.map(|w| (w, pending.admit())) {
+        Ok((w, Some(admitted))) => {
             let result = shared.control.lock().join(&w, id);
             result
-                .map(|j| (w, j))
+                .map(|j| (w, j, admitted))
                 .map_err(|(c, m)| NoHello::Refuse(c, m))
         }
+        Ok((_, None)) => Err(NoHello::Refuse(
+            ErrorCode::Busy,
+            "the server holds as many worker connections as it takes".into(),
+        )),
         Err(e) => Err(e),
     };
-    let (hello, (task, instance, incarnation)) = match joined {
+    let (hello, (task, instance, incarnation), _admitted) = match joined {
         Ok(ok) => {
             link::accepted(&mut conn, shared.config.max_frame);
             ok
@@ -690,7 +723,7 @@ impl TopologyServer {
         let outbox = Outbox::new(
             OutboxConfig {
                 topology: settings.name.clone(),
-                token: self.config.token.clone(),
+                secret: self.config.secret.clone(),
                 session,
                 from: None,
                 batch_size,
@@ -741,6 +774,7 @@ impl TopologyServer {
         let (stop_tx, stopping) = watch::channel(false);
         let shared = Arc::new(Shared {
             control: control.clone(),
+            gate: Gate::new(self.config.gate),
             topology: settings.name.clone(),
             config: self.config.clone(),
             batch_size: u32::try_from(batch_size).unwrap_or(u32::MAX),

@@ -33,6 +33,7 @@ use tempest_core::sources::{GeneratorSource, MemorySource};
 use tempest_core::{Dag, Grouping, Msg, Pipeline, Task, TaskContext, TaskResult, Topology};
 use tempest_task::worker::{run_worker, WorkerConfig, WorkerError, WorkerReport};
 use tempest_topology::{RunError, RunReport, ServerConfig, TopologyServer};
+use tempest_transport::auth::{self, Secret, Side};
 use tempest_transport::link;
 use tempest_transport::wire::{
     ErrorCode, Frame, Hello, PeerHello, PeerWelcome, Role, SlotRef, WorkerHello,
@@ -42,7 +43,12 @@ use tempest_transport::{FrameCodec, WireError};
 /// The bound on any single wait: far longer than a healthy run needs.
 const WAIT: Duration = Duration::from_secs(30);
 
-const TOKEN: &str = "s3cret";
+/// The deployment's data-plane secret in the tests that have one.
+const SECRET: &str = "0123456789abcdef-the-data-plane-secret";
+
+fn secret() -> Secret {
+    Secret::new(SECRET).expect("a valid secret")
+}
 
 // ---------------------------------------------------------------------------
 // Helpers.
@@ -254,8 +260,66 @@ fn encode(frame: &Frame) -> Vec<u8> {
     buf.to_vec()
 }
 
+/// How a hand-written connector answers a `Challenge`.
+#[derive(Copy, Clone, Debug)]
+enum Answer {
+    /// With a proof made with the deployment's secret.
+    Right,
+    /// With a proof made of nothing.
+    Wrong,
+    /// Not at all.
+    Silent,
+}
+
+/// Connects to `addr`, says `hello`, answers a `Challenge` as told (and
+/// checks the acceptor's own proof after a right answer), and returns every
+/// other frame received until the close.
+async fn probe(addr: SocketAddr, hello: Hello, answer: Answer) -> Vec<Frame> {
+    let transcript = hello.transcript();
+    let connector = hello.nonce;
+    let mut c = raw(addr).await;
+    c.send(Frame::Hello(hello)).await.expect("send Hello");
+    let mut frames = Vec::new();
+    let mut acceptor = None;
+    while let Some(f) = recv(&mut c).await {
+        match f {
+            Frame::Challenge { nonce } => {
+                acceptor = Some(nonce);
+                let mac = match answer {
+                    Answer::Right => {
+                        auth::proof(&secret(), Side::Connector, &connector, &nonce, &transcript)
+                    }
+                    Answer::Wrong => [7; 32],
+                    Answer::Silent => continue,
+                };
+                c.send(Frame::Proof { mac }).await.expect("send Proof");
+            }
+            Frame::Proof { mac } => {
+                let nonce = acceptor.expect("a Proof answers a Challenge");
+                assert!(
+                    auth::verify(
+                        &secret(),
+                        Side::Acceptor,
+                        &connector,
+                        &nonce,
+                        &transcript,
+                        &mac
+                    ),
+                    "the acceptor proves the secret too"
+                );
+            }
+            other => frames.push(other),
+        }
+    }
+    frames
+}
+
 fn assert_refused(what: &str, frames: &[Frame], want: ErrorCode) {
-    match frames {
+    let frames: Vec<&Frame> = frames
+        .iter()
+        .filter(|f| !matches!(f, Frame::Challenge { .. }))
+        .collect();
+    match &frames[..] {
         [Frame::Error { code, message }] => {
             assert_eq!(*code, want, "{what}: {message}");
             assert!(!message.is_empty(), "{what}: an Error names the problem");
@@ -291,7 +355,6 @@ async fn fake_worker(server: SocketAddr, topology: &str) -> FakeWorker {
     control
         .send(Frame::Hello(Hello::new(
             topology,
-            None,
             Role::Worker(WorkerHello {
                 task: "t".into(),
                 instance: Some(1),
@@ -456,7 +519,7 @@ fn two_step(name: &str, n: u64, seen: &Seen, go: Arc<std::sync::atomic::AtomicBo
         .unwrap()
 }
 
-/// A running a → b over a token-guarded server, with b held back until
+/// A running a → b over a server with a data-plane secret, b held back until
 /// [`Gated::finish`]: the stage the bad peers and workers knock on.
 struct Gated {
     name: &'static str,
@@ -476,19 +539,19 @@ impl Gated {
         let seen = Seen::default();
         let go = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let server = start_server(two_step(name, n, &seen, go.clone()), |c| {
-            c.token = Some(TOKEN.into());
+            c.secret = Some(secret());
             c.handshake_timeout = Duration::from_millis(300);
         })
         .await;
         let dag = dag_of(two_step(name, n, &seen, go.clone()));
         let mut a = worker(server.addr, name, "a", 0, 1);
-        a.token = Some(TOKEN.into());
+        a.secret = Some(secret());
         let peer = SocketAddr::from((
             [127, 0, 0, 1],
             tempest_testkit::free_port().expect("a free port"),
         ));
         let mut b = worker(server.addr, name, "b", 0, 1);
-        b.token = Some(TOKEN.into());
+        b.secret = Some(secret());
         b.peer_listen = peer;
         b.handshake_timeout = Duration::from_millis(300);
         let b_metrics = Registry::default();
@@ -534,10 +597,9 @@ async fn bad_peers_are_refused_and_the_flow_goes_on() {
     let g = Gated::start(NAME, 5_000).await;
     let (peer, b_metrics) = (g.peer, g.b_metrics.clone());
 
-    let peer_hello = |topology: &str, token: Option<&str>, session: u64| {
-        Frame::Hello(Hello::new(
+    let peer_hello = |topology: &str, session: u64| {
+        Hello::new(
             topology,
-            token.map(str::to_owned),
             Role::Peer(PeerHello {
                 session,
                 from: None,
@@ -547,7 +609,7 @@ async fn bad_peers_are_refused_and_the_flow_goes_on() {
                     incarnation: 0,
                 },
             }),
-        ))
+        )
     };
     // Links refused before this (a's first tries, before b had joined) are
     // not the probes'.
@@ -563,6 +625,18 @@ async fn bad_peers_are_refused_and_the_flow_goes_on() {
         bad_peer(peer, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await,
         ErrorCode::FrameTooLarge,
     );
+    let started = Instant::now();
+    let mut huge = vec![1, 0, 0, 0];
+    huge.extend_from_slice(&[0; 64]);
+    check(
+        "a 16 MiB frame before the handshake",
+        bad_peer(peer, &huge).await,
+        ErrorCode::FrameTooLarge,
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "closed at once, not after a deadline"
+    );
     check(
         "a garbage body",
         bad_peer(peer, &[0, 0, 0, 3, 0xff, 0xff, 0xff]).await,
@@ -574,23 +648,27 @@ async fn bad_peers_are_refused_and_the_flow_goes_on() {
         ErrorCode::VersionMismatch,
     );
     check(
-        "a wrong token",
-        bad_peer(peer, &encode(&peer_hello(NAME, Some("nope"), 1))).await,
+        "a wrong proof of the secret",
+        probe(peer, peer_hello(NAME, 1), Answer::Wrong).await,
         ErrorCode::BadToken,
     );
     check(
+        "no proof of the secret",
+        probe(peer, peer_hello(NAME, 1), Answer::Silent).await,
+        ErrorCode::HandshakeTimeout,
+    );
+    check(
         "another topology",
-        bad_peer(peer, &encode(&peer_hello("other", Some(TOKEN), 1))).await,
+        probe(peer, peer_hello("other", 1), Answer::Right).await,
         ErrorCode::UnknownTopology,
     );
     check(
         "another session",
-        bad_peer(peer, &encode(&peer_hello(NAME, Some(TOKEN), 1))).await,
+        probe(peer, peer_hello(NAME, 1), Answer::Right).await,
         ErrorCode::WrongPeer,
     );
-    let worker_hello = Frame::Hello(Hello::new(
+    let worker_hello = Hello::new(
         NAME,
-        Some(TOKEN.into()),
         Role::Worker(WorkerHello {
             task: "b".into(),
             instance: None,
@@ -598,10 +676,10 @@ async fn bad_peers_are_refused_and_the_flow_goes_on() {
             layout: 0,
             peer: "127.0.0.1:1".into(),
         }),
-    ));
+    );
     check(
         "a worker Hello on a peer port",
-        bad_peer(peer, &encode(&worker_hello)).await,
+        probe(peer, worker_hello, Answer::Right).await,
         ErrorCode::UnexpectedFrame,
     );
     check(
@@ -626,15 +704,9 @@ async fn bad_workers_are_refused_and_the_flow_goes_on() {
     let g = Gated::start(NAME, 3_000).await;
     let addr = g.server.addr;
 
-    let hello = |topology: &str,
-                 token: Option<&str>,
-                 task: &str,
-                 instance: Option<u32>,
-                 instances: u32,
-                 peer: &str| {
-        encode(&Frame::Hello(Hello::new(
+    let hello = |topology: &str, task: &str, instance: Option<u32>, instances: u32, peer: &str| {
+        Hello::new(
             topology,
-            token.map(str::to_owned),
             Role::Worker(WorkerHello {
                 task: task.into(),
                 instance,
@@ -642,56 +714,60 @@ async fn bad_workers_are_refused_and_the_flow_goes_on() {
                 layout: 0,
                 peer: peer.into(),
             }),
-        )))
+        )
     };
     let p = "127.0.0.1:9";
-    let t = Some(TOKEN);
-    let cases: Vec<(&str, Vec<u8>, ErrorCode)> = vec![
+    let right = |h| probe(addr, h, Answer::Right);
+    let cases: Vec<(&str, Vec<Frame>, ErrorCode)> = vec![
         (
             "a version-1 worker",
-            V1_HELLO.to_vec(),
+            bad_peer(addr, V1_HELLO).await,
             ErrorCode::VersionMismatch,
         ),
         (
-            "no token",
-            hello(NAME, None, "b", None, 1, p),
+            "a wrong proof of the secret",
+            probe(addr, hello(NAME, "b", None, 1, p), Answer::Wrong).await,
             ErrorCode::BadToken,
         ),
         (
+            "no proof of the secret",
+            probe(addr, hello(NAME, "b", None, 1, p), Answer::Silent).await,
+            ErrorCode::HandshakeTimeout,
+        ),
+        (
             "another topology",
-            hello("other", t, "b", None, 1, p),
+            right(hello("other", "b", None, 1, p)).await,
             ErrorCode::UnknownTopology,
         ),
         (
             "an unknown task",
-            hello(NAME, t, "zz", None, 1, p),
+            right(hello(NAME, "zz", None, 1, p)).await,
             ErrorCode::UnknownTask,
         ),
         (
             "an instance out of range",
-            hello(NAME, t, "b", Some(3), 1, p),
+            right(hello(NAME, "b", Some(3), 1, p)).await,
             ErrorCode::BadInstance,
         ),
         (
             "a taken instance",
-            hello(NAME, t, "b", Some(0), 1, p),
+            right(hello(NAME, "b", Some(0), 1, p)).await,
             ErrorCode::InstanceTaken,
         ),
         (
             "another count, same layout",
-            hello(NAME, t, "b", None, 2, p),
+            right(hello(NAME, "b", None, 2, p)).await,
             ErrorCode::LayoutConflict,
         ),
         (
             "a bad peer address",
-            hello(NAME, t, "a", None, 1, "nowhere"),
+            right(hello(NAME, "a", None, 1, "nowhere")).await,
             ErrorCode::BadAddress,
         ),
         (
             "a peer Hello on the server",
-            encode(&Frame::Hello(Hello::new(
+            right(Hello::new(
                 NAME,
-                Some(TOKEN.into()),
                 Role::Peer(PeerHello {
                     session: 0,
                     from: None,
@@ -701,18 +777,19 @@ async fn bad_workers_are_refused_and_the_flow_goes_on() {
                         incarnation: 0,
                     },
                 }),
-            ))),
+            ))
+            .await,
             ErrorCode::UnexpectedFrame,
         ),
         (
             "a silent connection",
-            Vec::new(),
+            bad_peer(addr, &[]).await,
             ErrorCode::HandshakeTimeout,
         ),
     ];
     let n = cases.len() as u64;
-    for (what, bytes, code) in cases {
-        assert_refused(what, &bad_peer(addr, &bytes).await, code);
+    for (what, frames, code) in cases {
+        assert_refused(what, &frames, code);
     }
     let report = g.finish().await;
     let rejected = report.metrics.counter("tempest_worker_rejected", &[]);
@@ -894,4 +971,180 @@ async fn rebalance_two_three_one_while_running_loses_nothing() {
     // Duplicates come only from roots in flight when an instance left.
     let words = N as usize * 3;
     assert!(counted() >= words, "{} words counted of {words}", counted());
+}
+
+// ---------------------------------------------------------------------------
+// 5. The data-plane secret on the wire, and floods.
+// ---------------------------------------------------------------------------
+
+fn one_task(name: &str, n: usize, seen: &Seen) -> Topology {
+    Topology::builder(name)
+        .source(MemorySource::new((0..n).map(|i| i.to_string())))
+        .pipeline(Pipeline::new().task("t", record(seen)))
+        .build()
+        .unwrap()
+}
+
+/// Forwards one connection from `listener` to `to`, recording what the
+/// connector sent.
+async fn recording_proxy(listener: TcpListener, to: SocketAddr, sent: Arc<Mutex<Vec<u8>>>) {
+    let Ok((mut inbound, _)) = listener.accept().await else {
+        return;
+    };
+    let Ok(mut outbound) = TcpStream::connect(to).await else {
+        return;
+    };
+    let (mut ir, mut iw) = inbound.split();
+    let (mut or, mut ow) = outbound.split();
+    let up = async {
+        let mut buf = [0u8; 8192];
+        loop {
+            match ir.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    sent.lock().extend_from_slice(&buf[..n]);
+                    if ow.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    };
+    let down = tokio::io::copy(&mut or, &mut iw);
+    tokio::select! {
+        _ = up => {}
+        _ = down => {}
+    }
+}
+
+/// What a worker sends when it joins carries no reusable secret: the bytes
+/// on the wire never hold the secret, and replaying them on a new
+/// connection is refused (the server's nonce differs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sniffed_handshake_gives_away_nothing_reusable() {
+    const NAME: &str = "sniffed";
+    const N: usize = 2_000;
+    let seen = Seen::default();
+    let server = start_server(one_task(NAME, N, &seen), |c| c.secret = Some(secret())).await;
+    let proxy = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let via = proxy.local_addr().expect("addr");
+    let sent = Arc::new(Mutex::new(Vec::new()));
+    let recorder = tokio::spawn(recording_proxy(proxy, server.addr, sent.clone()));
+    let mut config = worker(via, NAME, "t", 0, 1);
+    config.secret = Some(secret());
+    let w = spawn_worker(
+        dag_of(one_task(NAME, 0, &seen)),
+        config,
+        Registry::default(),
+    );
+    let report = server.finish(WAIT).await;
+    assert_eq!(
+        report.acked(),
+        N as u64,
+        "the worker joined through the proxy"
+    );
+    w.stop().await;
+    recorder.abort();
+    let wire = sent.lock().clone();
+    assert!(
+        wire.len() > 40,
+        "the handshake was recorded: {} bytes",
+        wire.len()
+    );
+    assert!(
+        !wire.windows(SECRET.len()).any(|w| w == SECRET.as_bytes()),
+        "the secret crossed the wire"
+    );
+
+    // Replayed word for word to a server with the same secret: refused.
+    let again = start_server(one_task("sniffed", 1, &seen), |c| c.secret = Some(secret())).await;
+    let frames = bad_peer(again.addr, &wire).await;
+    assert_refused("a replayed handshake", &frames, ErrorCode::BadToken);
+    drop(again);
+}
+
+/// A worker with another secret is refused, and stops (an operator must
+/// fix it); a worker with a secret refuses a server that does not ask for
+/// it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wrong_secret_is_refused_both_ways() {
+    const NAME: &str = "wrong-secret";
+    let seen = Seen::default();
+    let server = start_server(one_task(NAME, 10, &seen), |c| c.secret = Some(secret())).await;
+    let mut config = worker(server.addr, NAME, "t", 0, 1);
+    config.secret = Some(Secret::new("another-secret-of-enough-bytes").unwrap());
+    let (_stop, shutdown) = watch::channel(false);
+    let outcome = timeout(
+        WAIT,
+        run_worker(
+            dag_of(one_task(NAME, 0, &seen)),
+            config,
+            Registry::default(),
+            shutdown,
+        ),
+    )
+    .await
+    .expect("the refused worker stops");
+    match outcome {
+        Err(WorkerError::Refused {
+            code: ErrorCode::BadToken,
+            message,
+        }) => {
+            assert!(message.contains("secret"), "{message}")
+        }
+        other => panic!("expected a BadToken refusal, got {other:?}"),
+    }
+    drop(server);
+
+    // No secret at the server: a worker with one will not join it.
+    let open = start_server(one_task("open", 10, &seen), |_| {}).await;
+    let mut config = worker(open.addr, "open", "t", 0, 1);
+    config.secret = Some(secret());
+    let metrics = Registry::default();
+    let w = spawn_worker(dag_of(one_task("open", 0, &seen)), config, metrics.clone());
+    // It tries (and says why) but never joins: the run cannot end.
+    let ended = timeout(Duration::from_secs(2), open.run).await;
+    assert!(
+        ended.is_err(),
+        "the source was drained by a worker that should not have joined"
+    );
+    assert_eq!(seen.distinct(), 0);
+    w.stop().await;
+}
+
+/// Silent connections flooding the server cannot keep a real worker out:
+/// the oldest handshakes give way to new ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_flood_does_not_keep_workers_out() {
+    const NAME: &str = "flood";
+    const N: usize = 1_000;
+    let seen = Seen::default();
+    let server = start_server(one_task(NAME, N, &seen), |c| {
+        c.secret = Some(secret());
+        c.gate.max_handshakes = 16;
+    })
+    .await;
+    let mut flood = Vec::new();
+    for _ in 0..200 {
+        flood.push(TcpStream::connect(server.addr).await.expect("connect"));
+    }
+    let mut config = worker(server.addr, NAME, "t", 0, 1);
+    config.secret = Some(secret());
+    let w = spawn_worker(
+        dag_of(one_task(NAME, 0, &seen)),
+        config,
+        Registry::default(),
+    );
+    let report = server.finish(WAIT).await;
+    assert_eq!(report.acked(), N as u64, "the worker got in");
+    w.stop().await;
+    // The flood's oldest connections were closed to make room.
+    let mut closed = 0;
+    for mut s in flood {
+        let mut b = [0u8; 64];
+        if let Ok(Ok(_)) = timeout(Duration::from_millis(50), s.read(&mut b)).await {
+            closed += 1;
+        }
+    }
+    assert!(closed >= 200 - 16, "only {closed} of the flood were closed");
 }

@@ -22,6 +22,8 @@ use tokio::task::JoinSet;
 use tempest_core::metrics::{catalog, Counter, Gauge, Labels, Registry};
 use tempest_core::Delivery;
 
+use crate::auth::Secret;
+use crate::gate::{Gate, GateConfig, Handshake};
 use crate::link::{self, Liveness, NoHello};
 use crate::wire::{ErrorCode, Frame, PeerHello, PeerWelcome, Role, SlotRef};
 
@@ -40,16 +42,18 @@ pub struct Identity {
 pub struct InboxConfig {
     /// The topology links must name.
     pub topology: String,
-    /// The token links must carry, if any.
-    pub token: Option<String>,
+    /// The data-plane secret links must prove, if any.
+    pub secret: Option<Secret>,
     /// The largest frame.
     pub max_frame: usize,
     /// Batches each link may have outstanding.
     pub credit: u32,
     /// Heartbeat interval of the links.
     pub heartbeat: Duration,
-    /// How long a new connection has to say `Hello`.
+    /// How long a new connection has to say `Hello` (and prove the secret).
     pub handshake_timeout: Duration,
+    /// Limits on connections.
+    pub gate: GateConfig,
 }
 
 /// A batch that arrived on a peer link.
@@ -83,6 +87,7 @@ impl CreditBack {
 
 struct Shared {
     config: InboxConfig,
+    gate: Arc<Gate>,
     identity: watch::Receiver<Option<Identity>>,
     deliver: std::sync::mpsc::Sender<InBatch>,
     links_in: Gauge,
@@ -100,6 +105,7 @@ pub async fn serve(
     mut stop: watch::Receiver<bool>,
 ) {
     let shared = Arc::new(Shared {
+        gate: Gate::new(config.gate),
         config,
         identity,
         deliver,
@@ -111,6 +117,11 @@ pub async fn serve(
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    let Some(handshake) = shared.gate.arrive(peer.ip()) else {
+                        shared.rejected.inc();
+                        tracing::debug!(%peer, "peer port: shut out for failed authentications");
+                        continue;
+                    };
                     let shared = shared.clone();
                     let stop = stop.clone();
                     links.spawn(async move {
@@ -118,7 +129,7 @@ pub async fn serve(
                             stream,
                             crate::codec::PRE_AUTH_MAX_FRAME.min(shared.config.max_frame),
                         );
-                        serve_link(conn, peer, shared, stop).await
+                        serve_link(conn, peer, shared, stop, handshake).await
                     });
                 }
                 Err(e) => {
@@ -141,9 +152,6 @@ fn refusal(
     hello: &crate::wire::Hello,
 ) -> Result<(PeerHello, Identity), (ErrorCode, String)> {
     let c = &shared.config;
-    if !link::token_ok(c.token.as_deref(), hello.token.as_deref()) {
-        return Err((ErrorCode::BadToken, "missing or wrong token".into()));
-    }
     if hello.topology != c.topology {
         return Err((
             ErrorCode::UnknownTopology,
@@ -180,28 +188,55 @@ fn refusal(
     Ok((p, id))
 }
 
+/// The handshake of a peer link: `Hello`, the secret's proof, then who it
+/// is for.
+async fn handshake(
+    conn: &mut link::Conn,
+    shared: &Shared,
+    peer: std::net::SocketAddr,
+) -> Result<(PeerHello, Identity), NoHello> {
+    let deadline = shared.config.handshake_timeout;
+    let hello = link::read_hello(conn, deadline).await?;
+    if let Err(e) = link::authenticate(conn, &hello, shared.config.secret.as_ref(), deadline).await
+    {
+        if matches!(e, NoHello::Refuse(ErrorCode::BadToken, _)) {
+            shared.gate.failed_auth(peer.ip());
+        }
+        return Err(e);
+    }
+    refusal(shared, &hello).map_err(|(code, message)| NoHello::Refuse(code, message))
+}
+
 async fn serve_link(
     mut conn: link::Conn,
     peer: std::net::SocketAddr,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
+    pending: Handshake,
 ) {
-    let hello = match link::read_hello(&mut conn, shared.config.handshake_timeout).await {
-        Ok(h) => h,
+    let evicted = pending.evicted.clone();
+    let outcome = tokio::select! {
+        r = handshake(&mut conn, &shared, peer) => r,
+        _ = evicted.cancelled() => Err(NoHello::Refuse(
+            ErrorCode::Busy,
+            "too many connections in their handshake: the oldest goes".into(),
+        )),
+    };
+    let admitted = match outcome.map(|ok| (ok, pending.admit())) {
+        Ok((ok, Some(admitted))) => Ok((ok, admitted)),
+        Ok((_, None)) => Err(NoHello::Refuse(
+            ErrorCode::Busy,
+            "this worker holds as many peer links as it takes".into(),
+        )),
+        Err(e) => Err(e),
+    };
+    let ((p, id), _admitted) = match admitted {
+        Ok(ok) => ok,
         Err(NoHello::Closed) => {
-            tracing::debug!(%peer, "peer connection closed before Hello");
+            tracing::debug!(%peer, "peer connection closed before its handshake ended");
             return;
         }
         Err(NoHello::Refuse(code, message)) => {
-            shared.rejected.inc();
-            tracing::warn!(%peer, %code, "refused peer: {message}");
-            link::refuse(&mut conn, code, message).await;
-            return;
-        }
-    };
-    let (p, id) = match refusal(&shared, &hello) {
-        Ok(ok) => ok,
-        Err((code, message)) => {
             shared.rejected.inc();
             // A sender that has not heard of a move yet is routine; the rest is not.
             if code == ErrorCode::WrongPeer {

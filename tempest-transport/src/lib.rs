@@ -6,8 +6,11 @@
 //! - [`wire`]: the frames, each field marked with the version that added it;
 //! - [`codec`]: length-prefixed framing with a maximum frame size, and the
 //!   zero-copy fast path for batches of messages;
+//! - [`auth`]: the challenge and response that proves the data-plane
+//!   secret without sending it;
 //! - [`link`]: what every connection shares (handshake deadline, liveness,
 //!   refusals);
+//! - [`gate`]: connection limits of an accepting port;
 //! - [`outbox`]: the sending side of peer links, with credit-based
 //!   backpressure and load-aware shuffle;
 //! - [`inbox`]: a worker's peer port, the receiving side.
@@ -17,7 +20,9 @@
 
 #![warn(missing_docs)]
 
+pub mod auth;
 pub mod codec;
+pub mod gate;
 pub mod inbox;
 pub mod link;
 pub mod outbox;

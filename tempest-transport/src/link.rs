@@ -8,6 +8,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 
+use crate::auth::{self, Secret, Side};
 use crate::codec::{FrameCodec, WireError};
 use crate::wire::{ErrorCode, Frame, Hello};
 
@@ -146,30 +147,130 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// True when `given` is the token `want` asks for (any, when `want` is
-/// `None`).
-pub fn token_ok(want: Option<&str>, given: Option<&str>) -> bool {
-    match want {
-        None => true,
-        Some(w) => given.is_some_and(|g| constant_time_eq(g.as_bytes(), w.as_bytes())),
+/// The acceptor's half of the challenge and response, right after
+/// [`read_hello`]: with a secret, challenges the connector, checks its
+/// proof within `deadline`, and proves the secret in turn; without one,
+/// does nothing. `Err` is a refusal to send before closing.
+pub async fn authenticate(
+    conn: &mut Conn,
+    hello: &Hello,
+    secret: Option<&Secret>,
+    deadline: Duration,
+) -> Result<(), NoHello> {
+    let Some(secret) = secret else {
+        return Ok(());
+    };
+    let acceptor = auth::nonce();
+    let transcript = hello.transcript();
+    conn.send(Frame::Challenge { nonce: acceptor })
+        .await
+        .map_err(|_| NoHello::Closed)?;
+    let answer = tokio::time::timeout(deadline, conn.next())
+        .await
+        .map_err(|_| {
+            NoHello::Refuse(
+                ErrorCode::HandshakeTimeout,
+                format!("no Proof within {deadline:?}"),
+            )
+        })?;
+    match answer {
+        Some(Ok(Frame::Proof { mac }))
+            if auth::verify(
+                secret,
+                Side::Connector,
+                &hello.nonce,
+                &acceptor,
+                &transcript,
+                &mac,
+            ) => {}
+        Some(Ok(Frame::Proof { .. })) => {
+            return Err(NoHello::Refuse(
+                ErrorCode::BadToken,
+                "wrong data-plane secret".into(),
+            ))
+        }
+        Some(Ok(other)) => {
+            return Err(NoHello::Refuse(
+                ErrorCode::BadToken,
+                format!(
+                    "this side needs the data-plane secret: expected Proof, got {}",
+                    other.name()
+                ),
+            ))
+        }
+        Some(Err(WireError::Io(_))) | None => return Err(NoHello::Closed),
+        Some(Err(e)) => return Err(NoHello::Refuse(e.code(), e.to_string())),
+    }
+    let mac = auth::proof(secret, Side::Acceptor, &hello.nonce, &acceptor, &transcript);
+    conn.send(Frame::Proof { mac })
+        .await
+        .map_err(|_| NoHello::Closed)
+}
+
+async fn next_frame(conn: &mut Conn, addr: &str) -> Result<Frame, String> {
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.next()).await {
+        Err(_) => Err(format!("no answer from {addr} during the handshake")),
+        Ok(None) => Err(format!("{addr} closed during the handshake")),
+        Ok(Some(Err(e))) => Err(format!("handshake with {addr}: {e}")),
+        Ok(Some(Ok(frame))) => Ok(frame),
     }
 }
 
-/// Connects to `addr` and sends `hello`, then waits for the first frame of
-/// the answer. Errors are strings for logs: the caller retries.
-pub async fn connect(addr: &str, max_frame: usize, hello: Hello) -> Result<(Conn, Frame), String> {
+/// Connects to `addr`, sends `hello`, answers the acceptor's challenge with
+/// `secret` (and checks the acceptor's own proof), and returns the first
+/// frame after that: a `Welcome`, a `PeerWelcome` or an `Error`. Errors are
+/// strings for logs: the caller retries.
+pub async fn connect(
+    addr: &str,
+    max_frame: usize,
+    hello: Hello,
+    secret: Option<&Secret>,
+) -> Result<(Conn, Frame), String> {
     let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(addr))
         .await
         .map_err(|_| format!("connecting to {addr} timed out"))?
         .map_err(|e| format!("connecting to {addr}: {e}"))?;
     let mut conn = framed(stream, max_frame);
+    let transcript = hello.transcript();
+    let connector = hello.nonce;
     conn.send(Frame::Hello(hello))
         .await
         .map_err(|e| format!("sending Hello to {addr}: {e}"))?;
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.next()).await {
-        Err(_) => Err(format!("no answer to Hello from {addr}")),
-        Ok(None) => Err(format!("{addr} closed during the handshake")),
-        Ok(Some(Err(e))) => Err(format!("handshake with {addr}: {e}")),
-        Ok(Some(Ok(frame))) => Ok((conn, frame)),
+    match (next_frame(&mut conn, addr).await?, secret) {
+        (Frame::Challenge { nonce: acceptor }, Some(secret)) => {
+            let mac = auth::proof(secret, Side::Connector, &connector, &acceptor, &transcript);
+            conn.send(Frame::Proof { mac })
+                .await
+                .map_err(|e| format!("sending Proof to {addr}: {e}"))?;
+            match next_frame(&mut conn, addr).await? {
+                Frame::Proof { mac }
+                    if auth::verify(
+                        secret,
+                        Side::Acceptor,
+                        &connector,
+                        &acceptor,
+                        &transcript,
+                        &mac,
+                    ) =>
+                {
+                    let answer = next_frame(&mut conn, addr).await?;
+                    Ok((conn, answer))
+                }
+                Frame::Proof { .. } => Err(format!(
+                    "{addr} could not prove the data-plane secret: not one of ours"
+                )),
+                refusal @ Frame::Error { .. } => Ok((conn, refusal)),
+                other => Err(format!("{addr} answered a Proof with {}", other.name())),
+            }
+        }
+        (Frame::Challenge { .. }, None) => Err(format!(
+            "{addr} asks for the data-plane secret: set {}",
+            auth::SECRET_ENV
+        )),
+        (refusal @ Frame::Error { .. }, _) => Ok((conn, refusal)),
+        (_, Some(_)) => Err(format!(
+            "{addr} did not ask for the data-plane secret: not one of ours"
+        )),
+        (answer, None) => Ok((conn, answer)),
     }
 }

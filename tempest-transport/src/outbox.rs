@@ -34,6 +34,7 @@ use tempest_core::pipeline::TaskIdx;
 use tempest_core::route::Target;
 use tempest_core::Delivery;
 
+use crate::auth::Secret;
 use crate::codec::delivery_size;
 use crate::link::{self, Liveness};
 use crate::wire::{Deliveries, Frame, Hello, Members, PeerHello, Role, SlotRef};
@@ -43,8 +44,8 @@ use crate::wire::{Deliveries, Frame, Hello, Members, PeerHello, Role, SlotRef};
 pub struct OutboxConfig {
     /// The topology (checked by receivers).
     pub topology: String,
-    /// The token receivers want, if any.
-    pub token: Option<String>,
+    /// The data-plane secret, if the deployment has one.
+    pub secret: Option<Secret>,
     /// The topology server's session.
     pub session: u64,
     /// The sending instance, or `None` for the topology server.
@@ -506,14 +507,13 @@ impl Link {
         let c = &self.outbox.config;
         let hello = Hello::new(
             c.topology.clone(),
-            c.token.clone(),
             Role::Peer(PeerHello {
                 session: c.session,
                 from: c.from,
                 to: self.to,
             }),
         );
-        match link::connect(&self.peer, c.max_frame, hello).await? {
+        match link::connect(&self.peer, c.max_frame, hello, c.secret.as_ref()).await? {
             (conn, Frame::PeerWelcome(w)) => Ok((
                 conn,
                 w.credit.max(1),

@@ -45,22 +45,29 @@ pub struct Hello {
     pub version: u16,
     /// The topology the sender belongs to. (v2)
     pub topology: String,
-    /// The cluster token, when the other side requires one. (v2)
-    pub token: Option<String>,
+    /// The connector's nonce, for the challenge and response
+    /// ([`crate::auth`]). (v2)
+    pub nonce: [u8; 16],
     /// What the connection is for. (v2)
     pub role: Role,
 }
 
 impl Hello {
-    /// A `Hello` of this build: [`MAGIC`] and [`PROTOCOL_VERSION`] filled in.
-    pub fn new(topology: impl Into<String>, token: Option<String>, role: Role) -> Self {
+    /// A `Hello` of this build: [`MAGIC`], [`PROTOCOL_VERSION`] and a fresh
+    /// nonce filled in.
+    pub fn new(topology: impl Into<String>, role: Role) -> Self {
         Hello {
             magic: MAGIC,
             version: PROTOCOL_VERSION,
             topology: topology.into(),
-            token,
+            nonce: crate::auth::nonce(),
             role,
         }
+    }
+
+    /// The bytes a proof is bound to: this `Hello`'s postcard encoding.
+    pub fn transcript(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).unwrap_or_default()
     }
 }
 
@@ -362,7 +369,8 @@ pub enum ErrorCode {
     BadMagic,
     /// The peer speaks another protocol version. (v1)
     VersionMismatch,
-    /// The token is missing or wrong. (v1)
+    /// The token (v1), or the data-plane secret's proof (v2), is missing or
+    /// wrong.
     BadToken,
     /// The other side runs another topology. (v1)
     UnknownTopology,
@@ -396,11 +404,14 @@ pub enum ErrorCode {
     PipelineMismatch,
     /// The peer address a worker gave is not `HOST:PORT`. (v2)
     BadAddress,
+    /// The acceptor has as many connections as it takes; try again later.
+    /// (v2)
+    Busy,
 }
 
 impl ErrorCode {
     /// Every code, by index (what the wire carries).
-    pub const ALL: [ErrorCode; 17] = [
+    pub const ALL: [ErrorCode; 18] = [
         ErrorCode::BadMagic,
         ErrorCode::VersionMismatch,
         ErrorCode::BadToken,
@@ -418,6 +429,7 @@ impl ErrorCode {
         ErrorCode::WrongPeer,
         ErrorCode::PipelineMismatch,
         ErrorCode::BadAddress,
+        ErrorCode::Busy,
     ];
 
     /// The code's name, as in the enum.
@@ -440,6 +452,7 @@ impl ErrorCode {
             ErrorCode::WrongPeer => "WrongPeer",
             ErrorCode::PipelineMismatch => "PipelineMismatch",
             ErrorCode::BadAddress => "BadAddress",
+            ErrorCode::Busy => "Busy",
         }
     }
 
@@ -522,6 +535,18 @@ pub enum Frame {
         /// Why, for the worker's log.
         reason: String,
     },
+    /// Acceptor → connector, after a `Hello`, when the acceptor has a
+    /// secret: prove you have it too. (v2)
+    Challenge {
+        /// The acceptor's nonce.
+        nonce: [u8; 16],
+    },
+    /// Either direction: the answer to a `Challenge`, first from the
+    /// connector, then from the acceptor ([`crate::auth::proof`]). (v2)
+    Proof {
+        /// HMAC-SHA256.
+        mac: [u8; 32],
+    },
 }
 
 impl Frame {
@@ -540,6 +565,8 @@ impl Frame {
             Frame::HeartbeatAck { .. } => "HeartbeatAck",
             Frame::Goodbye => "Goodbye",
             Frame::Shutdown { .. } => "Shutdown",
+            Frame::Challenge { .. } => "Challenge",
+            Frame::Proof { .. } => "Proof",
             Frame::Error { .. } => "Error",
         }
     }

@@ -14,6 +14,7 @@ use tempest_core::{Topology, TopologyFile};
 use tempest_task::worker::{run_worker, WorkerConfig};
 use tempest_topology::standalone::{start_scrape, target_problems};
 use tempest_topology::{DriveEnd, RunReport, ServerConfig, Standalone, TopologyServer};
+use tempest_transport::auth::Secret;
 
 /// A Tempest topology package.
 #[derive(Debug, Parser)]
@@ -174,6 +175,17 @@ fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
     Ok(d)
 }
 
+impl WireArgs {
+    /// The data-plane secret: from `--secret-file`, else from
+    /// `TEMPEST_DATA_SECRET`, else none.
+    pub fn secret(&self) -> anyhow::Result<Option<Secret>> {
+        Ok(match &self.secret_file {
+            Some(path) => Some(Secret::from_file(path)?),
+            None => Secret::from_env()?,
+        })
+    }
+}
+
 impl MetricArgs {
     /// Applies the overrides to `topology`'s settings.
     pub fn apply(&self, topology: &mut Topology) {
@@ -193,9 +205,13 @@ impl MetricArgs {
 /// Settings both ends of a worker connection share.
 #[derive(Debug, clap::Args)]
 pub struct WireArgs {
-    /// The shared token workers present to the server.
-    #[arg(long, env = "TEMPEST_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    /// A file holding the deployment's data-plane secret (by default it
+    /// comes from the environment variable TEMPEST_DATA_SECRET, which the
+    /// agent sets; a secret is never taken on the command line). Every
+    /// process of a topology must have the same one: each proves it to the
+    /// other side of a connection without sending it.
+    #[arg(long, value_name = "PATH")]
+    pub secret_file: Option<PathBuf>,
     /// The largest frame accepted or sent, in bytes (64 KiB to 1 GiB).
     #[arg(long, default_value_t = tempest_transport::DEFAULT_MAX_FRAME,
           value_parser = parse_max_frame)]
@@ -239,6 +255,9 @@ pub fn main(build: impl FnOnce() -> Topology) -> ExitCode {
         Err(e) => e.exit(),
     };
     init_logging(&cli.log_level);
+    if let Err(e) = tempest_core::limits::raise_open_files() {
+        tracing::warn!("cannot raise the open files limit: {e}");
+    }
     match run(cli, build) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -369,12 +388,12 @@ fn run(cli: Cli, build: impl FnOnce() -> Topology) -> anyhow::Result<()> {
             let topology = configured(build, config.as_ref(), &metrics)?;
             let server = ServerConfig {
                 listen: std::net::SocketAddr::new(host, port),
-                token: wire.token,
+                secret: wire.secret()?,
                 max_frame: wire.max_frame,
                 heartbeat: std::time::Duration::from_millis(heartbeat_ms.max(10)),
                 ..ServerConfig::default()
             };
-            refuse_open_bind(server.listen, server.token.as_deref(), "worker connections")?;
+            refuse_open_bind(server.listen, server.secret.is_some(), "worker connections")?;
             topology_server(topology, server)
         }
         Mode::Task {
@@ -404,12 +423,12 @@ fn run(cli: Cli, build: impl FnOnce() -> Topology) -> anyhow::Result<()> {
             worker.instance = instance;
             worker.instances = instances.unwrap_or(dag.task(idx).workers);
             worker.layout = layout;
-            worker.token = wire.token;
+            worker.secret = wire.secret()?;
             worker.max_frame = wire.max_frame;
             worker.credit = credit.max(1);
             worker.peer_listen = peer_listen;
             worker.peer_advertise = peer_advertise;
-            refuse_open_bind(peer_listen, worker.token.as_deref(), "peer links")?;
+            refuse_open_bind(peer_listen, worker.secret.is_some(), "peer links")?;
             let mut labels = vec![
                 ("topology", topology.settings.name.clone()),
                 ("host", tempest_core::metrics::hostname()),
@@ -450,16 +469,13 @@ fn run(cli: Cli, build: impl FnOnce() -> Topology) -> anyhow::Result<()> {
     }
 }
 
-/// A data-plane port beyond loopback must want a token: otherwise anyone on
-/// the network could join the topology or feed it messages.
-fn refuse_open_bind(
-    addr: std::net::SocketAddr,
-    token: Option<&str>,
-    what: &str,
-) -> anyhow::Result<()> {
-    if !addr.ip().is_loopback() && token.is_none_or(str::is_empty) {
+/// A data-plane port beyond loopback must want a secret: otherwise anyone
+/// on the network could join the topology or feed it messages.
+fn refuse_open_bind(addr: std::net::SocketAddr, secret: bool, what: &str) -> anyhow::Result<()> {
+    if !addr.ip().is_loopback() && !secret {
         anyhow::bail!(
-            "refusing to accept {what} on {addr} without a token: set TEMPEST_TOKEN, or listen on a loopback address"
+            "refusing to accept {what} on {addr} without a data-plane secret: set {} (or --secret-file), or listen on a loopback address",
+            tempest_transport::auth::SECRET_ENV
         );
     }
     Ok(())

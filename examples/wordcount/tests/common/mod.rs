@@ -152,6 +152,7 @@ pub fn command<S: AsRef<OsStr>>(args: &[S]) -> Command {
         .env_remove("RUST_LOG")
         .env_remove("TEMPEST_LOG_LEVEL")
         .env_remove("TEMPEST_TOKEN")
+        .env_remove("TEMPEST_DATA_SECRET")
         .env_remove(OUTPUT_ENV)
         .env_remove(REDIS_ENV)
         .env_remove(REDIS_HASH_ENV)
