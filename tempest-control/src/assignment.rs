@@ -10,6 +10,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::credentials::Secret;
+
 /// The part a process plays in a topology.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -56,6 +58,14 @@ pub struct ProcessSpec {
     /// Extra environment variables.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+    /// The deployment's data-plane secret: the director makes one per
+    /// deployment, and the agent gives it to the process only as the
+    /// environment variable [`DATA_SECRET_ENV`](crate::credentials::DATA_SECRET_ENV).
+    /// The topology's server and workers prove it to each other; it opens
+    /// nothing else. Never shown (its `Debug` hides it, and the APIs show
+    /// only whether there is one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_secret: Option<Secret>,
     /// Bumped each time the director re-places or changes this process; a
     /// process of an older generation is stopped and replaced (fencing).
     #[serde(default)]
@@ -238,6 +248,7 @@ mod tests {
             topology_addr: Some("10.0.0.2:7311".into()),
             config: None,
             env: BTreeMap::new(),
+            data_secret: Some(Secret::new("s3cret-of-the-deployment", "test").unwrap()),
             generation: 3,
         };
         let json = serde_json::to_string(&Assignment {
@@ -247,6 +258,10 @@ mod tests {
         let back: Assignment = serde_json::from_str(&json).unwrap();
         assert_eq!(back.processes, vec![spec.clone()]);
         assert!(json.contains("\"instances\":3"), "{json}");
+        assert!(
+            !format!("{spec:?}").contains("s3cret"),
+            "a spec's Debug hides its secret"
+        );
         let bad = json.replace("\"generation\"", "\"generatoin\"");
         assert!(serde_json::from_str::<Assignment>(&bad).is_err());
 
@@ -259,10 +274,12 @@ mod tests {
             instance: None,
             instances: None,
             topology_addr: None,
+            data_secret: None,
             ..spec
         };
         let json = serde_json::to_string(&server).unwrap();
         assert!(!json.contains("instances"), "{json}");
+        assert!(!json.contains("data_secret"), "{json}");
         let back: ProcessSpec = serde_json::from_str(&json).unwrap();
         assert_eq!(back, server);
     }

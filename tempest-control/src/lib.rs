@@ -8,10 +8,13 @@
 #![warn(missing_docs)]
 
 pub mod assignment;
+pub mod credentials;
+pub mod exposition;
 pub mod package;
 
 pub use assignment::{
     check_env_var, check_name, ApiError, Assignment, Heartbeat, NodeInfo, ProcessSpec,
     ProcessState, ProcessStatus, Role,
 };
+pub use credentials::{CredentialError, Secret};
 pub use package::{Manifest, PackageError};
