@@ -199,6 +199,49 @@ pub fn stop_child(child: &mut Child, grace: Duration) {
     let _ = child.wait();
 }
 
+/// The credentials of a test cluster: the director's admin, viewer and
+/// agent tokens (the agents hold the agent token). Daemons get them in
+/// their environment, never on their command line.
+#[derive(Clone, Debug)]
+pub struct Tokens {
+    /// The admin token.
+    pub admin: String,
+    /// The viewer token.
+    pub viewer: String,
+    /// The agent token.
+    pub agent: String,
+}
+
+impl Tokens {
+    /// Tokens of their own for a test, each naming `tag` and its role.
+    pub fn new(tag: &str) -> Tokens {
+        Tokens {
+            admin: format!("{tag}-admin-token"),
+            viewer: format!("{tag}-viewer-token"),
+            agent: format!("{tag}-agent-token"),
+        }
+    }
+
+    /// The director's environment.
+    pub fn director_env(&self) -> Vec<(String, String)> {
+        vec![
+            ("TEMPEST_ADMIN_TOKEN".into(), self.admin.clone()),
+            ("TEMPEST_VIEWER_TOKEN".into(), self.viewer.clone()),
+            ("TEMPEST_AGENT_TOKEN".into(), self.agent.clone()),
+        ]
+    }
+}
+
+/// Every environment variable a daemon may take a credential from: none
+/// is inherited from the test's own environment.
+const CREDENTIAL_ENVS: [&str; 5] = [
+    "TEMPEST_TOKEN",
+    "TEMPEST_ADMIN_TOKEN",
+    "TEMPEST_VIEWER_TOKEN",
+    "TEMPEST_AGENT_TOKEN",
+    "TEMPEST_DATA_SECRET",
+];
+
 /// A daemon process that prints `... listening on http://ADDR` as its first
 /// line of standard output. Its standard error goes to a log file, printed
 /// when a test panics. Dropping it stops it (SIGTERM, then SIGKILL).
@@ -212,12 +255,16 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Starts `program` with `args`, `RUST_LOG=info` and no inherited
-    /// `TEMPEST_TOKEN`, and waits (at most [`WAIT`]) for its address.
-    pub fn start(program: &Path, args: &[String], log: &Path) -> Daemon {
-        let mut child = Command::new(program)
+    /// Starts `program` with `args`, `env`, `RUST_LOG=info` and no
+    /// inherited credential, and waits (at most [`WAIT`]) for its address.
+    pub fn start(program: &Path, args: &[String], env: &[(String, String)], log: &Path) -> Daemon {
+        let mut cmd = Command::new(program);
+        for var in CREDENTIAL_ENVS {
+            cmd.env_remove(var);
+        }
+        let mut child = cmd
             .args(args)
-            .env_remove("TEMPEST_TOKEN")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -275,9 +322,10 @@ impl Daemon {
         stop_child(&mut self.child, Duration::from_secs(20));
     }
 
-    /// `GET path` on it.
-    pub fn get(&self, path: &str) -> Response {
-        http::get(&self.addr, path)
+    /// `GET path` on it, with `Authorization: Bearer TOKEN` when a token
+    /// is given.
+    pub fn get_as(&self, path: &str, token: Option<&str>) -> Response {
+        http::send(&self.addr, "GET", path, token, b"")
     }
 
     /// `POST path` on it, with the token when given.
@@ -308,12 +356,33 @@ pub struct DirectorProcess {
     pub addr: String,
     /// Its data directory.
     pub data_dir: PathBuf,
+    /// Its credentials, if it has any.
+    pub tokens: Option<Tokens>,
 }
 
 impl DirectorProcess {
-    /// Starts a director on `listen` (`127.0.0.1:0` picks a port) with its
-    /// state in `data_dir` and the `extra` flags.
+    /// Starts a director without credentials on `listen` (`127.0.0.1:0`
+    /// picks a port) with its state in `data_dir` and the `extra` flags.
     pub fn start(data_dir: &Path, listen: &str, extra: &[&str]) -> DirectorProcess {
+        DirectorProcess::start_with(data_dir, listen, extra, None)
+    }
+
+    /// Starts a director with `tokens` (in its environment).
+    pub fn start_secured(
+        data_dir: &Path,
+        listen: &str,
+        extra: &[&str],
+        tokens: &Tokens,
+    ) -> DirectorProcess {
+        DirectorProcess::start_with(data_dir, listen, extra, Some(tokens))
+    }
+
+    fn start_with(
+        data_dir: &Path,
+        listen: &str,
+        extra: &[&str],
+        tokens: Option<&Tokens>,
+    ) -> DirectorProcess {
         let log = data_dir.with_extension(format!("log.{}", listen.replace(':', "_")));
         let mut args: Vec<String> = vec![
             "--listen".into(),
@@ -322,21 +391,34 @@ impl DirectorProcess {
             data_dir.display().to_string(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
+        let env = tokens.map(Tokens::director_env).unwrap_or_default();
         let daemon = Daemon::start(
             &cargo_bin("tempest-director", "tempest-director"),
             &args,
+            &env,
             &log,
         );
         DirectorProcess {
             addr: daemon.addr.clone(),
             daemon,
             data_dir: data_dir.to_path_buf(),
+            tokens: tokens.cloned(),
         }
     }
 
-    /// `GET path`.
+    /// The admin token, if it has one.
+    pub fn admin(&self) -> Option<&str> {
+        self.tokens.as_ref().map(|t| t.admin.as_str())
+    }
+
+    /// `GET path`, as the admin (when it has credentials).
     pub fn get(&self, path: &str) -> Response {
-        self.daemon.get(path)
+        self.daemon.get_as(path, self.admin())
+    }
+
+    /// `GET path` with this token, or none.
+    pub fn get_as(&self, path: &str, token: Option<&str>) -> Response {
+        self.daemon.get_as(path, token)
     }
 
     /// `POST path`, with the token when given.
@@ -384,6 +466,8 @@ pub struct AgentProcess {
     pub addr: String,
     /// Its (canonical) data directory.
     pub data_dir: PathBuf,
+    /// Its agent token, if it has one.
+    pub token: Option<String>,
     leave_processes: bool,
 }
 
@@ -404,9 +488,26 @@ impl Drop for Orphans {
 }
 
 impl AgentProcess {
-    /// Starts an agent on `127.0.0.1:0` with its state in `data_dir` and
-    /// the given flags (e.g. `--director`, `--token`, `--port-range`).
+    /// Starts an agent without a token on `127.0.0.1:0` (unless `args`
+    /// give `--listen`) with its state in `data_dir` and the given flags
+    /// (e.g. `--director`, `--port-range`).
     pub fn start(data_dir: &Path, args: &[&str]) -> AgentProcess {
+        AgentProcess::start_with_token(data_dir, args, None)
+    }
+
+    /// [`AgentProcess::start`] with the agent token `token` (in its
+    /// environment).
+    pub fn start_with_token(data_dir: &Path, args: &[&str], token: Option<&str>) -> AgentProcess {
+        AgentProcess::start_with_env(data_dir, args, token, &[])
+    }
+
+    /// [`AgentProcess::start_with_token`] with more environment variables.
+    pub fn start_with_env(
+        data_dir: &Path,
+        args: &[&str],
+        token: Option<&str>,
+        extra_env: &[(String, String)],
+    ) -> AgentProcess {
         std::fs::create_dir_all(data_dir).expect("creating the agent's data dir");
         let data_dir = data_dir
             .canonicalize()
@@ -417,45 +518,58 @@ impl AgentProcess {
             std::process::id(),
             N.fetch_add(1, Ordering::SeqCst)
         ));
-        let mut all: Vec<String> = vec![
-            "--listen".into(),
-            "127.0.0.1:0".into(),
-            "--data-dir".into(),
-            data_dir.display().to_string(),
-        ];
+        let mut all: Vec<String> = vec!["--data-dir".into(), data_dir.display().to_string()];
+        if !args.contains(&"--listen") {
+            all.extend(["--listen".into(), "127.0.0.1:0".into()]);
+        }
         all.extend(args.iter().map(|s| s.to_string()));
-        let daemon = Daemon::start(&cargo_bin("tempest-agent", "tempest-agent"), &all, &log);
+        let mut env: Vec<(String, String)> = extra_env.to_vec();
+        if let Some(t) = token {
+            env.push(("TEMPEST_AGENT_TOKEN".to_owned(), t.to_owned()));
+        }
+        let daemon = Daemon::start(
+            &cargo_bin("tempest-agent", "tempest-agent"),
+            &all,
+            &env,
+            &log,
+        );
         AgentProcess {
             addr: daemon.addr.clone(),
             daemon,
             data_dir,
+            token: token.map(str::to_owned),
             leave_processes: false,
         }
     }
 
-    /// Starts an agent that joins `director` (its `IP:PORT`) with `token`,
-    /// heartbeating every 100 ms, with a port range of its own.
+    /// Starts an agent that joins `director` (its `IP:PORT`) with the agent
+    /// token `token`, heartbeating every 100 ms, with a port range of its
+    /// own.
     pub fn join(data_dir: &Path, director: &str, token: &str) -> AgentProcess {
         let url = format!("http://{director}");
         let range = port_range(20);
-        AgentProcess::start(
+        AgentProcess::start_with_token(
             data_dir,
             &[
                 "--director",
                 &url,
-                "--token",
-                token,
                 "--heartbeat-ms",
                 "100",
                 "--port-range",
                 &range,
             ],
+            Some(token),
         )
     }
 
-    /// `GET path`.
+    /// `GET path`, with its token.
     pub fn get(&self, path: &str) -> Response {
-        self.daemon.get(path)
+        self.daemon.get_as(path, self.token.as_deref())
+    }
+
+    /// `GET path` with this token, or none.
+    pub fn get_as(&self, path: &str, token: Option<&str>) -> Response {
+        self.daemon.get_as(path, token)
     }
 
     /// Its agent id.
@@ -469,11 +583,18 @@ impl AgentProcess {
 
     /// The sum of its processes' `tempest_source_acked_total`.
     pub fn acked(&self) -> u64 {
-        self.get("/metrics")
-            .body
-            .lines()
-            .filter(|l| l.starts_with("tempest_source_acked_total{"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        self.metric("tempest_source_acked_total") as u64
+    }
+
+    /// The sum of the samples named `name` in its `/metrics` (read with
+    /// the workspace's one exposition parser).
+    pub fn metric(&self, name: &str) -> f64 {
+        let body = self.get("/metrics").body;
+        tempest_control::exposition::samples(&body)
+            .unwrap_or_else(|e| panic!("the agent's /metrics does not parse: {e}"))
+            .iter()
+            .filter(|s| s.name == name)
+            .map(|s| s.value.as_f64())
             .sum()
     }
 
