@@ -1,14 +1,15 @@
 //! The REST API under `/api/v1`, and its OpenAPI document.
 //!
 //! Handlers translate HTTP to [`Director`] calls and back; they decide
-//! nothing. Every error is `{"error": "..."}`. Calls that change something
-//! need `Authorization: Bearer <token>` when the director has a token; that
-//! is checked before a body is read.
+//! nothing. Every error is `{"error": "..."}`. When the director has
+//! credentials every call but the health check needs one, as
+//! `Authorization: Bearer <token>`: reads the admin or viewer token,
+//! changes the admin token, heartbeats and package archives the agent (or
+//! admin) token. [`crate::auth::Auth::gate`] checks that before a body is
+//! read.
 
 use std::sync::Arc;
 
-use actix_web::dev::ServiceRequest;
-use actix_web::http::Method;
 use actix_web::{get, post, web, HttpRequest, HttpResponse, ResponseError};
 use futures_util::StreamExt;
 use serde::Serialize;
@@ -27,8 +28,28 @@ use crate::metrics::{PipelineEdge, SamplePoint, SourceFigures, TaskFigures};
 pub struct AppState {
     /// The cluster state.
     pub director: Arc<Director>,
-    /// The cluster token, if one is set.
-    pub token: Option<String>,
+    /// Credentials, sessions, host names, failed attempts.
+    pub auth: Arc<crate::auth::Auth>,
+    /// The client of the agents' APIs (logs).
+    pub agents: crate::agents::AgentClient,
+    /// Log calls to agents at once; more wait their turn.
+    pub log_calls: Arc<tokio::sync::Semaphore>,
+}
+
+impl AppState {
+    /// The state of a director over `director`, guarded by `auth`.
+    pub fn new(
+        director: Arc<Director>,
+        auth: crate::auth::Auth,
+    ) -> Result<AppState, crate::agents::CallError> {
+        let agents = crate::agents::AgentClient::new(auth.credentials.for_agents().cloned())?;
+        Ok(AppState {
+            director,
+            auth: Arc::new(auth),
+            agents,
+            log_calls: Arc::new(tokio::sync::Semaphore::new(MAX_LOG_CALLS)),
+        })
+    }
 }
 
 type Data = web::Data<AppState>;
@@ -135,47 +156,6 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .service(openapi_json);
 }
 
-/// The token check of every call that is not a GET: `Some(401 answer)`
-/// when the call needs the token and does not carry it, either as
-/// `Authorization: Bearer <token>` or as the web UI's login cookie (which
-/// is `SameSite=Strict`, so other sites' forms cannot send it). Logging in
-/// and out is exempt: the login form checks the token itself.
-pub fn check_token(req: &ServiceRequest, token: Option<&str>) -> Option<HttpResponse> {
-    let mutating = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
-    if mutating && cross_site(req.headers()) {
-        // A page of another site submitting a form to the director through
-        // an operator's browser (with or without a token set).
-        return Some(
-            Error::Forbidden(
-                "a request from another site's page is refused: use the director's own pages"
-                    .into(),
-            )
-            .error_response(),
-        );
-    }
-    let token = token.filter(|_| mutating && !crate::ui::is_login(req.path()))?;
-    let given = req
-        .headers()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    if given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
-        return None;
-    }
-    if req
-        .cookie(crate::ui::TOKEN_COOKIE)
-        .is_some_and(|c| crate::ui::session_matches(c.value(), token))
-    {
-        return None;
-    }
-    Some(
-        Error::Unauthorized(
-            "this call needs the cluster token: Authorization: Bearer <token>".into(),
-        )
-        .error_response(),
-    )
-}
-
 /// How much of a package upload is read (the API's body, the web UI's
 /// multipart file): up to `max_upload` is kept; past it the rest is read
 /// and dropped, so the client gets the 413 rather than a reset connection,
@@ -231,30 +211,6 @@ impl UploadBudget {
             crate::ui::fmt::bytes(self.max)
         ))
     }
-}
-
-/// Whether a browser says the request comes from another site's page:
-/// `Sec-Fetch-Site: cross-site`, or an `Origin` whose host is not the one
-/// the request was sent to. Programs (agents, the CLI) send neither.
-fn cross_site(headers: &actix_web::http::header::HeaderMap) -> bool {
-    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    if text("sec-fetch-site") == Some("cross-site") {
-        return true;
-    }
-    match (text("origin"), text("host")) {
-        (Some("null"), _) => true,
-        (Some(origin), Some(host)) => {
-            let origin_host = origin.split_once("://").map_or(origin, |(_, rest)| rest);
-            !origin_host.eq_ignore_ascii_case(host)
-        }
-        (Some(_), None) => true,
-        (None, _) => false,
-    }
-}
-
-/// Compares two secrets in a time that does not depend on where they differ.
-pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The answer to a path that does not exist.
@@ -319,14 +275,18 @@ async fn list_packages(data: Data) -> HttpResponse {
     HttpResponse::Ok().json(data.director.packages())
 }
 
-/// A package's archive, as uploaded.
+/// A package's archive, as uploaded: for agents (the agent token) and
+/// admins.
 #[utoipa::path(
     get, path = "/api/v1/packages/{hash}/archive",
     params(("hash" = String, Path, description = "the content hash")),
     responses(
         (status = 200, content_type = "application/gzip", body = Vec<u8>),
+        (status = 401, body = ErrorBody),
+        (status = 403, description = "a viewer token", body = ErrorBody),
         (status = 404, body = ErrorBody)
-    )
+    ),
+    security(("token" = []))
 )]
 #[get("/api/v1/packages/{hash}/archive")]
 async fn package_archive(data: Data, hash: web::Path<String>) -> Result<HttpResponse, Error> {
@@ -512,6 +472,11 @@ pub(crate) struct LogQuery {
 
 /// How long the agent has to answer a log call.
 const LOG_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// The largest log answer read from an agent (10,000 lines of up to
+/// 800 bytes each).
+const MAX_LOG_ANSWER: usize = 8 << 20;
+/// Log calls to agents at once.
+const MAX_LOG_CALLS: usize = 4;
 
 /// The tail of one of a topology's process logs, from the agent running it.
 /// The id is the process id with or without the `{name}/` prefix, e.g.
@@ -541,7 +506,7 @@ async fn process_logs(
     let query = web::Query::<LogQuery>::from_query(req.query_string())
         .map_err(|e| Error::BadRequest(format!("bad query (stream, lines): {e}")))?;
     let stream = query.stream.clone().unwrap_or_else(|| "stdout".into());
-    let (status, body) = fetch_log(&data.director, &name, &id, &stream, query.lines).await?;
+    let (status, body) = fetch_log(&data, &name, &id, &stream, query.lines).await?;
     Ok(HttpResponse::build(status)
         .content_type("application/json")
         .body(body))
@@ -550,7 +515,7 @@ async fn process_logs(
 /// Asks the agent running a topology's process for the tail of its log;
 /// answers the agent's status and JSON body. The web UI shows the same.
 pub async fn fetch_log(
-    director: &Director,
+    data: &AppState,
     name: &str,
     id: &str,
     stream: &str,
@@ -561,15 +526,22 @@ pub async fn fetch_log(
             "stream must be stdout or stderr, not `{stream}`"
         )));
     }
-    let (full, agent) = director.process_agent(name, id)?;
+    let (full, agent) = data.director.process_agent(name, id)?;
     let mut target = format!(
         "/api/v1/processes/{}/logs?stream={stream}",
-        crate::metrics::encode(&full)
+        crate::agents::encode(&full)
     );
     if let Some(n) = lines {
         target.push_str(&format!("&lines={n}"));
     }
-    let answer = crate::metrics::http_get(&agent, &target, LOG_TIMEOUT)
+    let _turn = data
+        .log_calls
+        .acquire()
+        .await
+        .map_err(|_| Error::Internal("the director is stopping".into()))?;
+    let answer = data
+        .agents
+        .get(&agent, &target, MAX_LOG_ANSWER, LOG_TIMEOUT)
         .await
         .map_err(|e| Error::BadGateway(format!("agent {agent} did not answer: {e}")))?;
     let status = actix_web::http::StatusCode::from_u16(answer.status)

@@ -9,6 +9,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use tempest_control::Secret;
+
 /// The default API address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7300";
 /// The default data directory.
@@ -23,7 +25,11 @@ pub const DEFAULT_MAX_UPLOAD: u64 = 512 * 1024 * 1024;
 const KEYS: &[&str] = &[
     "listen",
     "data_dir",
+    "admin_token_file",
+    "viewer_token_file",
+    "agent_token_file",
     "token",
+    "hosts",
     "agent_timeout",
     "max_upload",
     "metrics_interval",
@@ -37,8 +43,21 @@ pub struct DirectorConfig {
     pub listen: SocketAddr,
     /// The database and packages.
     pub data_dir: PathBuf,
-    /// The cluster token.
-    pub token: Option<String>,
+    /// The admin token: everything (people and the CLI).
+    pub admin_token: Option<Secret>,
+    /// The viewer token: reads only.
+    pub viewer_token: Option<Secret>,
+    /// The agent token: heartbeats and package downloads; the director
+    /// calls the agents' APIs with it.
+    pub agent_token: Option<Secret>,
+    /// The host names the API answers to (besides `localhost` and IP
+    /// addresses): a request whose `Host` names another is refused.
+    pub hosts: Vec<String>,
+    /// Serve beyond loopback without credentials (logged as a warning).
+    pub insecure: bool,
+    /// Warnings found while reading the settings, logged at start (a token
+    /// file others can read, a deprecated flag).
+    pub warnings: Vec<String>,
     /// An agent silent for this long is down.
     pub agent_timeout: Duration,
     /// The largest package upload, bytes.
@@ -54,7 +73,12 @@ impl Default for DirectorConfig {
         DirectorConfig {
             listen: DEFAULT_LISTEN.parse().expect("a valid address"),
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
-            token: None,
+            admin_token: None,
+            viewer_token: None,
+            agent_token: None,
+            hosts: Vec::new(),
+            insecure: false,
+            warnings: Vec::new(),
             agent_timeout: DEFAULT_AGENT_TIMEOUT,
             max_upload: DEFAULT_MAX_UPLOAD,
             metrics_interval: DEFAULT_METRICS_INTERVAL,
@@ -119,6 +143,7 @@ pub fn parse_cluster_toml(text: &str, path: &Path) -> Result<DirectorConfig, Con
         )]));
     };
     let mut found = Vec::new();
+    let mut legacy_token = None;
     for (key, value) in section {
         let line = line_of(text, key);
         let at = format!("{file}:{line}: key `director.{key}`");
@@ -135,14 +160,33 @@ pub fn parse_cluster_toml(text: &str, path: &Path) -> Result<DirectorConfig, Con
                     .map_err(|e| format!("`{s}` is not IP:PORT: {e}"))
             }),
             "data_dir" => string().map(|s| config.data_dir = base.join(s)),
+            "admin_token_file" => string()
+                .and_then(|s| read_token_file(&base.join(s), &mut config.warnings))
+                .map(|t| config.admin_token = Some(t)),
+            "viewer_token_file" => string()
+                .and_then(|s| read_token_file(&base.join(s), &mut config.warnings))
+                .map(|t| config.viewer_token = Some(t)),
+            "agent_token_file" => string()
+                .and_then(|s| read_token_file(&base.join(s), &mut config.warnings))
+                .map(|t| config.agent_token = Some(t)),
+            // The single cluster token of older versions: the admin token.
             "token" => string().and_then(|s| {
-                if s.is_empty() {
-                    Err("must not be empty".into())
-                } else {
-                    config.token = Some(s);
-                    Ok(())
-                }
+                Secret::new(&s, "the token")
+                    .map(|t| legacy_token = Some(t))
+                    .map_err(|e| e.to_string())
             }),
+            "hosts" => match value.as_array() {
+                Some(items) => items
+                    .iter()
+                    .map(|v| {
+                        v.as_str()
+                            .ok_or_else(|| "must be a list of host names".to_owned())
+                            .and_then(parse_host)
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+                    .map(|h| config.hosts = h),
+                None => Err("must be a list of host names, e.g. [\"director.example\"]".into()),
+            },
             "agent_timeout" => string()
                 .and_then(|s| parse_timeout(&s))
                 .map(|d| config.agent_timeout = d),
@@ -166,6 +210,20 @@ pub fn parse_cluster_toml(text: &str, path: &Path) -> Result<DirectorConfig, Con
             found.push((line, format!("{at}: {e}")));
         }
     }
+    if let Some(t) = legacy_token {
+        if section.contains_key("admin_token_file") {
+            let line = line_of(text, "token");
+            found.push((
+                line,
+                format!(
+                    "{file}:{line}: key `director.token`: give either token (the old single \
+                     token) or admin_token_file, not both"
+                ),
+            ));
+        } else {
+            config.admin_token = Some(t);
+        }
+    }
     // In the file's order, not the keys'.
     found.sort();
     errors.extend(found.into_iter().map(|(_, e)| e));
@@ -173,6 +231,66 @@ pub fn parse_cluster_toml(text: &str, path: &Path) -> Result<DirectorConfig, Con
         Ok(config)
     } else {
         Err(ConfigErrors(errors))
+    }
+}
+
+/// Reads a token file (its first line); notes in `warnings` when other
+/// users can read it.
+pub fn read_token_file(path: &Path, warnings: &mut Vec<String>) -> Result<Secret, String> {
+    let secret = Secret::from_file(path).map_err(|e| e.to_string())?;
+    if !tempest_control::credentials::is_private(path) {
+        warnings.push(format!(
+            "{}: the token file can be read by other users of this machine; make it \
+             readable by its owner only (chmod 600)",
+            path.display()
+        ));
+    }
+    Ok(secret)
+}
+
+/// A host name the API answers to: letters, digits, `-`, `_` and `.`,
+/// without a port.
+pub fn parse_host(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 253
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(s.to_ascii_lowercase())
+    } else {
+        Err(format!(
+            "`{s}` is not a host name (letters, digits, `-`, `_`, `.`; no port)"
+        ))
+    }
+}
+
+impl DirectorConfig {
+    /// Whether any credential is set (then every call but the health
+    /// check needs one).
+    pub fn has_credentials(&self) -> bool {
+        self.admin_token.is_some() || self.viewer_token.is_some() || self.agent_token.is_some()
+    }
+
+    /// The settings' own contradictions, and an open bind: a director
+    /// listening beyond loopback without credentials refuses to start
+    /// unless `insecure` is set.
+    pub fn check(&self) -> Result<(), String> {
+        if self.admin_token.is_none() && self.has_credentials() {
+            return Err(
+                "a viewer or agent token is set without an admin token: set admin_token_file \
+                 or TEMPEST_ADMIN_TOKEN too (nobody could change anything otherwise)"
+                    .into(),
+            );
+        }
+        if !self.listen.ip().is_loopback() && !self.has_credentials() && !self.insecure {
+            return Err(format!(
+                "refusing to listen on {} without credentials: anyone who reaches it could run \
+                 code on every agent; set admin_token_file (or TEMPEST_ADMIN_TOKEN), listen on \
+                 a loopback address, or pass --insecure",
+                self.listen
+            ));
+        }
+        Ok(())
     }
 }
 

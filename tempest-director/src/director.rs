@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use tempest_control::package::{self, is_content_hash, sha256_hex};
 use tempest_control::{
     Assignment, Heartbeat, Manifest, NodeInfo, ProcessSpec, ProcessState, ProcessStatus, Role,
+    Secret,
 };
 use tempest_core::config::TopologyFile;
 use utoipa::ToSchema;
@@ -232,8 +233,11 @@ pub struct TopologyDetail {
     pub summary: TopologySummary,
     /// The overrides it was deployed with.
     pub config: String,
-    /// The environment variables its processes get.
+    /// The environment variables its processes get, their values shown as
+    /// `***`: they are write-only (database passwords live there).
     pub env: BTreeMap<String, String>,
+    /// Whether it has a data-plane secret (never shown).
+    pub data_secret: bool,
     /// Its effective `Topology.toml`: the package's, the overrides, its name
     /// and worker counts. Its processes run with the same text without the
     /// worker counts (a worker is given its task's count on its command line).
@@ -311,10 +315,26 @@ struct Want {
 impl Director {
     /// Opens the state in `settings.data_dir` and reconciles it.
     pub fn open(settings: Settings, scheduler: Box<dyn Scheduler>) -> anyhow::Result<Director> {
-        std::fs::create_dir_all(&settings.data_dir)
+        crate::store::private_dir(&settings.data_dir)
             .map_err(|e| anyhow::anyhow!("creating {}: {e}", settings.data_dir.display()))?;
-        let store = Store::open(&settings.data_dir)?;
-        let s = store.load()?;
+        let mut store = Store::open(&settings.data_dir)?;
+        let mut s = store.load()?;
+        // Topologies deployed by a director that made no data-plane secret
+        // get one now (their processes restart once, with it).
+        let mut given = Vec::new();
+        for t in s
+            .topologies
+            .values_mut()
+            .filter(|t| t.data_secret.is_none())
+        {
+            t.data_secret = Some(Secret::generate()?);
+            given.push(t.name.clone());
+        }
+        if !given.is_empty() {
+            let records: Vec<&TopologyRecord> = given.iter().map(|n| &s.topologies[n]).collect();
+            store.save(&records, &[], &s.placements, s.next_generation)?;
+            tracing::info!("gave a data-plane secret to {}", given.join(", "));
+        }
         let mut effective = HashMap::new();
         for t in s.topologies.values() {
             let pkg = s
@@ -463,6 +483,8 @@ impl Director {
                 "a heartbeat needs an agent_id and an address".into(),
             ));
         }
+        check_name("agent id", &hb.agent_id)?;
+        crate::agents::check_address(&hb.address).map_err(Error::BadRequest)?;
         let _ = self.first_beat_ms.compare_exchange(
             0,
             now_ms(),
@@ -613,6 +635,7 @@ impl Director {
         }
         check_workers(&workers)?;
         check_env(&req.env)?;
+        let data_secret = Secret::generate().map_err(Error::internal)?;
         let effective = Configs::of(
             &req.name,
             pkg.topology_toml.as_deref(),
@@ -626,6 +649,7 @@ impl Director {
             state: Lifecycle::Running,
             workers,
             env: req.env,
+            data_secret: Some(data_secret),
             generation: 1,
             created_at_ms: now_ms(),
         };
@@ -978,7 +1002,12 @@ impl Director {
                 p99_ms: figures.and_then(|f| f.p99_ms),
             },
             config: t.config.clone(),
-            env: t.env.clone(),
+            env: t
+                .env
+                .keys()
+                .map(|k| (k.clone(), "***".to_owned()))
+                .collect(),
+            data_secret: t.data_secret.is_some(),
             effective_config: inner
                 .effective
                 .get(name)
@@ -1081,6 +1110,7 @@ impl Inner {
                 topology_addr,
                 config: Some(configs.processes.clone()),
                 env: t.env.clone(),
+                data_secret: t.data_secret.clone(),
                 generation: p.generation,
             });
         }
@@ -1552,6 +1582,67 @@ mod tests {
             assert_eq!(&got, specs, "{agent}");
         }
         assert_eq!(settle(&d), placed);
+    }
+
+    #[test]
+    fn a_deployment_has_one_data_secret_until_it_is_killed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = deployed(tmp.path());
+        let secrets = |placed: &Placed| -> BTreeSet<Secret> {
+            placed
+                .values()
+                .map(|(_, s)| s.data_secret.clone().expect("every spec has the secret"))
+                .collect()
+        };
+        let first = secrets(&settle(&d));
+        assert_eq!(first.len(), 1, "one secret for every process");
+        let secret = first.iter().next().unwrap().clone();
+        assert_eq!(secret.expose().len(), 64);
+        let shown = serde_json::to_string(&d.topology("wc").unwrap()).unwrap();
+        assert!(!shown.contains(secret.expose()), "never shown: {shown}");
+        assert!(shown.contains("\"data_secret\":true"), "{shown}");
+
+        // Stop, start, rebalance, a restarted director: the same one.
+        d.command("wc", Command::Stop).unwrap();
+        d.command("wc", Command::Start).unwrap();
+        rebalance(&d, "count", 3);
+        assert_eq!(secrets(&settle(&d)), first);
+        drop(d);
+        let d = open(tmp.path());
+        assert_eq!(secrets(&settle(&d)), first);
+
+        // Killed and deployed again: a new one.
+        d.command("wc", Command::Kill).unwrap();
+        let hash = d.packages()[0].hash.clone();
+        d.deploy(DeployRequest {
+            name: "wc".into(),
+            package: hash,
+            config: None,
+            workers: BTreeMap::new(),
+            env: BTreeMap::new(),
+        })
+        .unwrap();
+        let again = secrets(&settle(&d));
+        assert_eq!(again.len(), 1);
+        assert_ne!(again, first);
+    }
+
+    #[test]
+    fn heartbeats_with_bad_addresses_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = open(tmp.path());
+        for address in ["a.test", "a.test:7400/x", "evil@a.test:1", "a test:1"] {
+            let e = d
+                .heartbeat(Heartbeat {
+                    agent_id: "a".into(),
+                    address: address.into(),
+                    node: NodeInfo::default(),
+                    processes: vec![],
+                })
+                .unwrap_err();
+            assert!(matches!(e, Error::BadRequest(_)), "{address}: {e}");
+        }
+        assert!(d.agents().is_empty());
     }
 
     #[test]

@@ -11,12 +11,18 @@ pub enum Error {
     /// The request is wrong (the caller's fault; do not retry as is).
     #[error("{0}")]
     BadRequest(String),
-    /// No or a wrong token.
+    /// No credential, or a wrong one.
     #[error("{0}")]
     Unauthorized(String),
-    /// Refused whoever asks (a cross-site request).
+    /// Refused: a cross-site request, or a credential that cannot do this.
     #[error("{0}")]
     Forbidden(String),
+    /// The request names a host this director does not answer to.
+    #[error("{0}")]
+    MisdirectedRequest(String),
+    /// Too many failed attempts to authenticate from this address.
+    #[error("{0}")]
+    TooManyRequests(String),
     /// No such package, topology or agent.
     #[error("{0}")]
     NotFound(String),
@@ -54,6 +60,8 @@ impl ResponseError for Error {
             Error::BadRequest(_) => StatusCode::BAD_REQUEST,
             Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Error::Forbidden(_) => StatusCode::FORBIDDEN,
+            Error::MisdirectedRequest(_) => StatusCode::MISDIRECTED_REQUEST,
+            Error::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::Conflict(_) => StatusCode::CONFLICT,
             Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,

@@ -11,13 +11,17 @@
 //! - [`placement`]: the scheduler trait and the least-loaded policy;
 //! - [`director`]: the decisions, over the state;
 //! - [`metrics`]: the metrics collector's parsing and figures;
+//! - [`agents`]: the director's calls to the agents' APIs;
+//! - [`auth`]: credentials, sessions, the `Host` check, the rate limit;
 //! - [`api`]: the REST API and its OpenAPI document;
 //! - [`ui`]: the web UI, server-rendered pages over the same calls;
 //! - [`config`]: the `[director]` section of `Cluster.toml`.
 
 #![warn(missing_docs)]
 
+pub mod agents;
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod director;
 pub mod error;
@@ -39,8 +43,8 @@ use crate::placement::LeastLoaded;
 /// How often the director looks for agents that went down.
 const TICK: Duration = Duration::from_millis(250);
 
-/// The director's HTTP app over `state`: the token check in front of the
-/// REST API and the web UI.
+/// The director's HTTP app over `state`: [`auth::Auth::gate`] in front of
+/// the REST API and the web UI.
 pub fn app(
     state: web::Data<api::AppState>,
 ) -> App<
@@ -54,21 +58,25 @@ pub fn app(
         InitError = (),
     >,
 > {
-    let token = state.token.clone();
+    let auth = state.auth.clone();
     App::new()
         .app_data(state)
         .wrap_fn(move |req, srv| {
             use actix_web::dev::Service;
+            use actix_web::HttpMessage;
             use futures_util::future::{ready, Either, FutureExt};
-            match api::check_token(&req, token.as_deref()) {
-                Some(refusal) => {
-                    let refusal = ui::or_page(req.request(), refusal);
+            match auth.gate(&req) {
+                Err(refusal) => {
+                    let refusal = ui::or_page(req.request(), &refusal);
                     Either::Left(ready(Ok(req.into_response(refusal).map_into_right_body())))
                 }
-                None => Either::Right(
-                    srv.call(req)
-                        .map(|r| r.map(actix_web::dev::ServiceResponse::map_into_left_body)),
-                ),
+                Ok(caller) => {
+                    req.extensions_mut().insert(caller);
+                    Either::Right(
+                        srv.call(req)
+                            .map(|r| r.map(actix_web::dev::ServiceResponse::map_into_left_body)),
+                    )
+                }
             }
         })
         .configure(api::configure)
@@ -79,6 +87,17 @@ pub fn app(
 /// Opens the state, binds the API and serves until stopped. Prints
 /// `tempest-director listening on http://ADDR` once the API listens.
 pub async fn run(config: DirectorConfig) -> anyhow::Result<()> {
+    config.check().map_err(|e| anyhow::anyhow!(e))?;
+    for w in &config.warnings {
+        tracing::warn!("{w}");
+    }
+    if config.insecure && !config.has_credentials() && !config.listen.ip().is_loopback() {
+        tracing::warn!(
+            "--insecure: serving {} without credentials: anyone who reaches it can read \
+             everything and run code on every agent",
+            config.listen
+        );
+    }
     let director = Arc::new(Director::open(
         Settings {
             data_dir: config.data_dir.clone(),
@@ -87,10 +106,21 @@ pub async fn run(config: DirectorConfig) -> anyhow::Result<()> {
         },
         Box::new(LeastLoaded),
     )?);
-    let state = web::Data::new(api::AppState {
-        director: director.clone(),
-        token: config.token.clone(),
-    });
+    let credentials = auth::Credentials {
+        admin: config.admin_token.clone(),
+        viewer: config.viewer_token.clone(),
+        agent: config.agent_token.clone(),
+    };
+    let mut hosts = config.hosts.clone();
+    if config.listen.ip().is_unspecified() {
+        // Every interface: the machine's own name too.
+        hosts.push(tempest_core::metrics::hostname());
+    }
+    let state = web::Data::new(api::AppState::new(
+        director.clone(),
+        auth::Auth::new(credentials, auth::Hosts::new(hosts)),
+    )?);
+    let agents = state.agents.clone();
     let signals = tempest_core::shutdown::Signals::install();
     let server = HttpServer::new(move || app(state.clone()))
         // The director stops on its own signal handling below: while it
@@ -123,7 +153,7 @@ pub async fn run(config: DirectorConfig) -> anyhow::Result<()> {
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             interval.tick().await;
-            collect(&collector, every).await;
+            collect(&collector, &agents, every).await;
         }
     });
     let server = server.run();
@@ -147,13 +177,26 @@ pub async fn run(config: DirectorConfig) -> anyhow::Result<()> {
     result
 }
 
+/// The largest exposition read from one agent.
+const MAX_EXPOSITION: usize = 16 << 20;
+
 /// One round of the metrics collector: scrapes every live agent at once
-/// and records the figures.
-async fn collect(director: &Arc<Director>, every: Duration) {
+/// and records the figures. A scrape that fails (no answer, too large, not
+/// an exposition) leaves that agent out of this round only.
+async fn collect(director: &Arc<Director>, agents: &agents::AgentClient, every: Duration) {
     let timeout = every.max(Duration::from_secs(1));
     let scrapes = director.live_agents().into_iter().map(|addr| async move {
-        match metrics::http_get(&addr, "/api/v1/metrics", timeout).await {
-            Ok(a) if a.status == 200 => Some(metrics::parse(&String::from_utf8_lossy(&a.body))),
+        match agents
+            .get(&addr, "/api/v1/metrics", MAX_EXPOSITION, timeout)
+            .await
+        {
+            Ok(a) if a.status == 200 => match metrics::parse(&String::from_utf8_lossy(&a.body)) {
+                Ok(samples) => Some(samples),
+                Err(e) => {
+                    tracing::warn!("scraping agent {addr}: not an exposition: {e}");
+                    None
+                }
+            },
             Ok(a) => {
                 tracing::warn!("scraping agent {addr}: status {}", a.status);
                 None

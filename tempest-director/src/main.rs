@@ -4,6 +4,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use tempest_control::credentials::{
+    ADMIN_TOKEN_ENV, AGENT_TOKEN_ENV, LEGACY_TOKEN_ENV, VIEWER_TOKEN_ENV,
+};
+use tempest_control::Secret;
 use tempest_director::config::{self, DirectorConfig};
 
 /// The Tempest director: the cluster's control plane.
@@ -19,9 +23,29 @@ struct Args {
     /// The data directory: director.db and packages/ [default: tempest-director-data].
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// The cluster token that mutating calls must carry [default: none].
-    #[arg(long, env = "TEMPEST_TOKEN", hide_env_values = true)]
+    /// A file holding the admin token (everything) [env: TEMPEST_ADMIN_TOKEN].
+    #[arg(long, value_name = "FILE")]
+    admin_token_file: Option<PathBuf>,
+    /// A file holding the viewer token (reads only) [env: TEMPEST_VIEWER_TOKEN].
+    #[arg(long, value_name = "FILE")]
+    viewer_token_file: Option<PathBuf>,
+    /// A file holding the agent token (heartbeats, package downloads; sent
+    /// to the agents' APIs) [env: TEMPEST_AGENT_TOKEN].
+    #[arg(long, value_name = "FILE")]
+    agent_token_file: Option<PathBuf>,
+    /// Deprecated: the old single token, as the admin token. A command line
+    /// is readable by every user of the machine: use --admin-token-file or
+    /// TEMPEST_ADMIN_TOKEN.
+    #[arg(long, hide = true)]
     token: Option<String>,
+    /// A host name the API answers to, besides localhost and IP addresses
+    /// (repeat for several); a request for another is refused.
+    #[arg(long = "host", value_name = "NAME")]
+    hosts: Vec<String>,
+    /// Listen beyond loopback even without credentials: anyone who reaches
+    /// the port can then run code on every agent.
+    #[arg(long)]
+    insecure: bool,
     /// An agent silent for this long is down, e.g. "10s" [default: 10s].
     #[arg(long, value_parser = config::parse_timeout)]
     agent_timeout: Option<std::time::Duration>,
@@ -51,12 +75,55 @@ fn settings(args: Args) -> Result<DirectorConfig, String> {
     if let Some(v) = args.data_dir {
         c.data_dir = v;
     }
-    if let Some(v) = args.token {
-        if v.is_empty() {
-            return Err("command line: key `--token`: must not be empty".into());
+    let mut warnings = Vec::new();
+    let mut file = |flag: &str, path: &PathBuf| {
+        config::read_token_file(path, &mut warnings)
+            .map_err(|e| format!("command line: key `--{flag}`: {e}"))
+    };
+    let env = |var: &str| Secret::from_env(var).map_err(|e| e.to_string());
+    // Flags, then the environment, then the file.
+    let admin = match &args.admin_token_file {
+        Some(p) => Some(file("admin-token-file", p)?),
+        None => env(ADMIN_TOKEN_ENV)?,
+    };
+    match admin {
+        Some(t) => c.admin_token = Some(t),
+        None if c.admin_token.is_none() => {
+            // The old single token, from the command line or the environment.
+            if let Some(v) = &args.token {
+                c.admin_token =
+                    Some(Secret::new(v, "--token").map_err(|e| format!("command line: {e}"))?);
+                c.warnings.push(
+                    "--token is deprecated: a command line can be read by every user of this \
+                     machine; use --admin-token-file, admin_token_file or TEMPEST_ADMIN_TOKEN"
+                        .into(),
+                );
+            } else {
+                c.admin_token = env(LEGACY_TOKEN_ENV)?;
+            }
         }
-        c.token = Some(v);
+        None => {}
     }
+    let viewer = match &args.viewer_token_file {
+        Some(p) => Some(file("viewer-token-file", p)?),
+        None => env(VIEWER_TOKEN_ENV)?,
+    };
+    if viewer.is_some() {
+        c.viewer_token = viewer;
+    }
+    let agent = match &args.agent_token_file {
+        Some(p) => Some(file("agent-token-file", p)?),
+        None => env(AGENT_TOKEN_ENV)?,
+    };
+    if agent.is_some() {
+        c.agent_token = agent;
+    }
+    for h in &args.hosts {
+        c.hosts
+            .push(config::parse_host(h).map_err(|e| format!("command line: key `--host`: {e}"))?);
+    }
+    c.insecure |= args.insecure;
+    c.warnings.extend(warnings);
     if let Some(v) = args.agent_timeout {
         c.agent_timeout = v;
     }
@@ -72,10 +139,16 @@ fn settings(args: Args) -> Result<DirectorConfig, String> {
     if let Some(v) = args.log_level {
         c.log_level = v;
     }
+    c.check()?;
     Ok(c)
 }
 
 fn main() -> ExitCode {
+    // Everything the director writes (its database, packages) is its own.
+    // SAFETY: umask has no preconditions.
+    unsafe {
+        libc::umask(0o077);
+    }
     let config = match settings(Args::parse()) {
         Ok(c) => c,
         Err(e) => {

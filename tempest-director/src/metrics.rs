@@ -7,14 +7,10 @@
 //! for rates and stores the series.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tempest_control::exposition::{self, ParseError};
 use utoipa::ToSchema;
-
-/// The largest answer read from an agent.
-const MAX_ANSWER: usize = 32 << 20;
 
 /// One sample of an exposition.
 #[derive(Clone, Debug, PartialEq)]
@@ -33,60 +29,18 @@ impl Sample {
     }
 }
 
-/// Parses the Prometheus text format; lines that are not samples are
-/// skipped.
-pub fn parse(text: &str) -> Vec<Sample> {
-    text.lines().filter_map(parse_line).collect()
-}
-
-fn parse_line(line: &str) -> Option<Sample> {
-    let line = line.trim();
-    if line.is_empty() || line.starts_with('#') {
-        return None;
-    }
-    let name_end = line.find(|c: char| c == '{' || c.is_whitespace())?;
-    let name = line[..name_end].to_owned();
-    let mut rest = &line[name_end..];
-    let mut labels = BTreeMap::new();
-    if rest.starts_with('{') {
-        rest = &rest[1..];
-        loop {
-            rest = rest.trim_start_matches([',', ' ']);
-            if let Some(r) = rest.strip_prefix('}') {
-                rest = r;
-                break;
-            }
-            let eq = rest.find('=')?;
-            let key = rest[..eq].trim().to_owned();
-            rest = rest[eq + 1..].trim_start().strip_prefix('"')?;
-            let mut value = String::new();
-            let mut chars = rest.char_indices();
-            let end = loop {
-                let (i, c) = chars.next()?;
-                match c {
-                    '\\' => match chars.next()?.1 {
-                        'n' => value.push('\n'),
-                        other => value.push(other),
-                    },
-                    '"' => break i,
-                    c => value.push(c),
-                }
-            };
-            rest = &rest[end + 1..];
-            labels.insert(key, value);
-        }
-    }
-    let value = rest.split_whitespace().next()?;
-    let value = match value {
-        "+Inf" | "Inf" => f64::INFINITY,
-        "-Inf" => f64::NEG_INFINITY,
-        v => v.parse().ok()?,
-    };
-    Some(Sample {
-        name,
-        labels,
-        value,
-    })
+/// Parses an exposition (an agent's `/metrics`) with the workspace's one
+/// parser, [`tempest_control::exposition`]; a malformed one is refused
+/// whole.
+pub fn parse(text: &str) -> Result<Vec<Sample>, ParseError> {
+    Ok(exposition::samples(text)?
+        .into_iter()
+        .map(|s| Sample {
+            name: s.name,
+            labels: s.labels.into_iter().collect(),
+            value: s.value.as_f64(),
+        })
+        .collect())
 }
 
 /// The `q` quantile (0..=1) of a histogram given as cumulative buckets
@@ -426,78 +380,6 @@ pub struct SamplePoint {
     pub p99_ms: Option<f64>,
 }
 
-/// An HTTP answer: status and body.
-pub struct Answer {
-    /// The status code.
-    pub status: u16,
-    /// The body.
-    pub body: Vec<u8>,
-}
-
-/// `GET http://{addr}{path}` with one connection, within `timeout`.
-pub async fn http_get(addr: &str, path: &str, timeout: Duration) -> std::io::Result<Answer> {
-    tokio::time::timeout(timeout, get(addr, path))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out"))?
-}
-
-async fn get(addr: &str, path: &str) -> std::io::Result<Answer> {
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await?;
-    let mut raw = Vec::new();
-    (&mut s)
-        .take(MAX_ANSWER as u64)
-        .read_to_end(&mut raw)
-        .await?;
-    let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_owned());
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| bad("no end of headers"))?;
-    let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| bad("bad status line"))?;
-    let mut body = raw[split + 4..].to_vec();
-    if head.contains("transfer-encoding: chunked") {
-        body = dechunk(&body);
-    }
-    Ok(Answer { status, body })
-}
-
-fn dechunk(mut b: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    while let Some(end) = b.windows(2).position(|w| w == b"\r\n") {
-        let size = std::str::from_utf8(&b[..end])
-            .ok()
-            .and_then(|s| usize::from_str_radix(s.split(';').next()?.trim(), 16).ok())
-            .unwrap_or(0);
-        if size == 0 {
-            break;
-        }
-        let start = end + 2;
-        out.extend_from_slice(&b[start..(start + size).min(b.len())]);
-        b = &b[(start + size + 2).min(b.len())..];
-    }
-    out
-}
-
-/// Percent-encodes a query or path value.
-pub fn encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'/') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -546,7 +428,7 @@ tempest_task_errors_total{topology="wc",task="split",host="h",instance="1"} 3
 tempest_pipeline_edge{topology="wc",host="h",from="split",to="count",grouping="key"} 1
 tempest_pipeline_edge{topology="wc",host="h2",from="split",to="count",grouping="key"} 1
 "#;
-        let samples = parse(text);
+        let samples = parse(text).unwrap();
         assert_eq!(samples.len(), 15);
         let workers = [("split".to_owned(), 2)].into_iter().collect();
         let f = Figures::compute("wc", &samples, &workers, None, 1000);
@@ -563,7 +445,7 @@ tempest_pipeline_edge{topology="wc",host="h2",from="split",to="count",grouping="
         };
         assert_eq!(f.edges, [edge]);
         let more = text.replace("} 100\n", "} 300\n");
-        let g = Figures::compute("wc", &parse(&more), &workers, Some(&f), 3000);
+        let g = Figures::compute("wc", &parse(&more).unwrap(), &workers, Some(&f), 3000);
         assert_eq!(g.acked, 300);
         assert!((g.msgs_per_sec - 100.0).abs() < 1e-9);
 
@@ -572,22 +454,24 @@ tempest_pipeline_edge{topology="wc",host="h2",from="split",to="count",grouping="
         let reset = text
             .replace("} 100\n", "} 10\n")
             .replace("instance=\"0\"} 30", "instance=\"0\"} 0");
-        let h = Figures::compute("wc", &parse(&reset), &workers, Some(&g), 4000);
+        let h = Figures::compute("wc", &parse(&reset).unwrap(), &workers, Some(&g), 4000);
         assert_eq!((h.acked, h.msgs_per_sec), (300, 0.0));
         assert_eq!(h.tasks["split"].messages_in, 50);
         let grown = reset.replace("} 10\n", "} 60\n");
-        let i = Figures::compute("wc", &parse(&grown), &workers, Some(&h), 5000);
+        let i = Figures::compute("wc", &parse(&grown).unwrap(), &workers, Some(&h), 5000);
         assert_eq!(i.acked, 350);
         assert!((i.msgs_per_sec - 50.0).abs() < 1e-9);
         assert_eq!(i.source.acked, 350);
     }
 
     #[test]
-    fn parses_escaped_labels() {
-        let s = parse("m{a=\"x\\\"y\",b=\"z\"} 1.5\n").pop().unwrap();
+    fn parses_escaped_labels_and_refuses_garbage() {
+        let s = parse("m{a=\"x\\\"y\",b=\"z\"} 1.5\n")
+            .unwrap()
+            .pop()
+            .unwrap();
         assert_eq!(s.labels["a"], "x\"y");
         assert_eq!(s.value, 1.5);
-        assert_eq!(encode("wc/split/0"), "wc/split/0");
-        assert_eq!(encode("a b"), "a%20b");
+        assert_eq!(parse("m 1\n{oops\n").unwrap_err().line, 2);
     }
 }

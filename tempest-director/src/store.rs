@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use rusqlite::{params, Connection, OptionalExtension};
-use tempest_control::{Manifest, NodeInfo, ProcessStatus};
+use tempest_control::{Manifest, NodeInfo, ProcessStatus, Secret};
 
 use crate::lifecycle::Lifecycle;
 use crate::metrics::SamplePoint;
@@ -60,6 +60,9 @@ pub struct TopologyRecord {
     pub workers: BTreeMap<String, u32>,
     /// Environment variables its processes get.
     pub env: BTreeMap<String, String>,
+    /// Its data-plane secret, made at deploy (kept across stops, starts and
+    /// rebalances; a new deploy makes a new one).
+    pub data_secret: Option<Secret>,
     /// Bumped by every deploy, start and rebalance.
     pub generation: u64,
     /// When it was deployed, Unix milliseconds.
@@ -113,7 +116,7 @@ CREATE TABLE IF NOT EXISTS packages (
 CREATE TABLE IF NOT EXISTS topologies (
     name TEXT PRIMARY KEY, package TEXT NOT NULL, config TEXT NOT NULL, state TEXT NOT NULL,
     workers TEXT NOT NULL, generation INTEGER NOT NULL, created_at_ms INTEGER NOT NULL,
-    env TEXT NOT NULL DEFAULT '{}');
+    env TEXT NOT NULL DEFAULT '{}', data_secret TEXT);
 CREATE TABLE IF NOT EXISTS placements (
     process TEXT PRIMARY KEY, topology TEXT NOT NULL, agent TEXT NOT NULL,
     generation INTEGER NOT NULL);
@@ -133,6 +136,9 @@ fn migrate(db: &Connection) -> rusqlite::Result<()> {
     if !columns.iter().any(|c| c == "env") {
         db.execute_batch("ALTER TABLE topologies ADD COLUMN env TEXT NOT NULL DEFAULT '{}'")?;
     }
+    if !columns.iter().any(|c| c == "data_secret") {
+        db.execute_batch("ALTER TABLE topologies ADD COLUMN data_secret TEXT")?;
+    }
     Ok(())
 }
 
@@ -147,13 +153,80 @@ fn to_json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_default()
 }
 
+/// Creates `dir` (and its parents) if missing, and makes it its owner's
+/// alone (0700), whoever created it: it holds the topologies' secrets.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        builder.mode(0o700);
+        builder.create(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    #[cfg(not(unix))]
+    builder.create(dir)?;
+    Ok(())
+}
+
+/// Makes an existing file its owner's alone (0600).
+fn private_file(path: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        match std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
+/// Writes `bytes` to a new file at `path`, its owner's alone (0600).
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
 impl Store {
-    /// Opens (creating if needed) the database in `data_dir`.
+    /// Opens (creating if needed) the database in `data_dir`. The data
+    /// directory and its `packages/` are made 0700, the database files
+    /// 0600, whoever created them.
     pub fn open(data_dir: &Path) -> anyhow::Result<Store> {
         let packages_dir = data_dir.join("packages");
-        std::fs::create_dir_all(&packages_dir)
-            .map_err(|e| anyhow::anyhow!("creating {}: {e}", packages_dir.display()))?;
+        for dir in [data_dir, &packages_dir] {
+            private_dir(dir).map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
+        }
         let path = data_dir.join("director.db");
+        if !path.exists() {
+            // SQLite gives its -wal and -shm files the database's mode.
+            write_private(&path, b"")
+                .map_err(|e| anyhow::anyhow!("creating {}: {e}", path.display()))?;
+        }
+        for suffix in ["", "-wal", "-shm"] {
+            let file = data_dir.join(format!("director.db{suffix}"));
+            private_file(&file)
+                .map_err(|e| anyhow::anyhow!("making {} private: {e}", file.display()))?;
+        }
+        if let Ok(entries) = std::fs::read_dir(&packages_dir) {
+            for e in entries.flatten() {
+                private_file(&e.path()).map_err(|err| {
+                    anyhow::anyhow!("making {} private: {err}", e.path().display())
+                })?;
+            }
+        }
         let db = Connection::open(&path)
             .map_err(|e| anyhow::anyhow!("opening {}: {e}", path.display()))?;
         db.execute_batch(SCHEMA)
@@ -216,8 +289,8 @@ impl Store {
             snap.packages.insert(p.hash.clone(), p);
         }
         let mut q = self.db.prepare(
-            "SELECT name, package, config, state, workers, generation, created_at_ms, env \
-             FROM topologies",
+            "SELECT name, package, config, state, workers, generation, created_at_ms, env, \
+             data_secret FROM topologies",
         )?;
         for t in q.query_map([], |r| {
             let state: String = r.get(3)?;
@@ -230,6 +303,9 @@ impl Store {
                 generation: r.get::<_, i64>(5)? as u64,
                 created_at_ms: r.get::<_, i64>(6)? as u64,
                 env: json_col(r.get(7)?)?,
+                data_secret: r
+                    .get::<_, Option<String>>(8)?
+                    .and_then(|s| Secret::new(&s, "data_secret").ok()),
             })
         })? {
             let t = t?;
@@ -321,7 +397,7 @@ impl Store {
     pub fn put_package(&self, p: &PackageRecord, archive: &[u8]) -> anyhow::Result<()> {
         let path = self.archive_path(&p.hash);
         let tmp = path.with_extension("partial");
-        std::fs::write(&tmp, archive)
+        write_private(&tmp, archive)
             .map_err(|e| anyhow::anyhow!("writing {}: {e}", tmp.display()))?;
         std::fs::rename(&tmp, &path)
             .map_err(|e| anyhow::anyhow!("renaming {}: {e}", tmp.display()))?;
@@ -352,8 +428,9 @@ impl Store {
         for t in topologies {
             tx.execute(
                 "INSERT OR REPLACE INTO topologies
-                 (name, package, config, state, workers, generation, created_at_ms, env)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                 (name, package, config, state, workers, generation, created_at_ms, env,
+                  data_secret)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 params![
                     t.name,
                     t.package,
@@ -362,7 +439,8 @@ impl Store {
                     to_json(&t.workers),
                     t.generation as i64,
                     t.created_at_ms as i64,
-                    to_json(&t.env)
+                    to_json(&t.env),
+                    t.data_secret.as_ref().map(Secret::expose)
                 ],
             )?;
         }

@@ -2,12 +2,13 @@
 //! (fantoccini), against a real `tempest-director` and a real
 //! `tempest-agent` running the word count example.
 //!
-//! The browser does what a person would: a change without logging in shows
-//! the error on the page; it logs in, uploads the package through the
-//! form's file input, deploys it with `Topology.toml` overrides typed into
-//! the form, watches the acked figure grow on the topology page (refreshed
-//! by the page's own script, never reloaded), rebalances a task, reads a
-//! process's log and stops the topology.
+//! The browser does what a person would: a page without logging in shows
+//! the login form; a wrong token is refused on it; it logs in, uploads the
+//! package through the form's file input, deploys it with `Topology.toml`
+//! overrides typed into the form, watches the acked figure grow on the
+//! topology page (refreshed by the page's own script, never reloaded),
+//! rebalances a task, reads a process's log, stops the topology and logs
+//! out, after which the session's old cookie is refused.
 //!
 //! Chromium and chromedriver are Debian's (`chromium`, `chromium-driver`);
 //! `scripts/test` installs them. Without them this test fails, saying so.
@@ -26,10 +27,8 @@ use futures_util::FutureExt;
 use serde_json::json;
 use tempest_testkit::cluster::{
     free_addr, signal, stop_child, tempdir, wait_for, wordcount_package, AgentProcess,
-    DirectorProcess, WAIT, WORDCOUNT_TOML,
+    DirectorProcess, Tokens, WAIT, WORDCOUNT_TOML,
 };
-
-const TOKEN: &str = "browser-test-token";
 
 /// The word count's source: generated sentences at a modest, fixed rate,
 /// so the test does not take every core.
@@ -240,12 +239,14 @@ async fn number(c: &Client, css: &str) -> Option<u64> {
 #[test]
 fn uploads_deploys_watches_rebalances_and_stops_wordcount_in_a_browser() {
     let tmp = tempdir("tempest-browser-test");
-    let director = DirectorProcess::start(
+    let tokens = Tokens::new("browser-test");
+    let director = DirectorProcess::start_secured(
         &tmp.path().join("director"),
         "127.0.0.1:0",
-        &["--token", TOKEN, "--metrics-interval", "500ms"],
+        &["--metrics-interval", "500ms"],
+        &tokens,
     );
-    let agent = AgentProcess::join(&tmp.path().join("agent"), &director.addr, TOKEN);
+    let agent = AgentProcess::join(&tmp.path().join("agent"), &director.addr, &tokens.agent);
     let agent_id = agent.id();
     wait_for("the agent up", WAIT, || {
         director.agents_up().contains(&agent_id).then_some(())
@@ -263,16 +264,41 @@ fn uploads_deploys_watches_rebalances_and_stops_wordcount_in_a_browser() {
         .build()
         .unwrap();
     let _leftovers = BrowserProcesses(profile.clone());
-    rt.block_on(async {
+    let old_cookie = rt.block_on(async {
         let c = browser(&driver, &profile).await;
-        let result = AssertUnwindSafe(session(&c, &base, &archive_path, &hash))
+        let result = AssertUnwindSafe(session(&c, &base, &archive_path, &hash, &tokens.admin))
             .catch_unwind()
             .await;
         let _ = c.close().await;
-        if let Err(panic) = result {
-            std::panic::resume_unwind(panic);
+        match result {
+            Ok(cookie) => cookie,
+            Err(panic) => std::panic::resume_unwind(panic),
         }
     });
+
+    // The session the browser logged out of is over: its cookie opens
+    // nothing, in the API or the pages.
+    let cookie = format!("tempest_session={old_cookie}");
+    for path in ["/api/v1/topologies", "/topologies/wordcount", "/"] {
+        let r = tempest_testkit::http::request(
+            &director.addr,
+            "GET",
+            path,
+            &[("Cookie", cookie.as_str())],
+            b"",
+        )
+        .unwrap();
+        assert_eq!(r.status, 401, "{path} with the old cookie: {}", r.body);
+    }
+    let r = tempest_testkit::http::request(
+        &director.addr,
+        "POST",
+        "/api/v1/topologies/wordcount/start",
+        &[("Cookie", cookie.as_str())],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(r.status, 401, "{}", r.body);
 
     // What the browser did is what the API shows.
     let d = director.topology("wordcount");
@@ -281,44 +307,36 @@ fn uploads_deploys_watches_rebalances_and_stops_wordcount_in_a_browser() {
     drop(agent);
 }
 
-async fn session(c: &Client, base: &str, archive: &Path, hash: &str) {
-    // Without logging in, a change shows the error on the page.
+/// The browser's session; answers the session cookie it logged out of.
+async fn session(c: &Client, base: &str, archive: &Path, hash: &str, token: &str) -> String {
+    // Without logging in, a page is the login form, and shows nothing else.
     c.goto(&format!("{base}/packages")).await.unwrap();
-    assert_eq!(text(c, "h1").await.as_deref(), Some("Packages"));
-    c.find(Locator::Css("#package-file"))
-        .await
-        .unwrap()
-        .send_keys(&archive.display().to_string())
-        .await
-        .unwrap();
-    click(c, "#upload").await;
-    let error = until(c, "the refusal on the page", WAIT, || async {
-        text(c, "#error").await.filter(|e| !e.is_empty())
-    })
-    .await;
-    assert!(error.contains("log in"), "{error}");
-    assert_eq!(text(c, "h1").await.as_deref(), Some("Packages"));
-    assert!(text(c, "#packages")
-        .await
-        .unwrap_or_default()
-        .contains("No package"));
-
-    // Log in: a wrong token first.
-    click(c, "#login-link").await;
     until(c, "the login page", WAIT, || async {
         c.find(Locator::Css("#token")).await.ok()
     })
     .await;
+    assert_eq!(text(c, "h1").await.as_deref(), Some("Log in"));
+    let error = text(c, "#error").await.unwrap_or_default();
+    assert!(error.contains("log in"), "{error}");
+    assert!(c.find(Locator::Css("#package-file")).await.is_err());
+
+    // Log in: a wrong token first.
     type_into(c, "#token", "not-the-token").await;
     click(c, "#login").await;
     let error = until(c, "the wrong token refused", WAIT, || async {
-        text(c, "#error").await
+        text(c, "#error")
+            .await
+            .filter(|e| e.contains("neither the admin token"))
     })
     .await;
-    assert!(error.contains("not the cluster token"), "{error}");
-    type_into(c, "#token", TOKEN).await;
+    assert!(error.contains("viewer token"), "{error}");
+    type_into(c, "#token", token).await;
     click(c, "#login").await;
-    landed(c, "/packages", "logged in").await;
+    landed(c, "/packages", "logged in (admin)").await;
+    assert!(text(c, "#packages")
+        .await
+        .unwrap_or_default()
+        .contains("No package"));
 
     // Upload through the form's file input.
     c.find(Locator::Css("#package-file"))
@@ -401,4 +419,21 @@ async fn session(c: &Client, base: &str, archive: &Path, hash: &str) {
     })
     .await;
     assert!(c.find(Locator::Css("#start")).await.is_ok());
+
+    // Log out: back on the login page, and the page is not shown again.
+    let cookie = c
+        .get_named_cookie("tempest_session")
+        .await
+        .expect("the session cookie")
+        .value()
+        .to_owned();
+    click(c, "#logout").await;
+    landed(c, "/topologies/wordcount", "logged out").await;
+    assert_eq!(text(c, "h1").await.as_deref(), Some("Log in"));
+    assert!(c.find(Locator::Css("#stop")).await.is_err());
+    assert!(
+        c.get_named_cookie("tempest_session").await.is_err(),
+        "the browser dropped its cookie"
+    );
+    cookie
 }

@@ -16,11 +16,14 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tempest_testkit::cluster::{
     all_running, free_addr, marked_processes, script_package, tempdir, try_wait_for, wait_for,
-    wordcount_package, AgentProcess, DirectorProcess, WAIT, WORDCOUNT_TOML,
+    wordcount_package, AgentProcess, DirectorProcess, Tokens, WAIT, WORDCOUNT_TOML,
 };
 use tempest_testkit::{redis_pipeline, RedisServer};
 
-const TOKEN: &str = "director-test-token";
+/// The tests' credentials.
+fn tokens() -> Tokens {
+    Tokens::new("director-test")
+}
 
 type Director = DirectorProcess;
 
@@ -249,9 +252,9 @@ fn deploys_wordcount_on_redis_moves_the_processes_of_a_dead_agent_and_survives_a
     let tmp = tempdir("tempest-director-test");
     let listen = free_addr();
     let ddir = tmp.path().join("director");
+    let tokens = tokens();
+    let token = tokens.admin.as_str();
     let director_args = [
-        "--token",
-        TOKEN,
         // Long enough that a loaded CI machine does not miss a heartbeat
         // for that long (which would rightly move processes), short enough
         // for the 15 s bound on re-placement.
@@ -262,9 +265,9 @@ fn deploys_wordcount_on_redis_moves_the_processes_of_a_dead_agent_and_survives_a
         "--metrics-interval",
         "300ms",
     ];
-    let mut director = Director::start(&ddir, &listen, &director_args);
-    let a = AgentProcess::join(&tmp.path().join("a"), &director.addr, TOKEN);
-    let b = AgentProcess::join(&tmp.path().join("b"), &director.addr, TOKEN);
+    let mut director = Director::start_secured(&ddir, &listen, &director_args, &tokens);
+    let a = AgentProcess::join(&tmp.path().join("a"), &director.addr, &tokens.agent);
+    let b = AgentProcess::join(&tmp.path().join("b"), &director.addr, &tokens.agent);
     let (a_id, b_id) = (a.id(), b.id());
     wait_for("both agents up", WAIT, || {
         (director.agents_up() == [a_id.clone(), b_id.clone()].into()).then_some(())
@@ -276,15 +279,15 @@ fn deploys_wordcount_on_redis_moves_the_processes_of_a_dead_agent_and_survives_a
         director.post("/api/v1/packages", None, &archive).status,
         401
     );
-    let r = director.post("/api/v1/packages", Some(TOKEN), &archive);
+    let r = director.post("/api/v1/packages", Some(token), &archive);
     assert_eq!(r.status, 201, "{}", r.body);
     assert_eq!(r.json()["hash"], json!(hash));
-    let r = director.post("/api/v1/packages", Some(TOKEN), &archive);
+    let r = director.post("/api/v1/packages", Some(token), &archive);
     assert_eq!(r.status, 200, "uploading again changes nothing: {}", r.body);
-    let r = director.post("/api/v1/packages", Some(TOKEN), b"not a package at all");
+    let r = director.post("/api/v1/packages", Some(token), b"not a package at all");
     assert_eq!(r.status, 400, "{}", r.body);
     assert!(r.json()["error"].as_str().unwrap().contains("refused"));
-    let r = director.post("/api/v1/packages", Some(TOKEN), &vec![7u8; 100_000]);
+    let r = director.post("/api/v1/packages", Some(token), &vec![7u8; 100_000]);
     assert_eq!(r.status, 413, "{}", r.body);
     assert!(
         r.json()["error"].as_str().unwrap().contains("65536"),
@@ -309,13 +312,13 @@ fn deploys_wordcount_on_redis_moves_the_processes_of_a_dead_agent_and_survives_a
     assert_eq!(director.post("/api/v1/topologies", None, &good).status, 401);
     let r = director.post(
         "/api/v1/topologies",
-        Some(TOKEN),
+        Some(token),
         &deploy("wordcount", &"0".repeat(64), &overrides),
     );
     assert_eq!(r.status, 404, "{}", r.body);
     let r = director.post(
         "/api/v1/topologies",
-        Some(TOKEN),
+        Some(token),
         &deploy("wordcount", &hash, "max_pendin = 3\n"),
     );
     assert_eq!(r.status, 400, "{}", r.body);
@@ -328,7 +331,7 @@ fn deploys_wordcount_on_redis_moves_the_processes_of_a_dead_agent_and_survives_a
         &json!({"name": "wordcount", "package": hash, "env": {"TEMPEST_TOKEN": "x"}}),
     )
     .unwrap();
-    let r = director.post("/api/v1/topologies", Some(TOKEN), &bad_env);
+    let r = director.post("/api/v1/topologies", Some(token), &bad_env);
     assert_eq!(r.status, 400, "{}", r.body);
     assert!(
         r.json()["error"]
@@ -338,22 +341,22 @@ fn deploys_wordcount_on_redis_moves_the_processes_of_a_dead_agent_and_survives_a
         "{}",
         r.body
     );
-    let r = director.post("/api/v1/topologies", Some(TOKEN), b"{\"name\": 1}");
+    let r = director.post("/api/v1/topologies", Some(token), b"{\"name\": 1}");
     assert_eq!(r.status, 400, "{}", r.body);
     assert_eq!(director.get("/api/v1/topologies").json(), json!([]));
 
     // Deploy, and feed sentences while everything below happens.
-    let r = director.post("/api/v1/topologies", Some(TOKEN), &good);
+    let r = director.post("/api/v1/topologies", Some(token), &good);
     assert_eq!(r.status, 201, "{}", r.body);
-    assert_eq!(r.json()["env"]["WORDCOUNT_REDIS_HASH"], json!("wordcount"));
-    let r = director.post("/api/v1/topologies", Some(TOKEN), &good);
+    assert_eq!(r.json()["env"]["WORDCOUNT_REDIS_HASH"], json!("***"));
+    let r = director.post("/api/v1/topologies", Some(token), &good);
     assert_eq!(r.status, 409, "{}", r.body);
     let r = director.get("/api/v1/topologies/nope");
     assert_eq!(r.status, 404, "{}", r.body);
     assert!(r.json()["error"].as_str().is_some());
     assert_eq!(
         director
-            .post("/api/v1/topologies/nope/stop", Some(TOKEN), b"")
+            .post("/api/v1/topologies/nope/stop", Some(token), b"")
             .status,
         404
     );
@@ -414,7 +417,7 @@ fn deploys_wordcount_on_redis_moves_the_processes_of_a_dead_agent_and_survives_a
 
     // B comes back: its assignment is empty, so it stops the processes that
     // moved, which it adopted from its state file.
-    let b = AgentProcess::join(&b_dir, &director.addr, TOKEN);
+    let b = AgentProcess::join(&b_dir, &director.addr, &tokens.agent);
     assert_eq!(b.id(), b_id);
     wait_for("B up again", WAIT, || {
         director.agents_up().contains(&b_id).then_some(())
@@ -437,7 +440,7 @@ fn deploys_wordcount_on_redis_moves_the_processes_of_a_dead_agent_and_survives_a
         .map(|p| json!([p["id"], p["pid"], p["generation"]]))
         .collect();
     drop(director);
-    director = Director::start(&ddir, &listen, &director_args);
+    director = Director::start_secured(&ddir, &listen, &director_args, &tokens);
     let r = director.get("/api/v1/packages");
     assert_eq!(r.json()[0]["hash"], json!(hash), "{}", r.body);
     let r = director.get("/api/v1/agents");
@@ -446,7 +449,7 @@ fn deploys_wordcount_on_redis_moves_the_processes_of_a_dead_agent_and_survives_a
     assert_eq!(r.json()[0]["name"], json!("wordcount"), "{}", r.body);
     assert_eq!(
         director.topology("wordcount")["env"]["WORDCOUNT_REDIS"],
-        json!(redis.url())
+        json!("***")
     );
     wait_for("both agents heartbeating to the new director", WAIT, || {
         (director.agents_up() == [a_id.clone(), b_id.clone()].into()).then_some(())
@@ -494,7 +497,7 @@ fn deploys_wordcount_on_redis_moves_the_processes_of_a_dead_agent_and_survives_a
     // Rebalance, stop, start, kill.
     let r = director.post(
         "/api/v1/topologies/wordcount/rebalance",
-        Some(TOKEN),
+        Some(token),
         b"{\"workers\": {\"nope\": 2}}",
     );
     assert_eq!(r.status, 400, "{}", r.body);
@@ -524,7 +527,7 @@ fn deploys_wordcount_on_redis_moves_the_processes_of_a_dead_agent_and_survives_a
     let feeder = Feeder::start(&redis, 1_000);
     let r = director.post(
         "/api/v1/topologies/wordcount/rebalance",
-        Some(TOKEN),
+        Some(token),
         b"{\"workers\": {\"count\": 3}}",
     );
     assert_eq!(r.status, 200, "{}", r.body);
@@ -560,13 +563,15 @@ fn deploys_wordcount_on_redis_moves_the_processes_of_a_dead_agent_and_survives_a
             .iter()
             .flat_map(|agent| {
                 let body = agent.get("/metrics").body;
-                body.lines()
-                    .filter(|l| {
-                        l.starts_with("tempest_task_messages_in_total{")
-                            && l.contains("task=\"count\"")
-                            && l.contains("instance=\"2\"")
+                tempest_control::exposition::samples(&body)
+                    .expect("an agent's /metrics parses")
+                    .into_iter()
+                    .filter(|s| {
+                        s.name == "tempest_task_messages_in_total"
+                            && s.label("task") == Some("count")
+                            && s.label("instance") == Some("2")
                     })
-                    .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                    .map(|s| s.value.as_f64())
                     .collect::<Vec<_>>()
             })
             .any(|n| n > 0.0)
@@ -590,9 +595,9 @@ fn deploys_wordcount_on_redis_moves_the_processes_of_a_dead_agent_and_survives_a
              never counted: {got:?}"
         );
     }
-    let r = director.post("/api/v1/topologies/wordcount/stop", Some(TOKEN), b"");
+    let r = director.post("/api/v1/topologies/wordcount/stop", Some(token), b"");
     assert_eq!(r.status, 200, "{}", r.body);
-    let r = director.post("/api/v1/topologies/wordcount/stop", Some(TOKEN), b"");
+    let r = director.post("/api/v1/topologies/wordcount/stop", Some(token), b"");
     assert_eq!(r.status, 409, "{}", r.body);
     wait_for("the topology stopped", WAIT, || {
         (director.topology("wordcount")["phase"] == json!("stopped")
@@ -600,12 +605,12 @@ fn deploys_wordcount_on_redis_moves_the_processes_of_a_dead_agent_and_survives_a
             && b.running() == 0)
             .then_some(())
     });
-    let r = director.post("/api/v1/topologies/wordcount/start", Some(TOKEN), b"");
+    let r = director.post("/api/v1/topologies/wordcount/start", Some(token), b"");
     assert_eq!(r.status, 200, "{}", r.body);
     wait_for("the topology running again", WAIT, || {
         all_running(&director.topology("wordcount"), 6)
     });
-    let r = director.post("/api/v1/topologies/wordcount/kill", Some(TOKEN), b"");
+    let r = director.post("/api/v1/topologies/wordcount/kill", Some(token), b"");
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(director.get("/api/v1/topologies/wordcount").status, 404);
     wait_for("the killed topology's processes gone", WAIT, || {
@@ -616,7 +621,9 @@ fn deploys_wordcount_on_redis_moves_the_processes_of_a_dead_agent_and_survives_a
 #[test]
 fn serves_its_openapi_document_and_json_errors() {
     let tmp = tempdir("tempest-director-test");
-    let director = Director::start(&tmp.path().join("d"), "127.0.0.1:0", &["--token", TOKEN]);
+    let tokens = tokens();
+    let token = tokens.admin.as_str();
+    let director = Director::start_secured(&tmp.path().join("d"), "127.0.0.1:0", &[], &tokens);
     let r = director.get("/api/v1/openapi.json");
     assert_eq!(r.status, 200);
     let doc = r.json();
@@ -661,16 +668,16 @@ fn serves_its_openapi_document_and_json_errors() {
     assert_eq!(r.status, 401, "{}", r.body);
     let r = director.post("/api/v1/agents/heartbeat", Some("wrong"), b"{}");
     assert_eq!(r.status, 401, "{}", r.body);
-    let r = director.post("/api/v1/agents/heartbeat", Some(TOKEN), b"{}");
+    let r = director.post("/api/v1/agents/heartbeat", Some(&tokens.agent), b"{}");
     assert_eq!(r.status, 400, "{}", r.body);
     assert!(r.json()["error"].as_str().is_some());
 
     // A package without worker counts needs them in the request.
     let (archive, hash) = script_package(tmp.path(), "bare", "#!/bin/sh\nexec sleep 600\n", None);
-    let r = director.post("/api/v1/packages", Some(TOKEN), &archive);
+    let r = director.post("/api/v1/packages", Some(token), &archive);
     assert_eq!(r.status, 201, "{}", r.body);
     let body = serde_json::to_vec(&json!({"name": "bare", "package": hash})).unwrap();
-    let r = director.post("/api/v1/topologies", Some(TOKEN), &body);
+    let r = director.post("/api/v1/topologies", Some(token), &body);
     assert_eq!(r.status, 400, "{}", r.body);
     assert!(
         r.json()["error"].as_str().unwrap().contains("workers"),
@@ -681,20 +688,20 @@ fn serves_its_openapi_document_and_json_errors() {
         serde_json::to_vec(&json!({"name": "bare", "package": hash, "workers": {"t": 0}})).unwrap();
     assert_eq!(
         director
-            .post("/api/v1/topologies", Some(TOKEN), &body)
+            .post("/api/v1/topologies", Some(token), &body)
             .status,
         400
     );
     let body =
         serde_json::to_vec(&json!({"name": "bare", "package": hash, "workers": {"t": 2}})).unwrap();
-    let r = director.post("/api/v1/topologies", Some(TOKEN), &body);
+    let r = director.post("/api/v1/topologies", Some(token), &body);
     assert_eq!(r.status, 201, "{}", r.body);
     assert_eq!(r.json()["workers"], json!({"t": 2}));
     let bad =
         serde_json::to_vec(&json!({"name": "a/b", "package": hash, "workers": {"t": 1}})).unwrap();
     assert_eq!(
         director
-            .post("/api/v1/topologies", Some(TOKEN), &bad)
+            .post("/api/v1/topologies", Some(token), &bad)
             .status,
         400
     );

@@ -8,11 +8,14 @@
 //! - Forms post, then redirect to a page that shows what happened
 //!   (Post/Redirect/Get, the message carried in a short-lived cookie). A
 //!   refused form renders its page again with the error and a 4xx status.
-//! - When the director has a cluster token, changes need it: `/login`
-//!   checks it and keeps it in an `HttpOnly`, `SameSite=Strict` cookie,
-//!   which [`crate::api::check_token`] accepts alongside the Bearer header.
-//!   That check stays the only gate: a refused form is answered here by
-//!   [`or_page`] with its page and the error.
+//! - When the director has credentials, every page needs a login: `/login`
+//!   takes the admin token (everything) or the viewer token (pages only)
+//!   and starts a session: a random id kept by the director with its role
+//!   and an expiry (12 h), in an `HttpOnly`, `SameSite=Strict` cookie
+//!   (`Secure` when the director serves TLS). Logging out ends it, so the
+//!   cookie is refused from then on. [`crate::auth::Auth::gate`] stays the
+//!   only gate: what it refuses is answered here by [`or_page`] (the login
+//!   page, or the form's page with the error).
 //!
 //! This module decides nothing about the cluster: it translates forms to
 //! director calls and figures to HTML, as [`crate::api`] does to JSON.
@@ -30,7 +33,8 @@ use askama::Template;
 use futures_util::StreamExt;
 use serde::Serialize;
 
-use crate::api::{constant_time_eq, AppState};
+use crate::api::AppState;
+use crate::auth::{Refusal, Role, SESSION_COOKIE, SESSION_TTL};
 use crate::director::{
     now_ms, ClusterSummary, DeployRequest, TopologyDetail, TopologySummary, SAMPLES_KEPT,
 };
@@ -38,8 +42,6 @@ use crate::error::Error;
 use crate::lifecycle::{Command, Lifecycle};
 use crate::metrics::SourceFigures;
 
-/// The cookie that carries the cluster token after logging in.
-pub const TOKEN_COOKIE: &str = "tempest_token";
 /// The cookie that carries the message of the last change to the next page.
 const FLASH_COOKIE: &str = "tempest_flash";
 /// The header the live-update script sends with its requests.
@@ -79,12 +81,6 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(web::resource("/logout").route(web::post().to(logout)));
 }
 
-/// Whether `path` is the login or logout form, which the token check
-/// leaves to the form.
-pub fn is_login(path: &str) -> bool {
-    path == "/login" || path == "/logout"
-}
-
 // ---------------------------------------------------------------------------
 // What every page has.
 
@@ -96,6 +92,11 @@ struct Chrome {
     error: Option<String>,
     token_required: bool,
     logged_in: bool,
+    /// `admin` or `viewer` once logged in.
+    role: &'static str,
+    /// Whether the forms that change things are shown (no credentials, or
+    /// the admin logged in).
+    can_change: bool,
     /// The page's own path, where logging in returns to.
     here: String,
     /// Whether the live-update script runs.
@@ -117,13 +118,17 @@ impl Chrome {
                 .map(|c| c.value().to_owned())
                 .filter(|m| !m.is_empty())
         };
+        let token_required = data.auth.credentials.any();
+        let role = data.auth.session_role(req);
         Chrome {
             title: title.into(),
             nav,
             flash,
             error: None,
-            token_required: data.token.is_some(),
-            logged_in: logged_in(req, data),
+            token_required,
+            logged_in: role.is_some(),
+            role: role.map_or("", Role::name),
+            can_change: !token_required || role == Some(Role::Admin),
             here: req.path().to_owned(),
             live: false,
         }
@@ -218,13 +223,6 @@ fn see_other(location: &str, message: &str) -> HttpResponse {
         .finish()
 }
 
-fn logged_in(req: &HttpRequest, data: &AppState) -> bool {
-    data.token.as_deref().is_some_and(|t| {
-        req.cookie(TOKEN_COOKIE)
-            .is_some_and(|c| session_matches(c.value(), t))
-    })
-}
-
 fn state(req: &HttpRequest) -> Option<&Data> {
     req.app_data::<Data>()
 }
@@ -276,29 +274,71 @@ pub async fn not_found(req: HttpRequest) -> HttpResponse {
     }
 }
 
-/// What a refused change is answered with: the API's `answer` under
-/// `/api/`; elsewhere the page of the form, with the error.
-pub fn or_page(req: &HttpRequest, answer: HttpResponse) -> HttpResponse {
+/// What [`crate::auth::Auth::gate`] refused is answered with: the API's
+/// JSON under `/api/`; elsewhere a page that shows nothing the caller may
+/// not read. Without a credential: the login page (401), returning to the
+/// page asked for, or to the page of the form. With one that cannot make
+/// the change (a viewer): the form's page with the error (403). Anything
+/// else (a wrong host, a cross-site form, too many failures): the error
+/// alone.
+pub fn or_page(req: &HttpRequest, refusal: &Refusal) -> HttpResponse {
     let path = req.path();
     let Some(data) = state(req).filter(|_| !path.starts_with("/api/")) else {
-        return answer;
+        return refusal.response();
     };
-    let e = Error::Unauthorized(
-        "this change needs the cluster token: log in first (the link at the top right)".into(),
+    let status = refusal.status();
+    let reading = matches!(
+        *req.method(),
+        actix_web::http::Method::GET | actix_web::http::Method::HEAD
     );
-    let status = answer.status();
-    let mut res = if path.starts_with("/packages/") {
-        packages_page(req, data, Some(&e), DeployForm::default())
-    } else if let Some(name) = path
-        .strip_prefix("/topologies/")
-        .and_then(|rest| rest.split('/').next())
-        .filter(|name| path.matches('/').count() == 3 && data.director.topology(name).is_ok())
-    {
-        topology_page(req, data, name, Some(&e))
+    let form_page = if path.starts_with("/packages") {
+        "/packages".to_owned()
     } else {
-        error_page(req, data, &e, "/")
+        match path
+            .strip_prefix("/topologies/")
+            .and_then(|rest| rest.split('/').next())
+        {
+            Some(name) if !name.is_empty() => format!("/topologies/{name}"),
+            _ => "/".to_owned(),
+        }
+    };
+    let mut res = match status {
+        StatusCode::UNAUTHORIZED => {
+            let next = if reading {
+                match req.query_string() {
+                    "" => path.to_owned(),
+                    q => format!("{path}?{q}"),
+                }
+            } else {
+                form_page
+            };
+            let message = if reading {
+                "log in to see this page: the admin token (changes too) or the viewer token"
+            } else {
+                "this change needs the admin token: log in first"
+            };
+            respond(
+                status,
+                &login_view(req, data, safe_next(Some(&next)), Some(message.into())),
+            )
+        }
+        StatusCode::FORBIDDEN if data.auth.session_role(req).is_some() => {
+            let e = &refusal.error;
+            if form_page == "/packages" {
+                packages_page(req, data, Some(e), DeployForm::default())
+            } else if let Some(name) = form_page
+                .strip_prefix("/topologies/")
+                .filter(|name| data.director.topology(name).is_ok())
+            {
+                topology_page(req, data, name, Some(e))
+            } else {
+                error_page(req, data, e, "/")
+            }
+        }
+        _ => error_page(req, data, &refusal.error, "/"),
     };
     *res.status_mut() = status;
+    refusal.headers(&mut res);
     res
 }
 
@@ -615,8 +655,8 @@ fn topology_view(
                 generation: p.generation,
                 log: format!(
                     "/topologies/{}/processes/{}/log",
-                    crate::metrics::encode(&name),
-                    crate::metrics::encode(short)
+                    crate::agents::encode(&name),
+                    crate::agents::encode(short)
                 ),
             }
         })
@@ -796,7 +836,7 @@ async fn process_log(
     };
     let answer = match query {
         Err(e) => Err(Error::BadRequest(format!("bad query (stream, lines): {e}"))),
-        Ok(_) => crate::api::fetch_log(&data.director, &name, &id, &stream, Some(lines)).await,
+        Ok(_) => crate::api::fetch_log(&data, &name, &id, &stream, Some(lines)).await,
     };
     let (status, text, error) = match answer {
         Ok((status, body)) => {
@@ -1089,17 +1129,6 @@ fn safe_next(next: Option<&str>) -> String {
     }
 }
 
-/// The login cookie's value for `token`: a digest, not the token itself
-/// (any text can be a token, and a cookie value cannot hold every text).
-pub fn session_value(token: &str) -> String {
-    tempest_control::package::sha256_hex(format!("tempest-ui-session\0{token}").as_bytes())
-}
-
-/// Whether a login cookie's value is the one for `token`.
-pub fn session_matches(cookie: &str, token: &str) -> bool {
-    constant_time_eq(cookie.as_bytes(), session_value(token).as_bytes())
-}
-
 fn login_view(
     req: &HttpRequest,
     data: &AppState,
@@ -1110,7 +1139,7 @@ fn login_view(
         chrome: Chrome::new(req, data, "Log in", "")
             .at(next.clone())
             .error(error),
-        token_required: data.token.is_some(),
+        token_required: data.auth.credentials.any(),
         next,
     }
 }
@@ -1125,31 +1154,74 @@ async fn login_page(data: Data, req: HttpRequest) -> HttpResponse {
     )
 }
 
+/// The session cookie: `HttpOnly`, `SameSite=Strict`, `Secure` under TLS,
+/// for as long as the session lasts.
+fn session_cookie(id: String, secure: bool) -> Cookie<'static> {
+    let mut c = cookie(SESSION_COOKIE, id);
+    c.set_secure(secure);
+    c.set_max_age(CookieAge::seconds(SESSION_TTL.as_secs() as i64));
+    c
+}
+
 async fn login(data: Data, req: HttpRequest, body: web::Payload) -> HttpResponse {
     let pairs = read_form(body).await.unwrap_or_default();
     let field = |k: &str| pairs.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
     let next = safe_next(field("next"));
-    let Some(token) = data.token.as_deref() else {
+    if !data.auth.credentials.any() {
         return see_other(&next, "this director needs no token");
-    };
-    let given = field("token").unwrap_or_default();
-    if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
-        let page = login_view(
-            &req,
-            &data,
-            next,
-            Some("that is not the cluster token".into()),
-        );
-        return respond(StatusCode::UNAUTHORIZED, &page);
     }
-    let mut res = see_other(&next, "logged in");
-    if let Err(e) = res.add_cookie(&cookie(TOKEN_COOKIE, session_value(token))) {
+    let ip = req.peer_addr().map(|a| a.ip());
+    if let Some(Err(wait)) = ip.map(|ip| data.auth.failures.check(ip)) {
+        let refusal = Refusal::too_many(wait);
+        let page = login_view(&req, &data, next, Some(refusal.error.to_string()));
+        let mut res = respond(refusal.status(), &page);
+        refusal.headers(&mut res);
+        return res;
+    }
+    let given = field("token").unwrap_or_default().trim();
+    let role = match data.auth.credentials.role_of(given) {
+        Some(role @ (Role::Admin | Role::Viewer)) => role,
+        Some(Role::Agent) => {
+            let page = login_view(
+                &req,
+                &data,
+                next,
+                Some("the agent token cannot log in: use the admin or the viewer token".into()),
+            );
+            return respond(StatusCode::FORBIDDEN, &page);
+        }
+        None => {
+            if let Some(ip) = ip {
+                data.auth.failures.fail(ip);
+            }
+            let page = login_view(
+                &req,
+                &data,
+                next,
+                Some("that is neither the admin token nor the viewer token".into()),
+            );
+            return respond(StatusCode::UNAUTHORIZED, &page);
+        }
+    };
+    // A session already open in this browser ends: one at a time.
+    if let Some(old) = req.cookie(SESSION_COOKIE) {
+        data.auth.sessions.revoke(old.value());
+    }
+    let id = match data.auth.sessions.create(role) {
+        Ok(id) => id,
+        Err(e) => return error_page(&req, &data, &Error::internal(e), "/"),
+    };
+    let mut res = see_other(&next, &format!("logged in ({})", role.name()));
+    if let Err(e) = res.add_cookie(&session_cookie(id, data.auth.tls)) {
         return error_page(&req, &data, &Error::internal(e), "/");
     }
     res
 }
 
-async fn logout(req: HttpRequest) -> HttpResponse {
+async fn logout(data: Data, req: HttpRequest) -> HttpResponse {
+    if let Some(c) = req.cookie(SESSION_COOKIE) {
+        data.auth.sessions.revoke(c.value());
+    }
     let next = req
         .headers()
         .get(header::REFERER)
@@ -1157,8 +1229,8 @@ async fn logout(req: HttpRequest) -> HttpResponse {
         .and_then(|r| r.find("://").map(|i| &r[i + 3..]))
         .and_then(|r| r.find('/').map(|i| r[i..].to_owned()));
     let mut res = see_other(&safe_next(next.as_deref()), "logged out");
-    if let Err(e) = res.add_cookie(&expired(TOKEN_COOKIE)) {
-        tracing::error!("clearing the login cookie: {e}");
+    if let Err(e) = res.add_cookie(&expired(SESSION_COOKIE)) {
+        tracing::error!("clearing the session cookie: {e}");
     }
     res
 }
