@@ -9,13 +9,18 @@
 //! | `GET /api/v1/processes/{id}/logs?stream=stdout\|stderr&lines=N` | the tail of its log |
 //! | `GET /api/v1/metrics` (and `/metrics`) | Prometheus text: the node's figures and its processes' metrics, summed |
 //! | `GET /api/v1/assignment` | the assignment being converged to |
-//! | `POST /api/v1/assignment` | converge to this assignment (token) |
-//! | `PUT /api/v1/packages/{hash}` | install a package archive (token) |
+//! | `POST /api/v1/assignment` | converge to this assignment (`application/json`) |
+//! | `PUT /api/v1/packages/{hash}` | install a package archive (`application/octet-stream` or `application/gzip`) |
 //!
 //! Process ids contain `/`: write them as they are or percent-encoded.
-//! Errors are `{"error": "..."}` with a 4xx or 5xx status. Every call that
-//! changes something needs `Authorization: Bearer <token>` when the agent
-//! has a token; the handlers check it before reading the body.
+//! Errors are `{"error": "..."}` with a 4xx or 5xx status. When the agent
+//! has a token (the agent token), every call but the health check needs
+//! `Authorization: Bearer <token>` (401 otherwise). A body of any other
+//! type than the call's is refused (415), whatever the credentials: the
+//! types a web page may send to another site without asking (`text/plain`,
+//! forms) never change anything. [`gate`] checks both before a handler
+//! runs. The assignment read back shows whether each spec has a data-plane
+//! secret, never the secret.
 
 use std::sync::Arc;
 
@@ -91,8 +96,57 @@ async fn method_not_allowed(req: HttpRequest) -> HttpResponse {
     )
 }
 
-/// Checks the bearer token of a mutating call.
-fn authorize(agent: &Agent, req: &HttpRequest) -> Result<(), HttpResponse> {
+/// What every request passes before its handler: the body's type for a
+/// call that sends one (415), then the token (401).
+pub fn gate(agent: &Agent, req: &actix_web::dev::ServiceRequest) -> Result<(), HttpResponse> {
+    let method = req.method();
+    if matches!(
+        *method,
+        actix_web::http::Method::POST
+            | actix_web::http::Method::PUT
+            | actix_web::http::Method::PATCH
+    ) {
+        let given = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| {
+                v.split(';')
+                    .next()
+                    .unwrap_or_default()
+                    .trim()
+                    .to_ascii_lowercase()
+            });
+        let wanted: &[&str] = if req.path().starts_with("/api/v1/packages/") {
+            &[
+                "application/octet-stream",
+                "application/gzip",
+                "application/x-gzip",
+            ]
+        } else {
+            &["application/json"]
+        };
+        if !given.as_deref().is_some_and(|g| wanted.contains(&g)) {
+            return Err(error(
+                actix_web::http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!(
+                    "{} {} takes a body of type {}, not {}",
+                    method,
+                    req.path(),
+                    wanted.join(" or "),
+                    given.as_deref().unwrap_or("none")
+                ),
+            ));
+        }
+    }
+    if req.path() == "/api/v1/health" {
+        return Ok(());
+    }
+    authorize(agent, req.headers())
+}
+
+/// Checks the bearer token of a call.
+fn authorize(agent: &Agent, headers: &header::HeaderMap) -> Result<(), HttpResponse> {
     let Some(token) = &agent.config.token else {
         return Ok(());
     };
@@ -101,9 +155,9 @@ fn authorize(agent: &Agent, req: &HttpRequest) -> Result<(), HttpResponse> {
             .insert_header((header::WWW_AUTHENTICATE, "Bearer realm=\"tempest\""))
             .json(ApiError::new(message))
     };
-    let Some(value) = req.headers().get(header::AUTHORIZATION) else {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
         return Err(unauthorized(
-            "this call needs the cluster token: send `Authorization: Bearer <token>`",
+            "this call needs the agent token: send `Authorization: Bearer <token>`",
         ));
     };
     let given = value
@@ -112,19 +166,12 @@ fn authorize(agent: &Agent, req: &HttpRequest) -> Result<(), HttpResponse> {
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     match given {
-        Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => Ok(()),
-        Some(_) => Err(unauthorized("wrong cluster token")),
+        Some(g) if token.matches(g) => Ok(()),
+        Some(_) => Err(unauthorized("wrong agent token")),
         None => Err(unauthorized(
             "the Authorization header must be `Bearer <token>`",
         )),
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn read_body(payload: web::Payload, limit: usize) -> Result<web::Bytes, HttpResponse> {
@@ -281,13 +328,17 @@ async fn metrics(agent: web::Data<Agent>) -> HttpResponse {
 }
 
 async fn assignment(agent: web::Data<Agent>) -> HttpResponse {
-    HttpResponse::Ok().json(agent.assigner.desired().unwrap_or_default())
+    let mut a = agent.assigner.desired().unwrap_or_default();
+    // Whether a spec has a secret, not the secret.
+    for spec in &mut a.processes {
+        if spec.data_secret.is_some() {
+            spec.data_secret = tempest_control::Secret::new("***", "mask").ok();
+        }
+    }
+    HttpResponse::Ok().json(a)
 }
 
-async fn apply(agent: web::Data<Agent>, req: HttpRequest, body: web::Payload) -> HttpResponse {
-    if let Err(e) = authorize(&agent, &req) {
-        return e;
-    }
+async fn apply(agent: web::Data<Agent>, body: web::Payload) -> HttpResponse {
     let body = match read_body(body, MAX_ASSIGNMENT_BYTES).await {
         Ok(b) => b,
         Err(e) => return e,
@@ -323,9 +374,6 @@ async fn apply(agent: web::Data<Agent>, req: HttpRequest, body: web::Payload) ->
 }
 
 async fn upload(agent: web::Data<Agent>, req: HttpRequest, body: web::Payload) -> HttpResponse {
-    if let Err(e) = authorize(&agent, &req) {
-        return e;
-    }
     let hash = decode(req.match_info().get("hash").unwrap_or_default());
     if !tempest_control::package::is_content_hash(&hash) {
         return error(

@@ -185,8 +185,6 @@ pub struct LaunchContext {
     /// The host in the addresses other processes are told: a server's (for
     /// its workers) and a worker's peer address (for its upstream workers).
     pub advertise_host: String,
-    /// The cluster token, given to processes as `TEMPEST_TOKEN`.
-    pub token: Option<String>,
     /// Where configs given in specs are written.
     pub configs_dir: PathBuf,
 }
@@ -198,7 +196,9 @@ pub struct LaunchContext {
 /// `advertise_host:listen` (`--peer-advertise`), and runs with its task's
 /// instance count and the spec's generation as that count's layout version
 /// when the spec gives a count. Either way the advertised address is the
-/// launch's `address`.
+/// launch's `address`. The spec's data-plane secret, if any, is the only
+/// secret it gets: as `TEMPEST_DATA_SECRET` in its environment (never on
+/// its command line, which every user can read).
 pub fn build_launch(
     spec: &ProcessSpec,
     package: &Package,
@@ -254,8 +254,11 @@ pub fn build_launch(
         format!("prometheus={metrics_address}"),
     ]);
     let mut env = spec.env.clone();
-    if let Some(t) = &ctx.token {
-        env.insert("TEMPEST_TOKEN".into(), t.clone());
+    if let Some(secret) = &spec.data_secret {
+        env.insert(
+            tempest_control::credentials::DATA_SECRET_ENV.into(),
+            secret.expose().to_owned(),
+        );
     }
     Launch {
         spec: spec.clone(),
@@ -731,7 +734,7 @@ async fn beat_once(
 ) -> Result<Assignment, String> {
     let mut request = agent.client.post(url).json(beat).timeout(timeout);
     if let Some(t) = &agent.config.token {
-        request = request.bearer_auth(t);
+        request = request.bearer_auth(t.expose());
     }
     let response = request
         .send()
@@ -769,6 +772,7 @@ mod tests {
             topology_addr: Some("10.0.0.1:7311".into()),
             config: None,
             env: BTreeMap::new(),
+            data_secret: None,
             generation: 1,
         }
     }
@@ -802,7 +806,6 @@ mod tests {
         LaunchContext {
             server_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             advertise_host: "node1".into(),
-            token: Some("t".into()),
             configs_dir: "/c".into(),
         }
     }
@@ -877,16 +880,20 @@ mod tests {
             listen: range.first + 3,
             metrics: range.first + 2,
         };
-        let s = spec("wc/server", Role::Topology);
+        let mut s = spec("wc/server", Role::Topology);
+        s.data_secret = Some(tempest_control::Secret::new("the-data-secret", "t").unwrap());
         let launch = build_launch(&s, &package, held, None, &ctx);
         assert_eq!(
             launch.address.as_deref(),
             Some(format!("node1:{}", range.first + 3).as_str())
         );
+        // The deployment's secret, in the environment only.
         assert_eq!(
-            launch.env.get("TEMPEST_TOKEN").map(String::as_str),
-            Some("t")
+            launch.env.get("TEMPEST_DATA_SECRET").map(String::as_str),
+            Some("the-data-secret")
         );
+        assert!(!launch.env.contains_key("TEMPEST_TOKEN"));
+        assert!(!launch.args.iter().any(|a| a.contains("the-data-secret")));
         assert_eq!(
             launch.args[..5],
             [

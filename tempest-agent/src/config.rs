@@ -11,6 +11,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use tempest_control::credentials::{AGENT_TOKEN_ENV, LEGACY_TOKEN_ENV};
+use tempest_control::Secret;
 use tempest_core::config::{ConfigError, ConfigErrors};
 use toml::Spanned;
 
@@ -99,9 +101,15 @@ pub struct AgentConfig {
     pub data_dir: PathBuf,
     /// Ports for topology servers and metrics endpoints.
     pub port_range: PortRange,
-    /// The cluster token: mutating API calls and the director need it, and
-    /// processes get it as `TEMPEST_TOKEN` for their worker connections.
-    pub token: Option<String>,
+    /// The agent token: every API call but the health check needs it, the
+    /// agent heartbeats and downloads packages with it. Its processes never
+    /// get it (each gets its deployment's data-plane secret instead).
+    pub token: Option<Secret>,
+    /// Serve the API beyond loopback even without a token (logged as a
+    /// warning).
+    pub insecure: bool,
+    /// Warnings found while reading the settings, logged at start.
+    pub warnings: Vec<String>,
     /// How often to heartbeat.
     pub heartbeat: Duration,
     /// The log level (`RUST_LOG` overrides it).
@@ -119,6 +127,8 @@ impl Default for AgentConfig {
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             port_range: DEFAULT_PORT_RANGE,
             token: None,
+            insecure: false,
+            warnings: Vec::new(),
             heartbeat: DEFAULT_HEARTBEAT,
             log_level: "info".into(),
             supervisor: SupervisorOptions::default(),
@@ -152,9 +162,17 @@ pub struct Cli {
     /// Ports for topology servers and metrics endpoints, FIRST-LAST [default: 7500-7599].
     #[arg(long, value_name = "FIRST-LAST")]
     pub port_range: Option<String>,
-    /// The cluster token.
-    #[arg(long, env = "TEMPEST_TOKEN", hide_env_values = true)]
+    /// A file holding the agent token [env: TEMPEST_AGENT_TOKEN].
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Deprecated: the token itself. A command line is readable by every
+    /// user of the machine: use --token-file or TEMPEST_AGENT_TOKEN.
+    #[arg(long, hide = true)]
     pub token: Option<String>,
+    /// Serve the API beyond loopback even without a token: anyone who
+    /// reaches it can then run code on this node.
+    #[arg(long)]
+    pub insecure: bool,
     /// The heartbeat interval in milliseconds [default: 1000].
     #[arg(long, value_name = "MS")]
     pub heartbeat_ms: Option<u64>,
@@ -201,9 +219,37 @@ impl Cli {
         if let Some(v) = &self.port_range {
             flag("port-range", v.parse().map(|r| config.port_range = r));
         }
-        if let Some(v) = &self.token {
-            flag("token", parse_token(v).map(|t| config.token = Some(t)));
+        // The token: --token-file, the environment, the file's token_file
+        // (already read), then the old --token / TEMPEST_TOKEN / token.
+        let mut warnings = Vec::new();
+        if let Some(path) = &self.token_file {
+            flag(
+                "token-file",
+                read_token_file(path, &mut warnings).map(|t| config.token = Some(t)),
+            );
+        } else {
+            match Secret::from_env(AGENT_TOKEN_ENV) {
+                Ok(Some(t)) => config.token = Some(t),
+                Ok(None) => {
+                    if let Some(v) = &self.token {
+                        flag("token", parse_token(v).map(|t| config.token = Some(t)));
+                        warnings.push(
+                            "--token is deprecated: a command line can be read by every user \
+                             of this machine; use --token-file, token_file or TEMPEST_AGENT_TOKEN"
+                                .into(),
+                        );
+                    } else if config.token.is_none() {
+                        match Secret::from_env(LEGACY_TOKEN_ENV) {
+                            Ok(t) => config.token = t,
+                            Err(e) => flag("token", Err(e.to_string())),
+                        }
+                    }
+                }
+                Err(e) => flag("token", Err(e.to_string())),
+            }
         }
+        config.warnings.extend(warnings);
+        config.insecure |= self.insecure;
         if let Some(ms) = self.heartbeat_ms {
             flag(
                 "heartbeat-ms",
@@ -283,6 +329,7 @@ const AGENT_KEYS: &[&str] = &[
     "director",
     "data_dir",
     "port_range",
+    "token_file",
     "token",
     "heartbeat_interval",
     "stop_grace",
@@ -337,9 +384,17 @@ fn read_agent(
             "port_range" => string()
                 .and_then(|s| s.parse())
                 .map(|v| config.port_range = v),
-            "token" => string()
-                .and_then(parse_token)
-                .map(|v| config.token = Some(v)),
+            "token_file" => string().and_then(|s| {
+                read_token_file(&base.join(s), &mut config.warnings).map(|t| config.token = Some(t))
+            }),
+            // The old single cluster token, as the agent token.
+            "token" => string().and_then(parse_token).and_then(|v| {
+                if table.contains_key("token_file") {
+                    return Err("give either token (the old single token) or token_file".into());
+                }
+                config.token = Some(v);
+                Ok(())
+            }),
             "heartbeat_interval" => duration()
                 .and_then(check_heartbeat)
                 .map(|v| config.heartbeat = v),
@@ -484,14 +539,44 @@ pub fn parse_director(s: &str) -> Result<String, String> {
     Ok(s.trim_end_matches('/').to_owned())
 }
 
-fn parse_token(s: &str) -> Result<String, String> {
+fn parse_token(s: &str) -> Result<Secret, String> {
     if s.is_empty() {
         return Err("the token must not be empty (leave it out to run without one)".into());
     }
     if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err("the token must not contain white space or control characters".into());
     }
-    Ok(s.to_owned())
+    Secret::new(s, "the token").map_err(|e| e.to_string())
+}
+
+/// Reads a token file (its first line); notes in `warnings` when other
+/// users can read it.
+pub fn read_token_file(path: &Path, warnings: &mut Vec<String>) -> Result<Secret, String> {
+    let secret = Secret::from_file(path).map_err(|e| e.to_string())?;
+    if !tempest_control::credentials::is_private(path) {
+        warnings.push(format!(
+            "{}: the token file can be read by other users of this machine; make it readable \
+             by its owner only (chmod 600)",
+            path.display()
+        ));
+    }
+    Ok(secret)
+}
+
+impl AgentConfig {
+    /// Refuses an open bind: an API beyond loopback without a token, unless
+    /// `insecure` is set.
+    pub fn check(&self) -> Result<(), String> {
+        if !self.listen.ip().is_loopback() && self.token.is_none() && !self.insecure {
+            return Err(format!(
+                "refusing to serve the API on {} without a token: anyone who reaches it could \
+                 run code on this node; set token_file (or TEMPEST_AGENT_TOKEN), listen on a \
+                 loopback address, or pass --insecure",
+                self.listen
+            ));
+        }
+        Ok(())
+    }
 }
 
 fn check_heartbeat(d: Duration) -> Result<Duration, String> {
@@ -572,7 +657,7 @@ anything = "the director's business"
                 last: 8009
             }
         );
-        assert_eq!(c.token.as_deref(), Some("s3cret"));
+        assert_eq!(c.token.as_ref().map(Secret::expose), Some("s3cret"));
         assert_eq!(c.heartbeat, Duration::from_millis(250));
         assert_eq!(c.supervisor.stop_grace, Duration::from_secs(3));
         assert_eq!(c.supervisor.restart_min, Duration::from_millis(100));
@@ -645,7 +730,7 @@ anything = "the director's business"
                 last: 9009
             }
         );
-        assert_eq!(c.token.as_deref(), Some("a"));
+        assert_eq!(c.token.as_ref().map(Secret::expose), Some("a"));
         assert_eq!(c.heartbeat, Duration::from_millis(100));
         let bad = Cli {
             director: Some("ftp://x".into()),

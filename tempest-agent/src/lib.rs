@@ -147,6 +147,44 @@ pub fn agent_id(data_dir: &Path) -> std::io::Result<String> {
     Ok(id)
 }
 
+/// Makes `data_dir` (created if missing) and everything in it its owner's
+/// alone: directories 0700, executables 0700, other files 0600, whoever
+/// created them (an older agent, an image that made the directory 0755).
+/// Links are left alone. Other users' files (which the agent cannot
+/// change) are an error.
+pub fn make_private(data_dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(data_dir)?;
+    fn walk(path: &Path, meta: &std::fs::Metadata) -> std::io::Result<()> {
+        let mode = meta.permissions().mode() & 0o7777;
+        let want = if meta.is_dir() || mode & 0o100 != 0 {
+            0o700
+        } else {
+            0o600
+        };
+        if mode & !want != 0 {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & want))?;
+        }
+        if meta.is_dir() {
+            for e in std::fs::read_dir(path)? {
+                let e = e?;
+                let m = std::fs::symlink_metadata(e.path())?;
+                if m.is_dir() || m.is_file() {
+                    walk(&e.path(), &m)?;
+                }
+            }
+        }
+        Ok(())
+    }
+    let meta = std::fs::symlink_metadata(data_dir)?;
+    walk(data_dir, &meta)?;
+    // The directory itself: exactly 0700.
+    std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700))
+}
+
 /// Holds the data directory's lock for as long as it lives.
 pub struct DataDirLock {
     _file: std::fs::File,
@@ -188,19 +226,15 @@ pub fn lock_data_dir(data_dir: &Path) -> anyhow::Result<DataDirLock> {
 /// `tempest-agent <id> listening on http://ADDR` on stdout once the API
 /// listens. Must run inside a multi-threaded tokio runtime.
 pub async fn run(mut config: AgentConfig) -> anyhow::Result<()> {
+    config.check().map_err(|e| anyhow::anyhow!(e))?;
     let signals = tempest_core::shutdown::Signals::install();
-    if !config.data_dir.exists() {
-        std::fs::create_dir_all(&config.data_dir).with_context(|| {
-            format!("creating the data directory {}", config.data_dir.display())
-        })?;
-        // It holds the cluster token (in the process records): ours alone.
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let _ =
-                std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700));
-        }
+    for w in &config.warnings {
+        tracing::warn!("{w}");
     }
+    // It holds the deployments' data-plane secrets and env (in the process
+    // records and the kept assignment): ours alone, whoever created it.
+    make_private(&config.data_dir)
+        .with_context(|| format!("securing the data directory {}", config.data_dir.display()))?;
     config.data_dir = config
         .data_dir
         .canonicalize()
@@ -256,7 +290,6 @@ pub async fn run(mut config: AgentConfig) -> anyhow::Result<()> {
     let ctx = LaunchContext {
         server_ip: config.listen.ip(),
         advertise_host: host,
-        token: config.token.clone(),
         configs_dir: data_dir.join("configs"),
     };
     let (assigner, reconciler) = Reconciler::new(
@@ -286,8 +319,22 @@ pub async fn run(mut config: AgentConfig) -> anyhow::Result<()> {
 
     let data = actix_web::web::Data::from(agent.clone());
     let server = actix_web::HttpServer::new(move || {
+        let gatekeeper = data.clone();
         actix_web::App::new()
             .app_data(data.clone())
+            .wrap_fn(move |req, srv| {
+                use actix_web::dev::Service;
+                use futures_util::future::{ready, Either, FutureExt};
+                match api::gate(&gatekeeper, &req) {
+                    Err(refusal) => {
+                        Either::Left(ready(Ok(req.into_response(refusal).map_into_right_body())))
+                    }
+                    Ok(()) => Either::Right(
+                        srv.call(req)
+                            .map(|r| r.map(actix_web::dev::ServiceResponse::map_into_left_body)),
+                    ),
+                }
+            })
             .configure(api::configure)
     })
     .workers(2)
@@ -306,9 +353,9 @@ pub async fn run(mut config: AgentConfig) -> anyhow::Result<()> {
     );
     if !config.listen.ip().is_loopback() && config.token.is_none() {
         tracing::warn!(
-            "no token: topology servers and workers refuse to listen on {} (beyond loopback) \
-             without one, so they will fail to start; set token or TEMPEST_TOKEN",
-            config.listen.ip()
+            "--insecure: serving the API on {} without a token: anyone who reaches it can run \
+             code on this node",
+            config.listen
         );
     }
     println!("tempest-agent {id} listening on http://{local}");

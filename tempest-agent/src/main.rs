@@ -7,6 +7,9 @@ use clap::Parser;
 use tempest_agent::config::Cli;
 
 fn main() -> ExitCode {
+    // What the agent writes (its records, logs, configs, packages) is its
+    // own; its processes get the umask it was started with back.
+    tempest_agent::supervisor::private_umask();
     let cli = Cli::parse();
     let config = match cli.resolve() {
         Ok(c) => c,
@@ -17,6 +20,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Err(e) = config.check() {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     init_logging(&config.log_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -2,18 +2,20 @@
 //! processes' Prometheus expositions.
 //!
 //! Every process is launched with a Prometheus endpoint on a port of the
-//! range; a scrape of the agent scrapes them all at once and merges them:
-//! samples with the same name and labels are summed across processes, each
+//! range; a scrape of the agent scrapes them all at once and merges them
+//! (each read with [`tempest_control::exposition`], the workspace's one
+//! parser): samples with the same name and labels are summed across processes, each
 //! family's `# HELP` and `# TYPE` are kept once, in the order first seen. A
 //! process that does not answer (or answers something that is not an
 //! exposition) is left out and counted in `tempest_agent_scrape_errors_total`.
 //! Nothing here keeps samples between scrapes.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt::Write;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use tempest_control::exposition::{self, escape_label, Number as Num, Sample};
 use tempest_control::{NodeInfo, ProcessState, ProcessStatus};
 
 use crate::Stats;
@@ -24,60 +26,6 @@ pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 pub const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
 /// The largest exposition read from one process.
 const MAX_EXPOSITION: usize = 16 << 20;
-
-/// A number as written: integers are summed exactly.
-#[derive(Copy, Clone, Debug, PartialEq)]
-enum Num {
-    Int(i128),
-    Float(f64),
-}
-
-impl Num {
-    fn parse(s: &str) -> Option<Num> {
-        if let Ok(i) = s.parse::<i128>() {
-            return Some(Num::Int(i));
-        }
-        match s {
-            "+Inf" | "Inf" => Some(Num::Float(f64::INFINITY)),
-            "-Inf" => Some(Num::Float(f64::NEG_INFINITY)),
-            "NaN" => Some(Num::Float(f64::NAN)),
-            _ => s.parse::<f64>().ok().map(Num::Float),
-        }
-    }
-
-    fn add(self, other: Num) -> Num {
-        match (self, other) {
-            (Num::Int(a), Num::Int(b)) => match a.checked_add(b) {
-                Some(s) => Num::Int(s),
-                None => Num::Float(a as f64 + b as f64),
-            },
-            (a, b) => Num::Float(a.float() + b.float()),
-        }
-    }
-
-    fn float(self) -> f64 {
-        match self {
-            Num::Int(i) => i as f64,
-            Num::Float(f) => f,
-        }
-    }
-
-    fn render(self) -> String {
-        match self {
-            Num::Int(i) => i.to_string(),
-            Num::Float(f) if f.is_nan() => "NaN".into(),
-            Num::Float(f) if f.is_infinite() => if f > 0.0 { "+Inf" } else { "-Inf" }.into(),
-            Num::Float(f) => format!("{f}"),
-        }
-    }
-}
-
-#[derive(Debug)]
-struct Sample {
-    name: String,
-    labels: Vec<(String, String)>,
-    value: Num,
-}
 
 #[derive(Debug, Default)]
 struct Family {
@@ -96,20 +44,6 @@ pub struct Merged {
     by_name: HashMap<String, usize>,
 }
 
-/// A parsed exposition, before merging (so that a malformed one is left out
-/// whole, not half merged).
-struct Parsed {
-    families: Vec<RawFamily>,
-}
-
-/// One family of a parsed exposition.
-struct RawFamily {
-    name: String,
-    help: Option<String>,
-    kind: Option<String>,
-    samples: Vec<Sample>,
-}
-
 impl Merged {
     /// An empty aggregate.
     pub fn new() -> Self {
@@ -119,13 +53,13 @@ impl Merged {
     /// Adds one exposition's samples; an exposition that does not parse is
     /// refused whole, with the line at fault.
     pub fn add(&mut self, text: &str) -> Result<(), String> {
-        let parsed = parse(text)?;
-        for RawFamily {
+        let parsed = exposition::parse(text).map_err(|e| e.to_string())?;
+        for exposition::Family {
             name,
             help,
             kind,
             samples,
-        } in parsed.families
+        } in parsed
         {
             let i = match self.by_name.get(&name) {
                 Some(&i) => i,
@@ -152,7 +86,7 @@ impl Merged {
                 match family.index.get(&key) {
                     Some(&j) => {
                         let old = &mut family.samples[j];
-                        old.value = old.value.add(s.value);
+                        old.value = old.value + s.value;
                     }
                     None => {
                         family.index.insert(key, family.samples.len());
@@ -174,7 +108,7 @@ impl Merged {
                     .iter()
                     .all(|(k, v)| s.labels.iter().any(|(a, b)| a == k && b == v))
                 {
-                    total = Some(total.unwrap_or(0.0) + s.value.float());
+                    total = Some(total.unwrap_or(0.0) + s.value.as_f64());
                 }
             }
         }
@@ -207,160 +141,6 @@ impl Merged {
             }
         }
         out
-    }
-}
-
-fn escape_label(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-fn is_name(s: &str) -> bool {
-    let mut chars = s.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_' || c == ':')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
-}
-
-/// The family a sample named `sample` belongs to, given the declared ones.
-fn family_of<'a>(sample: &'a str, declared: &HashSet<String>) -> &'a str {
-    if declared.contains(sample) {
-        return sample;
-    }
-    for suffix in ["_bucket", "_sum", "_count", "_total", "_created", "_info"] {
-        if let Some(stem) = sample.strip_suffix(suffix) {
-            if declared.contains(stem) {
-                return stem;
-            }
-        }
-    }
-    sample
-}
-
-fn parse(text: &str) -> Result<Parsed, String> {
-    let mut families: Vec<RawFamily> = Vec::new();
-    let mut index: HashMap<String, usize> = HashMap::new();
-    // Families declared by a TYPE or HELP line.
-    let mut declared: HashSet<String> = HashSet::new();
-    let mut family = |name: &str, families: &mut Vec<_>| -> usize {
-        *index.entry(name.to_owned()).or_insert_with(|| {
-            families.push(RawFamily {
-                name: name.to_owned(),
-                help: None,
-                kind: None,
-                samples: Vec::new(),
-            });
-            families.len() - 1
-        })
-    };
-    for (n, line) in text.lines().enumerate() {
-        let bad = |why: &str| format!("line {}: {why}: {}", n + 1, line.trim());
-        let line = line.trim();
-        if line.is_empty() {
-            continue;
-        }
-        if let Some(rest) = line.strip_prefix('#') {
-            let rest = rest.trim_start();
-            let (word, rest) = rest.split_once(' ').unwrap_or((rest, ""));
-            let (name, value) = rest
-                .trim_start()
-                .split_once(' ')
-                .unwrap_or((rest.trim(), ""));
-            match word {
-                "HELP" | "TYPE" if is_name(name) => {
-                    let i = family(name, &mut families);
-                    let slot = if word == "HELP" {
-                        &mut families[i].help
-                    } else {
-                        &mut families[i].kind
-                    };
-                    if slot.is_none() {
-                        *slot = Some(value.trim().to_owned());
-                    }
-                    declared.insert(name.to_owned());
-                }
-                "HELP" | "TYPE" => return Err(bad("bad metric name")),
-                _ => {} // a comment
-            }
-            continue;
-        }
-        let (name, labels, rest) = match line.find(['{', ' ', '\t']) {
-            Some(i) if line.as_bytes()[i] == b'{' => {
-                let (labels, used) = parse_labels(&line[i + 1..]).map_err(|e| bad(&e))?;
-                (&line[..i], labels, &line[i + 1 + used..])
-            }
-            Some(i) => (&line[..i], Vec::new(), &line[i..]),
-            None => return Err(bad("a sample without a value")),
-        };
-        if !is_name(name) {
-            return Err(bad("bad metric name"));
-        }
-        let value = rest
-            .split_whitespace()
-            .next()
-            .and_then(Num::parse)
-            .ok_or_else(|| bad("bad value"))?;
-        let i = family(family_of(name, &declared), &mut families);
-        families[i].samples.push(Sample {
-            name: name.to_owned(),
-            labels,
-            value,
-        });
-    }
-    Ok(Parsed { families })
-}
-
-/// Parses `k="v",...}`; returns the pairs and the bytes used (the `}` included).
-fn parse_labels(s: &str) -> Result<(Vec<(String, String)>, usize), String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    loop {
-        while i < bytes.len() && (bytes[i] == b' ' || bytes[i] == b',') {
-            i += 1;
-        }
-        if i >= bytes.len() {
-            return Err("unterminated labels".into());
-        }
-        if bytes[i] == b'}' {
-            return Ok((out, i + 1));
-        }
-        let start = i;
-        while i < bytes.len() && bytes[i] != b'=' {
-            i += 1;
-        }
-        let key = s[start..i].trim();
-        if !is_name(key) {
-            return Err(format!("bad label name `{key}`"));
-        }
-        i += 1;
-        if bytes.get(i) != Some(&b'"') {
-            return Err(format!("label `{key}` has no quoted value"));
-        }
-        i += 1;
-        let mut value = String::new();
-        loop {
-            match s[i..].chars().next() {
-                None => return Err("unterminated label value".into()),
-                Some('"') => {
-                    i += 1;
-                    break;
-                }
-                Some('\\') => {
-                    let next = s[i + 1..].chars().next().ok_or("unterminated escape")?;
-                    value.push(match next {
-                        'n' => '\n',
-                        c => c,
-                    });
-                    i += 1 + next.len_utf8();
-                }
-                Some(c) => {
-                    value.push(c);
-                    i += c.len_utf8();
-                }
-            }
-        }
-        out.push((key.to_owned(), value));
     }
 }
 

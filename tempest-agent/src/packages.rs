@@ -73,8 +73,8 @@ pub struct Origin {
     pub director: String,
     /// The HTTP client.
     pub client: reqwest::Client,
-    /// The cluster token.
-    pub token: Option<String>,
+    /// The agent token.
+    pub token: Option<tempest_control::Secret>,
 }
 
 /// The package store.
@@ -208,7 +208,7 @@ impl Packages {
         let fail = |what: String| format!("fetching package {hash} from {url}: {what}");
         let mut request = origin.client.get(&url).timeout(DOWNLOAD_TIMEOUT);
         if let Some(token) = &origin.token {
-            request = request.bearer_auth(token);
+            request = request.bearer_auth(token.expose());
         }
         let mut response = request.send().await.map_err(|e| fail(chain(&e)))?;
         let status = response.status();
@@ -271,6 +271,9 @@ fn install_blocking(dir: &Path, hash: &str, archive: &[u8]) -> Result<Package, S
     let result = (|| {
         let (manifest, binary) = package::unpack(archive, hash, &tmp)
             .map_err(|e| format!("package {hash} refused: {e}"))?;
+        // The unpacked files are the agent's alone, as the rest of its data.
+        crate::make_private(&tmp)
+            .map_err(|e| format!("package {hash}: securing {}: {e}", tmp.display()))?;
         check_executable(&binary)
             .map_err(|e| format!("package {hash} refused: `{}` {e}", manifest.binary))?;
         let target = dir.join(hash);

@@ -22,9 +22,12 @@
 //! * **Process groups.** Each process calls `setsid()` before `exec`, so it
 //!   leads its own session and process group (pgid = pid) and no terminal
 //!   signal of the agent reaches it. Its stdin is `/dev/null`. Its
-//!   environment is the agent's, plus `spec.env`, plus `Launch::env`, plus
+//!   environment is the agent's without any credential
+//!   ([`tempest_control::credentials::CREDENTIAL_ENVS`], and
+//!   `TEMPEST_DATA_SECRET`), plus `spec.env`, plus `Launch::env`, plus
 //!   [`ENV_AGENT_DIR`], [`ENV_PROCESS_ID`] and [`ENV_GENERATION`]. Its
-//!   working directory is the agent's.
+//!   working directory is the agent's; its umask the one the agent started
+//!   with (see [`private_umask`]).
 //! * **Logs.** stdout and stderr are the files
 //!   `<data_dir>/logs/<safe id>/stdout.log` and `stderr.log`, handed to the
 //!   child directly and opened with `O_APPEND`: no pipe runs through the
@@ -125,6 +128,21 @@ pub const RESTART_RESET_AFTER: Duration = Duration::from_secs(10);
 pub const LOG_TAIL_MAX_BYTES: usize = 4 * 1024 * 1024;
 
 const LOCK_FILE: &str = "supervisor.lock";
+
+/// The umask the agent was started with, given back to its processes
+/// (`u32::MAX`: [`private_umask`] was not called, nothing to give back).
+static START_UMASK: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(u32::MAX);
+
+/// Makes every file the agent creates from now on its own alone (umask
+/// 077), and keeps the umask it had for its processes, which get it back
+/// before they run. Call it first thing in `main`, before any thread.
+pub fn private_umask() {
+    // SAFETY: umask has no preconditions.
+    let old = unsafe { libc::umask(0o077) };
+    // mode_t is u32 on Linux and u16 elsewhere.
+    #[allow(clippy::unnecessary_cast)]
+    START_UMASK.store(old as u32, std::sync::atomic::Ordering::Relaxed);
+}
 const TICK: Duration = Duration::from_millis(100);
 const ROTATE_EVERY_TICKS: u64 = 5;
 /// After SIGKILL, how long to wait for the group to vanish before giving
@@ -734,6 +752,14 @@ impl Inner {
         let stdout = open(Stream::Stdout)?;
         let stderr = open(Stream::Stderr)?;
         let mut command = Command::new(&launch.program);
+        // None of the agent's own credentials reach a process (a process
+        // gets its deployment's data-plane secret in `launch.env`).
+        for var in tempest_control::credentials::CREDENTIAL_ENVS
+            .iter()
+            .chain([&tempest_control::credentials::DATA_SECRET_ENV])
+        {
+            command.env_remove(var);
+        }
         command
             .args(&launch.args)
             .envs(&launch.spec.env)
@@ -744,11 +770,16 @@ impl Inner {
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr);
-        // SAFETY: setsid is async-signal-safe and touches no memory.
+        let umask = START_UMASK.load(std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: setsid and umask are async-signal-safe and touch no memory.
         unsafe {
-            command.pre_exec(|| {
+            command.pre_exec(move || {
                 if libc::setsid() < 0 {
                     return Err(io::Error::last_os_error());
+                }
+                if umask != u32::MAX {
+                    #[allow(clippy::unnecessary_cast)]
+                    libc::umask(umask as libc::mode_t);
                 }
                 Ok(())
             });

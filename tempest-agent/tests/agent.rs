@@ -13,6 +13,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -239,6 +240,7 @@ fn spec(id: &str, package: &str, role: Role) -> ProcessSpec {
         topology_addr: (role == Role::Task).then(|| "127.0.0.1:1".into()),
         config: None,
         env: BTreeMap::new(),
+        data_secret: None,
         generation: 1,
     }
 }
@@ -253,8 +255,18 @@ struct Agent {
 }
 
 impl Agent {
+    /// An agent without a token.
     fn start(data_dir: &Path, args: &[&str]) -> Agent {
-        let proc = AgentProcess::start(data_dir, args);
+        Agent::with_token(data_dir, args, None)
+    }
+
+    /// An agent with [`TOKEN`] as its agent token (in its environment).
+    fn secured(data_dir: &Path, args: &[&str]) -> Agent {
+        Agent::with_token(data_dir, args, Some(TOKEN))
+    }
+
+    fn with_token(data_dir: &Path, args: &[&str], token: Option<&str>) -> Agent {
+        let proc = AgentProcess::start_with_token(data_dir, args, token);
         Agent {
             addr: proc.addr.clone(),
             data_dir: proc.data_dir.clone(),
@@ -262,8 +274,9 @@ impl Agent {
         }
     }
 
+    /// `GET path`, with the agent's token if it has one.
     fn get(&self, path: &str) -> Response {
-        request(&self.addr, "GET", path, &[], b"").unwrap()
+        self.proc.get(path)
     }
 
     fn post(&self, path: &str, token: Option<&str>, body: &[u8]) -> Response {
@@ -277,7 +290,7 @@ impl Agent {
 
     fn put(&self, path: &str, token: Option<&str>, body: &[u8]) -> Response {
         let auth = token.map(|t| format!("Bearer {t}"));
-        let mut headers = vec![];
+        let mut headers = vec![("Content-Type", "application/octet-stream")];
         if let Some(a) = &auth {
             headers.push(("Authorization", a.as_str()));
         }
@@ -363,13 +376,11 @@ fn converges_to_assignments_start_stop_change() {
     };
     director.assign(vec![spec("t/server", &hash, Role::Topology), split(1, 1)]);
     let range = port_range(10);
-    let agent = Agent::start(
+    let agent = Agent::secured(
         &tmp.path().join("data"),
         &[
             "--director",
             &director.url(),
-            "--token",
-            TOKEN,
             "--heartbeat-ms",
             "100",
             "--port-range",
@@ -578,13 +589,11 @@ fn refuses_a_bad_package_while_the_others_run() {
         spec("n/server", &text_hash, Role::Topology),
         spec("x/server", "../../etc", Role::Topology),
     ]);
-    let agent = Agent::start(
+    let agent = Agent::secured(
         &tmp.path().join("data"),
         &[
             "--director",
             &director.url(),
-            "--token",
-            TOKEN,
             "--heartbeat-ms",
             "100",
             "--port-range",
@@ -680,16 +689,42 @@ fn an_exhausted_port_range_fails_only_the_process_without_a_port() {
     );
 }
 
+/// The variables of a process's environment.
+fn environ(pid: u32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .unwrap()
+        .split(|b| *b == 0)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .collect()
+}
+
 #[test]
-fn mutating_calls_need_the_token() {
+fn every_call_but_health_needs_the_token_and_typed_bodies() {
     let tmp = tempdir();
     let (archive, hash) = sleeper(tmp.path(), "token");
-    let agent = Agent::start(
-        &tmp.path().join("data"),
-        &["--token", TOKEN, "--port-range", &port_range(4)],
-    );
+    let agent = Agent::secured(&tmp.path().join("data"), &["--port-range", &port_range(4)]);
     let body = serde_json::to_vec(&Assignment::default()).unwrap();
-    for (token, why) in [(None, "needs the cluster token"), (Some("wrong"), "wrong")] {
+    // Every read but the health check.
+    assert_eq!(agent.proc.get_as("/api/v1/health", None).status, 200);
+    for path in [
+        "/api/v1/node",
+        "/api/v1/processes",
+        "/api/v1/processes/k%2Fserver",
+        "/api/v1/processes/k%2Fserver/logs",
+        "/api/v1/metrics",
+        "/metrics",
+        "/api/v1/assignment",
+        "/api/v1/nothing/here",
+    ] {
+        for token in [None, Some("wrong")] {
+            let r = agent.proc.get_as(path, token);
+            assert_eq!(r.status, 401, "{path} {token:?}: {}", r.body);
+            assert!(r.json()["error"].is_string());
+        }
+        assert_ne!(agent.get(path).status, 401, "{path} with the token");
+    }
+    // Every change.
+    for (token, why) in [(None, "needs the agent token"), (Some("wrong"), "wrong")] {
         let r = agent.post("/api/v1/assignment", token, &body);
         assert_eq!(r.status, 401, "{}", r.body);
         assert!(
@@ -702,24 +737,178 @@ fn mutating_calls_need_the_token() {
     }
     // Even a malformed body is refused for the token first.
     assert_eq!(agent.post("/api/v1/assignment", None, b"{").status, 401);
-    // Reading needs no token.
-    assert_eq!(agent.get("/api/v1/health").status, 200);
-    assert_eq!(agent.get("/api/v1/processes").status, 200);
+    // A body of another type is refused, even with the token: the types a
+    // page may send another site without asking (text/plain, forms), and
+    // none at all.
+    let auth = format!("Bearer {TOKEN}");
+    for kind in [
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+        Some("multipart/form-data; boundary=x"),
+        None,
+    ] {
+        let mut headers = vec![("Authorization", auth.as_str())];
+        if let Some(k) = kind {
+            headers.push(("Content-Type", k));
+        }
+        let r = request(&agent.addr, "POST", "/api/v1/assignment", &headers, &body).unwrap();
+        assert_eq!(r.status, 415, "{kind:?}: {}", r.body);
+        let path = format!("/api/v1/packages/{hash}");
+        let r = request(&agent.addr, "PUT", &path, &headers, &archive).unwrap();
+        assert_eq!(r.status, 415, "{kind:?}: {}", r.body);
+    }
     // With it, the calls go through.
     let r = agent.put(&format!("/api/v1/packages/{hash}"), Some(TOKEN), &archive);
     assert_eq!(r.status, 200, "{}", r.body);
     let r = agent.assign(Some(TOKEN), vec![spec("k/server", &hash, Role::Topology)]);
     assert_eq!(r.status, 200, "{}", r.body);
     agent.wait_running(&["k/server"]);
-    // Its processes are given the token for their worker connections.
-    let environ = std::fs::read(format!(
-        "/proc/{}/environ",
-        agent.process("k/server").unwrap().pid.unwrap()
-    ))
+}
+
+#[test]
+fn a_page_of_another_site_cannot_change_an_agent_without_a_token() {
+    let tmp = tempdir();
+    let agent = Agent::start(&tmp.path().join("data"), &["--port-range", &port_range(4)]);
+    let (_, hash) = sleeper(tmp.path(), "cross-site");
+    // What a cross-site form or a no-preflight fetch can send: refused,
+    // and the assignment is as it was.
+    let body = serde_json::to_vec(&Assignment {
+        processes: vec![spec("x/server", &hash, Role::Topology)],
+    })
     .unwrap();
-    assert!(environ
-        .split(|b| *b == 0)
-        .any(|v| v == format!("TEMPEST_TOKEN={TOKEN}").as_bytes()));
+    for kind in ["text/plain", "application/x-www-form-urlencoded"] {
+        let r = request(
+            &agent.addr,
+            "POST",
+            "/api/v1/assignment",
+            &[
+                ("Content-Type", kind),
+                ("Origin", "http://attacker.example"),
+            ],
+            &body,
+        )
+        .unwrap();
+        assert_eq!(r.status, 415, "{kind}: {}", r.body);
+    }
+    assert_eq!(
+        agent.get("/api/v1/assignment").json(),
+        serde_json::json!({"processes": []})
+    );
+}
+
+#[test]
+fn its_processes_hold_no_credential_but_their_data_secret_and_its_files_are_its_own() {
+    let tmp = tempdir();
+    let (archive, hash) = sleeper(tmp.path(), "environ");
+    // A data directory someone else made, open to all.
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(data.join("logs")).unwrap();
+    for d in [&data, &data.join("logs")] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    // Credentials in the agent's own environment, as a careless start
+    // script might leave them: none may reach its processes.
+    let leaked = [
+        ("TEMPEST_ADMIN_TOKEN", "leaked-admin-token"),
+        ("TEMPEST_VIEWER_TOKEN", "leaked-viewer-token"),
+        ("TEMPEST_TOKEN", "leaked-old-token"),
+        ("TEMPEST_DATA_SECRET", "leaked-other-deployment-secret"),
+    ]
+    .map(|(k, v)| (k.to_owned(), v.to_owned()));
+    let proc = AgentProcess::start_with_env(
+        &data,
+        &["--port-range", &port_range(4)],
+        Some(TOKEN),
+        &leaked,
+    );
+    let agent = Agent {
+        addr: proc.addr.clone(),
+        data_dir: proc.data_dir.clone(),
+        proc,
+    };
+    let r = agent.put(&format!("/api/v1/packages/{hash}"), Some(TOKEN), &archive);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let secret = "d".repeat(64);
+    let mut server = spec("k/server", &hash, Role::Topology);
+    server.data_secret = Some(tempest_control::Secret::new(&secret, "test").unwrap());
+    server.env.insert("DB_URL".into(), "postgres://db".into());
+    let mut worker = spec("k/t/0", &hash, Role::Task);
+    worker.data_secret = server.data_secret.clone();
+    let r = agent.assign(Some(TOKEN), vec![server, worker]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let pids = agent.wait_running(&["k/server", "k/t/0"]);
+    for (id, pid) in &pids {
+        let env = environ(*pid);
+        assert!(
+            env.contains(&format!("TEMPEST_DATA_SECRET={secret}")),
+            "{id}: its deployment's secret: {env:?}"
+        );
+        if id == "k/server" {
+            assert!(env.contains(&"DB_URL=postgres://db".to_owned()), "{id}");
+        }
+        for var in [
+            "TEMPEST_TOKEN",
+            "TEMPEST_AGENT_TOKEN",
+            "TEMPEST_ADMIN_TOKEN",
+            "TEMPEST_VIEWER_TOKEN",
+        ] {
+            assert!(
+                !env.iter().any(|v| v.starts_with(&format!("{var}="))),
+                "{id} holds {var}: {env:?}"
+            );
+        }
+        for value in [
+            TOKEN,
+            "leaked-admin-token",
+            "leaked-viewer-token",
+            "leaked-old-token",
+        ] {
+            assert!(
+                !env.iter().any(|v| v.contains(value)),
+                "{id} holds a credential: {env:?}"
+            );
+        }
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        assert!(
+            !String::from_utf8_lossy(&cmdline).contains(&secret),
+            "{id}: no secret on a command line"
+        );
+    }
+    // Read back, a spec shows that it has a secret, not the secret.
+    let r = agent.get("/api/v1/assignment");
+    assert!(!r.body.contains(&secret), "{}", r.body);
+    assert_eq!(r.json()["processes"][0]["data_secret"], "***");
+
+    // Everything under its data directory is its own: directories and
+    // executables 0700 at most, other files 0600 at most.
+    let mut files = 0;
+    let mut stack = vec![agent.data_dir.clone()];
+    while let Some(dir) = stack.pop() {
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode & !0o700, 0, "{} is {mode:o}", dir.display());
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let e = e.unwrap();
+            let meta = std::fs::symlink_metadata(e.path()).unwrap();
+            let mode = meta.permissions().mode() & 0o777;
+            if meta.is_dir() {
+                stack.push(e.path());
+            } else {
+                let limit = if mode & 0o100 != 0 { 0o700 } else { 0o600 };
+                assert_eq!(mode & !limit, 0, "{} is {mode:o}", e.path().display());
+                files += 1;
+            }
+        }
+    }
+    let mode = std::fs::metadata(&agent.data_dir)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o700);
+    assert!(files >= 6, "records, logs, the package: {files} files");
+    for name in ["processes.json", "assignment.json", "agent-id"] {
+        assert!(agent.data_dir.join(name).is_file(), "{name}");
+    }
 }
 
 #[test]
@@ -830,13 +1019,11 @@ fn keeps_its_processes_when_the_director_is_away_or_talks_nonsense() {
         spec("a/server", &hash, Role::Topology),
         spec("a/split/0", &hash, Role::Task),
     ]);
-    let agent = Agent::start(
+    let agent = Agent::secured(
         &tmp.path().join("data"),
         &[
             "--director",
             &director.url(),
-            "--token",
-            TOKEN,
             "--heartbeat-ms",
             "50",
             "--port-range",
@@ -893,14 +1080,12 @@ fn survives_its_own_sigkill_without_orphans_or_duplicates() {
     let args = [
         "--director",
         &director.url(),
-        "--token",
-        TOKEN,
         "--heartbeat-ms",
         "100",
         "--port-range",
         &range,
     ];
-    let first = Agent::start(&data, &args);
+    let first = Agent::secured(&data, &args);
     let pids = first.wait_running(&ids);
     let addresses: Vec<Option<String>> = ids
         .iter()
@@ -913,7 +1098,7 @@ fn survives_its_own_sigkill_without_orphans_or_duplicates() {
     // The processes outlive their agent.
     assert!(pids.values().all(|p| alive(*p)));
 
-    let second = Agent::start(&data, &args);
+    let second = Agent::secured(&data, &args);
     assert_eq!(second.get("/api/v1/health").json()["agent_id"], id);
     let beats = director.heartbeats();
     wait_for("the new agent heartbeating", || {
@@ -992,13 +1177,11 @@ fn serves_the_aggregated_metrics_of_a_running_topology() {
     server.topology = "wordcount".into();
     server.config = Some(config.clone());
     director.assign(vec![server.clone()]);
-    let agent = Agent::start(
+    let agent = Agent::secured(
         &tmp.path().join("data"),
         &[
             "--director",
             &director.url(),
-            "--token",
-            TOKEN,
             "--heartbeat-ms",
             "100",
             "--port-range",
@@ -1085,4 +1268,53 @@ fn serves_the_aggregated_metrics_of_a_running_topology() {
             "no count instance {i} in\n{text}"
         );
     }
+}
+
+#[test]
+fn refuses_an_open_api_beyond_loopback() {
+    let tmp = tempdir();
+    let data = tmp.path().join("data");
+    let mut cmd = std::process::Command::new(cargo_bin("tempest-agent", "tempest-agent"));
+    for var in [
+        "TEMPEST_TOKEN",
+        "TEMPEST_AGENT_TOKEN",
+        "TEMPEST_ADMIN_TOKEN",
+        "TEMPEST_VIEWER_TOKEN",
+    ] {
+        cmd.env_remove(var);
+    }
+    let out = cmd
+        .args(["--listen", "0.0.0.0:0", "--data-dir"])
+        .arg(&data)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("without a token") && err.contains("--insecure"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(!data.exists(), "nothing was made");
+    // With a token it serves; --insecure serves without one, warning.
+    let agent = AgentProcess::start_with_token(
+        &data,
+        &["--listen", "0.0.0.0:0", "--port-range", &port_range(4)],
+        Some(TOKEN),
+    );
+    assert_eq!(agent.get("/api/v1/processes").status, 200);
+    drop(agent);
+    let agent = AgentProcess::start(
+        &tmp.path().join("open"),
+        &[
+            "--listen",
+            "0.0.0.0:0",
+            "--insecure",
+            "--port-range",
+            &port_range(4),
+        ],
+    );
+    let log = std::fs::read_to_string(&agent.daemon.log).unwrap_or_default();
+    assert!(log.contains("WARN") && log.contains("--insecure"), "{log}");
 }

@@ -88,6 +88,7 @@ fn spec(id: &str, generation: u64) -> ProcessSpec {
         topology_addr: None,
         config: None,
         env: BTreeMap::new(),
+        data_secret: None,
         generation,
     }
 }

@@ -180,6 +180,7 @@ mod tests {
                 topology_addr: None,
                 config: Some("name = \"t\"".into()),
                 env: BTreeMap::from([("A".into(), "1".into())]),
+                data_secret: None,
                 generation: 7,
             },
             program,
