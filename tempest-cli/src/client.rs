@@ -2,12 +2,15 @@
 //! token to send, and every failure turned into one line that names the
 //! problem (unreachable, refused token, unknown topology, ...).
 //!
-//! The director and the token are resolved in this order: the `--director`
-//! / `--token` flags, the `TEMPEST_DIRECTOR` / `TEMPEST_TOKEN` environment
-//! variables, `./Cluster.toml` (or the file `--cluster` names), the
+//! The director and the admin token are resolved in this order: the
+//! `--director` / `--token-file` flags, the `TEMPEST_DIRECTOR` /
+//! `TEMPEST_ADMIN_TOKEN` environment variables (and the old
+//! `TEMPEST_TOKEN`), `./Cluster.toml` (or the file `--cluster` names: its
+//! `[director] admin_token_file`, or the old `token`), the
 //! `.tempest/Cluster.toml` a running `tempest dev` writes, and for the
 //! director the default `http://127.0.0.1:7300`. A file's token is only
 //! taken with that same file's URL, so it never reaches another director.
+//! Every call carries the token, reads included.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -17,6 +20,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use reqwest::blocking::{Body, Client as Http, RequestBuilder};
 use reqwest::StatusCode;
 use serde_json::Value;
+use tempest_control::credentials::{ADMIN_TOKEN_ENV, LEGACY_TOKEN_ENV};
+use tempest_control::Secret;
 
 /// The director's default URL.
 pub const DEFAULT_DIRECTOR: &str = "http://127.0.0.1:7300";
@@ -53,7 +58,9 @@ impl std::fmt::Display for Origin {
 pub struct ConnArgs {
     /// `--director`.
     pub director: Option<String>,
-    /// `--token`.
+    /// `--token-file`.
+    pub token_file: Option<PathBuf>,
+    /// `--token` (deprecated: a command line is readable by every user).
     pub token: Option<String>,
     /// `--cluster`.
     pub cluster: Option<PathBuf>,
@@ -66,31 +73,34 @@ pub struct Target {
     pub url: String,
     /// Where the URL came from.
     pub url_origin: Origin,
-    /// The cluster token.
-    pub token: Option<String>,
+    /// The admin token.
+    pub token: Option<Secret>,
     /// Where the token came from.
     pub token_origin: Option<Origin>,
 }
 
-/// The director's URL and the token a `Cluster.toml` gives.
+/// The director's URL and the admin token a `Cluster.toml` gives.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct FromFile {
     /// `[agent] director`, else `[director] listen` made reachable (the
     /// director's default address for a `[director]` without `listen`).
     pub url: Option<String>,
-    /// `[director] token`, else `[agent] token`.
-    pub token: Option<String>,
+    /// The admin token: `[director] admin_token_file`'s (relative to the
+    /// file's directory), else the old `[director] token`. (The agent's
+    /// token is not an admin's.)
+    pub token: Option<Secret>,
 }
 
 /// Reads what the CLI needs from a `Cluster.toml`. The daemons validate
-/// the whole file; this only needs its syntax and two keys.
+/// the whole file; this only needs its syntax and a few keys.
 pub fn read_cluster_toml(path: &Path) -> Result<FromFile> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("{}: cannot read the file", path.display()))?;
-    parse_cluster_toml(&text).map_err(|e| anyhow!("{}: {e}", path.display()))
+    let base = path.parent().unwrap_or(Path::new("."));
+    parse_cluster_toml(&text, base).map_err(|e| anyhow!("{}: {e}", path.display()))
 }
 
-fn parse_cluster_toml(text: &str) -> std::result::Result<FromFile, String> {
+fn parse_cluster_toml(text: &str, base: &Path) -> std::result::Result<FromFile, String> {
     let table: toml::Table = text
         .parse()
         .map_err(|e: toml::de::Error| e.message().trim().to_owned())?;
@@ -111,7 +121,15 @@ fn parse_cluster_toml(text: &str) -> std::result::Result<FromFile, String> {
             None => director.map(|_| DEFAULT_DIRECTOR.to_owned()),
         },
     };
-    let token = string(director, "token").or_else(|| string(agent, "token"));
+    let token = match string(director, "admin_token_file") {
+        Some(file) => Some(
+            Secret::from_file(&base.join(file))
+                .map_err(|e| format!("key `director.admin_token_file`: {e}"))?,
+        ),
+        None => string(director, "token")
+            .map(|t| Secret::new(&t, "key `director.token`").map_err(|e| e.to_string()))
+            .transpose()?,
+    };
     Ok(FromFile { url, token })
 }
 
@@ -175,6 +193,19 @@ pub fn normalise_url(url: &str) -> Result<String> {
 }
 
 impl Target {
+    /// The token the command line gives: `--token-file`'s, else `--token`.
+    pub fn flag_token(args: &ConnArgs) -> Result<Option<Secret>> {
+        Ok(match (&args.token_file, &args.token) {
+            (Some(file), _) => {
+                Some(Secret::from_file(file).map_err(|e| anyhow!("--token-file: {e}"))?)
+            }
+            (None, Some(t)) if !t.is_empty() => {
+                Some(Secret::new(t, "--token").map_err(|e| anyhow!("{e}"))?)
+            }
+            _ => None,
+        })
+    }
+
     /// Resolves the director and token from the flags, the environment and
     /// the Cluster.toml files.
     pub fn resolve(args: &ConnArgs) -> Result<Target> {
@@ -183,12 +214,14 @@ impl Target {
             .clone()
             .map(|u| (u, Origin::Flag))
             .or_else(|| env("TEMPEST_DIRECTOR").map(|u| (u, Origin::Env("TEMPEST_DIRECTOR"))));
-        let mut token = args
-            .token
-            .clone()
-            .filter(|t| !t.is_empty())
-            .map(|t| (t, Origin::Flag))
-            .or_else(|| env("TEMPEST_TOKEN").map(|t| (t, Origin::Env("TEMPEST_TOKEN"))));
+        let mut token = Target::flag_token(args)?.map(|t| (t, Origin::Flag));
+        for var in [ADMIN_TOKEN_ENV, LEGACY_TOKEN_ENV] {
+            if token.is_none() {
+                token = Secret::from_env(var)
+                    .map_err(|e| anyhow!("{e}"))?
+                    .map(|t| (t, Origin::Env(var)));
+            }
+        }
         // A file's token goes only with that same file's URL: a token
         // belongs to its cluster, and must not reach a director named
         // elsewhere. No file is read once a flag or the environment named
@@ -254,14 +287,14 @@ impl Client {
 
     fn auth(&self, req: RequestBuilder) -> RequestBuilder {
         match &self.target.token {
-            Some(t) => req.bearer_auth(t),
+            Some(t) => req.bearer_auth(t.expose()),
             None => req,
         }
     }
 
     /// `GET path`, as JSON.
     pub fn get(&self, path: &str) -> Result<Value> {
-        self.call(self.http.get(self.url(path)).timeout(CALL_TIMEOUT))
+        self.call(self.auth(self.http.get(self.url(path)).timeout(CALL_TIMEOUT)))
     }
 
     /// `POST path` with a JSON body (or none), as JSON.
@@ -360,8 +393,8 @@ impl std::fmt::Display for ApiError {
             StatusCode::UNAUTHORIZED => match &t.token_origin {
                 None => write!(
                     f,
-                    "the director at {} needs the cluster token: pass --token, set TEMPEST_TOKEN \
-                     or put `token` in Cluster.toml",
+                    "the director at {} needs the admin token: set TEMPEST_ADMIN_TOKEN, pass \
+                     --token-file FILE, or put `admin_token_file` in Cluster.toml",
                     t.url
                 ),
                 Some(origin) => write!(
@@ -370,6 +403,20 @@ impl std::fmt::Display for ApiError {
                     t.url
                 ),
             },
+            StatusCode::FORBIDDEN if t.token.is_some() => write!(
+                f,
+                "the director at {} refused this with the token given ({}): {}",
+                t.url,
+                t.token_origin
+                    .as_ref()
+                    .map_or_else(String::new, ToString::to_string),
+                self.message
+            ),
+            StatusCode::TOO_MANY_REQUESTS => write!(
+                f,
+                "the director at {} refuses this address for now: {}",
+                t.url, self.message
+            ),
             _ => write!(f, "{} (director {}, {})", self.message, t.url, self.status),
         }
     }
@@ -424,33 +471,39 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_cluster_toml_gives_the_agents_director_url_first_and_the_directors_token() {
-        let f = parse_cluster_toml(
+    fn a_cluster_toml_gives_the_agents_director_url_first_and_the_admin_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path();
+        let parse = |text: &str| parse_cluster_toml(text, base);
+        let token = |f: &FromFile| f.token.as_ref().map(|t| t.expose().to_owned());
+        let f = parse(
             "[agent]\ndirector = \"http://10.0.0.1:7300\"\ntoken = \"a\"\n[director]\nlisten = \"0.0.0.0:7301\"\ntoken = \"d\"\n",
         )
         .unwrap();
         assert_eq!(f.url.as_deref(), Some("http://10.0.0.1:7300"));
-        assert_eq!(f.token.as_deref(), Some("d"));
-        let f = parse_cluster_toml("[director]\nlisten = \"0.0.0.0:7301\"\n").unwrap();
+        assert_eq!(token(&f).as_deref(), Some("d"));
+        let f = parse("[director]\nlisten = \"0.0.0.0:7301\"\n").unwrap();
         assert_eq!(f.url.as_deref(), Some("http://127.0.0.1:7301"));
-        let f = parse_cluster_toml("[director]\nlisten = \"[::]:7301\"\n").unwrap();
+        let f = parse("[director]\nlisten = \"[::]:7301\"\n").unwrap();
         assert_eq!(f.url.as_deref(), Some("http://[::1]:7301"));
-        let f = parse_cluster_toml("[agent]\ntoken = \"a\"\n").unwrap();
-        assert_eq!(
-            f,
-            FromFile {
-                url: None,
-                token: Some("a".into())
-            }
-        );
+        // The agent's token is no admin's.
+        let f = parse("[agent]\ntoken = \"a\"\n").unwrap();
+        assert_eq!(f, FromFile::default());
         // A director without `listen` listens on its default address.
-        let f = parse_cluster_toml("[director]\ntoken = \"d\"\n").unwrap();
+        let f = parse("[director]\ntoken = \"d\"\n").unwrap();
         assert_eq!(f.url.as_deref(), Some(DEFAULT_DIRECTOR));
-        assert_eq!(f.token.as_deref(), Some("d"));
-        assert!(parse_cluster_toml("[director]\nlisten = \"nope\"\n")
+        assert_eq!(token(&f).as_deref(), Some("d"));
+        // The admin token file, relative to the Cluster.toml.
+        std::fs::write(base.join("admin.token"), "from-the-file\n").unwrap();
+        let f = parse("[director]\nadmin_token_file = \"admin.token\"\n").unwrap();
+        assert_eq!(token(&f).as_deref(), Some("from-the-file"));
+        assert!(parse("[director]\nadmin_token_file = \"none.token\"\n")
+            .unwrap_err()
+            .contains("admin_token_file"));
+        assert!(parse("[director]\nlisten = \"nope\"\n")
             .unwrap_err()
             .contains("director.listen"));
-        assert!(parse_cluster_toml("[director\n").is_err());
+        assert!(parse("[director\n").is_err());
     }
 
     #[test]

@@ -1,18 +1,22 @@
 //! Setting up a cluster: `tempest cluster init` writes a commented
-//! `Cluster.toml`, and `tempest director` / `tempest agent` start the
-//! daemons with it.
+//! `Cluster.toml` and the cluster's token files, and `tempest director` /
+//! `tempest agent` start the daemons with it.
 //!
 //! The file is the repository's `Cluster.toml.example` (every key,
-//! commented, kept valid by the daemons' own tests) with a fresh cluster
-//! token and the agent pointed at the director on this machine, so one file
-//! starts both daemons and the CLI finds them with it.
+//! commented, kept valid by the daemons' own tests) pointing at three new
+//! random tokens in files beside it (`admin.token`, `viewer.token`,
+//! `agent.token`, each mode 0600), and the agent pointed at the director on
+//! this machine, so one file starts both daemons and the CLI finds them
+//! with it. The tokens are never in the file itself, nor on a command line.
 
 use std::ffi::OsString;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 use anyhow::{anyhow, bail, Context, Result};
+use tempest_control::credentials::{write_secret_file, ADMIN_TOKEN_ENV};
+use tempest_control::Secret;
 
 use crate::client::ConnArgs;
 
@@ -25,31 +29,33 @@ pub struct InitArgs {
     /// The file to write.
     #[arg(long, short, value_name = "FILE", default_value = "Cluster.toml")]
     pub output: PathBuf,
-    /// Write no cluster token (anyone who reaches the daemons can deploy).
+    /// Write no tokens (anyone who reaches the daemons can deploy; they
+    /// then refuse to listen beyond loopback without --insecure).
     #[arg(long)]
     pub no_token: bool,
 }
 
-/// A random token: 32 hex digits from the kernel's random source.
-pub fn random_token() -> Result<String> {
-    let mut bytes = [0u8; 16];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .context("reading /dev/urandom for a cluster token")?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
-}
+/// The token files `tempest cluster init` writes, beside the Cluster.toml:
+/// (the key that names it, its file name).
+pub const TOKEN_FILES: [(&str, &str); 3] = [
+    ("admin_token_file", "admin.token"),
+    ("viewer_token_file", "viewer.token"),
+    ("agent_token_file", "agent.token"),
+];
 
-/// The Cluster.toml text: the example with `token` set in both sections
-/// (when given) and the agent's `director` set to this machine's.
-pub fn cluster_toml(token: Option<&str>) -> Result<String> {
+/// The Cluster.toml text: the example with the token files named (when
+/// `tokens`) and the agent's `director` set to this machine's.
+pub fn cluster_toml(tokens: bool) -> Result<String> {
     let header = "# Cluster.toml: the settings of a Tempest cluster's daemons.\n";
     let mut text = EXAMPLE.replacen(
         header,
         &format!(
             "{header}#\n# Written by `tempest cluster init`. Start the daemons next to it with\n\
              # `tempest director` and `tempest agent`; the `tempest` commands run here\n\
-             # read the director's address and the token from it. It holds the\n\
-             # cluster token: keep it private (it is written readable by its owner only).\n"
+             # read the director's address and the admin token through it. The tokens\n\
+             # are in the files it names (admin.token, viewer.token, agent.token),\n\
+             # each readable by its owner only: copy agent.token (only) to the agents'\n\
+             # nodes, and keep admin.token to yourself.\n"
         ),
         1,
     );
@@ -65,37 +71,64 @@ pub fn cluster_toml(token: Option<&str>) -> Result<String> {
         "director = \"http://127.0.0.1:7300\"\n",
         1,
     )?;
-    if let Some(t) = token {
+    if tokens {
+        for (key, file) in TOKEN_FILES {
+            replace(
+                &format!("# {key} = \"{file}\"\n"),
+                &format!("{key} = \"{file}\"\n"),
+                1,
+            )?;
+        }
         replace(
-            "# token = \"change-me\"\n",
-            &format!("token = \"{t}\"\n"),
-            2,
+            "# token_file = \"agent.token\"\n",
+            "token_file = \"agent.token\"\n",
+            1,
         )?;
     }
     Ok(text)
 }
 
-/// `tempest cluster init`.
-pub fn init(args: &InitArgs, token: Option<&str>) -> Result<()> {
-    let token = match (args.no_token, token) {
-        (true, Some(_)) => bail!("--no-token and --token contradict each other"),
-        (true, None) => None,
-        (false, Some(t)) => Some(t.to_owned()),
-        (false, None) => Some(random_token()?),
+/// `tempest cluster init`: the token files first (none is overwritten),
+/// then the Cluster.toml naming them. `admin` is the admin token to use
+/// (from --token-file), else a new one is made.
+pub fn init(args: &InitArgs, admin: Option<Secret>) -> Result<()> {
+    if args.no_token && admin.is_some() {
+        bail!("--no-token and --token-file contradict each other");
+    }
+    let out = &args.output;
+    let exists = |p: &Path| {
+        anyhow!(
+            "{} exists: it is not overwritten (remove it, or write another with --output)",
+            p.display()
+        )
     };
-    if let Some(t) = &token {
-        if t.is_empty() || t.contains(['"', '\\', '\n']) {
-            bail!("the token must be non-empty and have no quotes, backslashes or newlines");
+    if out.exists() {
+        return Err(exists(out));
+    }
+    let dir = out
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut written = Vec::new();
+    if !args.no_token {
+        let files: Vec<PathBuf> = TOKEN_FILES.iter().map(|(_, f)| dir.join(f)).collect();
+        if let Some(f) = files.iter().find(|f| f.exists()) {
+            return Err(exists(f));
+        }
+        let mut admin = admin;
+        for file in &files {
+            let secret = match admin.take() {
+                Some(a) => a,
+                None => Secret::generate()?,
+            };
+            write_secret_file(file, &secret)?;
+            written.push(file.clone());
         }
     }
-    let text = cluster_toml(token.as_deref())?;
-    let out = &args.output;
+    let text = cluster_toml(!args.no_token)?;
     let mut file = create_new_private(out).map_err(|e| {
         if e.kind() == std::io::ErrorKind::AlreadyExists {
-            anyhow!(
-                "{} exists: it is not overwritten (remove it, or write another with --output)",
-                out.display()
-            )
+            exists(out)
         } else {
             anyhow!("writing {}: {e}", out.display())
         }
@@ -103,15 +136,20 @@ pub fn init(args: &InitArgs, token: Option<&str>) -> Result<()> {
     file.write_all(text.as_bytes())
         .and_then(|_| file.sync_all())
         .with_context(|| format!("writing {}", out.display()))?;
-    outln!(
-        "wrote {}{}",
-        out.display(),
-        if token.is_some() {
-            " with a new cluster token (keep the file private)"
-        } else {
-            " without a cluster token"
-        }
-    );
+    if written.is_empty() {
+        outln!("wrote {} without tokens", out.display());
+    } else {
+        let names: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
+        outln!(
+            "wrote {} and its tokens {} (each readable by you only)",
+            out.display(),
+            names.join(", ")
+        );
+        outln!(
+            "copy agent.token (only) to the agents' nodes, beside their Cluster.toml; keep \
+             admin.token to yourself"
+        );
+    }
     outln!(
         "start the director with `tempest director` and an agent with `tempest agent` next to it"
     );
@@ -201,10 +239,11 @@ pub fn exec_daemon(daemon: Daemon, conn: &ConnArgs, args: Vec<OsString>) -> Resu
             ),
         }
     }
-    // In the environment rather than on the command line, where any user
-    // of the machine could read it.
-    if let Some(t) = &conn.token {
-        cmd.env("TEMPEST_TOKEN", t);
+    // A token given to the CLI is the admin's: the director gets it in its
+    // environment (never on its command line, where any user of the machine
+    // could read it); an agent never gets it (its own is the agent token).
+    if let (Daemon::Director, Some(t)) = (daemon, crate::client::Target::flag_token(conn)?) {
+        cmd.env(ADMIN_TOKEN_ENV, t.expose());
     }
     cmd.args(&args);
     exec(cmd, &bin)
@@ -232,23 +271,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_written_file_sets_the_token_and_the_agents_director() {
-        let text = cluster_toml(Some("abc123")).unwrap();
-        assert_eq!(text.matches("\ntoken = \"abc123\"\n").count(), 2);
+    fn the_written_file_names_the_token_files_and_the_agents_director() {
+        let text = cluster_toml(true).unwrap();
         assert!(text.contains("\ndirector = \"http://127.0.0.1:7300\"\n"));
         assert!(text.contains("Written by `tempest cluster init`"));
         let t: toml::Table = text.parse().unwrap();
-        assert_eq!(t["agent"]["token"].as_str(), Some("abc123"));
-        assert_eq!(t["director"]["token"].as_str(), Some("abc123"));
-        let without = cluster_toml(None).unwrap();
-        assert!(!without.contains("\ntoken ="));
-    }
-
-    #[test]
-    fn tokens_are_random_hex() {
-        let (a, b) = (random_token().unwrap(), random_token().unwrap());
-        assert_eq!(a.len(), 32);
-        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
-        assert_ne!(a, b);
+        assert_eq!(t["agent"]["token_file"].as_str(), Some("agent.token"));
+        for (key, file) in TOKEN_FILES {
+            assert_eq!(t["director"][key].as_str(), Some(file), "{key}");
+        }
+        assert!(!text.contains("\ntoken ="), "no token in the file itself");
+        let without = cluster_toml(false).unwrap();
+        assert!(!without.contains("\nadmin_token_file ="));
+        assert!(!without.contains("\ntoken_file ="));
     }
 }

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
-use tempest_control::Manifest;
+use tempest_control::{Manifest, Secret};
 
 use crate::client::{Client, Origin, Target};
 use crate::ops;
@@ -97,9 +97,13 @@ impl Daemon {
             .try_clone()
             .with_context(|| format!("opening {}", log.display()))?;
         let mut cmd = Command::new(bin);
+        // The daemons take their tokens from the files the Cluster.toml
+        // names; a token in this environment (another cluster's) would win.
+        for var in tempest_control::credentials::CREDENTIAL_ENVS {
+            cmd.env_remove(var);
+        }
         cmd.arg("--config")
             .arg(cluster_toml)
-            .env_remove("TEMPEST_TOKEN")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(err_log);
@@ -269,7 +273,15 @@ fn write_private(path: &Path, text: &str) -> Result<()> {
         opts.mode(0o600);
     }
     opts.open(path)
-        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .and_then(|mut f| {
+            // Whoever made it before: its owner's alone.
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+            }
+            f.write_all(text.as_bytes())
+        })
         .with_context(|| format!("writing {}", path.display()))
 }
 
@@ -463,17 +475,28 @@ pub fn run(args: &DevArgs) -> Result<ExitCode> {
         );
     }
     let url = format!("http://127.0.0.1:{port}");
-    let token = crate::cluster::random_token()?;
+    // New tokens every run, in files only this user can read (never on a
+    // command line), removed at the end with the Cluster.toml naming them.
+    let token = Secret::generate()?;
+    let agent_token = Secret::generate()?;
+    let admin_file = state.join("admin.token");
+    let agent_file = state.join("agent.token");
+    write_private(&admin_file, &format!("{}\n", token.expose()))?;
+    let _admin_file = RemoveOnDrop(admin_file.clone());
+    write_private(&agent_file, &format!("{}\n", agent_token.expose()))?;
+    let _agent_file = RemoveOnDrop(agent_file);
     let cluster_toml = state.join("Cluster.toml");
     write_private(
         &cluster_toml,
         &format!(
             "# Written by `tempest dev` for its local cluster, removed when it stops.\n\
              # The tempest commands run in the directory above find the cluster here.\n\n\
-             [director]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"director\"\ntoken = \"{token}\"\n\
+             [director]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"director\"\n\
+             admin_token_file = \"admin.token\"\nagent_token_file = \"agent.token\"\n\
              agent_timeout = \"5s\"\nmetrics_interval = \"1s\"\n\n\
              [agent]\nlisten = \"127.0.0.1:0\"\ndirector = \"{url}\"\ndata_dir = \"agent\"\n\
-             port_range = \"{}\"\ntoken = \"{token}\"\nheartbeat_interval = \"500ms\"\nstop_grace = \"5s\"\n",
+             port_range = \"{}\"\ntoken_file = \"agent.token\"\nheartbeat_interval = \"500ms\"\n\
+             stop_grace = \"5s\"\n",
             free_port_range()?
         ),
     )?;
@@ -564,7 +587,10 @@ pub fn run(args: &DevArgs) -> Result<ExitCode> {
             args.rate
         );
         say!("");
-        say!("dashboard: {url}/");
+        say!(
+            "dashboard: {url}/  (log in with the admin token in {})",
+            rel(&admin_file).display()
+        );
         say!("");
         say!(
             "In this directory the tempest commands use this cluster: `tempest status wordcount`, \

@@ -80,11 +80,11 @@ impl std::error::Error for Problems {}
 
 /// Scaffold, package, deploy and operate Tempest topologies.
 ///
-/// The director and the token come from --director / --token, else the
-/// TEMPEST_DIRECTOR / TEMPEST_TOKEN environment variables, else
-/// ./Cluster.toml (or the file --cluster names), else the
-/// .tempest/Cluster.toml of a running `tempest dev`; the director defaults to
-/// http://127.0.0.1:7300.
+/// The director and the admin token come from --director / --token-file,
+/// else the TEMPEST_DIRECTOR / TEMPEST_ADMIN_TOKEN environment variables,
+/// else ./Cluster.toml (or the file --cluster names; its admin_token_file),
+/// else the .tempest/Cluster.toml of a running `tempest dev`; the director
+/// defaults to http://127.0.0.1:7300.
 #[derive(Parser, Debug)]
 #[command(
     name = "tempest",
@@ -104,8 +104,12 @@ struct Global {
     /// The director's URL, http://HOST:PORT [env: TEMPEST_DIRECTOR].
     #[arg(long, global = true, value_name = "URL")]
     director: Option<String>,
-    /// The cluster token [env: TEMPEST_TOKEN].
-    #[arg(long, global = true, value_name = "TOKEN")]
+    /// A file holding the admin token [env: TEMPEST_ADMIN_TOKEN].
+    #[arg(long, global = true, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// Deprecated: the token itself, which every user of the machine can
+    /// read on the command line. Use --token-file or TEMPEST_ADMIN_TOKEN.
+    #[arg(long, global = true, value_name = "TOKEN", hide = true)]
     token: Option<String>,
     /// The Cluster.toml to read the director and token from [default: ./Cluster.toml].
     #[arg(long, global = true, value_name = "FILE")]
@@ -346,8 +350,8 @@ struct LogsArgs {
 
 #[derive(Subcommand, Debug)]
 enum ClusterCommand {
-    /// Write a commented Cluster.toml (refuses to overwrite one) with a new
-    /// random cluster token.
+    /// Write a commented Cluster.toml (refuses to overwrite one) and new
+    /// random admin, viewer and agent token files beside it (mode 0600).
     Init(cluster::InitArgs),
 }
 
@@ -415,6 +419,7 @@ fn broken_pipe(e: &anyhow::Error) -> bool {
 fn conn(g: &Global) -> client::ConnArgs {
     client::ConnArgs {
         director: g.director.clone(),
+        token_file: g.token_file.clone(),
         token: g.token.clone(),
         cluster: g.cluster.clone(),
     }
@@ -493,7 +498,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         )?,
         Command::Agents => ops::agents(&director_client(g)?, json)?,
         Command::Packages => ops::packages(&director_client(g)?, json)?,
-        Command::Cluster(ClusterCommand::Init(a)) => cluster::init(&a, g.token.as_deref())?,
+        Command::Cluster(ClusterCommand::Init(a)) => {
+            let admin = client::Target::flag_token(&conn(g))?;
+            cluster::init(&a, admin)?
+        }
         Command::Director(a) => {
             return cluster::exec_daemon(cluster::Daemon::Director, &conn(g), a.args)
         }

@@ -133,6 +133,7 @@ fn an_unreachable_director_is_one_line_naming_it_and_where_it_came_from() {
 
 #[test]
 fn cluster_init_writes_a_file_both_daemons_accept_and_never_overwrites_it() {
+    use std::os::unix::fs::PermissionsExt;
     let dir = tempdir("tempest-cli-init");
     let r = run(dir.path(), &["cluster", "init"]).ok();
     assert!(r.stdout.contains("wrote Cluster.toml"), "{r:#?}");
@@ -142,52 +143,89 @@ fn cluster_init_writes_a_file_both_daemons_accept_and_never_overwrites_it() {
         .unwrap_or_else(|e| panic!("the director refuses it: {e}\n{text}"));
     let agent = tempest_agent::config::load(&path)
         .unwrap_or_else(|e| panic!("the agent refuses it: {e}\n{text}"));
-    let token = director.token.clone().expect("a token for the director");
-    assert_eq!(token.len(), 32, "{token}");
-    assert_eq!(agent.token.as_deref(), Some(token.as_str()));
+    // Three new tokens, each in its own private file beside it.
+    let mut tokens = Vec::new();
+    for name in ["admin.token", "viewer.token", "agent.token"] {
+        let file = dir.path().join(name);
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{name}: {mode:o}");
+        let t = std::fs::read_to_string(&file).unwrap().trim().to_owned();
+        assert_eq!(t.len(), 64, "{name}: {t}");
+        assert!(t.chars().all(|c| c.is_ascii_hexdigit()), "{t}");
+        assert!(!text.contains(&t), "{name}'s token is not in Cluster.toml");
+        tokens.push(t);
+    }
+    assert!(tokens[0] != tokens[1] && tokens[1] != tokens[2] && tokens[0] != tokens[2]);
+    let exposed = |s: &Option<tempest_control::Secret>| s.as_ref().map(|t| t.expose().to_owned());
+    assert_eq!(exposed(&director.admin_token), Some(tokens[0].clone()));
+    assert_eq!(exposed(&director.viewer_token), Some(tokens[1].clone()));
+    assert_eq!(exposed(&director.agent_token), Some(tokens[2].clone()));
+    assert_eq!(
+        exposed(&agent.token),
+        Some(tokens[2].clone()),
+        "the agent token"
+    );
+    assert!(director.warnings.is_empty(), "{:?}", director.warnings);
     assert_eq!(agent.director.as_deref(), Some("http://127.0.0.1:7300"));
     assert!(
         text.lines().filter(|l| l.starts_with('#')).count() > 50,
         "commented"
     );
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
-        assert_eq!(mode & 0o077, 0, "the token is private: {mode:o}");
-    }
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o077, 0, "private: {mode:o}");
 
     let r = run(dir.path(), &["cluster", "init"]);
     assert!(r.one_line_error().contains("not overwritten"), "{r:#?}");
     assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("admin.token"))
+            .unwrap()
+            .trim(),
+        tokens[0]
+    );
 
     let r = run(
         dir.path(),
         &["cluster", "init", "--output", "other.toml", "--no-token"],
     )
     .ok();
-    assert!(r.stdout.contains("without a cluster token"), "{r:#?}");
+    assert!(r.stdout.contains("without tokens"), "{r:#?}");
     let other = dir.path().join("other.toml");
     let d = tempest_director::config::parse_cluster_toml(
         &std::fs::read_to_string(&other).unwrap(),
         &other,
     )
     .unwrap();
-    assert_eq!(d.token, None);
+    assert!(!d.has_credentials());
+    // An admin token of one's own, from a file.
+    std::fs::create_dir(dir.path().join("third")).unwrap();
+    let given = dir.path().join("given.token");
+    std::fs::write(&given, "given-admin-token\n").unwrap();
     let r = run(
         dir.path(),
         &[
             "cluster",
             "init",
             "-o",
-            "third.toml",
-            "--token",
-            "given-token",
+            "third/Cluster.toml",
+            "--token-file",
+            given.to_str().unwrap(),
         ],
     )
     .ok();
-    assert!(r.stdout.contains("third.toml"), "{r:#?}");
-    let third = tempest_agent::config::load(&dir.path().join("third.toml")).unwrap();
-    assert_eq!(third.token.as_deref(), Some("given-token"));
+    assert!(r.stdout.contains("third/Cluster.toml"), "{r:#?}");
+    let third = dir.path().join("third/Cluster.toml");
+    let d = tempest_director::config::parse_cluster_toml(
+        &std::fs::read_to_string(&third).unwrap(),
+        &third,
+    )
+    .unwrap();
+    assert_eq!(
+        exposed(&d.admin_token).as_deref(),
+        Some("given-admin-token")
+    );
+    let a = tempest_agent::config::load(&third).unwrap();
+    assert_ne!(exposed(&a.token).as_deref(), Some("given-admin-token"));
 }
 
 /// A daemon started through `tempest director|agent`; killed when dropped.
@@ -265,10 +303,17 @@ fn director_and_agent_start_with_the_cluster_toml_of_cluster_init() {
     assert_eq!(director.addr, listen);
     assert!(dir.path().join("tempest-director-data").is_dir());
     let agent = start_through_cli(dir.path(), "agent");
-    // The agent's heartbeats carry the token of the file: the director,
-    // which needs it, lists the agent as up.
+    // The agent's heartbeats carry the agent token of its file: the
+    // director, which needs it, lists the agent as up.
+    let admin = std::fs::read_to_string(dir.path().join("admin.token")).unwrap();
+    let admin = admin.trim();
+    assert_eq!(
+        http::get(&director.addr, "/api/v1/agents").status,
+        401,
+        "reads need a token"
+    );
     wait_for("the agent up at the director", WAIT, || {
-        let v = http::get(&director.addr, "/api/v1/agents").json();
+        let v = http::send(&director.addr, "GET", "/api/v1/agents", Some(admin), b"").json();
         (v.as_array()?
             .iter()
             .any(|a| a["up"] == true && a["address"] == agent.addr.as_str()))
@@ -283,7 +328,8 @@ fn director_and_agent_start_with_the_cluster_toml_of_cluster_init() {
         line.contains("no topology `nope`"),
         "the token was accepted: {line}"
     );
-    let r = run(dir.path(), &["kill", "nope", "--token", "wrong"]);
+    std::fs::write(dir.path().join("wrong.token"), "wrong").unwrap();
+    let r = run(dir.path(), &["kill", "nope", "--token-file", "wrong.token"]);
     let line = r.one_line_error();
     assert!(
         line.contains("refused the token (from the command line)"),
@@ -525,9 +571,17 @@ fn a_cluster_toml_token_never_goes_to_a_director_named_elsewhere() {
     }
 
     // A token given with the director goes to it.
+    std::fs::write(dir.path().join("given.token"), "given\n").unwrap();
     let r = run(
         dir.path(),
-        &["stop", "x", "--director", &addr, "--token", "given"],
+        &[
+            "stop",
+            "x",
+            "--director",
+            &addr,
+            "--token-file",
+            "given.token",
+        ],
     );
     r.one_line_error();
     let last = seen.lock().unwrap().last().cloned().unwrap();

@@ -19,12 +19,15 @@ use std::time::{Duration, Instant};
 use common::{run, tempest, Run};
 use serde_json::{json, Value};
 use tempest_testkit::cluster::{
-    alive, all_running, cargo_bin, marked_processes, port_range, script_package, signal, tempdir,
-    wait_for, wordcount_package, AgentProcess, DirectorProcess, WAIT, WORDCOUNT_TOML,
+    alive, all_running, cargo_bin, marked_processes, script_package, signal, tempdir, wait_for,
+    wordcount_package, AgentProcess, DirectorProcess, Tokens, WAIT, WORDCOUNT_TOML,
 };
 use tempest_testkit::http;
 
-const TOKEN: &str = "cli-test-token";
+/// The test cluster's credentials.
+fn tokens() -> Tokens {
+    Tokens::new("cli-test")
+}
 
 /// A child killed and reaped when dropped, so a failing test leaves no
 /// process behind (`tempest dev`'s daemons get SIGTERM when it dies).
@@ -86,31 +89,20 @@ fn lines_for(rx: &Receiver<String>, d: Duration) -> Vec<String> {
 #[test]
 fn operates_word_count_on_a_real_cluster_through_the_director() {
     let tmp = tempdir("tempest-cli-ops");
-    let director = DirectorProcess::start(
+    let tokens = tokens();
+    let director = DirectorProcess::start_secured(
         &tmp.path().join("director"),
         "127.0.0.1:0",
-        &["--token", TOKEN, "--metrics-interval", "300ms"],
+        &["--metrics-interval", "300ms"],
+        &tokens,
     );
     let url = format!("http://{}", director.addr);
-    let range = port_range(20);
-    let agent = AgentProcess::start(
-        &tmp.path().join("agent"),
-        &[
-            "--director",
-            &url,
-            "--token",
-            TOKEN,
-            "--heartbeat-ms",
-            "100",
-            "--port-range",
-            &range,
-        ],
-    );
+    let agent = AgentProcess::join(&tmp.path().join("agent"), &director.addr, &tokens.agent);
     let cli = |args: &[&str]| -> Run {
         tempest(tmp.path())
             .args(args)
             .env("TEMPEST_DIRECTOR", &url)
-            .env("TEMPEST_TOKEN", TOKEN)
+            .env("TEMPEST_ADMIN_TOKEN", &tokens.admin)
             .output()
             .unwrap()
             .into()
@@ -171,7 +163,20 @@ fn operates_word_count_on_a_real_cluster_through_the_director() {
         .unwrap()
         .into();
     assert!(
-        r.one_line_error().contains("needs the cluster token"),
+        r.one_line_error().contains("needs the admin token"),
+        "{r:#?}"
+    );
+    // The viewer token reads, but deploys nothing.
+    let r: Run = tempest(tmp.path())
+        .args(["deploy", archive_arg])
+        .env("TEMPEST_DIRECTOR", &url)
+        .env("TEMPEST_ADMIN_TOKEN", &tokens.viewer)
+        .output()
+        .unwrap()
+        .into();
+    let line = r.one_line_error();
+    assert!(
+        line.contains("refused this with the token given") && line.contains("admin token"),
         "{r:#?}"
     );
     let r = cli(&["deploy", archive_arg, "--env", "NOEQUALS"]);
@@ -199,7 +204,19 @@ fn operates_word_count_on_a_real_cluster_through_the_director() {
     assert!(r.stdout.contains(&hash[..12]), "{r:#?}");
     assert!(r.stderr.contains("all 5 processes running"), "{r:#?}");
     let detail = director.topology("wordcount");
-    assert_eq!(detail["env"], json!({"WORDCOUNT_NOTE": "a=b"}));
+    // Shown masked; the processes have it whole.
+    assert_eq!(detail["env"], json!({"WORDCOUNT_NOTE": "***"}));
+    let server_pid = detail["placement"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["role"] == json!("topology"))
+        .and_then(|p| p["pid"].as_u64())
+        .expect("the server's pid");
+    let environ = std::fs::read(format!("/proc/{server_pid}/environ")).unwrap();
+    assert!(environ
+        .split(|b| *b == 0)
+        .any(|v| v == b"WORDCOUNT_NOTE=a=b"));
     let effective = detail["effective_config"].as_str().unwrap();
     assert!(
         effective.contains("generator") && effective.contains("max_pending = 256"),
@@ -320,6 +337,8 @@ fn operates_word_count_on_a_real_cluster_through_the_director() {
             .args(count0)
             .arg("--follow")
             .env("TEMPEST_DIRECTOR", &url)
+            // Logs are reads: the viewer token will do.
+            .env("TEMPEST_ADMIN_TOKEN", &tokens.viewer)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -387,6 +406,7 @@ fn operates_word_count_on_a_real_cluster_through_the_director() {
             tempest(tmp.path())
                 .args(&args)
                 .env("TEMPEST_DIRECTOR", &url)
+                .env("TEMPEST_ADMIN_TOKEN", &tokens.viewer)
                 .stdout(Stdio::piped())
                 .stderr(Stdio::null())
                 .spawn()
@@ -493,7 +513,10 @@ fn dev_runs_word_count_on_a_local_cluster_and_stops_everything_on_ctrl_c() {
     let url = loop {
         match out.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             Ok(l) => {
-                let url = l.strip_prefix("dashboard: ").map(str::to_owned);
+                let url = l
+                    .strip_prefix("dashboard: ")
+                    .and_then(|rest| rest.split_whitespace().next())
+                    .map(str::to_owned);
                 lines.push(l);
                 if let Some(u) = url {
                     break u;
@@ -510,8 +533,34 @@ fn dev_runs_word_count_on_a_local_cluster_and_stops_everything_on_ctrl_c() {
         .trim_start_matches("http://")
         .trim_end_matches('/')
         .to_owned();
+    // The dashboard needs the admin token `tempest dev` wrote, private.
+    let admin_file = root.join(".tempest").join("admin.token");
+    assert!(
+        lines.iter().any(|l| l.contains(".tempest/admin.token")),
+        "{lines:#?}"
+    );
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&admin_file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "{mode:o}");
+    }
+    let admin = std::fs::read_to_string(&admin_file)
+        .unwrap()
+        .trim()
+        .to_owned();
+    assert_eq!(
+        http::get(&addr, "/api/v1/topologies/wordcount").status,
+        401,
+        "no reading without it"
+    );
     let acked = |addr: &str| -> Option<u64> {
-        let r = http::get(addr, "/api/v1/topologies/wordcount");
+        let r = http::send(
+            addr,
+            "GET",
+            "/api/v1/topologies/wordcount",
+            Some(&admin),
+            b"",
+        );
         (r.status == 200)
             .then(|| r.json()["acked"].as_u64())
             .flatten()
@@ -521,7 +570,14 @@ fn dev_runs_word_count_on_a_local_cluster_and_stops_everything_on_ctrl_c() {
         Duration::from_secs(120),
         || acked(&addr).filter(|n| *n > 0),
     );
-    let config: Value = http::get(&addr, "/api/v1/topologies/wordcount").json();
+    let config: Value = http::send(
+        &addr,
+        "GET",
+        "/api/v1/topologies/wordcount",
+        Some(&admin),
+        b"",
+    )
+    .json();
     assert!(
         config["effective_config"]
             .as_str()
@@ -565,4 +621,5 @@ fn dev_runs_word_count_on_a_local_cluster_and_stops_everything_on_ctrl_c() {
         "word count processes remain"
     );
     assert!(!Path::new(&root.join(".tempest").join("Cluster.toml")).exists());
+    assert!(!admin_file.exists(), "its tokens go with it");
 }

@@ -18,10 +18,13 @@ use std::process::Command;
 
 use common::{run, tempest};
 use tempest_testkit::cluster::{
-    port_range, profile_dir, tempdir, wait_for, AgentProcess, DirectorProcess, WAIT,
+    profile_dir, tempdir, wait_for, AgentProcess, DirectorProcess, Tokens, WAIT,
 };
 
-const TOKEN: &str = "scaffold-test-token";
+/// The test cluster's credentials.
+fn tokens() -> Tokens {
+    Tokens::new("scaffold-test")
+}
 
 /// The scaffold's own target directory, beside the workspace's profiles.
 fn target_dir() -> PathBuf {
@@ -154,25 +157,15 @@ fn a_new_crate_builds_and_tests_then_grows_and_packages() {
 
     // Deploys from the crate (packaged again on the way) to a real
     // director and agent, reading a file of the test's, and counts it.
-    let director = DirectorProcess::start(
+    let tokens = tokens();
+    let director = DirectorProcess::start_secured(
         &dir.path().join("director"),
         "127.0.0.1:0",
-        &["--token", TOKEN, "--metrics-interval", "300ms"],
+        &["--metrics-interval", "300ms"],
+        &tokens,
     );
     let url = format!("http://{}", director.addr);
-    let _agent = AgentProcess::start(
-        &dir.path().join("agent"),
-        &[
-            "--director",
-            &url,
-            "--token",
-            TOKEN,
-            "--heartbeat-ms",
-            "100",
-            "--port-range",
-            &port_range(20),
-        ],
-    );
+    let _agent = AgentProcess::join(&dir.path().join("agent"), &director.addr, &tokens.agent);
     let input = dir.path().join("input.txt");
     std::fs::write(&input, "one two\nthree four five\nsix\n").unwrap();
     let r: common::Run = scaffold_env(&mut tempest(&krate))
@@ -180,7 +173,7 @@ fn a_new_crate_builds_and_tests_then_grows_and_packages() {
         .arg(format!("source.config.path={}", input.display()))
         .args(["--set", "source.config.follow=true", "--workers", "count=1"])
         .env("TEMPEST_DIRECTOR", &url)
-        .env("TEMPEST_TOKEN", TOKEN)
+        .env("TEMPEST_ADMIN_TOKEN", &tokens.admin)
         .output()
         .unwrap()
         .into();
@@ -195,9 +188,18 @@ fn a_new_crate_builds_and_tests_then_grows_and_packages() {
         detail["workers"],
         serde_json::json!({"count": 1, "enrich": 1, "split": 1})
     );
+    let token_file = dir.path().join("admin.token");
+    std::fs::write(&token_file, &tokens.admin).unwrap();
     run(
         dir.path(),
-        &["kill", "demo", "--director", &url, "--token", TOKEN],
+        &[
+            "kill",
+            "demo",
+            "--director",
+            &url,
+            "--token-file",
+            token_file.to_str().unwrap(),
+        ],
     )
     .ok();
 

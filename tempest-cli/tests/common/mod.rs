@@ -19,6 +19,9 @@ pub fn tempest(dir: &Path) -> Command {
     cmd.current_dir(dir)
         .env_remove("TEMPEST_DIRECTOR")
         .env_remove("TEMPEST_TOKEN")
+        .env_remove("TEMPEST_ADMIN_TOKEN")
+        .env_remove("TEMPEST_VIEWER_TOKEN")
+        .env_remove("TEMPEST_AGENT_TOKEN")
         .env("RUST_BACKTRACE", "1")
         .stdin(Stdio::null());
     cmd
