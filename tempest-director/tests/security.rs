@@ -317,3 +317,75 @@ fn it_refuses_an_open_bind_beyond_loopback() {
     assert!(log.contains("--insecure"), "{log}");
     assert!(log.contains("WARN"), "{log}");
 }
+
+#[test]
+fn a_malformed_scrape_answer_fails_that_scrape_and_the_next_one_happens() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::sync::{Arc, Mutex};
+    let tmp = tempdir("tempest-director-security");
+    let tokens = Tokens::new("scrape");
+    let d = DirectorProcess::start_secured(
+        &tmp.path().join("director"),
+        "127.0.0.1:0",
+        &["--metrics-interval", "200ms"],
+        &tokens,
+    );
+    // A fake agent: every scrape is answered with a chunk size of 2^64-1
+    // (which panicked the director's old hand-written HTTP client, and no
+    // agent was scraped again), then the connection is closed.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let record = seen.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut head = String::new();
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                head.push_str(&line.to_ascii_lowercase());
+            }
+            record.lock().unwrap().push(head);
+            let _ = conn.write_all(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\nabc\r\n",
+            );
+        }
+    });
+    let beat = json!({"agent_id": "fake", "address": addr, "node": {
+        "hostname": "h", "agent_version": "0", "cores": 1, "memory_total": 1,
+        "memory_available": 1, "load": [0.0, 0.0, 0.0], "disk_free": 1}, "processes": []});
+    let scrapes = || {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .filter(|h| h.starts_with("get /api/v1/metrics"))
+            .count()
+    };
+    tempest_testkit::cluster::wait_for(
+        "three scrapes of the fake agent",
+        tempest_testkit::cluster::WAIT,
+        || {
+            // Heartbeats keep it up.
+            let r = d.post(
+                "/api/v1/agents/heartbeat",
+                Some(&tokens.agent),
+                beat.to_string().as_bytes(),
+            );
+            assert_eq!(r.status, 200, "{}", r.body);
+            (scrapes() >= 3).then_some(())
+        },
+    );
+    // Each with the agent token, never the admin's.
+    for head in seen.lock().unwrap().iter() {
+        assert!(
+            head.contains(&format!("authorization: bearer {}", tokens.agent)),
+            "{head}"
+        );
+        assert!(!head.contains(&tokens.admin), "{head}");
+    }
+    assert_eq!(d.get("/api/v1/health").status, 200);
+}
