@@ -15,9 +15,12 @@ FROM debian:bookworm-slim
 # The cargo profile whose binaries are copied: target/${PROFILE}/.
 ARG PROFILE=release
 
+# The data directories hold the deployments' secrets and env: the tempest
+# user's alone (the daemons make them 0700 at start too, whoever made them).
 RUN useradd --system --home-dir /var/lib/tempest --create-home --shell /usr/sbin/nologin tempest \
     && mkdir -p /var/lib/tempest-director /var/lib/tempest-agent /etc/tempest \
-    && chown tempest:tempest /var/lib/tempest-director /var/lib/tempest-agent
+    && chown tempest:tempest /var/lib/tempest-director /var/lib/tempest-agent \
+    && chmod 0700 /var/lib/tempest /var/lib/tempest-director /var/lib/tempest-agent
 
 COPY target/${PROFILE}/tempest-director target/${PROFILE}/tempest-agent target/${PROFILE}/tempest /usr/local/bin/
 
@@ -29,4 +32,7 @@ WORKDIR /var/lib/tempest
 # agents' containers connect to. (EXPOSE only documents them: containers on
 # one network reach each other's ports without publishing.)
 EXPOSE 7300 7400 7500-7599
+# Listening beyond loopback, the director needs its credentials: give them
+# in the environment (TEMPEST_ADMIN_TOKEN, TEMPEST_VIEWER_TOKEN,
+# TEMPEST_AGENT_TOKEN) or as files named in a Cluster.toml, never as flags.
 CMD ["tempest-director", "--listen", "0.0.0.0:7300", "--data-dir", "/var/lib/tempest-director"]

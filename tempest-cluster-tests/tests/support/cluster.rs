@@ -290,7 +290,8 @@ pub struct Cluster {
     pub director: String,
     /// Redis from the host.
     pub redis_url: String,
-    /// The cluster token.
+    /// The director's admin token (the agents hold another, the agent
+    /// token; both reach the containers in their environment).
     pub token: String,
     /// The compose network.
     pub network: String,
@@ -345,7 +346,7 @@ impl Cluster {
             .collect();
         std::fs::write(&no_restart, format!("services:\n{services}"))
             .expect("writing the compose override");
-        let token = format!("cluster-test-{run}");
+        let token = format!("cluster-test-{run}-admin");
         let director_port = free_port();
         let redis_port = free_port();
         let env = vec![
@@ -356,7 +357,15 @@ impl Cluster {
                 director_port.to_string(),
             ),
             ("TEMPEST_REDIS_PORT".to_owned(), redis_port.to_string()),
-            ("TEMPEST_TOKEN".to_owned(), token.clone()),
+            ("TEMPEST_ADMIN_TOKEN".to_owned(), token.clone()),
+            (
+                "TEMPEST_VIEWER_TOKEN".to_owned(),
+                format!("cluster-test-{run}-viewer"),
+            ),
+            (
+                "TEMPEST_AGENT_TOKEN".to_owned(),
+                format!("cluster-test-{run}-agent"),
+            ),
         ];
         // From here on, dropping the cluster removes what was made for it
         // (the image included), whatever fails next.
@@ -575,20 +584,22 @@ done
         all
     }
 
-    /// GET on the director; None when it does not answer.
+    /// GET on the director with the admin token; None when it does not
+    /// answer.
     pub fn get(&self, path: &str) -> Option<Response> {
+        let auth = format!("Bearer {}", self.token);
         request_within(
             &self.director,
             "GET",
             path,
-            &[],
+            &[("Authorization", auth.as_str())],
             b"",
             Duration::from_secs(10),
         )
         .ok()
     }
 
-    /// POST on the director with the token.
+    /// POST on the director with the admin token.
     pub fn post(&self, path: &str, body: &[u8]) -> Response {
         let auth = format!("Bearer {}", self.token);
         let mut headers = vec![("Authorization", auth.as_str())];
