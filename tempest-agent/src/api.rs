@@ -389,7 +389,9 @@ async fn upload(agent: web::Data<Agent>, req: HttpRequest, body: web::Payload) -
     let packages = a.packages.clone();
     let result = a
         .runtime
-        .spawn(async move { packages.install(&hash, body.to_vec()).await })
+        // The body as received: a copy of an archive of up to 2 GiB would
+        // double what the upload costs.
+        .spawn(async move { packages.install(&hash, body).await })
         .await;
     match result {
         Ok(Ok(p)) => HttpResponse::Ok().json(serde_json::json!({

@@ -239,7 +239,11 @@ impl Packages {
 
     /// Verifies `archive` against `hash` and unpacks it into the store
     /// (the API's upload and the downloads both come here).
-    pub async fn install(&self, hash: &str, archive: Vec<u8>) -> Result<Arc<Package>, String> {
+    pub async fn install(
+        &self,
+        hash: &str,
+        archive: impl AsRef<[u8]> + Send + 'static,
+    ) -> Result<Arc<Package>, String> {
         if !is_content_hash(hash) {
             return Err(format!(
                 "`{hash}` is not a package content hash (64 lowercase hex digits)"
@@ -247,9 +251,10 @@ impl Packages {
         }
         let dir = self.dir.clone();
         let owned = hash.to_owned();
-        let p = tokio::task::spawn_blocking(move || install_blocking(&dir, &owned, &archive))
-            .await
-            .map_err(|e| format!("package {hash}: unpacking ended abnormally: {e}"))??;
+        let p =
+            tokio::task::spawn_blocking(move || install_blocking(&dir, &owned, archive.as_ref()))
+                .await
+                .map_err(|e| format!("package {hash}: unpacking ended abnormally: {e}"))??;
         let p = Arc::new(p);
         self.entries
             .lock()

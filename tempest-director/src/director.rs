@@ -537,7 +537,9 @@ impl Director {
 
     /// Verifies and stores a package archive. Returns whether it is new.
     pub fn upload(&self, archive: &[u8]) -> Result<(bool, PackageView), Error> {
-        let pkg = package::read(archive, self.settings.max_upload.saturating_mul(4))
+        // Verified without keeping the binary: a gzip bomb inflates to
+        // nothing in memory (only the manifest and Topology.toml are kept).
+        let pkg = package::verify(archive, self.settings.max_upload.saturating_mul(4))
             .map_err(|e| Error::BadRequest(format!("the package was refused: {e}")))?;
         if let Some(toml) = &pkg.topology_toml {
             TopologyFile::parse(toml, Some(Path::new("Topology.toml"))).map_err(|e| {
