@@ -234,8 +234,12 @@ fn report() -> impl Strategy<Value = Report> {
 /// A random frame of any variant.
 fn frame() -> impl Strategy<Value = Frame> {
     prop_oneof![
-        (text(), proptest::option::of(text()), role())
-            .prop_map(|(topology, token, role)| Frame::Hello(Hello::new(topology, token, role))),
+        (text(), any::<[u8; 16]>(), role()).prop_map(|(topology, nonce, role)| {
+            Frame::Hello(Hello {
+                nonce,
+                ..Hello::new(topology, role)
+            })
+        }),
         (any::<(u32, u32, u64, u32, u32)>(), dag(), members()).prop_map(
             |((instance, incarnation, session, heartbeat_ms, batch_size), dag, members)| {
                 Frame::Welcome(Welcome {
@@ -264,23 +268,27 @@ fn frame() -> impl Strategy<Value = Frame> {
         any::<u64>().prop_map(|seq| Frame::HeartbeatAck { seq }),
         Just(Frame::Goodbye),
         text().prop_map(|reason| Frame::Shutdown { reason }),
+        any::<[u8; 16]>().prop_map(|nonce| Frame::Challenge { nonce }),
+        any::<[u8; 32]>().prop_map(|mac| Frame::Proof { mac }),
     ]
 }
 
 /// A small frame of every variant, in variant order.
 fn one_of_each() -> Vec<Frame> {
     vec![
-        Frame::Hello(Hello::new(
-            "wc",
-            Some("t".into()),
-            Role::Worker(WorkerHello {
-                task: "count".into(),
-                instance: Some(1),
-                instances: 2,
-                layout: 3,
-                peer: "h:1".into(),
-            }),
-        )),
+        Frame::Hello(Hello {
+            nonce: [7; 16],
+            ..Hello::new(
+                "wc",
+                Role::Worker(WorkerHello {
+                    task: "count".into(),
+                    instance: Some(1),
+                    instances: 2,
+                    layout: 3,
+                    peer: "h:1".into(),
+                }),
+            )
+        }),
         Frame::Welcome(Welcome {
             instance: 0,
             incarnation: 1,
@@ -341,6 +349,8 @@ fn one_of_each() -> Vec<Frame> {
         Frame::Shutdown {
             reason: "bye".into(),
         },
+        Frame::Challenge { nonce: [0xa5; 16] },
+        Frame::Proof { mac: [0x5a; 32] },
     ]
 }
 
@@ -525,7 +535,7 @@ proptest! {
 #[test]
 fn every_variant_round_trips_through_both_encoders() {
     let frames = one_of_each();
-    assert_eq!(frames.len(), 13);
+    assert_eq!(frames.len(), 15);
     for (i, f) in frames.iter().enumerate() {
         let by_ref = encode(f);
         let mut by_value = BytesMut::new();
@@ -539,6 +549,12 @@ fn every_variant_round_trips_through_both_encoders() {
     // Error is variant 8, as in version 1.
     assert_eq!(frames[8].name(), "Error");
     assert_eq!(ERROR_TAG, 8);
+    // The nonce and the MAC are their bytes as they are, no length.
+    assert_eq!(encode(&frames[13]).len(), 4 + 1 + 16);
+    assert_eq!(encode(&frames[14]).len(), 4 + 1 + 32);
+    assert_eq!(&encode(&frames[0])[4 + 1 + 5 + 1 + 3..][..16], &[7; 16]);
+    // A variant past the last is malformed.
+    assert!(matches!(decode_body(&[15]), Err(WireError::Malformed(_))));
 }
 
 #[test]
@@ -681,7 +697,7 @@ fn garbage_is_malformed() {
             "variant varint too long",
             vec![0xff, 0xff, 0xff, 0xff, 0xff, 0xff],
         ),
-        ("unknown variant", vec![13]),
+        ("unknown variant", vec![15]),
         ("unknown variant, far", vec![99]),
         ("Heartbeat without seq", vec![9]),
         (
@@ -692,7 +708,12 @@ fn garbage_is_malformed() {
         ("Goodbye and a trailing byte", vec![11, 0]),
         ("Shutdown with invalid UTF-8", vec![12, 1, 0xff]),
         ("Shutdown longer than its body", vec![12, 5, b'a']),
-        ("Error with an unknown code", vec![8, 17, 0]),
+        ("Error with an unknown code", vec![8, 18, 0]),
+        ("Challenge without a nonce", vec![13]),
+        ("Challenge with a short nonce", cat(&[&[13], &[0; 15]])),
+        ("Challenge and a trailing byte", cat(&[&[13], &[0; 17]])),
+        ("Proof with a short MAC", cat(&[&[14], &[0; 31]])),
+        ("Proof and a trailing byte", cat(&[&[14], &[0; 33]])),
         ("Error without a message", vec![8, 1]),
         ("Error with invalid UTF-8", vec![8, 1, 1, 0xff]),
         (
@@ -809,7 +830,6 @@ fn a_connection_reads_under_the_pre_handshake_limit_until_accepted() {
     // A Hello fits well within it.
     let hello = Frame::Hello(Hello::new(
         "wordcount",
-        Some("s3cret".into()),
         Role::Worker(WorkerHello {
             task: "count".into(),
             instance: Some(3),
@@ -1007,13 +1027,15 @@ fn a_version_1_hello_is_a_version_mismatch_naming_both_versions() {
 
 #[test]
 fn a_version_1_hello_that_parses_as_version_2_is_still_refused_by_its_version() {
-    // Task "", instance Some(1), token "abcde" happen to read as a version 2
-    // peer Hello: the version check, not the parser, refuses it.
-    let body = v1_hello("wc", "", Some(1), Some("abcde"));
+    // A task of 15 bytes (16 with its length: a nonce), instance Some(1)
+    // and token "abcde" happen to read as a version 2 peer Hello: the
+    // version check, not the parser, refuses it.
+    let body = v1_hello("wc", "fifteen bytes!!", Some(1), Some("abcde"));
     let Ok(Some(Frame::Hello(h))) = decode_body(&body) else {
         panic!("it parses")
     };
     assert_eq!((h.magic, h.version), (MAGIC, 1));
+    assert_eq!(&h.nonce, b"\x0ffifteen bytes!!");
     assert!(matches!(
         check_magic_version(h.magic, h.version),
         Err(WireError::Version { theirs: 1, ours: 2 })
@@ -1051,7 +1073,6 @@ fn a_later_versions_hello_is_a_version_mismatch() {
     // unparseable, its own version makes it malformed rather than a mismatch.
     let mut body = encode(&Frame::Hello(Hello::new(
         "t",
-        None,
         Role::Peer(PeerHello {
             session: 1,
             from: None,
@@ -1097,7 +1118,7 @@ fn bad_magic() {
     .expect("postcard");
     assert!(matches!(decode_body(&body), Err(WireError::BadMagic(1))));
     // A well-formed Hello with the wrong magic decodes; the check refuses it.
-    let mut hello = Hello::new("t", None, role_worker());
+    let mut hello = Hello::new("t", role_worker());
     hello.magic = 1;
     let Ok(Some(Frame::Hello(h))) = decode_body(&encode(&Frame::Hello(hello)).split_off(4)) else {
         panic!("decodes")
@@ -1174,7 +1195,6 @@ async fn a_peer_link_conversation_over_a_duplex_stream() {
     ]));
     let hello = Frame::Hello(Hello::new(
         "wc",
-        Some("s3cret".into()),
         Role::Peer(PeerHello {
             session: 5,
             from: Some(SlotRef {

@@ -3,27 +3,35 @@
 //! this test), its tables of frames and error codes match the enums, the
 //! fast paths write postcard's bytes (and read what postcard reads), a
 //! refusal reads the same in version 1 and version 2, and the algorithms it
-//! spells out for other implementations (key grouping, slot bits) are the
-//! ones the code runs.
+//! spells out for other implementations (key grouping, slot bits, the
+//! proofs of the data-plane secret) are the ones the code runs.
 
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 use bytes::BytesMut;
+use futures_util::{SinkExt, StreamExt};
+use hmac::{Hmac, Mac};
 use proptest::prelude::*;
 use serde::{Deserialize, Serialize};
+use sha2::Sha256;
 use tempest_core::ledger::slot_bit;
 use tempest_core::msg::key_instance;
 use tempest_core::{Bytes, Delivery, Grouping, Msg, RootId};
+use tempest_transport::auth::{self, Secret, Side, MIN_SECRET, SECRET_ENV};
 use tempest_transport::codec::{
     check_magic_version, frame_size, peek_hello_version, report_size, FrameCodec, WireError,
     PRE_AUTH_MAX_FRAME,
 };
+use tempest_transport::gate::GateConfig;
+use tempest_transport::link::{self, NoHello};
 use tempest_transport::wire::{
     Ack, Deliveries, ErrorCode, Fail, Fixed, Frame, Hello, Members, PeerHello, PeerWelcome, Report,
     Role, SlotInfo, SlotRef, TaskMembers, Welcome, WireDag, WireEdge, WireTask, WorkerHello,
     DEFAULT_MAX_FRAME, ERROR_TAG, MAGIC, PROTOCOL_VERSION,
 };
-use tokio_util::codec::{Decoder, Encoder};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::codec::{Decoder, Encoder, Framed};
 
 const PROTOCOL_MD: &str = include_str!("../../PROTOCOL.md");
 
@@ -122,8 +130,54 @@ fn slot(task: u32, instance: u32, incarnation: u32) -> SlotRef {
     }
 }
 
-fn token() -> Option<String> {
-    Some("s3cret".into())
+/// The deployment's data-plane secret in the examples.
+const SECRET: &str = "correct horse battery staple";
+/// The worker's nonce in its `Hello` to the server.
+const NONCE_WORKER: [u8; 16] = [
+    0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x09, 0x0a, 0x0b, 0x0c, 0x0d, 0x0e, 0x0f,
+];
+/// The server's nonce in its `Challenge`.
+const NONCE_SERVER: [u8; 16] = [
+    0xa0, 0xa1, 0xa2, 0xa3, 0xa4, 0xa5, 0xa6, 0xa7, 0xa8, 0xa9, 0xaa, 0xab, 0xac, 0xad, 0xae, 0xaf,
+];
+/// The sender's nonce in its peer `Hello`.
+const NONCE_PEER: [u8; 16] = [
+    0x20, 0x21, 0x22, 0x23, 0x24, 0x25, 0x26, 0x27, 0x28, 0x29, 0x2a, 0x2b, 0x2c, 0x2d, 0x2e, 0x2f,
+];
+/// The worker's proof for its `Hello`, under [`SECRET`], with both nonces.
+const PROOF_WORKER: [u8; 32] = [
+    0xaf, 0xe7, 0x5e, 0x85, 0xbb, 0x9b, 0x62, 0xad, 0x76, 0x80, 0x66, 0xea, 0xbc, 0x03, 0xef, 0xd7,
+    0x28, 0x84, 0x2e, 0xfe, 0x3e, 0xaf, 0x53, 0x30, 0x58, 0x3d, 0x17, 0xaa, 0xd6, 0xf0, 0x0e, 0xed,
+];
+/// The server's proof for the same handshake.
+const PROOF_SERVER: [u8; 32] = [
+    0x17, 0xcd, 0x92, 0x27, 0xc2, 0x8c, 0x42, 0x2f, 0xfd, 0x64, 0x2a, 0x64, 0x0b, 0x4f, 0x1a, 0xed,
+    0x52, 0xa3, 0x4d, 0x5e, 0x0c, 0xfb, 0xcf, 0xcd, 0xaf, 0x07, 0x01, 0x4e, 0x97, 0x78, 0x81, 0x1c,
+];
+/// The labels of the proofs, as PROTOCOL.md spells them: 32 bytes each.
+const CONNECTOR_LABEL: &[u8] = b"tempest data plane v2: connector";
+const ACCEPTOR_LABEL: &[u8] = b"tempest data plane v2: acceptor ";
+
+/// A `Hello` of this build with a fixed nonce (`Hello::new` draws one).
+fn hello(nonce: [u8; 16], role: Role) -> Hello {
+    Hello {
+        nonce,
+        ..Hello::new("wc", role)
+    }
+}
+
+/// The worker's `Hello` of the examples.
+fn worker_hello() -> Hello {
+    hello(
+        NONCE_WORKER,
+        Role::Worker(WorkerHello {
+            task: "count".into(),
+            instance: Some(1),
+            instances: 2,
+            layout: 3,
+            peer: "h1:7001".into(),
+        }),
+    )
 }
 
 /// The examples of PROTOCOL.md: name, frame, and its bytes, written out
@@ -133,24 +187,14 @@ fn examples() -> Vec<(&'static str, Frame, Vec<u8>)> {
     vec![
         (
             "worker-hello",
-            Frame::Hello(Hello::new(
-                "wc",
-                token(),
-                Role::Worker(WorkerHello {
-                    task: "count".into(),
-                    instance: Some(1),
-                    instances: 2,
-                    layout: 3,
-                    peer: "h1:7001".into(),
-                }),
-            )),
+            Frame::Hello(worker_hello()),
             [
-                &[0x00, 0x00, 0x00, 0x25][..],                     // length 37
+                &[0x00, 0x00, 0x00, 0x2d][..],                     // length 45
                 &[0x00],                                           // Hello
                 &[0xd0, 0x9a, 0x95, 0xa2, 0x05],                   // magic
                 &[0x02],                                           // version 2
                 &[0x02, b'w', b'c'],                               // topology
-                &[0x01, 0x06, b's', b'3', b'c', b'r', b'e', b't'], // token
+                &NONCE_WORKER,                                     // nonce, no length
                 &[0x00],                                           // Worker
                 &[0x05, b'c', b'o', b'u', b'n', b't'],             // task
                 &[0x01, 0x01],                                     // instance Some(1)
@@ -159,6 +203,23 @@ fn examples() -> Vec<(&'static str, Frame, Vec<u8>)> {
                 &[0x07, b'h', b'1', b':', b'7', b'0', b'0', b'1'], // peer
             ]
             .concat(),
+        ),
+        (
+            "challenge",
+            Frame::Challenge {
+                nonce: NONCE_SERVER,
+            },
+            [&[0x00, 0x00, 0x00, 0x11, 0x0d][..], &NONCE_SERVER].concat(),
+        ),
+        (
+            "connector-proof",
+            Frame::Proof { mac: PROOF_WORKER },
+            [&[0x00, 0x00, 0x00, 0x21, 0x0e][..], &PROOF_WORKER].concat(),
+        ),
+        (
+            "acceptor-proof",
+            Frame::Proof { mac: PROOF_SERVER },
+            [&[0x00, 0x00, 0x00, 0x21, 0x0e][..], &PROOF_SERVER].concat(),
         ),
         (
             "welcome",
@@ -261,9 +322,8 @@ fn examples() -> Vec<(&'static str, Frame, Vec<u8>)> {
         ),
         (
             "peer-hello",
-            Frame::Hello(Hello::new(
-                "wc",
-                token(),
+            Frame::Hello(hello(
+                NONCE_PEER,
                 Role::Peer(PeerHello {
                     session: SESSION,
                     from: Some(slot(0, 0, 0)),
@@ -271,16 +331,16 @@ fn examples() -> Vec<(&'static str, Frame, Vec<u8>)> {
                 }),
             )),
             [
-                &[0x00, 0x00, 0x00, 0x24][..],                     // length 36
-                &[0x00],                                           // Hello
-                &[0xd0, 0x9a, 0x95, 0xa2, 0x05],                   // magic
-                &[0x02],                                           // version 2
-                &[0x02, b'w', b'c'],                               // topology
-                &[0x01, 0x06, b's', b'3', b'c', b'r', b'e', b't'], // token
-                &[0x01],                                           // Peer
+                &[0x00, 0x00, 0x00, 0x2c][..],   // length 44
+                &[0x00],                         // Hello
+                &[0xd0, 0x9a, 0x95, 0xa2, 0x05], // magic
+                &[0x02],                         // version 2
+                &[0x02, b'w', b'c'],             // topology
+                &NONCE_PEER,                     // nonce, no length
+                &[0x01],                         // Peer
                 &[0xf1, 0xc0, 0xfd, 0xf2, 0xd4, 0x85, 0x87, 0x9d, 0x9f, 0x01], // session
-                &[0x01, 0x00, 0x00, 0x00],                         // from Some(0/0/0)
-                &[0x01, 0x01, 0x03],                               // to 1/1/3
+                &[0x01, 0x00, 0x00, 0x00],       // from Some(0/0/0)
+                &[0x01, 0x01, 0x03],             // to 1/1/3
             ]
             .concat(),
         ),
@@ -561,6 +621,9 @@ fn every_example_in_the_document_is_pinned() {
     assert_eq!(doc_example_names(), pinned);
     let required = [
         "worker-hello",
+        "challenge",
+        "connector-proof",
+        "acceptor-proof",
         "peer-hello",
         "credit",
         "batch",
@@ -582,8 +645,9 @@ fn the_examples_say_what_the_document_says_they_do() {
             .map(|(_, f, _)| f.clone())
             .expect("example")
     };
-    // Both Hellos are variant 0 with magic and version in front.
-    for name in ["worker-hello", "peer-hello"] {
+    // Both Hellos are variant 0 with magic and version in front, then the
+    // topology and the nonce, 16 bytes as they are.
+    for (name, nonce) in [("worker-hello", NONCE_WORKER), ("peer-hello", NONCE_PEER)] {
         let bytes = doc_bytes(name);
         assert_eq!(bytes[4], 0, "{name}: Hello is variant 0");
         assert_eq!(
@@ -591,7 +655,19 @@ fn the_examples_say_what_the_document_says_they_do() {
             Some((MAGIC, PROTOCOL_VERSION)),
             "{name}"
         );
+        assert_eq!(&bytes[11..14], b"\x02wc", "{name}: topology");
+        assert_eq!(bytes[14..30], nonce, "{name}: the nonce");
+        let Frame::Hello(h) = frame(name) else {
+            panic!("{name}")
+        };
+        assert_eq!(h.nonce, nonce);
+        // The transcript a proof covers: the body after its variant byte.
+        assert_eq!(h.transcript(), &bytes[5..], "{name}: transcript");
     }
+    // The challenge and the proofs: the nonce and the MACs, nothing else.
+    assert_eq!(doc_bytes("challenge")[5..], NONCE_SERVER);
+    assert_eq!(doc_bytes("connector-proof")[5..], PROOF_WORKER);
+    assert_eq!(doc_bytes("acceptor-proof")[5..], PROOF_SERVER);
     // The batch: one key is the payload (tag 2), the other message has none (tag 0).
     let Frame::Batch(Deliveries(ds)) = frame("batch") else {
         panic!("batch")
@@ -733,10 +809,10 @@ fn the_documented_frame_limits_are_the_codes() {
         assert!(PROTOCOL_MD.contains(text), "PROTOCOL.md says {text:?}");
     }
     // A Hello the size the document allows (a peer address of 255 bytes,
-    // names and a token of a reasonable size) is well within the limit.
+    // names of a reasonable size) is well within the limit, and so are the
+    // frames of the challenge and response, of the sizes documented.
     let hello = Frame::Hello(Hello::new(
         "t".repeat(200),
-        Some("s".repeat(200)),
         Role::Worker(WorkerHello {
             task: "k".repeat(200),
             instance: Some(u32::MAX),
@@ -746,6 +822,10 @@ fn the_documented_frame_limits_are_the_codes() {
         }),
     ));
     assert!(frame_size(&hello) < PRE_AUTH_MAX_FRAME / 8);
+    let challenge = Frame::Challenge { nonce: [0xff; 16] };
+    let proof = Frame::Proof { mac: [0xff; 32] };
+    assert_eq!((frame_size(&challenge), frame_size(&proof)), (17, 33));
+    assert!(PROTOCOL_MD.contains("a `Challenge` 17 and a `Proof` 33"));
     // Until the Hello is accepted a connection reads under the limit; then
     // under the configured maximum.
     let mut codec = FrameCodec::new(PRE_AUTH_MAX_FRAME);
@@ -784,6 +864,8 @@ fn one_of_each() -> Vec<Frame> {
         by_name("heartbeat-ack"),
         by_name("goodbye"),
         by_name("shutdown"),
+        by_name("challenge"),
+        by_name("connector-proof"),
     ]
 }
 
@@ -832,7 +914,7 @@ fn the_error_code_table_gives_every_code_its_index_and_fatality() {
         let fatal = if code.is_fatal() { "fatal" } else { "retry" };
         assert_eq!(cells[2], fatal, "{code}");
     }
-    // No code beyond the table: an Error with code 17 is malformed.
+    // No code beyond the table: an Error with code 18 is malformed.
     let last = ErrorCode::ALL.len() as u8;
     let mut buf = BytesMut::from(&[0, 0, 0, 3, ERROR_TAG, last, 0][..]);
     assert!(matches!(
@@ -842,9 +924,478 @@ fn the_error_code_table_gives_every_code_its_index_and_fatality() {
     let mut buf = BytesMut::from(&[0, 0, 0, 3, ERROR_TAG, last - 1, 0][..]);
     assert_eq!(
         FrameCodec::default().decode(&mut buf).expect("decode"),
-        Some(Frame::error(ErrorCode::BadAddress, ""))
+        Some(Frame::error(ErrorCode::Busy, ""))
     );
-    assert!(ErrorCode::BadAddress.is_fatal());
+    assert_eq!(ErrorCode::ALL.len(), 18);
+    assert!(!ErrorCode::Busy.is_fatal(), "Busy is retried");
+    // BadToken keeps its name and number, and is the proof's refusal.
+    assert_eq!(ErrorCode::ALL[2], ErrorCode::BadToken);
+    assert!(ErrorCode::BadToken.is_fatal());
+}
+
+/// A proof as PROTOCOL.md spells it out for other implementations:
+/// HMAC-SHA256 keyed with the secret, of the label, the connector's nonce,
+/// the acceptor's and the transcript.
+fn documented_proof(
+    secret: &[u8],
+    label: &[u8],
+    connector: &[u8; 16],
+    acceptor: &[u8; 16],
+    transcript: &[u8],
+) -> [u8; 32] {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes any key");
+    for part in [label, connector, acceptor, transcript] {
+        mac.update(part);
+    }
+    mac.finalize().into_bytes().into()
+}
+
+#[test]
+fn the_proof_labels_are_32_bytes_each() {
+    assert_eq!(CONNECTOR_LABEL.len(), 32);
+    assert_eq!(ACCEPTOR_LABEL.len(), 32);
+    assert!(CONNECTOR_LABEL.is_ascii() && ACCEPTOR_LABEL.is_ascii());
+    assert_ne!(CONNECTOR_LABEL, ACCEPTOR_LABEL);
+    assert_eq!(ACCEPTOR_LABEL.last(), Some(&b' '), "padded with a space");
+    for label in [CONNECTOR_LABEL, ACCEPTOR_LABEL] {
+        let quoted = format!("`{}`", std::str::from_utf8(label).expect("ASCII"));
+        assert!(PROTOCOL_MD.contains(&quoted), "PROTOCOL.md spells {quoted}");
+    }
+    // They are the code's labels: its proofs are the documented ones.
+    let secret = Secret::new(SECRET).expect("long enough");
+    for (side, label) in [
+        (Side::Connector, CONNECTOR_LABEL),
+        (Side::Acceptor, ACCEPTOR_LABEL),
+    ] {
+        assert_eq!(
+            auth::proof(&secret, side, &[1; 16], &[2; 16], b"H"),
+            documented_proof(SECRET.as_bytes(), label, &[1; 16], &[2; 16], b"H"),
+            "{side:?}"
+        );
+    }
+}
+
+/// The proofs of the worker's handshake in the examples, computed from the
+/// document's own bytes, are the ones it shows: other implementations can
+/// check their HMAC against them.
+#[test]
+fn the_documented_proofs_are_pinned() {
+    assert!(PROTOCOL_MD.contains(&format!("`{SECRET}`")));
+    assert_eq!(SECRET.len(), 28, "as the document says");
+    let secret = Secret::new(SECRET).expect("long enough");
+    let hello = doc_bytes("worker-hello");
+    let connector: [u8; 16] = hello[14..30].try_into().expect("16 bytes");
+    let transcript = &hello[5..];
+    assert_eq!(transcript.len(), 44, "as the document says");
+    let acceptor: [u8; 16] = doc_bytes("challenge")[5..].try_into().expect("16 bytes");
+    let proof_c: [u8; 32] = doc_bytes("connector-proof")[5..]
+        .try_into()
+        .expect("32 bytes");
+    let proof_a: [u8; 32] = doc_bytes("acceptor-proof")[5..]
+        .try_into()
+        .expect("32 bytes");
+    // The document's construction gives the document's bytes…
+    assert_eq!(
+        hex(&documented_proof(
+            SECRET.as_bytes(),
+            CONNECTOR_LABEL,
+            &connector,
+            &acceptor,
+            transcript
+        )),
+        hex(&proof_c),
+        "the connector's proof"
+    );
+    assert_eq!(
+        hex(&documented_proof(
+            SECRET.as_bytes(),
+            ACCEPTOR_LABEL,
+            &connector,
+            &acceptor,
+            transcript
+        )),
+        hex(&proof_a),
+        "the acceptor's proof"
+    );
+    assert_eq!((proof_c, proof_a), (PROOF_WORKER, PROOF_SERVER));
+    // …and so does the code, from the Hello it would send.
+    let h = worker_hello();
+    assert_eq!(h.transcript(), transcript);
+    let code = |side| auth::proof(&secret, side, &h.nonce, &acceptor, &h.transcript());
+    assert_eq!(
+        (code(Side::Connector), code(Side::Acceptor)),
+        (proof_c, proof_a)
+    );
+    let verify = |secret: &Secret, side, na: &[u8; 16], t: &[u8], mac: &[u8; 32]| {
+        auth::verify(secret, side, &connector, na, t, mac)
+    };
+    assert!(verify(
+        &secret,
+        Side::Connector,
+        &acceptor,
+        transcript,
+        &proof_c
+    ));
+    assert!(verify(
+        &secret,
+        Side::Acceptor,
+        &acceptor,
+        transcript,
+        &proof_a
+    ));
+    // One side's proof is not the other's, nor good for another challenge
+    // (a replay), another Hello, or another secret.
+    assert!(!verify(
+        &secret,
+        Side::Acceptor,
+        &acceptor,
+        transcript,
+        &proof_c
+    ));
+    let mut other = acceptor;
+    other[15] ^= 1;
+    assert!(!verify(
+        &secret,
+        Side::Connector,
+        &other,
+        transcript,
+        &proof_c
+    ));
+    let mut altered = transcript.to_vec();
+    altered[7] = b'x';
+    assert!(!verify(
+        &secret,
+        Side::Connector,
+        &acceptor,
+        &altered,
+        &proof_c
+    ));
+    let wrong = Secret::new("correct horse battery stapler").expect("long enough");
+    assert!(!verify(
+        &wrong,
+        Side::Connector,
+        &acceptor,
+        transcript,
+        &proof_c
+    ));
+}
+
+/// A connection written from the document alone: framed, nothing else.
+async fn dial(addr: std::net::SocketAddr) -> Framed<TcpStream, FrameCodec> {
+    Framed::new(
+        TcpStream::connect(addr).await.expect("connect"),
+        FrameCodec::default(),
+    )
+}
+
+async fn next(conn: &mut Framed<TcpStream, FrameCodec>) -> Option<Frame> {
+    tokio::time::timeout(Duration::from_secs(5), conn.next())
+        .await
+        .expect("an answer in time")
+        .map(|f| f.expect("a frame"))
+}
+
+/// The acceptor's side as the crate runs it (`read_hello`, then
+/// `authenticate`), answering `PeerWelcome` or its refusal, for `n`
+/// connections.
+fn acceptor(listener: TcpListener, secret: Secret, deadline: Duration, n: usize) {
+    tokio::spawn(async move {
+        for _ in 0..n {
+            let (stream, _) = listener.accept().await.expect("accept");
+            let mut conn = link::framed(stream, PRE_AUTH_MAX_FRAME);
+            let outcome = match link::read_hello(&mut conn, deadline).await {
+                Ok(hello) => link::authenticate(&mut conn, &hello, Some(&secret), deadline).await,
+                Err(e) => Err(e),
+            };
+            match outcome {
+                Ok(()) => {
+                    let welcome = Frame::PeerWelcome(PeerWelcome {
+                        credit: 4,
+                        heartbeat_ms: 1000,
+                    });
+                    conn.send(welcome).await.expect("send");
+                }
+                Err(NoHello::Refuse(code, message)) => link::refuse(&mut conn, code, message).await,
+                Err(NoHello::Closed) => {}
+            }
+        }
+    });
+}
+
+#[tokio::test]
+async fn an_acceptor_runs_the_documented_handshake() {
+    let secret = Secret::new(SECRET).expect("long enough");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    acceptor(listener, secret, Duration::from_secs(1), 5);
+    let h = worker_hello();
+    let transcript = postcard::to_stdvec(&h).expect("postcard");
+
+    // Hello, Challenge, the connector's Proof, the acceptor's, the welcome.
+    let mut conn = dial(addr).await;
+    conn.send(Frame::Hello(h.clone())).await.expect("send");
+    let Some(Frame::Challenge { nonce: na }) = next(&mut conn).await else {
+        panic!("a Challenge right after the Hello")
+    };
+    let mine = documented_proof(
+        SECRET.as_bytes(),
+        CONNECTOR_LABEL,
+        &h.nonce,
+        &na,
+        &transcript,
+    );
+    conn.send(Frame::Proof { mac: mine }).await.expect("send");
+    let theirs = documented_proof(
+        SECRET.as_bytes(),
+        ACCEPTOR_LABEL,
+        &h.nonce,
+        &na,
+        &transcript,
+    );
+    assert_eq!(next(&mut conn).await, Some(Frame::Proof { mac: theirs }));
+    assert!(matches!(next(&mut conn).await, Some(Frame::PeerWelcome(_))));
+
+    // The same Hello and proof, recorded and replayed: another challenge,
+    // so the proof is wrong.
+    let mut replay = dial(addr).await;
+    replay.send(Frame::Hello(h.clone())).await.expect("send");
+    let Some(Frame::Challenge { nonce: other }) = next(&mut replay).await else {
+        panic!("a Challenge")
+    };
+    assert_ne!(other, na, "a fresh nonce per connection");
+    replay.send(Frame::Proof { mac: mine }).await.expect("send");
+    assert!(matches!(
+        next(&mut replay).await,
+        Some(Frame::Error {
+            code: ErrorCode::BadToken,
+            ..
+        })
+    ));
+
+    // Another secret: BadToken.
+    let mut wrong = dial(addr).await;
+    wrong.send(Frame::Hello(h.clone())).await.expect("send");
+    let Some(Frame::Challenge { nonce }) = next(&mut wrong).await else {
+        panic!("a Challenge")
+    };
+    let mac = documented_proof(
+        b"not the secret at all",
+        CONNECTOR_LABEL,
+        &h.nonce,
+        &nonce,
+        &transcript,
+    );
+    wrong.send(Frame::Proof { mac }).await.expect("send");
+    assert!(matches!(
+        next(&mut wrong).await,
+        Some(Frame::Error {
+            code: ErrorCode::BadToken,
+            ..
+        })
+    ));
+
+    // Another frame in place of the Proof: BadToken too.
+    let mut other_frame = dial(addr).await;
+    other_frame
+        .send(Frame::Hello(h.clone()))
+        .await
+        .expect("send");
+    assert!(matches!(
+        next(&mut other_frame).await,
+        Some(Frame::Challenge { .. })
+    ));
+    other_frame
+        .send(Frame::Heartbeat { seq: 1 })
+        .await
+        .expect("send");
+    assert!(matches!(
+        next(&mut other_frame).await,
+        Some(Frame::Error {
+            code: ErrorCode::BadToken,
+            ..
+        })
+    ));
+
+    // No Proof in time: HandshakeTimeout.
+    let mut silent = dial(addr).await;
+    silent.send(Frame::Hello(h)).await.expect("send");
+    assert!(matches!(
+        next(&mut silent).await,
+        Some(Frame::Challenge { .. })
+    ));
+    assert!(matches!(
+        next(&mut silent).await,
+        Some(Frame::Error {
+            code: ErrorCode::HandshakeTimeout,
+            ..
+        })
+    ));
+}
+
+/// An acceptor written from the document: it challenges with
+/// [`NONCE_SERVER`] (or not, with `challenge` false) and proves `secret`.
+async fn documented_acceptor(listener: &TcpListener, secret: &[u8], challenge: bool) {
+    let (stream, _) = listener.accept().await.expect("accept");
+    let mut conn = Framed::new(stream, FrameCodec::new(PRE_AUTH_MAX_FRAME));
+    let Some(Frame::Hello(h)) = next(&mut conn).await else {
+        panic!("a Hello first")
+    };
+    if challenge {
+        let transcript = postcard::to_stdvec(&h).expect("postcard");
+        let nonce = NONCE_SERVER;
+        conn.send(Frame::Challenge { nonce }).await.expect("send");
+        let want = documented_proof(secret, CONNECTOR_LABEL, &h.nonce, &nonce, &transcript);
+        let Some(Frame::Proof { mac }) = next(&mut conn).await else {
+            return;
+        };
+        if mac != want {
+            return refuse_bad_token(&mut conn).await;
+        }
+        let mac = documented_proof(secret, ACCEPTOR_LABEL, &h.nonce, &nonce, &transcript);
+        conn.send(Frame::Proof { mac }).await.expect("send");
+    }
+    let welcome = Frame::PeerWelcome(PeerWelcome {
+        credit: 4,
+        heartbeat_ms: 1000,
+    });
+    // The connector may have closed already.
+    let _ = conn.send(welcome).await;
+}
+
+async fn refuse_bad_token(conn: &mut Framed<TcpStream, FrameCodec>) {
+    let _ = conn
+        .send(Frame::error(ErrorCode::BadToken, "wrong data-plane secret"))
+        .await;
+}
+
+#[tokio::test]
+async fn a_connector_runs_the_documented_handshake() {
+    let secret = Secret::new(SECRET).expect("long enough");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let hello = || {
+        Hello::new(
+            "wc",
+            Role::Peer(PeerHello {
+                session: SESSION,
+                from: None,
+                to: slot(1, 1, 3),
+            }),
+        )
+    };
+
+    // The whole handshake, with an acceptor written from the document.
+    let (connected, ()) = tokio::join!(
+        link::connect(&addr, DEFAULT_MAX_FRAME, hello(), Some(&secret)),
+        documented_acceptor(&listener, SECRET.as_bytes(), true),
+    );
+    let (_, answer) = connected.expect("connected");
+    assert!(matches!(answer, Frame::PeerWelcome(_)), "{answer:?}");
+
+    // An acceptor that does not challenge is not one of ours.
+    let (connected, ()) = tokio::join!(
+        link::connect(&addr, DEFAULT_MAX_FRAME, hello(), Some(&secret)),
+        documented_acceptor(&listener, SECRET.as_bytes(), false),
+    );
+    let e = connected.expect_err("refused");
+    assert!(e.contains("did not ask for the data-plane secret"), "{e}");
+
+    // Nor is one whose own proof is wrong (it has another secret).
+    let (connected, ()) = tokio::join!(
+        link::connect(&addr, DEFAULT_MAX_FRAME, hello(), Some(&secret)),
+        async {
+            let (stream, _) = listener.accept().await.expect("accept");
+            let mut conn = Framed::new(stream, FrameCodec::new(PRE_AUTH_MAX_FRAME));
+            let Some(Frame::Hello(h)) = next(&mut conn).await else {
+                panic!("a Hello first")
+            };
+            let transcript = postcard::to_stdvec(&h).expect("postcard");
+            let nonce = NONCE_SERVER;
+            conn.send(Frame::Challenge { nonce }).await.expect("send");
+            assert!(matches!(next(&mut conn).await, Some(Frame::Proof { .. })));
+            let mac = documented_proof(
+                b"not the secret at all",
+                ACCEPTOR_LABEL,
+                &h.nonce,
+                &nonce,
+                &transcript,
+            );
+            conn.send(Frame::Proof { mac }).await.expect("send");
+            let _ = conn
+                .send(Frame::PeerWelcome(PeerWelcome {
+                    credit: 4,
+                    heartbeat_ms: 1000,
+                }))
+                .await;
+        },
+    );
+    let e = connected.expect_err("refused");
+    assert!(e.contains("could not prove the data-plane secret"), "{e}");
+
+    // A connector with the wrong secret gets the acceptor's refusal.
+    let wrong = Secret::new("correct horse battery stapler").expect("long enough");
+    let (connected, ()) = tokio::join!(
+        link::connect(&addr, DEFAULT_MAX_FRAME, hello(), Some(&wrong)),
+        documented_acceptor(&listener, SECRET.as_bytes(), true),
+    );
+    let (_, answer) = connected.expect("an answer");
+    assert!(
+        matches!(
+            answer,
+            Frame::Error {
+                code: ErrorCode::BadToken,
+                ..
+            }
+        ),
+        "{answer:?}"
+    );
+
+    // A connector without a secret cannot answer a challenge.
+    let (connected, ()) = tokio::join!(
+        link::connect(&addr, DEFAULT_MAX_FRAME, hello(), None),
+        documented_acceptor(&listener, SECRET.as_bytes(), true),
+    );
+    let e = connected.expect_err("refused");
+    assert!(e.contains(SECRET_ENV), "{e}");
+
+    // Without a secret on either side, the Hello is answered directly.
+    let (connected, ()) = tokio::join!(
+        link::connect(&addr, DEFAULT_MAX_FRAME, hello(), None),
+        documented_acceptor(&listener, b"", false),
+    );
+    assert!(matches!(
+        connected.expect("connected").1,
+        Frame::PeerWelcome(_)
+    ));
+}
+
+#[test]
+fn the_documented_secret_and_gate_are_the_codes() {
+    assert_eq!(SECRET_ENV, "TEMPEST_DATA_SECRET");
+    assert_eq!(MIN_SECRET, 16);
+    assert!(Secret::new("0123456789abcde").is_err(), "15 bytes");
+    assert!(Secret::new(" 0123456789abcdef\n").is_ok(), "16, trimmed");
+    assert!(Secret::new(" 0123456789abcde\n").is_err(), "15, trimmed");
+    let gate = GateConfig::default();
+    assert_eq!(
+        (gate.max_failures, gate.max_handshakes, gate.max_connections),
+        (16, 64, 4096)
+    );
+    for text in [
+        "`TEMPEST_DATA_SECRET`".to_string(),
+        format!("at least **{MIN_SECRET} bytes** (`MIN_SECRET`)"),
+        format!("failed **{}**\n  proofs (`max_failures`", gate.max_failures),
+        format!(
+            "At most **{}** connections (`max_handshakes`)",
+            gate.max_handshakes
+        ),
+        format!(
+            "At most **{}** connections (`max_connections`)",
+            gate.max_connections
+        ),
+    ] {
+        assert!(PROTOCOL_MD.contains(&text), "PROTOCOL.md says {text:?}");
+    }
 }
 
 #[test]
@@ -1041,6 +1592,26 @@ proptest! {
         instances in 1u32..=1024,
     ) {
         prop_assert_eq!(key_instance(&key, instances), documented_key_instance(&key, instances));
+    }
+
+    #[test]
+    fn proofs_are_the_documented_hmac(
+        secret in proptest::collection::vec(any::<u8>(), 16..80),
+        connector in any::<[u8; 16]>(),
+        acceptor in any::<[u8; 16]>(),
+        transcript in proptest::collection::vec(any::<u8>(), 0..300),
+    ) {
+        // Secret::new trims whitespace; keep the bytes as they are.
+        let secret = [&b"k"[..], &secret, b"k"].concat();
+        let s = Secret::new(&secret).expect("long enough");
+        prop_assert_eq!(
+            auth::proof(&s, Side::Connector, &connector, &acceptor, &transcript),
+            documented_proof(&secret, CONNECTOR_LABEL, &connector, &acceptor, &transcript)
+        );
+        prop_assert_eq!(
+            auth::proof(&s, Side::Acceptor, &connector, &acceptor, &transcript),
+            documented_proof(&secret, ACCEPTOR_LABEL, &connector, &acceptor, &transcript)
+        );
     }
 
     #[test]
