@@ -587,8 +587,15 @@ pub fn run(args: &DevArgs) -> Result<ExitCode> {
             args.rate
         );
         say!("");
+        // A single-use login link, so the dashboard opens without pasting a
+        // token; later sessions log in with the admin token's file.
+        let link = client
+            .post("/api/v1/sessions/tickets", None)
+            .ok()
+            .and_then(|v| v["path"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| "/".into());
         say!(
-            "dashboard: {url}/  (log in with the admin token in {})",
+            "dashboard: {url}{link}  (opens once, for 10 minutes; after that log in with the admin token in {})",
             rel(&admin_file).display()
         );
         say!("");

@@ -529,10 +529,36 @@ fn dev_runs_word_count_on_a_local_cluster_and_stops_everything_on_ctrl_c() {
     };
     let director_pid = banner_pid(&lines, "director");
     let agent_pid = banner_pid(&lines, "agent");
-    let addr = url
+    let (addr, link) = url
         .trim_start_matches("http://")
-        .trim_end_matches('/')
+        .split_once('/')
+        .map(|(a, p)| (a.to_owned(), format!("/{p}")))
+        .expect("the dashboard URL has a path");
+    // The printed link logs a browser in once, as the admin, with no token
+    // pasted; a second opening is refused.
+    assert!(link.starts_with("/login?ticket="), "{url}");
+    let opened = http::get(&addr, &link);
+    assert_eq!(opened.status, 303, "{}", opened.head);
+    let session = opened
+        .head
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(k, _)| k.trim().eq_ignore_ascii_case("set-cookie"))
+        .filter_map(|(_, v)| v.trim().split(';').next())
+        .find(|c| c.starts_with("tempest_session="))
+        .unwrap_or_else(|| panic!("a session cookie: {}", opened.head))
         .to_owned();
+    let again = http::get(&addr, &link);
+    assert_eq!(again.status, 401, "a login link works once: {}", again.head);
+    let with_session = http::request(
+        &addr,
+        "GET",
+        "/api/v1/cluster",
+        &[("Cookie", &session)],
+        b"",
+    )
+    .expect("a request with the session");
+    assert_eq!(with_session.status, 200, "{}", with_session.body);
     // The dashboard needs the admin token `tempest dev` wrote, private.
     let admin_file = root.join(".tempest").join("admin.token");
     assert!(

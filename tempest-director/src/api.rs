@@ -102,13 +102,13 @@ pub struct AssignmentDoc {
     paths(
         health, upload_package, list_packages, package_archive, heartbeat, list_agents,
         deploy, list_topologies, get_topology, stop, start, kill, rebalance, openapi_json,
-        cluster, samples, process_logs
+        cluster, samples, process_logs, login_ticket
     ),
     components(schemas(
         ErrorBody, Health, HeartbeatDoc, AssignmentDoc, AgentView, PackageView, ProcessView,
         DeployRequest, RebalanceRequest, TopologySummary, TopologyDetail, Lifecycle, Phase,
         ClusterSummary, RecentError, SamplePoint, SourceFigures, TaskFigures, LogTail,
-        PipelineEdge
+        PipelineEdge, LoginTicket
     )),
     modifiers(&BearerAuth)
 )]
@@ -153,6 +153,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .service(cluster)
     .service(samples)
     .service(process_logs)
+    .service(login_ticket)
     .service(openapi_json);
 }
 
@@ -226,6 +227,38 @@ async fn health() -> HttpResponse {
         status: "ok".into(),
         version: env!("CARGO_PKG_VERSION").into(),
     })
+}
+
+/// A single-use login link for the web UI.
+#[derive(Serialize, utoipa::ToSchema)]
+struct LoginTicket {
+    /// The ticket: open `/login?ticket=…` once, within `expires_in_secs`.
+    ticket: String,
+    /// The link's path.
+    path: String,
+    /// Seconds left to open it.
+    expires_in_secs: u64,
+}
+
+/// Makes a single-use login link for an admin session (what `tempest dev`
+/// prints, so that opening the dashboard needs no token pasted). Admin only.
+#[utoipa::path(
+    post, path = "/api/v1/sessions/tickets",
+    responses((status = 201, body = LoginTicket), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+    security(("token" = []))
+)]
+#[post("/api/v1/sessions/tickets")]
+async fn login_ticket(data: Data) -> Result<HttpResponse, Error> {
+    let ticket = data
+        .auth
+        .sessions
+        .ticket(crate::auth::Role::Admin)
+        .map_err(Error::internal)?;
+    Ok(HttpResponse::Created().json(LoginTicket {
+        path: format!("/login?ticket={ticket}"),
+        ticket,
+        expires_in_secs: crate::auth::TICKET_TTL.as_secs(),
+    }))
 }
 
 /// Uploads a topology package (the archive is the body). It is verified and

@@ -46,6 +46,10 @@ pub const FAILURE_WINDOW: Duration = Duration::from_secs(60);
 pub const MAX_TRACKED: usize = 4096;
 /// The web UI's session cookie.
 pub const SESSION_COOKIE: &str = "tempest_session";
+/// How long a login link ([`Sessions::ticket`]) may wait to be opened.
+pub const TICKET_TTL: Duration = Duration::from_secs(600);
+/// The most login links waiting at once.
+pub const MAX_TICKETS: usize = 1000;
 
 /// What a credential lets its holder do.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize)]
@@ -215,6 +219,8 @@ impl Hosts {
 pub struct Sessions {
     /// By the SHA-256 of the id (the ids themselves are not kept).
     map: Mutex<HashMap<String, Session>>,
+    /// Login links waiting to be opened, by the SHA-256 of their ticket.
+    tickets: Mutex<HashMap<String, (Role, Instant)>>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -267,6 +273,33 @@ impl Sessions {
             }
             None => None,
         }
+    }
+
+    /// A single-use login link's ticket for `role`, valid for
+    /// [`TICKET_TTL`]: what `tempest dev` prints so that opening the
+    /// dashboard needs no token pasted. Only the admin may ask for one.
+    pub fn ticket(&self, role: Role) -> Result<String, CredentialError> {
+        let t = Secret::generate()?.expose().to_owned();
+        let now = Instant::now();
+        let mut tickets = self.tickets.lock();
+        tickets.retain(|_, (_, expires)| *expires > now);
+        if tickets.len() >= MAX_TICKETS {
+            if let Some(first) = tickets
+                .iter()
+                .min_by_key(|(_, (_, e))| *e)
+                .map(|(k, _)| k.clone())
+            {
+                tickets.remove(&first);
+            }
+        }
+        tickets.insert(key(&t), (role, now + TICKET_TTL));
+        Ok(t)
+    }
+
+    /// Opens a login link: the role of the live `ticket`, which is used up.
+    pub fn redeem(&self, ticket: &str) -> Option<Role> {
+        let (role, expires) = self.tickets.lock().remove(&key(ticket))?;
+        (expires > Instant::now()).then_some(role)
     }
 
     /// Ends the session `id`: its cookie is refused from now on.

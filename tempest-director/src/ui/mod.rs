@@ -1145,13 +1145,57 @@ fn login_view(
 }
 
 async fn login_page(data: Data, req: HttpRequest) -> HttpResponse {
-    let next = web::Query::<BTreeMap<String, String>>::from_query(req.query_string())
-        .ok()
-        .and_then(|q| q.get("next").cloned());
-    respond(
-        StatusCode::OK,
-        &login_view(&req, &data, safe_next(next.as_deref()), None),
-    )
+    let query = web::Query::<BTreeMap<String, String>>::from_query(req.query_string())
+        .map(|q| q.into_inner())
+        .unwrap_or_default();
+    let next = safe_next(query.get("next").map(String::as_str));
+    match query.get("ticket") {
+        Some(ticket) => login_with_ticket(&data, &req, ticket, next),
+        None => respond(StatusCode::OK, &login_view(&req, &data, next, None)),
+    }
+}
+
+/// Opens a single-use login link (`/login?ticket=…`, from `tempest dev`):
+/// a session of the ticket's role, the ticket used up.
+fn login_with_ticket(data: &Data, req: &HttpRequest, ticket: &str, next: String) -> HttpResponse {
+    let ip = req.peer_addr().map(|a| a.ip());
+    if let Some(Err(wait)) = ip.map(|ip| data.auth.failures.check(ip)) {
+        let refusal = Refusal::too_many(wait);
+        let page = login_view(req, data, next, Some(refusal.error.to_string()));
+        let mut res = respond(refusal.status(), &page);
+        refusal.headers(&mut res);
+        return res;
+    }
+    let Some(role) = data.auth.sessions.redeem(ticket) else {
+        if let Some(ip) = ip {
+            data.auth.failures.fail(ip);
+        }
+        let page = login_view(
+            req,
+            data,
+            next,
+            Some("that login link was used already or has expired: log in with a token".into()),
+        );
+        return respond(StatusCode::UNAUTHORIZED, &page);
+    };
+    start_session(data, req, role, &next)
+}
+
+/// A new session of `role` for this browser (ending the one it had), and
+/// a redirect to `next` with its cookie.
+fn start_session(data: &Data, req: &HttpRequest, role: Role, next: &str) -> HttpResponse {
+    if let Some(old) = req.cookie(SESSION_COOKIE) {
+        data.auth.sessions.revoke(old.value());
+    }
+    let id = match data.auth.sessions.create(role) {
+        Ok(id) => id,
+        Err(e) => return error_page(req, data, &Error::internal(e), "/"),
+    };
+    let mut res = see_other(next, &format!("logged in ({})", role.name()));
+    if let Err(e) = res.add_cookie(&session_cookie(id, data.auth.tls)) {
+        return error_page(req, data, &Error::internal(e), "/");
+    }
+    res
 }
 
 /// The session cookie: `HttpOnly`, `SameSite=Strict`, `Secure` under TLS,
@@ -1204,18 +1248,7 @@ async fn login(data: Data, req: HttpRequest, body: web::Payload) -> HttpResponse
         }
     };
     // A session already open in this browser ends: one at a time.
-    if let Some(old) = req.cookie(SESSION_COOKIE) {
-        data.auth.sessions.revoke(old.value());
-    }
-    let id = match data.auth.sessions.create(role) {
-        Ok(id) => id,
-        Err(e) => return error_page(&req, &data, &Error::internal(e), "/"),
-    };
-    let mut res = see_other(&next, &format!("logged in ({})", role.name()));
-    if let Err(e) = res.add_cookie(&session_cookie(id, data.auth.tls)) {
-        return error_page(&req, &data, &Error::internal(e), "/");
-    }
-    res
+    start_session(&data, &req, role, &next)
 }
 
 async fn logout(data: Data, req: HttpRequest) -> HttpResponse {
