@@ -37,6 +37,7 @@ use tempest_transport::gate::GateConfig;
 use tempest_transport::inbox::{self, Identity, InBatch, InboxConfig};
 use tempest_transport::link::{self, Liveness};
 use tempest_transport::outbox::{Outbox, OutboxConfig};
+use tempest_transport::tls::DataTls;
 use tempest_transport::wire::{
     Ack, ErrorCode, Fail, Fixed, Frame, Hello, Report, Role, SlotRef, Welcome, WireDag, WorkerHello,
 };
@@ -61,6 +62,9 @@ pub struct WorkerConfig {
     /// The deployment's data-plane secret, if it has one: proven to the
     /// server and to peers, and asked of peers (never sent).
     pub secret: Option<Secret>,
+    /// The data plane's TLS, if the deployment has it: the control link,
+    /// the peer port and the peer links to downstream workers all use it.
+    pub tls: Option<DataTls>,
     /// The largest frame accepted or sent.
     pub max_frame: usize,
     /// Batches each upstream may have outstanding at this worker.
@@ -95,6 +99,7 @@ impl WorkerConfig {
             instances: 1,
             layout: 0,
             secret: None,
+            tls: None,
             max_frame: tempest_transport::DEFAULT_MAX_FRAME,
             credit: 4,
             peer_listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -182,6 +187,13 @@ pub async fn run_worker(
         None => local.to_string(),
     };
     tracing::info!(peer = %advertise, "accepting peer links on {local}");
+    if config.tls.is_some() {
+        tracing::info!(
+            "data plane: TLS, mutual, against the cluster's CA (control link and peer links)"
+        );
+    } else {
+        tracing::info!("data plane: plain text (no TLS configured)");
+    }
 
     let (identity_tx, identity_rx) = watch::channel(None::<Identity>);
     let (in_tx, in_rx) = std_mpsc::channel::<InBatch>();
@@ -190,6 +202,7 @@ pub async fn run_worker(
         let config = InboxConfig {
             topology: config.topology.clone(),
             secret: config.secret.clone(),
+            tls: config.tls.clone(),
             max_frame: config.max_frame,
             credit: config.credit,
             heartbeat: Duration::from_secs(1),
@@ -233,6 +246,7 @@ pub async fn run_worker(
             config.max_frame,
             hello,
             config.secret.as_ref(),
+            config.tls.as_ref(),
         )
         .await
         {
@@ -322,6 +336,7 @@ pub async fn run_worker(
             OutboxConfig {
                 topology: config.topology.clone(),
                 secret: config.secret.clone(),
+                tls: config.tls.clone(),
                 session: welcome.session,
                 from: Some(me),
                 batch_size,

@@ -44,6 +44,7 @@ use tempest_transport::codec::delivery_size;
 use tempest_transport::gate::{Gate, GateConfig, Handshake};
 use tempest_transport::link::{self, Liveness, NoHello};
 use tempest_transport::outbox::{Outbox, OutboxConfig};
+use tempest_transport::tls::DataTls;
 use tempest_transport::wire::{
     ErrorCode, Frame, Members, Report, Role, SlotInfo, SlotRef, TaskMembers, Welcome, WorkerHello,
 };
@@ -61,6 +62,11 @@ pub struct ServerConfig {
     /// The deployment's data-plane secret, which workers must prove they
     /// have (challenge and response; never sent), if set.
     pub secret: Option<Secret>,
+    /// The data plane's TLS, if the deployment has it: worker connections
+    /// must then open with a TLS handshake and a certificate of the
+    /// cluster's CA (plain text is refused), and the server's peer links to
+    /// the root task's workers use it too.
+    pub tls: Option<DataTls>,
     /// The largest frame accepted or sent.
     pub max_frame: usize,
     /// How often an idle peer must be heard from; silence for three times
@@ -77,6 +83,7 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             secret: None,
+            tls: None,
             max_frame: DEFAULT_MAX_FRAME,
             heartbeat: Duration::from_secs(1),
             handshake_timeout: link::HANDSHAKE_TIMEOUT,
@@ -519,14 +526,27 @@ async fn handshake(
 }
 
 async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, pending: Handshake) {
-    let mut conn = link::framed(
-        stream,
-        tempest_transport::codec::PRE_AUTH_MAX_FRAME.min(shared.config.max_frame),
-    );
+    let evicted = pending.evicted.clone();
+    let accepted = tokio::select! {
+        r = link::accept(
+            stream,
+            peer,
+            shared.config.tls.as_ref(),
+            shared.config.handshake_timeout,
+            tempest_transport::codec::PRE_AUTH_MAX_FRAME.min(shared.config.max_frame),
+        ) => r,
+        _ = evicted.cancelled() => Err(link::AcceptError::Closed),
+    };
+    let mut conn = match accepted {
+        Ok(conn) => conn,
+        Err(e) => {
+            link::count_refusal(&shared.gate, &shared.rejected, peer, &e);
+            return;
+        }
+    };
     let id = shared
         .next_conn
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let evicted = pending.evicted.clone();
     let outcome = tokio::select! {
         r = handshake(&mut conn, &shared, peer) => r,
         _ = evicted.cancelled() => Err(NoHello::Refuse(
@@ -697,6 +717,12 @@ impl TopologyServer {
         })
     }
 
+    /// The server's metrics (a clone shares them): what a run counts, to
+    /// read while it runs.
+    pub fn registry(&self) -> tempest_core::metrics::Registry {
+        self.parts.registry.clone()
+    }
+
     /// The address workers connect to.
     pub fn local_addr(&self) -> Result<SocketAddr, RunError> {
         self.listener.local_addr().map_err(|source| RunError::Io {
@@ -724,6 +750,7 @@ impl TopologyServer {
             OutboxConfig {
                 topology: settings.name.clone(),
                 secret: self.config.secret.clone(),
+                tls: self.config.tls.clone(),
                 session,
                 from: None,
                 batch_size,
@@ -784,6 +811,11 @@ impl TopologyServer {
             next_conn: std::sync::atomic::AtomicU64::new(1),
         });
         let goodbye_wait = settings.grace_period.min(Duration::from_secs(5));
+        if self.config.tls.is_some() {
+            tracing::info!("data plane: TLS, mutual, against the cluster's CA (worker connections and peer links)");
+        } else {
+            tracing::info!("data plane: plain text (no TLS configured)");
+        }
         let acceptor = tokio::spawn(accept(self.listener, shared, goodbye_wait));
         let end = self.parts.drive(control.clone(), shutdown).await;
         let _ = stop_tx.send(true);

@@ -197,7 +197,7 @@ fn dag_of(mut topology: Topology) -> Arc<Dag> {
     Arc::new(topology.dag().expect("a valid pipeline"))
 }
 
-type Raw = tokio_util::codec::Framed<TcpStream, FrameCodec>;
+type Raw = link::Conn;
 
 async fn raw(addr: SocketAddr) -> Raw {
     let s = timeout(WAIT, TcpStream::connect(addr))

@@ -24,7 +24,8 @@ use tempest_core::Delivery;
 
 use crate::auth::Secret;
 use crate::gate::{Gate, GateConfig, Handshake};
-use crate::link::{self, Liveness, NoHello};
+use crate::link::{self, AcceptError, Liveness, NoHello};
+use crate::tls::DataTls;
 use crate::wire::{ErrorCode, Frame, PeerHello, PeerWelcome, Role, SlotRef};
 
 /// Who this worker is in its server's current session; `None` between
@@ -44,6 +45,9 @@ pub struct InboxConfig {
     pub topology: String,
     /// The data-plane secret links must prove, if any.
     pub secret: Option<Secret>,
+    /// The data plane's TLS, if the deployment has it: links must then
+    /// open with a TLS handshake and a certificate of the cluster's CA.
+    pub tls: Option<DataTls>,
     /// The largest frame.
     pub max_frame: usize,
     /// Batches each link may have outstanding.
@@ -125,11 +129,7 @@ pub async fn serve(
                     let shared = shared.clone();
                     let stop = stop.clone();
                     links.spawn(async move {
-                        let conn = link::framed(
-                            stream,
-                            crate::codec::PRE_AUTH_MAX_FRAME.min(shared.config.max_frame),
-                        );
-                        serve_link(conn, peer, shared, stop, handshake).await
+                        serve_link(stream, peer, shared, stop, handshake).await
                     });
                 }
                 Err(e) => {
@@ -208,13 +208,30 @@ async fn handshake(
 }
 
 async fn serve_link(
-    mut conn: link::Conn,
+    stream: tokio::net::TcpStream,
     peer: std::net::SocketAddr,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
     pending: Handshake,
 ) {
     let evicted = pending.evicted.clone();
+    let accepted = tokio::select! {
+        r = link::accept(
+            stream,
+            peer,
+            shared.config.tls.as_ref(),
+            shared.config.handshake_timeout,
+            crate::codec::PRE_AUTH_MAX_FRAME.min(shared.config.max_frame),
+        ) => r,
+        _ = evicted.cancelled() => Err(AcceptError::Closed),
+    };
+    let mut conn = match accepted {
+        Ok(conn) => conn,
+        Err(e) => {
+            link::count_refusal(&shared.gate, &shared.rejected, peer, &e);
+            return;
+        }
+    };
     let outcome = tokio::select! {
         r = handshake(&mut conn, &shared, peer) => r,
         _ = evicted.cancelled() => Err(NoHello::Refuse(

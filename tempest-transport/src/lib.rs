@@ -8,8 +8,10 @@
 //!   zero-copy fast path for batches of messages;
 //! - [`auth`]: the challenge and response that proves the data-plane
 //!   secret without sending it;
-//! - [`link`]: what every connection shares (handshake deadline, liveness,
-//!   refusals);
+//! - [`tls`]: TLS on every link (rustls), mutual, against the cluster's
+//!   CA, under the challenge and response;
+//! - [`link`]: what every connection shares (plain or TLS stream,
+//!   accepting and connecting, handshake deadline, liveness, refusals);
 //! - [`gate`]: connection limits of an accepting port;
 //! - [`outbox`]: the sending side of peer links, with credit-based
 //!   backpressure and load-aware shuffle;
@@ -26,7 +28,9 @@ pub mod gate;
 pub mod inbox;
 pub mod link;
 pub mod outbox;
+pub mod tls;
 pub mod wire;
 
 pub use codec::{FrameCodec, WireError};
+pub use tls::{DataTls, TlsError};
 pub use wire::{Frame, DEFAULT_MAX_FRAME, PROTOCOL_VERSION};

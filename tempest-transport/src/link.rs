@@ -1,31 +1,238 @@
-//! What every connection of the data plane shares: the framed TCP stream,
-//! liveness (heartbeats, silence), the handshake deadline, and closing with
-//! a reason.
+//! What every connection of the data plane shares: the framed stream (plain
+//! TCP, or TLS over it), accepting and connecting, liveness (heartbeats,
+//! silence), the handshake deadline, and closing with a reason.
 
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 
 use crate::auth::{self, Secret, Side};
+use tempest_core::metrics::Counter;
+
 use crate::codec::{FrameCodec, WireError};
+use crate::gate::Gate;
+use crate::tls::{DataTls, HANDSHAKE_RECORD};
 use crate::wire::{ErrorCode, Frame, Hello};
 
+/// The byte stream under a connection: plain TCP, or TLS over TCP.
+#[derive(Debug)]
+pub enum Stream {
+    /// Plain TCP (a deployment without TLS).
+    Plain(TcpStream),
+    /// TLS over TCP, either side.
+    Tls(Box<tokio_rustls::TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    /// The TCP stream underneath.
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(s) => s.get_ref().0,
+        }
+    }
+
+    /// True when the stream is TLS.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Stream::Tls(_))
+    }
+}
+
+impl From<TcpStream> for Stream {
+    fn from(s: TcpStream) -> Self {
+        Stream::Plain(s)
+    }
+}
+
+impl From<tokio_rustls::TlsStream<TcpStream>> for Stream {
+    fn from(s: tokio_rustls::TlsStream<TcpStream>) -> Self {
+        Stream::Tls(Box::new(s))
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
 /// A framed connection.
-pub type Conn = Framed<TcpStream, FrameCodec>;
+pub type Conn = Framed<Stream, FrameCodec>;
 
 /// How long a new connection has to say `Hello` (by default), and a
 /// connector to hear an answer to its own.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Frames `stream` with `max_frame`, Nagle off (frames are written whole,
-/// and waiting for more would only add latency).
-pub fn framed(stream: TcpStream, max_frame: usize) -> Conn {
+fn nodelay(stream: &TcpStream) {
     if let Err(e) = stream.set_nodelay(true) {
         tracing::debug!("cannot set TCP_NODELAY: {e}");
     }
+}
+
+/// Frames `stream` with `max_frame`, Nagle off (frames are written whole,
+/// and waiting for more would only add latency).
+pub fn framed(stream: impl Into<Stream>, max_frame: usize) -> Conn {
+    let stream = stream.into();
+    nodelay(stream.tcp());
     Framed::new(stream, FrameCodec::new(max_frame))
+}
+
+/// Why an accepted connection did not get as far as its `Hello`: the
+/// connection is closed (what was to be said was said, and logged).
+#[derive(Debug)]
+pub enum AcceptError {
+    /// It closed, or said nothing, before its first byte (a port probe).
+    Closed,
+    /// Plain text on a port that requires TLS: told so, logged, closed.
+    PlainText,
+    /// Its TLS handshake did not end within the deadline.
+    TlsTimeout,
+    /// Its TLS handshake failed (a certificate of another CA, none, not
+    /// TLS at all): logged, closed. Counts as a failed authentication.
+    Tls(String),
+}
+
+impl std::fmt::Display for AcceptError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AcceptError::Closed => f.write_str("closed before its first byte"),
+            AcceptError::PlainText => f.write_str("plain text on a port that requires TLS"),
+            AcceptError::TlsTimeout => f.write_str("no TLS handshake in time"),
+            AcceptError::Tls(e) => write!(f, "TLS handshake failed: {e}"),
+        }
+    }
+}
+
+/// Counts a connection that failed in [`accept`] (which logged it) in the
+/// port's `rejected` metric; a failed TLS handshake also counts as a failed
+/// authentication of its address at the gate.
+pub fn count_refusal(gate: &Gate, rejected: &Counter, peer: SocketAddr, e: &AcceptError) {
+    match e {
+        AcceptError::Closed => {
+            tracing::debug!(%peer, "connection closed before its handshake");
+        }
+        AcceptError::PlainText | AcceptError::TlsTimeout => rejected.inc(),
+        AcceptError::Tls(_) => {
+            rejected.inc();
+            gate.failed_auth(peer.ip());
+        }
+    }
+}
+
+/// The message a plain-text connector gets from a port that requires TLS.
+pub const TLS_REQUIRED: &str = "this data-plane port requires TLS";
+
+/// Accepts a new connection from `peer`, framed under `max_frame` (the
+/// pre-authentication limit). Without `tls`, it is framed as it is. With
+/// `tls`, its first byte must open a TLS handshake, which must end (with a
+/// client certificate of the cluster's CA) within `deadline`: plain text is
+/// refused with an `Error` (in plain text) saying TLS is required, and a
+/// failed handshake is closed; both are logged at warn.
+pub async fn accept(
+    stream: TcpStream,
+    peer: SocketAddr,
+    tls: Option<&DataTls>,
+    deadline: Duration,
+    max_frame: usize,
+) -> Result<Conn, AcceptError> {
+    let Some(tls) = tls else {
+        return Ok(framed(stream, max_frame));
+    };
+    nodelay(&stream);
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(deadline, stream.peek(&mut first)).await {
+        Err(_) => return Err(AcceptError::TlsTimeout),
+        Ok(Err(_)) | Ok(Ok(0)) => return Err(AcceptError::Closed),
+        Ok(Ok(_)) => {}
+    }
+    if first[0] != HANDSHAKE_RECORD {
+        tracing::warn!(
+            "refused a plain-text connection from {peer}: {TLS_REQUIRED} (is the peer missing its TEMPEST_DATA_TLS_* certificate?)"
+        );
+        let mut conn = framed(stream, max_frame);
+        refuse(
+            &mut conn,
+            ErrorCode::BadToken,
+            format!(
+                "{TLS_REQUIRED}: set {}, {} and {}",
+                crate::tls::CERT_ENV,
+                crate::tls::KEY_ENV,
+                crate::tls::CA_ENV
+            ),
+        )
+        .await;
+        return Err(AcceptError::PlainText);
+    }
+    match tokio::time::timeout(deadline, tls.acceptor().accept(stream)).await {
+        Err(_) => {
+            tracing::warn!("TLS handshake with {peer} failed: no handshake within {deadline:?}");
+            Err(AcceptError::TlsTimeout)
+        }
+        Ok(Err(e)) => {
+            tracing::warn!("TLS handshake with {peer} failed: {e}");
+            Err(AcceptError::Tls(e.to_string()))
+        }
+        Ok(Ok(s)) => Ok(framed(tokio_rustls::TlsStream::Server(s), max_frame)),
+    }
 }
 
 /// Gives an accepted connection its full frame limit, once its handshake
@@ -216,20 +423,37 @@ async fn next_frame(conn: &mut Conn, addr: &str) -> Result<Frame, String> {
     }
 }
 
-/// Connects to `addr`, sends `hello`, answers the acceptor's challenge with
-/// `secret` (and checks the acceptor's own proof), and returns the first
-/// frame after that: a `Welcome`, a `PeerWelcome` or an `Error`. Errors are
-/// strings for logs: the caller retries.
+/// Connects to `addr` (with `tls`, runs the TLS handshake first, checking
+/// the acceptor's certificate against the CA for [`crate::tls::SERVER_NAME`]
+/// and presenting the deployment's), sends `hello`, answers the acceptor's
+/// challenge with `secret` (and checks the acceptor's own proof), and
+/// returns the first frame after that: a `Welcome`, a `PeerWelcome` or an
+/// `Error`. Errors are strings for logs: the caller retries.
 pub async fn connect(
     addr: &str,
     max_frame: usize,
     hello: Hello,
     secret: Option<&Secret>,
+    tls: Option<&DataTls>,
 ) -> Result<(Conn, Frame), String> {
     let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(addr))
         .await
         .map_err(|_| format!("connecting to {addr} timed out"))?
         .map_err(|e| format!("connecting to {addr}: {e}"))?;
+    let stream: Stream = match tls {
+        None => stream.into(),
+        Some(tls) => {
+            nodelay(&stream);
+            let handshake = tls.connector().connect(DataTls::server_name(), stream);
+            let s = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+                .await
+                .map_err(|_| format!("TLS handshake with {addr} timed out"))?
+                .map_err(|e| {
+                    format!("TLS handshake with {addr} failed: {e} (does it run without TLS, or with another CA?)")
+                })?;
+            tokio_rustls::TlsStream::Client(s).into()
+        }
+    };
     let mut conn = framed(stream, max_frame);
     let transcript = hello.transcript();
     let connector = hello.nonce;

@@ -37,6 +37,7 @@ use tempest_core::Delivery;
 use crate::auth::Secret;
 use crate::codec::delivery_size;
 use crate::link::{self, Liveness};
+use crate::tls::DataTls;
 use crate::wire::{Deliveries, Frame, Hello, Members, PeerHello, Role, SlotRef};
 
 /// How an outbox sends.
@@ -46,6 +47,8 @@ pub struct OutboxConfig {
     pub topology: String,
     /// The data-plane secret, if the deployment has one.
     pub secret: Option<Secret>,
+    /// The data plane's TLS, if the deployment has it.
+    pub tls: Option<DataTls>,
     /// The topology server's session.
     pub session: u64,
     /// The sending instance, or `None` for the topology server.
@@ -513,7 +516,15 @@ impl Link {
                 to: self.to,
             }),
         );
-        match link::connect(&self.peer, c.max_frame, hello, c.secret.as_ref()).await? {
+        match link::connect(
+            &self.peer,
+            c.max_frame,
+            hello,
+            c.secret.as_ref(),
+            c.tls.as_ref(),
+        )
+        .await?
+        {
             (conn, Frame::PeerWelcome(w)) => Ok((
                 conn,
                 w.credit.max(1),

@@ -1286,7 +1286,7 @@ async fn a_connector_runs_the_documented_handshake() {
 
     // The whole handshake, with an acceptor written from the document.
     let (connected, ()) = tokio::join!(
-        link::connect(&addr, DEFAULT_MAX_FRAME, hello(), Some(&secret)),
+        link::connect(&addr, DEFAULT_MAX_FRAME, hello(), Some(&secret), None),
         documented_acceptor(&listener, SECRET.as_bytes(), true),
     );
     let (_, answer) = connected.expect("connected");
@@ -1294,7 +1294,7 @@ async fn a_connector_runs_the_documented_handshake() {
 
     // An acceptor that does not challenge is not one of ours.
     let (connected, ()) = tokio::join!(
-        link::connect(&addr, DEFAULT_MAX_FRAME, hello(), Some(&secret)),
+        link::connect(&addr, DEFAULT_MAX_FRAME, hello(), Some(&secret), None),
         documented_acceptor(&listener, SECRET.as_bytes(), false),
     );
     let e = connected.expect_err("refused");
@@ -1302,7 +1302,7 @@ async fn a_connector_runs_the_documented_handshake() {
 
     // Nor is one whose own proof is wrong (it has another secret).
     let (connected, ()) = tokio::join!(
-        link::connect(&addr, DEFAULT_MAX_FRAME, hello(), Some(&secret)),
+        link::connect(&addr, DEFAULT_MAX_FRAME, hello(), Some(&secret), None),
         async {
             let (stream, _) = listener.accept().await.expect("accept");
             let mut conn = Framed::new(stream, FrameCodec::new(PRE_AUTH_MAX_FRAME));
@@ -1335,7 +1335,7 @@ async fn a_connector_runs_the_documented_handshake() {
     // A connector with the wrong secret gets the acceptor's refusal.
     let wrong = Secret::new("correct horse battery stapler").expect("long enough");
     let (connected, ()) = tokio::join!(
-        link::connect(&addr, DEFAULT_MAX_FRAME, hello(), Some(&wrong)),
+        link::connect(&addr, DEFAULT_MAX_FRAME, hello(), Some(&wrong), None),
         documented_acceptor(&listener, SECRET.as_bytes(), true),
     );
     let (_, answer) = connected.expect("an answer");
@@ -1352,7 +1352,7 @@ async fn a_connector_runs_the_documented_handshake() {
 
     // A connector without a secret cannot answer a challenge.
     let (connected, ()) = tokio::join!(
-        link::connect(&addr, DEFAULT_MAX_FRAME, hello(), None),
+        link::connect(&addr, DEFAULT_MAX_FRAME, hello(), None, None),
         documented_acceptor(&listener, SECRET.as_bytes(), true),
     );
     let e = connected.expect_err("refused");
@@ -1360,7 +1360,7 @@ async fn a_connector_runs_the_documented_handshake() {
 
     // Without a secret on either side, the Hello is answered directly.
     let (connected, ()) = tokio::join!(
-        link::connect(&addr, DEFAULT_MAX_FRAME, hello(), None),
+        link::connect(&addr, DEFAULT_MAX_FRAME, hello(), None, None),
         documented_acceptor(&listener, b"", false),
     );
     assert!(matches!(

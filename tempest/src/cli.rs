@@ -15,6 +15,7 @@ use tempest_task::worker::{run_worker, WorkerConfig};
 use tempest_topology::standalone::{start_scrape, target_problems};
 use tempest_topology::{DriveEnd, RunReport, ServerConfig, Standalone, TopologyServer};
 use tempest_transport::auth::Secret;
+use tempest_transport::tls::DataTls;
 
 /// A Tempest topology package.
 #[derive(Debug, Parser)]
@@ -184,6 +185,18 @@ impl WireArgs {
             None => Secret::from_env()?,
         })
     }
+
+    /// The data plane's TLS: from `--tls-cert`, `--tls-key` and `--tls-ca`
+    /// (each defaulting to its environment variable), none when none is
+    /// given, an error naming the missing one when only some are.
+    pub fn tls(&self) -> anyhow::Result<Option<DataTls>> {
+        let given = |p: &Option<PathBuf>| p.clone().filter(|p| !p.as_os_str().is_empty());
+        Ok(DataTls::from_paths(
+            ("--tls-cert (TEMPEST_DATA_TLS_CERT)", given(&self.tls_cert)),
+            ("--tls-key (TEMPEST_DATA_TLS_KEY)", given(&self.tls_key)),
+            ("--tls-ca (TEMPEST_DATA_TLS_CA)", given(&self.tls_ca)),
+        )?)
+    }
 }
 
 impl MetricArgs {
@@ -216,6 +229,20 @@ pub struct WireArgs {
     #[arg(long, default_value_t = tempest_transport::DEFAULT_MAX_FRAME,
           value_parser = parse_max_frame)]
     pub max_frame: usize,
+    /// A PEM file with the deployment's data-plane certificate chain (the
+    /// agent sets TEMPEST_DATA_TLS_CERT). With --tls-key and --tls-ca, every
+    /// connection of the data plane is TLS, mutual, against the CA; without
+    /// any of the three, plain text.
+    #[arg(long, value_name = "PATH", env = tempest_transport::tls::CERT_ENV)]
+    pub tls_cert: Option<PathBuf>,
+    /// A PEM file with the certificate's private key (a path: a key is
+    /// never taken on the command line).
+    #[arg(long, value_name = "PATH", env = tempest_transport::tls::KEY_ENV)]
+    pub tls_key: Option<PathBuf>,
+    /// A PEM file with the cluster's CA certificate, which every peer's
+    /// certificate must chain to.
+    #[arg(long, value_name = "PATH", env = tempest_transport::tls::CA_ENV)]
+    pub tls_ca: Option<PathBuf>,
 }
 
 /// Starts `tracing` output on stderr at `level`, unless `RUST_LOG` is set.
@@ -389,6 +416,7 @@ fn run(cli: Cli, build: impl FnOnce() -> Topology) -> anyhow::Result<()> {
             let server = ServerConfig {
                 listen: std::net::SocketAddr::new(host, port),
                 secret: wire.secret()?,
+                tls: wire.tls()?,
                 max_frame: wire.max_frame,
                 heartbeat: std::time::Duration::from_millis(heartbeat_ms.max(10)),
                 ..ServerConfig::default()
@@ -424,6 +452,7 @@ fn run(cli: Cli, build: impl FnOnce() -> Topology) -> anyhow::Result<()> {
             worker.instances = instances.unwrap_or(dag.task(idx).workers);
             worker.layout = layout;
             worker.secret = wire.secret()?;
+            worker.tls = wire.tls()?;
             worker.max_frame = wire.max_frame;
             worker.credit = credit.max(1);
             worker.peer_listen = peer_listen;
@@ -538,4 +567,53 @@ fn summary(report: &RunReport) {
             _ => String::new(),
         }
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wire(args: &[&str]) -> WireArgs {
+        #[derive(Debug, Parser)]
+        struct Wire {
+            #[command(flatten)]
+            wire: WireArgs,
+        }
+        Wire::try_parse_from(std::iter::once("t").chain(args.iter().copied()))
+            .expect("the flags parse")
+            .wire
+    }
+
+    /// Only run where the environment does not set the TLS variables (the
+    /// flags default to them).
+    fn no_tls_env() -> bool {
+        use tempest_transport::tls::{CA_ENV, CERT_ENV, KEY_ENV};
+        [CERT_ENV, KEY_ENV, CA_ENV]
+            .iter()
+            .all(|v| std::env::var_os(v).is_none())
+    }
+
+    #[test]
+    fn tls_flags_all_or_none() {
+        if !no_tls_env() {
+            return;
+        }
+        assert!(wire(&[]).tls().expect("no TLS").is_none());
+        let e = wire(&["--tls-cert", "/c.pem", "--tls-ca", "/ca.pem"])
+            .tls()
+            .expect_err("no key");
+        assert!(e.to_string().contains("--tls-key"), "{e}");
+        assert!(e.to_string().contains("TEMPEST_DATA_TLS_KEY"), "{e}");
+        let e = wire(&[
+            "--tls-cert",
+            "/nonexistent/c.pem",
+            "--tls-key",
+            "/k.pem",
+            "--tls-ca",
+            "/ca.pem",
+        ])
+        .tls()
+        .expect_err("no such file");
+        assert!(e.to_string().contains("/nonexistent/c.pem"), "{e}");
+    }
 }
