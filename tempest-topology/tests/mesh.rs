@@ -57,6 +57,7 @@ fn secret() -> Secret {
 /// A topology server running on the test's runtime.
 struct Server {
     addr: SocketAddr,
+    registry: Registry,
     stop: watch::Sender<bool>,
     run: JoinHandle<Result<RunReport, RunError>>,
 }
@@ -68,9 +69,15 @@ async fn start_server(topology: Topology, f: impl FnOnce(&mut ServerConfig)) -> 
         .await
         .expect("the server binds");
     let addr = server.local_addr().expect("the listener has an address");
+    let registry = server.registry();
     let (stop, shutdown) = watch::channel(false);
     let run = tokio::spawn(server.run(shutdown));
-    Server { addr, stop, run }
+    Server {
+        addr,
+        registry,
+        stop,
+        run,
+    }
 }
 
 impl Server {
@@ -1147,4 +1154,411 @@ async fn a_connection_flood_does_not_keep_workers_out() {
         }
     }
     assert!(closed >= 200 - 16, "only {closed} of the flood were closed");
+}
+
+// ---------------------------------------------------------------------------
+// 6. TLS on the data plane.
+// ---------------------------------------------------------------------------
+
+#[path = "../../tempest-transport/tests/common/certs.rs"]
+mod certs;
+use certs::Ca;
+use tempest_transport::tls::DataTls;
+
+/// The `Hello`'s magic as it crosses the wire (postcard's varint of
+/// `wire::MAGIC`), which a version-1 Hello pins.
+const MAGIC_ON_THE_WIRE: [u8; 5] = [0xd0, 0x9a, 0x95, 0xa2, 0x05];
+
+/// What this test binary logged at warn and above, to look for the lines
+/// an operator would see. (One subscriber for the whole binary: tests look
+/// for lines only they cause.)
+fn logs() -> &'static Mutex<Vec<u8>> {
+    static LOGS: std::sync::OnceLock<Mutex<Vec<u8>>> = std::sync::OnceLock::new();
+    static INIT: std::sync::Once = std::sync::Once::new();
+    let buffer = LOGS.get_or_init(|| Mutex::new(Vec::new()));
+    INIT.call_once(|| {
+        struct Capture;
+        impl std::io::Write for Capture {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                logs().lock().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let _ = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(false)
+            .with_writer(|| Capture)
+            .try_init();
+    });
+    buffer
+}
+
+fn logged(needle: &str) -> usize {
+    String::from_utf8_lossy(&logs().lock())
+        .matches(needle)
+        .count()
+}
+
+/// Forwards every connection from `listener` to `to`, recording both
+/// directions of all of them in `wire`, and counting them.
+async fn recording_relay(
+    listener: TcpListener,
+    to: SocketAddr,
+    wire: Arc<Mutex<Vec<u8>>>,
+    connections: Arc<std::sync::atomic::AtomicUsize>,
+) {
+    async fn pump(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        wire: Arc<Mutex<Vec<u8>>>,
+    ) {
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            match from.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    wire.lock().extend_from_slice(&buf[..n]);
+                    if to.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = to.shutdown().await;
+    }
+    while let Ok((inbound, _)) = listener.accept().await {
+        let Ok(outbound) = TcpStream::connect(to).await else {
+            continue;
+        };
+        connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (ir, iw) = inbound.into_split();
+        let (or, ow) = outbound.into_split();
+        tokio::spawn(pump(ir, ow, wire.clone()));
+        tokio::spawn(pump(or, iw, wire.clone()));
+    }
+}
+
+/// A free loopback port (for a worker's peer port that a relay must know
+/// before the worker starts).
+fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+}
+
+fn worker_rejected(server: &Server) -> u64 {
+    server
+        .registry
+        .snapshot()
+        .counter("tempest_worker_rejected", &[])
+}
+
+/// Split ×3 feeding count ×3 with TLS and the secret on every link (the
+/// server's control links and root links, the workers' peer links): every
+/// root is acked, every word counted at least once, at the instance its
+/// key names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_flow_end_to_end_over_tls() {
+    const NAME: &str = "tls-keys";
+    let ca = Ca::new("the cluster");
+    let sentences: Vec<String> = (0..1_500)
+        .map(|i| format!("w{} w{} w{}", i % 7, i % 11, i % 13))
+        .collect();
+    let seen = Seen::default();
+    let server = start_server(split_count(NAME, sentences.clone(), &seen, 3), |c| {
+        c.secret = Some(secret());
+        c.tls = Some(ca.data_tls());
+    })
+    .await;
+    let dag = dag_of(split_count(NAME, Vec::new(), &seen, 3));
+    let mut workers = Vec::new();
+    for (task, n) in [("split", 3), ("count", 3)] {
+        for i in 0..n {
+            let mut config = worker(server.addr, NAME, task, i, n);
+            config.secret = Some(secret());
+            config.tls = Some(ca.data_tls());
+            workers.push(spawn_worker(dag.clone(), config, Registry::default()));
+        }
+    }
+    let registry = server.registry.clone();
+    let report = server.finish(WAIT).await;
+    for w in workers {
+        let r = w.stop().await;
+        assert!(r.connections >= 1, "a worker joined over TLS");
+    }
+    assert_eq!(report.acked(), sentences.len() as u64, "every root acked");
+    let mut expected: HashMap<String, usize> = HashMap::new();
+    for s in &sentences {
+        for w in s.split_whitespace() {
+            *expected.entry(w.to_owned()).or_default() += 1;
+        }
+    }
+    let got = seen.0.lock().clone();
+    assert_eq!(got.len(), expected.len());
+    for (word, instances) in got {
+        let want = key_instance(word.as_bytes(), 3);
+        assert!(
+            instances.iter().all(|&i| i == want),
+            "{word} went to {instances:?}, its key names {want}"
+        );
+        assert!(
+            instances.len() >= expected[&word],
+            "{word} counted {} times of {}",
+            instances.len(),
+            expected[&word]
+        );
+    }
+    assert_eq!(
+        registry.snapshot().counter("tempest_worker_rejected", &[]),
+        0,
+        "no worker was refused"
+    );
+}
+
+/// Runs one worker of `one_task` with `n` canary payloads, its control link
+/// and the server's peer link to it both through a relay that records both
+/// directions; returns what crossed the wire and how many connections.
+async fn captured_run(tls: Option<DataTls>, n: usize) -> (Vec<u8>, usize) {
+    let name = if tls.is_some() {
+        "captured-tls"
+    } else {
+        "captured-plain"
+    };
+    let seen = Seen::default();
+    let canaries = |n: usize| {
+        Topology::builder(name)
+            .source(MemorySource::new(
+                (0..n).map(|i| format!("plaintext-canary-{i}")),
+            ))
+            .pipeline(Pipeline::new().task("t", record(&seen)))
+            .build()
+            .unwrap()
+    };
+    let server = start_server(canaries(n), |c| {
+        c.secret = Some(secret());
+        c.tls = tls.clone();
+    })
+    .await;
+    let wire = Arc::new(Mutex::new(Vec::new()));
+    let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // The control link, through a relay.
+    let control = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let control_addr = control.local_addr().expect("addr");
+    let mut relays = vec![tokio::spawn(recording_relay(
+        control,
+        server.addr,
+        wire.clone(),
+        connections.clone(),
+    ))];
+    // The server's peer link to the worker, through another: the worker
+    // advertises the relay.
+    let peer_port = free_port();
+    let peer_relay = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let advertised = peer_relay.local_addr().expect("addr");
+    relays.push(tokio::spawn(recording_relay(
+        peer_relay,
+        peer_port,
+        wire.clone(),
+        connections.clone(),
+    )));
+    let mut config = worker(control_addr, name, "t", 0, 1);
+    config.secret = Some(secret());
+    config.tls = tls;
+    config.peer_listen = peer_port;
+    config.peer_advertise = Some(advertised.to_string());
+    let w = spawn_worker(dag_of(canaries(0)), config, Registry::default());
+    let report = server.finish(WAIT).await;
+    assert_eq!(
+        report.acked(),
+        n as u64,
+        "every root acked through the relays"
+    );
+    assert_eq!(seen.distinct(), n);
+    w.stop().await;
+    for r in relays {
+        r.abort();
+    }
+    let wire = wire.lock().clone();
+    (wire, connections.load(std::sync::atomic::Ordering::Relaxed))
+}
+
+fn holds(wire: &[u8], needle: &[u8]) -> bool {
+    wire.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Under TLS, neither the secret, nor the Hello's magic, nor any payload
+/// crosses the wire in clear; the same run in plain text shows all but the
+/// secret (so the capture would see them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_crosses_the_wire_in_clear_under_tls() {
+    const N: usize = 500;
+    let ca = Ca::new("the cluster");
+
+    let (plain, links) = captured_run(None, N).await;
+    assert!(links >= 2, "both links went through the relays: {links}");
+    assert!(
+        holds(&plain, &MAGIC_ON_THE_WIRE),
+        "the capture sees a plain Hello"
+    );
+    assert!(
+        holds(&plain, b"plaintext-canary-"),
+        "the capture sees plain payloads"
+    );
+    assert!(
+        !holds(&plain, SECRET.as_bytes()),
+        "the secret never crosses"
+    );
+
+    let (tls, links) = captured_run(Some(ca.data_tls()), N).await;
+    assert!(links >= 2, "both links went through the relays: {links}");
+    assert!(
+        tls.len() > N * "plaintext-canary-".len(),
+        "the messages crossed the relays: {} bytes",
+        tls.len()
+    );
+    assert_eq!(tls.first(), Some(&0x16), "a TLS handshake record first");
+    assert!(
+        !holds(&tls, SECRET.as_bytes()),
+        "the secret crossed the wire"
+    );
+    assert!(
+        !holds(&tls, &MAGIC_ON_THE_WIRE),
+        "the Hello's magic crossed the wire in clear"
+    );
+    assert!(
+        !holds(&tls, b"plaintext-canary-"),
+        "a payload crossed the wire in clear"
+    );
+    assert!(
+        !holds(&tls, NAME_ON_THE_WIRE),
+        "the topology's name crossed in clear"
+    );
+}
+
+/// The topology name of the TLS capture, which a plain Hello carries.
+const NAME_ON_THE_WIRE: &[u8] = b"captured-tls";
+
+/// A TLS server refuses, and says why in its log: a connector whose
+/// certificate is of another CA; a worker in plain text (which stops:
+/// only an operator can fix it); a worker of another CA, again and again
+/// (it never joins), until its address is shut out for failed handshakes,
+/// which then keeps out even a good certificate from that address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_server_refuses_other_cas_and_plain_text() {
+    const NAME: &str = "tls-refusals";
+    logs();
+    let ca = Ca::new("the cluster");
+    let intruder = Ca::new("another cluster");
+    let seen = Seen::default();
+    let server = start_server(one_task(NAME, 100, &seen), |c| {
+        c.secret = Some(secret());
+        c.tls = Some(ca.data_tls());
+        c.gate.max_failures = 3;
+    })
+    .await;
+    let addr = server.addr.to_string();
+    let hello = || {
+        Hello::new(
+            NAME,
+            Role::Worker(WorkerHello {
+                task: "t".into(),
+                instance: Some(0),
+                instances: 1,
+                layout: 0,
+                peer: "127.0.0.1:9".into(),
+            }),
+        )
+    };
+    let failed_before = logged("TLS handshake with 127.0.0.1:");
+
+    // A certificate of another CA (trusting ours): the server refuses it.
+    let bad = intruder.data_tls_trusting(&ca);
+    let e = match link::connect(&addr, 1 << 20, hello(), Some(&secret()), Some(&bad)).await {
+        Err(e) => e,
+        Ok((_, answer)) => panic!("a certificate of another CA got an answer: {answer:?}"),
+    };
+    assert!(e.contains(&addr), "{e}");
+    wait_until("the refusal is counted", || worker_rejected(&server) >= 1).await;
+    assert!(
+        logged("TLS handshake with 127.0.0.1:") > failed_before,
+        "the server logs the failed TLS handshake"
+    );
+
+    // A worker in plain text (with the right secret): refused, told why.
+    let plain_before = logged("refused a plain-text connection from 127.0.0.1:");
+    let mut config = worker(server.addr, NAME, "t", 0, 1);
+    config.secret = Some(secret());
+    let (_stop, shutdown) = watch::channel(false);
+    let outcome = timeout(
+        WAIT,
+        run_worker(
+            dag_of(one_task(NAME, 0, &seen)),
+            config,
+            Registry::default(),
+            shutdown,
+        ),
+    )
+    .await
+    .expect("the plain-text worker stops");
+    match outcome {
+        Err(WorkerError::Refused {
+            code: ErrorCode::BadToken,
+            message,
+        }) => assert!(message.contains(link::TLS_REQUIRED), "{message}"),
+        other => panic!("expected a refusal for plain text, got {other:?}"),
+    }
+    wait_until("the plain-text refusal is counted", || {
+        worker_rejected(&server) >= 2
+    })
+    .await;
+    let line = String::from_utf8_lossy(&logs().lock())
+        .lines()
+        .find(|l| l.contains("refused a plain-text connection from 127.0.0.1:"))
+        .map(str::to_owned);
+    assert!(
+        logged("refused a plain-text connection from 127.0.0.1:") > plain_before,
+        "the server logs the plain-text connection"
+    );
+    let line = line.expect("the line");
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains("TEMPEST_DATA_TLS_*"), "{line}");
+
+    // A real worker of another CA: it tries and is refused until the gate
+    // shuts its address out (three failed handshakes in all); it never
+    // joins.
+    let mut config = worker(server.addr, NAME, "t", 0, 1);
+    config.secret = Some(secret());
+    config.tls = Some(bad);
+    config.reconnect_max = Duration::from_millis(100);
+    let w = spawn_worker(
+        dag_of(one_task(NAME, 0, &seen)),
+        config,
+        Registry::default(),
+    );
+    wait_until("the other CA's worker is refused twice more", || {
+        worker_rejected(&server) >= 4
+    })
+    .await;
+    let report = w.stop().await;
+    assert_eq!(report.connections, 0, "the other CA's worker joined");
+    assert_eq!(seen.distinct(), 0, "a refused worker handled roots");
+
+    // The address is shut out: even our own certificate is closed at once.
+    let e = match link::connect(
+        &addr,
+        1 << 20,
+        hello(),
+        Some(&secret()),
+        Some(&ca.data_tls()),
+    )
+    .await
+    {
+        Err(e) => e,
+        Ok((_, answer)) => panic!("a shut-out address got an answer: {answer:?}"),
+    };
+    assert!(e.contains("TLS handshake with"), "{e}");
+    drop(server);
 }

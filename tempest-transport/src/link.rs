@@ -172,8 +172,9 @@ pub fn count_refusal(gate: &Gate, rejected: &Counter, peer: SocketAddr, e: &Acce
         }
         AcceptError::PlainText | AcceptError::TlsTimeout => rejected.inc(),
         AcceptError::Tls(_) => {
-            rejected.inc();
+            // The gate first: whoever sees the count sees the failure counted.
             gate.failed_auth(peer.ip());
+            rejected.inc();
         }
     }
 }
@@ -449,7 +450,12 @@ pub async fn connect(
                 .await
                 .map_err(|_| format!("TLS handshake with {addr} timed out"))?
                 .map_err(|e| {
-                    format!("TLS handshake with {addr} failed: {e} (does it run without TLS, or with another CA?)")
+                    let hint = if e.kind() == io::ErrorKind::UnexpectedEof {
+                        "it closed the connection: does it take another CA, or has it shut this address out after failed handshakes?"
+                    } else {
+                        "does it run without TLS, or with another CA?"
+                    };
+                    format!("TLS handshake with {addr} failed: {e} ({hint})")
                 })?;
             tokio_rustls::TlsStream::Client(s).into()
         }
