@@ -151,6 +151,7 @@ async fn a_certificate_of_another_ca_is_refused_by_the_acceptor() {
         Ok((_, answer)) => panic!("the intruder got an answer: {answer:?}"),
     };
     assert!(e.contains(&addr), "{e}");
+    assert!(e.contains("alert"), "the acceptor's TLS alert: {e}");
     match accepted {
         Err(Ok(AcceptError::Tls(why))) => {
             assert!(why.contains("certificate"), "{why}");
