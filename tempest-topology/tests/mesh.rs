@@ -1562,3 +1562,60 @@ async fn a_tls_server_refuses_other_cas_and_plain_text() {
     assert!(e.contains("TLS handshake with"), "{e}");
     drop(server);
 }
+
+/// A worker's peer port under TLS refuses a sender in plain text, telling
+/// it why, and counts it; the worker goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_peer_port_refuses_plain_text() {
+    const NAME: &str = "tls-peer-port";
+    const N: usize = 200;
+    let ca = Ca::new("the cluster");
+    let seen = Seen::default();
+    let server = start_server(one_task(NAME, N, &seen), |c| {
+        c.secret = Some(secret());
+        c.tls = Some(ca.data_tls());
+    })
+    .await;
+    let peer_port = free_port();
+    let mut config = worker(server.addr, NAME, "t", 0, 1);
+    config.secret = Some(secret());
+    config.tls = Some(ca.data_tls());
+    config.peer_listen = peer_port;
+    let metrics = Registry::default();
+    let w = spawn_worker(dag_of(one_task(NAME, 0, &seen)), config, metrics.clone());
+    let report = server.finish(WAIT).await;
+    assert_eq!(
+        report.acked(),
+        N as u64,
+        "the roots came over a TLS peer link"
+    );
+
+    let hello = Hello::new(
+        NAME,
+        Role::Peer(PeerHello {
+            session: 1,
+            from: None,
+            to: SlotRef {
+                task: 0,
+                instance: 0,
+                incarnation: 0,
+            },
+        }),
+    );
+    let frames = bad_peer(peer_port, &encode(&Frame::Hello(hello))).await;
+    assert_refused(
+        "plain text on a TLS peer port",
+        &frames,
+        ErrorCode::BadToken,
+    );
+    let Some(Frame::Error { message, .. }) = frames.first() else {
+        unreachable!("assert_refused saw one Error")
+    };
+    assert!(message.contains(link::TLS_REQUIRED), "{message}");
+    // Counted once the connection is closed: wait for it.
+    wait_until("the peer port counts the refusal", || {
+        metrics.snapshot().counter("tempest_peer_rejected", &[]) == 1
+    })
+    .await;
+    w.stop().await;
+}
