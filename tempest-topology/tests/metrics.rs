@@ -1,11 +1,13 @@
 //! Metric targets end to end, in process: statsd datagrams received on a
 //! loopback socket, the file target's JSON lines, the Prometheus endpoint
-//! scraped over HTTP and parsed with a real parser, broken targets that do
-//! not stop the flow, and numbers that agree with what the runtime saw.
+//! scraped over HTTP and parsed with the workspace's parser
+//! (`tempest_control::exposition`), broken targets that do not stop the
+//! flow, and numbers that agree with what the runtime saw.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use tempest_control::exposition::{self, Number, Sample};
 use tempest_core::metrics::{catalog, hostname, Labels, Registry, TargetSpec};
 use tempest_core::{Msg, Pipeline, TaskError, TaskResult, Topology};
 use tempest_testkit::StatsdListener;
@@ -317,61 +319,71 @@ async fn the_scrape_endpoint_serves_real_histograms() {
         "{content_type}"
     );
     let body = response.text().await.unwrap();
-    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).unwrap();
+    let families = exposition::parse(&body).unwrap_or_else(|e| panic!("{e} in\n{body}"));
+    let samples: Vec<&Sample> = families.iter().flat_map(|f| &f.samples).collect();
 
     let find = |name: &str| {
-        scrape
-            .samples
+        *samples
             .iter()
-            .find(|s| s.metric == name)
+            .find(|s| s.name == name)
             .unwrap_or_else(|| panic!("no {name} in\n{body}"))
     };
-    let host = hostname();
-    let hist = find("tempest_task_handle_latency_seconds");
-    assert_eq!(hist.labels.get("task"), Some("split"));
-    assert_eq!(hist.labels.get("topology"), Some("scraped"));
-    assert_eq!(hist.labels.get("host"), Some(host.as_str()));
-    let prometheus_parse::Value::Histogram(buckets) = &hist.value else {
-        panic!("not a histogram: {hist:?}");
+    let family = |name: &str| {
+        families
+            .iter()
+            .find(|f| f.name == name)
+            .unwrap_or_else(|| panic!("no family {name} in\n{body}"))
     };
+    let host = hostname();
+    let hist = family("tempest_task_handle_latency_seconds");
+    assert_eq!(hist.kind.as_deref(), Some("histogram"), "{hist:?}");
+    // The buckets: the family's `_bucket` samples of this series, in the
+    // order written, as (upper bound, cumulative count).
+    let series = |s: &Sample| {
+        s.label("task") == Some("split")
+            && s.label("topology") == Some("scraped")
+            && s.label("host") == Some(host.as_str())
+    };
+    let buckets: Vec<(f64, f64)> = hist
+        .samples
+        .iter()
+        .filter(|s| s.name == "tempest_task_handle_latency_seconds_bucket" && series(s))
+        .map(|s| {
+            let le = s.label("le").unwrap_or_else(|| panic!("no le: {s:?}"));
+            let le = Number::parse(le).unwrap_or_else(|| panic!("bad le: {s:?}"));
+            (le.as_f64(), s.value.as_f64())
+        })
+        .collect();
     let total: u64 = recorded.iter().map(|(_, n)| n).sum();
     assert!(buckets.len() > 20, "{buckets:?}");
     let mut last_le = 0.0;
-    for b in buckets {
-        assert!(b.less_than > last_le, "bounds in order: {buckets:?}");
-        last_le = b.less_than;
+    for &(le, count) in &buckets {
+        assert!(le > last_le, "bounds in order: {buckets:?}");
+        last_le = le;
         // Exact: every bound is a bucket's upper bound, so the count at it is
         // the number of recorded values at or below it.
-        let want: u64 = if b.less_than.is_infinite() {
+        let want: u64 = if le.is_infinite() {
             total
         } else {
-            let le_micros = (b.less_than * 1e6).round() as u64;
+            let le_micros = (le * 1e6).round() as u64;
             recorded
                 .iter()
                 .filter(|(v, _)| *v <= le_micros)
                 .map(|(_, n)| n)
                 .sum()
         };
-        assert_eq!(b.count, want as f64, "le={}", b.less_than);
+        assert_eq!(count, want as f64, "le={le}");
     }
-    assert!(buckets.last().unwrap().less_than.is_infinite());
+    assert!(buckets.last().unwrap().0.is_infinite());
     // The bounds are the buckets holding 1, 2 and 5 × 10^k µs: 100 µs is in
     // the bucket that ends at 103 µs.
-    assert!(
-        buckets.iter().any(|b| b.less_than == 0.000103),
-        "{buckets:?}"
-    );
+    assert!(buckets.iter().any(|&(le, _)| le == 0.000103), "{buckets:?}");
 
-    let value = |name: &str| match find(name).value {
-        prometheus_parse::Value::Untyped(v)
-        | prometheus_parse::Value::Counter(v)
-        | prometheus_parse::Value::Gauge(v) => v,
-        ref other => panic!("{name}: {other:?}"),
-    };
+    let value = |name: &str| find(name).value.as_f64();
+    let sum = find("tempest_task_handle_latency_seconds_sum");
+    assert!(series(sum), "{sum:?}");
     let sum_micros: u64 = recorded.iter().map(|(v, n)| v * n).sum();
-    assert!(
-        (value("tempest_task_handle_latency_seconds_sum") - sum_micros as f64 / 1e6).abs() < 1e-9
-    );
+    assert!((sum.value.as_f64() - sum_micros as f64 / 1e6).abs() < 1e-9);
     assert_eq!(
         value("tempest_task_handle_latency_seconds_count"),
         total as f64
@@ -379,11 +391,21 @@ async fn the_scrape_endpoint_serves_real_histograms() {
     assert_eq!(value("tempest_source_acked_total"), 42.0);
     assert_eq!(value("tempest_task_capacity"), 0.25);
     assert_eq!(value("tempest_task_busy_seconds_total"), 2.5);
-    assert!(matches!(
-        find("tempest_source_acked_total").value,
-        prometheus_parse::Value::Counter(_)
-    ));
-    assert!(scrape.docs["tempest_task_handle_latency_seconds"].contains("seconds"));
+    // Each sample's family declares its type.
+    let kind_of = |sample: &str| {
+        families
+            .iter()
+            .find(|f| f.samples.iter().any(|s| s.name == sample))
+            .and_then(|f| f.kind.as_deref())
+    };
+    assert_eq!(kind_of("tempest_source_acked_total"), Some("counter"));
+    assert_eq!(kind_of("tempest_task_busy_seconds_total"), Some("counter"));
+    assert_eq!(kind_of("tempest_task_capacity"), Some("gauge"));
+    assert_eq!(
+        kind_of("tempest_task_handle_latency_seconds_count"),
+        Some("histogram")
+    );
+    assert!(hist.help.as_deref().is_some_and(|h| h.contains("seconds")));
 
     // Live: a second scrape sees new values.
     h.record(3);

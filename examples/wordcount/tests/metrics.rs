@@ -3,9 +3,10 @@
 //! (`--metrics-target`, `--metrics-interval`) replacing the ones in
 //! Topology.toml. Both the server and a worker serve `/metrics` on a port
 //! they pick (printed as `metrics on http://ADDR/metrics`); the test scrapes
-//! them over HTTP while the run goes on, parses the exposition with a real
-//! parser, receives a worker's statsd datagrams on a loopback socket, and
-//! checks the server's file target against the run's own summary.
+//! them over HTTP while the run goes on, parses the exposition with the
+//! workspace's parser (`tempest_control::exposition`), receives a worker's
+//! statsd datagrams on a loopback socket, and checks the server's file
+//! target against the run's own summary.
 
 #![cfg(unix)]
 
@@ -17,6 +18,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::{command_info, summary, task_args, write_config, Proc, LISTENING};
+use tempest_control::exposition::{self, Family};
 use tempest_testkit::StatsdListener;
 
 /// The bound on any single wait.
@@ -41,7 +43,7 @@ fn metrics_addr(p: &mut Proc) -> String {
 }
 
 /// `GET /metrics` over a plain TCP connection, parsed.
-fn scrape(addr: &str) -> prometheus_parse::Scrape {
+fn scrape(addr: &str) -> Vec<Family> {
     let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(
@@ -58,20 +60,15 @@ fn scrape(addr: &str) -> prometheus_parse::Scrape {
             .contains("content-type: text/plain; version=0.0.4"),
         "{head}"
     );
-    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).unwrap()
+    exposition::parse(body).unwrap_or_else(|e| panic!("{e} in\n{body}"))
 }
 
 /// The value of `name` whose labels include `labels`, if present.
-fn value(s: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    s.samples
-        .iter()
-        .filter(|x| x.metric == name && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
-        .find_map(|x| match x.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => Some(v),
-            _ => None,
-        })
+fn value(s: &[Family], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    s.iter()
+        .flat_map(|f| &f.samples)
+        .find(|x| x.name == name && labels.iter().all(|(k, v)| x.label(k) == Some(*v)))
+        .map(|x| x.value.as_f64())
 }
 
 /// Sum of the counter lines `name:N|c|#tags` whose tags include `want`.
@@ -196,10 +193,10 @@ fn processes_serve_metrics_and_the_numbers_agree() {
         let linked = value(&s, "tempest_peer_links", &[("direction", "out")]) == Some(1.0);
         if connected && linked {
             let host = s
-                .samples
                 .iter()
-                .find(|x| x.metric == "tempest_worker_connections")
-                .and_then(|x| x.labels.get("host").map(str::to_owned));
+                .flat_map(|f| &f.samples)
+                .find(|x| x.name == "tempest_worker_connections")
+                .and_then(|x| x.label("host").map(str::to_owned));
             assert!(host.is_some_and(|h| !h.is_empty()), "no host label");
             break;
         }
@@ -245,11 +242,17 @@ fn processes_serve_metrics_and_the_numbers_agree() {
         (handled - latency_count).abs() <= 64.0,
         "{handled} messages in, {latency_count} latencies"
     );
+    // The latency is a histogram with buckets: its family is typed so and
+    // holds `_bucket` samples (with `le`) of the split task.
     assert!(w
-        .samples
         .iter()
-        .any(|x| x.metric == "tempest_task_handle_latency_seconds"
-            && matches!(x.value, prometheus_parse::Value::Histogram(_))));
+        .any(|f| f.name == "tempest_task_handle_latency_seconds"
+            && f.kind.as_deref() == Some("histogram")
+            && f.samples
+                .iter()
+                .any(|x| x.name == "tempest_task_handle_latency_seconds_bucket"
+                    && x.label("task") == Some("split")
+                    && x.label("le").is_some())));
 
     // The run ends by itself; its summary and its file agree.
     let out = server.wait_success(LIMIT);
