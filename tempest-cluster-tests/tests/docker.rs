@@ -365,6 +365,296 @@ fn check_mesh(cluster: &Cluster, what: &str) -> Value {
     Value::Object(figures)
 }
 
+/// The files each container holds, in `/run/secrets/tempest` (mounted from
+/// the TLS directory) and `/run/tempest` (installed by the entrypoint).
+fn expected_secrets(service: &str) -> BTreeSet<&'static str> {
+    if service == "director" {
+        [
+            "admin.token",
+            "agent.token",
+            "ca.crt",
+            "ca.key",
+            "director.crt",
+            "director.key",
+            "viewer.token",
+        ]
+        .into()
+    } else {
+        ["agent.crt", "agent.key", "agent.token", "ca.crt"].into()
+    }
+}
+
+/// TLS and the scoped credentials, from the host and in the containers:
+///
+/// - the director's published port speaks TLS only: plain HTTP gets no
+///   answer, a client trusting another CA refuses its certificate, and one
+///   trusting the cluster CA reads its health;
+/// - its API wants a credential (401 without), the viewer token reads but
+///   cannot change (403), and the agent token is refused without the
+///   cluster's client certificate (403);
+/// - every daemon runs as the tempest user without capabilities, and holds
+///   its own files only (the agents neither the CA's key nor the director's,
+///   nor the admin or viewer token), each the tempest user's, mode 0600.
+fn check_tls_links(cluster: &Cluster, hash: &str) -> Value {
+    let started = Instant::now();
+    // Plain HTTP on the https port: no HTTP answer.
+    let plain = tempest_testkit::http::request_within(
+        &cluster.director,
+        "GET",
+        "/api/v1/health",
+        &[],
+        b"",
+        Duration::from_secs(10),
+    );
+    let plain_refused = match &plain {
+        Err(e) => e.to_string(),
+        Ok(r) => panic!(
+            "the director answered plain HTTP on its published port: {} {}",
+            r.status, r.body
+        ),
+    };
+    // Another CA's client does not take the director's certificate.
+    let other = tempfile::tempdir().expect("a temporary directory");
+    let other_ca = other.path().join("ca.crt");
+    std::fs::write(
+        &other_ca,
+        tempest_control::tls::ClusterCa::generate()
+            .expect("a CA")
+            .cert_pem(),
+    )
+    .expect("writing another CA");
+    let foreign = support::https::Https::new(&cluster.director, &other_ca).request(
+        "GET",
+        "/api/v1/health",
+        &[],
+        b"",
+        Duration::from_secs(10),
+    );
+    let foreign_refused = match foreign {
+        Err(e) => e.to_string(),
+        Ok(r) => panic!(
+            "a client trusting another CA took the director's certificate: {} {}",
+            r.status, r.body
+        ),
+    };
+    let status = |method: &str, path: &str, token: Option<&str>, body: &[u8]| {
+        cluster
+            .request_as(method, path, token, body)
+            .unwrap_or_else(|e| panic!("{method} {path} over TLS: {e}"))
+            .status
+    };
+    assert_eq!(
+        status("GET", "/api/v1/health", None, b""),
+        200,
+        "the director's health over TLS"
+    );
+    assert_eq!(
+        status("GET", "/api/v1/agents", None, b""),
+        401,
+        "a read without a token"
+    );
+    let token = |file: &str| {
+        std::fs::read_to_string(cluster.tls_dir.join(file))
+            .unwrap_or_else(|e| panic!("reading {file}: {e}"))
+            .trim()
+            .to_owned()
+    };
+    let viewer = token("viewer.token");
+    assert_eq!(
+        status("GET", "/api/v1/agents", Some(&viewer), b""),
+        200,
+        "a read with the viewer token"
+    );
+    let stop = format!("/api/v1/topologies/{TOPOLOGY}/stop");
+    assert_eq!(
+        status("POST", &stop, Some(&viewer), b""),
+        403,
+        "a change with the viewer token"
+    );
+    let agent = token("agent.token");
+    assert_eq!(
+        status(
+            "GET",
+            &format!("/api/v1/packages/{hash}/archive"),
+            Some(&agent),
+            b""
+        ),
+        403,
+        "the agent token without the cluster's client certificate"
+    );
+
+    // In the containers: who runs, and what each holds.
+    let mut held = Map::new();
+    for service in ["director"].iter().chain(AGENTS.iter()) {
+        let out = cluster.exec(
+            service,
+            "awk '/^(Uid|Gid|CapEff):/ {print $1, $2}' /proc/1/status; \
+             for f in /run/secrets/tempest/*; do echo \"M ${f##*/}\"; done; \
+             cd /run/tempest && for f in *; do echo \"I $f $(stat -c '%a %U' \"$f\")\"; done",
+        );
+        assert!(out.ok, "reading {service}'s files: {}", out.text());
+        let lines: Vec<&str> = out.stdout.lines().collect();
+        for want in ["Uid: 999", "Gid: 999", "CapEff: 0000000000000000"] {
+            assert!(
+                lines.contains(&want),
+                "{service}'s daemon should run as tempest (999) without capabilities: {lines:?}"
+            );
+        }
+        let expected = expected_secrets(service);
+        let mounted: BTreeSet<&str> = lines.iter().filter_map(|l| l.strip_prefix("M ")).collect();
+        assert_eq!(mounted, expected, "the files mounted in {service}");
+        let installed: BTreeMap<&str, &str> = lines
+            .iter()
+            .filter_map(|l| l.strip_prefix("I ")?.split_once(' '))
+            .collect();
+        assert_eq!(
+            installed.keys().copied().collect::<BTreeSet<_>>(),
+            expected,
+            "the files installed in {service}'s /run/tempest"
+        );
+        assert!(
+            installed.values().all(|m| *m == "600 tempest"),
+            "{service}'s files are the tempest user's, mode 0600: {installed:?}"
+        );
+        held.insert((*service).to_owned(), json!(expected));
+    }
+    json!({
+        "step": "tls-links",
+        "plain_http": plain_refused,
+        "other_ca": foreign_refused,
+        "files": held,
+        "ms": ms(started.elapsed()),
+    })
+}
+
+/// The data plane is TLS: every placed process of word count has its
+/// deployment's certificate, key (the tempest user's, mode 0600) and CA in
+/// its environment, with its data-plane secret and no token of the
+/// cluster's, and its log says its data plane is TLS; no process's log
+/// says plain text.
+fn check_data_plane_tls(cluster: &Cluster, what: &str) -> Value {
+    let started = Instant::now();
+    let placed = wait_for(
+        &format!("{what}: every process running"),
+        MOVE_BOUND,
+        || {
+            let placed = all_running(&topology(cluster)?, PROCESSES)?;
+            let services = cluster.agents_up()?;
+            placed
+                .into_iter()
+                .map(|(id, agent)| {
+                    let identity = id.strip_prefix(&format!("{TOPOLOGY}/"))?.to_owned();
+                    Some((identity, services.get(&agent)?.clone()))
+                })
+                .collect::<Option<BTreeMap<String, String>>>()
+        },
+    );
+    let script = r#"
+for p in /proc/[0-9]*; do
+  c=$(tr '\000' ' ' < "$p/cmdline" 2>/dev/null) || continue
+  case "$c" in *"/packages/"*) ;; *) continue ;; esac
+  echo "P $c"
+  tr '\000' '\n' < "$p/environ" | sed -n 's/^\(TEMPEST_[A-Za-z0-9_]*\)=.*/E \1/p'
+  key=$(tr '\000' '\n' < "$p/environ" | sed -n 's/^TEMPEST_DATA_TLS_KEY=//p')
+  [ -n "$key" ] && echo "K $(stat -c '%a %U' "$key")"
+done
+for f in /var/lib/tempest-agent/logs/*/std*.log*; do
+  [ -f "$f" ] || continue
+  d=${f%/*}
+  grep -q 'data plane: TLS' "$f" && echo "T ${d##*/}"
+  grep -q 'data plane: plain text' "$f" && echo "X ${d##*/}"
+done
+true
+"#;
+    let mut checked = 0;
+    let mut tls_logs: BTreeSet<(String, String)> = BTreeSet::new();
+    for service in AGENTS {
+        let out = cluster.exec(service, script);
+        assert!(
+            out.ok,
+            "{what}: reading {service}'s processes: {}",
+            out.text()
+        );
+        let mut current: Option<String> = None;
+        let mut processes: BTreeMap<String, (BTreeSet<String>, Option<String>)> = BTreeMap::new();
+        for line in out.stdout.lines() {
+            if let Some(cmdline) = line.strip_prefix("P ") {
+                current = support::cluster::process_identity(cmdline);
+                if let Some(id) = &current {
+                    processes.entry(id.clone()).or_default();
+                }
+            } else if let (Some(name), Some(id)) = (line.strip_prefix("E "), &current) {
+                if let Some(p) = processes.get_mut(id) {
+                    p.0.insert(name.to_owned());
+                }
+            } else if let (Some(mode), Some(id)) = (line.strip_prefix("K "), &current) {
+                if let Some(p) = processes.get_mut(id) {
+                    p.1 = Some(mode.to_owned());
+                }
+            } else if let Some(dir) = line.strip_prefix("T ") {
+                tls_logs.insert((service.to_owned(), log_identity(dir)));
+            } else if let Some(dir) = line.strip_prefix("X ") {
+                panic!("{what}: {service}'s process {dir} says its data plane is plain text");
+            }
+        }
+        for (id, (env, key_mode)) in &processes {
+            if placed.get(id).map(String::as_str) != Some(service) {
+                continue;
+            }
+            for var in [
+                "TEMPEST_DATA_TLS_CERT",
+                "TEMPEST_DATA_TLS_KEY",
+                "TEMPEST_DATA_TLS_CA",
+                "TEMPEST_DATA_SECRET",
+            ] {
+                assert!(
+                    env.contains(var),
+                    "{what}: {id} on {service} has no {var}: its TEMPEST_ variables are {env:?}"
+                );
+            }
+            let tokens: Vec<&String> = env.iter().filter(|v| v.contains("TOKEN")).collect();
+            assert!(
+                tokens.is_empty(),
+                "{what}: {id} on {service} holds a token of the cluster: {tokens:?}"
+            );
+            assert_eq!(
+                key_mode.as_deref(),
+                Some("600 tempest"),
+                "{what}: {id}'s data-plane key on {service}"
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(
+        checked, PROCESSES,
+        "{what}: the processes whose environment was read, of {placed:?}"
+    );
+    let untold: Vec<(&String, &String)> = placed
+        .iter()
+        .filter(|(id, service)| !tls_logs.contains(&((*service).clone(), (*id).clone())))
+        .collect();
+    assert!(
+        untold.is_empty(),
+        "{what}: these processes' logs do not say their data plane is TLS: {untold:?}; \
+         logs that do: {tls_logs:?}"
+    );
+    json!({
+        "step": "data-plane-tls",
+        "when": what,
+        "processes": checked,
+        "logs_saying_tls": tls_logs.len(),
+        "ms": ms(started.elapsed()),
+    })
+}
+
+/// A process's log directory (`wordcount_2Fcount_2F1`, the agent's safe
+/// form of `wordcount/count/1`) -> its identity (`count/1`, `server`).
+fn log_identity(dir: &str) -> String {
+    let id = dir.replace("_2F", "/").replace("_5F", "_");
+    id.strip_prefix(&format!("{TOPOLOGY}/"))
+        .map_or(id.clone(), str::to_owned)
+}
+
 /// Uploads the word count package and deploys it; returns its hash.
 fn deploy(cluster: &Cluster) -> String {
     let manifest = Manifest {
@@ -824,6 +1114,8 @@ fn wordcount_loses_no_sentence_to_killed_or_cut_off_agents_or_restarts() {
         rs::create_group(&mut con).expect("creating the consumer group");
     }
     let hash = deploy(&cluster);
+    report_line(&check_tls_links(&cluster, &hash));
+    report_line(&check_data_plane_tls(&cluster, "after the deploy"));
 
     let base: Vec<String> = wordcount::DEFAULT_SENTENCES
         .lines()
@@ -858,6 +1150,8 @@ fn wordcount_loses_no_sentence_to_killed_or_cut_off_agents_or_restarts() {
 
     // Every agent is back and runs its share at the end.
     let up = cluster.agents_up().expect("the director answers");
+    // The processes started again during the faults run with TLS too.
+    report_line(&check_data_plane_tls(&cluster, "after the faults"));
     assert_eq!(
         up.values().cloned().collect::<BTreeSet<_>>(),
         AGENTS.iter().map(|s| s.to_string()).collect(),

@@ -1,9 +1,11 @@
 //! The compose cluster's lifetime: Docker checked, the images built (the
 //! Debian base with `scripts/docker-base-image` when it is missing, Tempest's
-//! from binaries compiled on the host, Redis's with apt), `docker-compose.yml`
-//! brought up under a project name of its own with free host ports, and torn
-//! down (volumes included) when the [`Cluster`] is dropped, after printing
-//! every container's logs if the test is failing.
+//! from binaries compiled on the host, Redis's with apt), the cluster's CA,
+//! certificates and tokens made as `tempest cluster init` makes them (in a
+//! directory of the run's own, `TEMPEST_TLS_DIR`), `docker-compose.yml`
+//! brought up under a project name of its own with free host ports, TLS on
+//! every link, and torn down (volumes included) when the [`Cluster`] is
+//! dropped, after printing every container's logs if the test is failing.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
@@ -13,9 +15,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use super::https::Https;
 use super::{report_line, wait_for};
+use tempest_control::credentials::write_private_file;
+use tempest_control::tls::ClusterCa;
+use tempest_control::Secret;
 use tempest_testkit::cluster::workspace_dir;
-use tempest_testkit::http::{request_within, Response};
+use tempest_testkit::http::Response;
 
 /// The services of `docker-compose.yml`.
 pub const AGENTS: [&str; 3] = ["agent1", "agent2", "agent3"];
@@ -33,7 +39,7 @@ pub struct Output {
 }
 
 impl Output {
-    fn text(&self) -> String {
+    pub fn text(&self) -> String {
         format!("{}{}", self.stdout, self.stderr)
     }
 }
@@ -263,16 +269,84 @@ fn copy_stripped(src: &Path, dst: &Path) {
 }
 
 /// The Dockerfile's build context as a user's would be after `cargo build`
-/// (`target/<profile>/...`), holding only the binaries, stripped.
+/// (`target/<profile>/...`), holding only the binaries, stripped, and the
+/// image's entrypoint (what `.dockerignore` lets in).
 fn stage_context(bins: &Binaries, dir: &Path) -> PathBuf {
     let target = dir.join("target").join(&bins.profile);
     std::fs::create_dir_all(&target).expect("creating the build context");
     copy_stripped(&bins.director, &target.join("tempest-director"));
     copy_stripped(&bins.agent, &target.join("tempest-agent"));
     copy_stripped(&bins.cli, &target.join("tempest"));
+    let entrypoint = repo_root().join("docker/entrypoint.sh");
+    std::fs::create_dir_all(dir.join("docker")).expect("creating the build context");
+    std::fs::copy(&entrypoint, dir.join("docker/entrypoint.sh"))
+        .unwrap_or_else(|e| panic!("copying {}: {e}", entrypoint.display()));
     let wordcount = dir.join("wordcount");
     copy_stripped(&bins.wordcount, &wordcount);
     wordcount
+}
+
+/// The names in the director's and the agents' certificates: what
+/// `tempest cluster init --host director --host agent1 --host agent2 --host
+/// agent3` puts in them (bar this machine's name).
+pub const CERT_NAMES: [&str; 7] = [
+    "localhost",
+    "127.0.0.1",
+    "::1",
+    "director",
+    "agent1",
+    "agent2",
+    "agent3",
+];
+
+/// The files docker-compose.yml mounts from the TLS directory (the director
+/// gets all but the agents' certificate and key).
+pub const TLS_FILES: [&str; 9] = [
+    "ca.crt",
+    "ca.key",
+    "director.crt",
+    "director.key",
+    "agent.crt",
+    "agent.key",
+    "admin.token",
+    "viewer.token",
+    "agent.token",
+];
+
+/// What `tempest cluster init` writes, with its API: a new cluster CA, the
+/// director's and the agents' certificates (for [`CERT_NAMES`]) and the
+/// three tokens, each file mode 0600, in `dir`. Returns the admin token.
+fn make_tls_dir(dir: &Path) -> Secret {
+    std::fs::create_dir_all(dir).expect("creating the TLS directory");
+    let names: Vec<String> = CERT_NAMES.iter().map(|n| (*n).to_owned()).collect();
+    let ca = ClusterCa::generate().expect("a cluster CA");
+    let director = ca
+        .issue("Tempest director", &names)
+        .expect("the director's certificate");
+    let agent = ca
+        .issue("Tempest agent", &names)
+        .expect("the agents' certificate");
+    let tokens: Vec<Secret> = (0..3)
+        .map(|_| Secret::generate().expect("a token"))
+        .collect();
+    let ca_key = ca.key_pem();
+    let contents: [&str; 9] = [
+        ca.cert_pem(),
+        ca_key.expose(),
+        &director.cert_pem,
+        director.key_pem.expose(),
+        &agent.cert_pem,
+        agent.key_pem.expose(),
+        tokens[0].expose(),
+        tokens[1].expose(),
+        tokens[2].expose(),
+    ];
+    for (file, text) in TLS_FILES.iter().zip(contents) {
+        let path = dir.join(file);
+        write_private_file(&path, text.as_bytes())
+            .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+    }
+    tokens.into_iter().next().expect("the admin token")
 }
 
 fn free_port() -> u16 {
@@ -286,12 +360,17 @@ pub struct Cluster {
     env: Vec<(String, String)>,
     /// A compose file laid over docker-compose.yml: no restart policy.
     override_file: PathBuf,
-    /// The director's API from the host, `127.0.0.1:PORT`.
+    /// The director's API from the host, `127.0.0.1:PORT` (https).
     pub director: String,
+    /// The director's API over TLS, verified against the cluster CA.
+    https: Https,
+    /// The run's TLS directory: what `tempest cluster init` writes, which
+    /// compose mounts the containers' files from.
+    pub tls_dir: PathBuf,
     /// Redis from the host.
     pub redis_url: String,
     /// The director's admin token (the agents hold another, the agent
-    /// token; both reach the containers in their environment).
+    /// token; both reach the containers as files, none in an environment).
     pub token: String,
     /// The compose network.
     pub network: String,
@@ -346,7 +425,12 @@ impl Cluster {
             .collect();
         std::fs::write(&no_restart, format!("services:\n{services}"))
             .expect("writing the compose override");
-        let token = format!("cluster-test-{run}-admin");
+        // The CA, certificates and tokens, as `tempest cluster init` makes
+        // them; compose mounts each container's own.
+        let tls_dir = context.path().join("tls");
+        let token = make_tls_dir(&tls_dir).expose().to_owned();
+        let ca = tls_dir.join("ca.crt");
+        let tls_dir_env = tls_dir.display().to_string();
         let director_port = free_port();
         let redis_port = free_port();
         let env = vec![
@@ -357,16 +441,9 @@ impl Cluster {
                 director_port.to_string(),
             ),
             ("TEMPEST_REDIS_PORT".to_owned(), redis_port.to_string()),
-            ("TEMPEST_ADMIN_TOKEN".to_owned(), token.clone()),
-            (
-                "TEMPEST_VIEWER_TOKEN".to_owned(),
-                format!("cluster-test-{run}-viewer"),
-            ),
-            (
-                "TEMPEST_AGENT_TOKEN".to_owned(),
-                format!("cluster-test-{run}-agent"),
-            ),
+            ("TEMPEST_TLS_DIR".to_owned(), tls_dir_env),
         ];
+        let director = format!("127.0.0.1:{director_port}");
         // From here on, dropping the cluster removes what was made for it
         // (the image included), whatever fails next.
         let mut cluster = Cluster {
@@ -374,7 +451,9 @@ impl Cluster {
             project: format!("tempestct{run}"),
             env,
             override_file: no_restart,
-            director: format!("127.0.0.1:{director_port}"),
+            https: Https::new(&director, &ca),
+            director,
+            tls_dir,
             redis_url: format!("redis://127.0.0.1:{redis_port}/"),
             token,
             network: String::new(),
@@ -531,15 +610,9 @@ impl Cluster {
     /// its `/proc`: `server`, `TASK/INSTANCE`. None when it cannot be read
     /// (the container is not running).
     pub fn processes_in(&self, service: &str) -> Option<Vec<String>> {
-        let out = docker(
-            &[
-                "exec",
-                &self.container(service),
-                "sh",
-                "-c",
-                "for f in /proc/[0-9]*/cmdline; do tr '\\000' ' ' < \"$f\"; echo; done 2>/dev/null",
-            ],
-            Duration::from_secs(30),
+        let out = self.exec(
+            service,
+            "for f in /proc/[0-9]*/cmdline; do tr '\\000' ' ' < \"$f\"; echo; done 2>/dev/null",
         );
         if !out.ok && out.stdout.is_empty() {
             return None;
@@ -562,10 +635,7 @@ for p in /proc/[0-9]*; do
   ls -l "$p/fd" 2>/dev/null | sed -n "s/.*socket:\[\([0-9]*\)\].*/S $pid \1/p"
 done
 "#;
-        let out = docker(
-            &["exec", &self.container(service), "sh", "-c", script],
-            Duration::from_secs(30),
-        );
+        let out = self.exec(service, script);
         if !out.ok && out.stdout.is_empty() {
             return None;
         }
@@ -584,37 +654,73 @@ done
         all
     }
 
-    /// GET on the director with the admin token; None when it does not
-    /// answer.
+    /// GET on the director over TLS with the admin token; None when it
+    /// does not answer.
     pub fn get(&self, path: &str) -> Option<Response> {
+        self.try_get(path).ok()
+    }
+
+    /// GET on the director over TLS with the admin token.
+    pub fn try_get(&self, path: &str) -> std::io::Result<Response> {
         let auth = format!("Bearer {}", self.token);
-        request_within(
-            &self.director,
+        self.https.request(
             "GET",
             path,
             &[("Authorization", auth.as_str())],
             b"",
             Duration::from_secs(10),
         )
-        .ok()
     }
 
-    /// POST on the director with the admin token.
+    /// `method path` on the director over TLS with `token` (none: no
+    /// Authorization header), presenting no client certificate.
+    pub fn request_as(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: &[u8],
+    ) -> std::io::Result<Response> {
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let mut headers = Vec::new();
+        if let Some(a) = &auth {
+            headers.push(("Authorization", a.as_str()));
+        }
+        if body.first() == Some(&b'{') {
+            headers.push(("Content-Type", "application/json"));
+        }
+        self.https
+            .request(method, path, &headers, body, Duration::from_secs(30))
+    }
+
+    /// POST on the director over TLS with the admin token.
     pub fn post(&self, path: &str, body: &[u8]) -> Response {
         let auth = format!("Bearer {}", self.token);
         let mut headers = vec![("Authorization", auth.as_str())];
         if body.first() == Some(&b'{') {
             headers.push(("Content-Type", "application/json"));
         }
-        request_within(
-            &self.director,
-            "POST",
-            path,
-            &headers,
-            body,
-            Duration::from_secs(120),
+        self.https
+            .request("POST", path, &headers, body, Duration::from_secs(120))
+            .unwrap_or_else(|e| panic!("POST {path}: {e}"))
+    }
+
+    /// Runs `script` with `sh -c` in `service`'s container as the tempest
+    /// user, the daemons' (`docker exec` would be root, which may not read
+    /// another user's `/proc/PID/fd` or `environ` without CAP_SYS_PTRACE).
+    pub fn exec(&self, service: &str, script: &str) -> Output {
+        docker(
+            &[
+                "exec",
+                "-u",
+                "tempest",
+                &self.container(service),
+                "sh",
+                "-c",
+                script,
+            ],
+            Duration::from_secs(30),
         )
-        .unwrap_or_else(|e| panic!("POST {path}: {e}"))
     }
 
     /// GET returning JSON from a 200; None otherwise.
@@ -660,6 +766,8 @@ done
                 let out = docker(
                     &[
                         "exec",
+                        "-u",
+                        "tempest",
                         id,
                         "sh",
                         "-c",
@@ -848,7 +956,7 @@ fn service_of(address: &str) -> String {
 
 /// `.../packages/<hash>/wordcount topology --host ...` -> `server`;
 /// `... task --name count --topology-addr A --instance 1 ...` -> `count/1`.
-fn process_identity(cmdline: &str) -> Option<String> {
+pub fn process_identity(cmdline: &str) -> Option<String> {
     let words: Vec<&str> = cmdline.split_whitespace().collect();
     if !words.first()?.contains("/packages/") {
         return None;

@@ -1,11 +1,13 @@
-//! Helpers of the Docker cluster suite: the cluster's lifetime and the
-//! docker commands ([`cluster`]), and the Redis side: the feeder, the consumer group's progress
-//! and the counts ([`redis_side`]).
+//! Helpers of the Docker cluster suite: the cluster's lifetime, its TLS
+//! files and the docker commands ([`cluster`]), the director's API over TLS
+//! ([`https`]), and the Redis side: the feeder, the consumer group's
+//! progress and the counts ([`redis_side`]).
 //!
 //! Nothing waits by sleeping for a fixed time: [`wait_for`] polls until what
 //! is expected holds, within a bound.
 
 pub mod cluster;
+pub mod https;
 pub mod redis_side;
 
 use std::io::Write;
