@@ -40,6 +40,20 @@
 //! end, volumes included, and every container's logs are printed when the
 //! suite fails (`TEMPEST_KEEP_CLUSTER=1` leaves it up).
 //!
+//! The cluster runs with TLS on every link and scoped credentials, from
+//! files made as `tempest cluster init` makes them (a CA, the director's and
+//! the agents' certificates, the admin, viewer and agent tokens), and the
+//! suite talks to the director over https, verified against that CA. After
+//! the deploy it checks the director's published port answers no plain HTTP
+//! and fails a client of another CA, the tokens' scopes (none: 401, the
+//! viewer's change: 403, the agent token without the cluster's client
+//! certificate: 403), and that every daemon runs as the image's tempest
+//! user without capabilities, holding only its own files (the agents
+//! neither the CA's key nor the director's), each 0600; after the deploy
+//! and again after the faults, that every word count process has its
+//! deployment's data-plane certificate, key and CA in its environment and
+//! no token, and that its log says its data plane is TLS.
+//!
 //! Docker is required: without it the suite fails, it never skips.
 
 #![cfg(target_os = "linux")]
