@@ -142,13 +142,31 @@ pub fn gate(agent: &Agent, req: &actix_web::dev::ServiceRequest) -> Result<(), H
     if req.path() == "/api/v1/health" {
         return Ok(());
     }
-    authorize(agent, req.headers())
+    authorize(agent, req.headers(), req.peer_addr().map(|a| a.ip()))
 }
 
-/// Checks the bearer token of a call.
-fn authorize(agent: &Agent, headers: &header::HeaderMap) -> Result<(), HttpResponse> {
+/// Checks the bearer token of a call from `ip`: an address that gave too
+/// many wrong tokens lately is refused (429) before its token is looked at.
+fn authorize(
+    agent: &Agent,
+    headers: &header::HeaderMap,
+    ip: Option<std::net::IpAddr>,
+) -> Result<(), HttpResponse> {
     let Some(token) = &agent.config.token else {
         return Ok(());
+    };
+    if let Some(Err(wait)) = ip.map(|ip| agent.failures.check(ip)) {
+        let secs = wait.as_secs().max(1);
+        return Err(HttpResponse::TooManyRequests()
+            .insert_header((header::RETRY_AFTER, secs.to_string()))
+            .json(ApiError::new(format!(
+                "too many failed authentications from this address: try again in {secs} s"
+            ))));
+    }
+    let fail = || {
+        if let Some(ip) = ip {
+            agent.failures.fail(ip);
+        }
     };
     let unauthorized = |message: &str| {
         HttpResponse::Unauthorized()
@@ -167,10 +185,16 @@ fn authorize(agent: &Agent, headers: &header::HeaderMap) -> Result<(), HttpRespo
         .map(str::trim);
     match given {
         Some(g) if token.matches(g) => Ok(()),
-        Some(_) => Err(unauthorized("wrong agent token")),
-        None => Err(unauthorized(
-            "the Authorization header must be `Bearer <token>`",
-        )),
+        Some(_) => {
+            fail();
+            Err(unauthorized("wrong agent token"))
+        }
+        None => {
+            fail();
+            Err(unauthorized(
+                "the Authorization header must be `Bearer <token>`",
+            ))
+        }
     }
 }
 
@@ -333,6 +357,9 @@ async fn assignment(agent: web::Data<Agent>) -> HttpResponse {
     for spec in &mut a.processes {
         if spec.data_secret.is_some() {
             spec.data_secret = tempest_control::Secret::new("***", "mask").ok();
+        }
+        if let Some(cert) = &mut spec.data_tls {
+            cert.key_pem = tempest_control::tls::KeyPem::masked();
         }
     }
     HttpResponse::Ok().json(a)

@@ -20,6 +20,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
+use tempest_control::tls::{
+    IssuedCert, TlsFiles, DATA_TLS_CA_ENV, DATA_TLS_CERT_ENV, DATA_TLS_KEY_ENV,
+};
 use tempest_control::{Assignment, Heartbeat, ProcessSpec, ProcessState, ProcessStatus, Role};
 use tokio::sync::{mpsc, oneshot, Notify};
 
@@ -599,14 +602,40 @@ impl Reconciler {
             Some(text) => Some(write_config(&self.ctx.configs_dir, text).map_err(Problem::Fail)?),
             None => package.topology_toml.clone(),
         };
-        Ok(build_launch(
-            spec,
-            &package,
-            ports,
-            config.as_deref(),
-            &self.ctx,
-        ))
+        let mut launch = build_launch(spec, &package, ports, config.as_deref(), &self.ctx);
+        if let Some(cert) = &spec.data_tls {
+            let files = write_data_tls(&self.ctx.configs_dir, cert).map_err(Problem::Fail)?;
+            launch.env.extend([
+                (DATA_TLS_CERT_ENV.into(), files.cert.display().to_string()),
+                (DATA_TLS_KEY_ENV.into(), files.key.display().to_string()),
+                (DATA_TLS_CA_ENV.into(), files.ca.display().to_string()),
+            ]);
+        }
+        Ok(launch)
     }
+}
+
+/// Writes a deployment's data-plane certificate, key and CA under the
+/// certificate's content hash, readable by the agent's user only (the
+/// agent's umask), and names the three files.
+fn write_data_tls(dir: &Path, cert: &IssuedCert) -> Result<TlsFiles, String> {
+    let stem = tempest_control::package::sha256_hex(cert.cert_pem.as_bytes());
+    let files = TlsFiles {
+        cert: dir.join(format!("{stem}.crt")),
+        key: dir.join(format!("{stem}.key")),
+        ca: dir.join(format!("{stem}-ca.crt")),
+    };
+    for (path, text) in [
+        (&files.cert, cert.cert_pem.as_str()),
+        (&files.key, cert.key_pem.expose()),
+        (&files.ca, cert.ca_pem.as_str()),
+    ] {
+        if !path.is_file() {
+            write_atomic(path, text.as_bytes())
+                .map_err(|e| format!("writing the data-plane TLS file {}: {e}", path.display()))?;
+        }
+    }
+    Ok(files)
 }
 
 enum Problem {
@@ -629,13 +658,15 @@ fn write_config(dir: &Path, text: &str) -> Result<PathBuf, String> {
     Ok(path)
 }
 
-/// Writes `bytes` to `path` through a temporary file and a rename.
+/// Writes `bytes` to `path` through a temporary file (mode 0600, whatever
+/// the umask) and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, bytes)?;
+    let _ = std::fs::remove_file(&tmp);
+    tempest_control::credentials::write_private_file(&tmp, bytes)?;
     std::fs::rename(&tmp, path)
 }
 
@@ -773,6 +804,7 @@ mod tests {
             config: None,
             env: BTreeMap::new(),
             data_secret: None,
+            data_tls: None,
             generation: 1,
         }
     }

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tempest_control::credentials::{AGENT_TOKEN_ENV, LEGACY_TOKEN_ENV};
+use tempest_control::tls::TlsFiles;
 use tempest_control::Secret;
 use tempest_core::config::{ConfigError, ConfigErrors};
 use toml::Spanned;
@@ -105,8 +106,13 @@ pub struct AgentConfig {
     /// agent heartbeats and downloads packages with it. Its processes never
     /// get it (each gets its deployment's data-plane secret instead).
     pub token: Option<Secret>,
-    /// Serve the API beyond loopback even without a token (logged as a
-    /// warning).
+    /// The agent's certificate, key and the cluster CA: with them the API is
+    /// HTTPS and takes only clients with a certificate of the cluster (the
+    /// director), and the agent presents the certificate to an `https://`
+    /// director, whose own it checks against the CA.
+    pub tls: Option<TlsFiles>,
+    /// Serve the API beyond loopback without a token or TLS, and heartbeat
+    /// to a director beyond loopback over plain HTTP (logged as a warning).
     pub insecure: bool,
     /// Warnings found while reading the settings, logged at start.
     pub warnings: Vec<String>,
@@ -127,6 +133,7 @@ impl Default for AgentConfig {
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             port_range: DEFAULT_PORT_RANGE,
             token: None,
+            tls: None,
             insecure: false,
             warnings: Vec::new(),
             heartbeat: DEFAULT_HEARTBEAT,
@@ -169,8 +176,20 @@ pub struct Cli {
     /// user of the machine: use --token-file or TEMPEST_AGENT_TOKEN.
     #[arg(long, hide = true)]
     pub token: Option<String>,
-    /// Serve the API beyond loopback even without a token: anyone who
-    /// reaches it can then run code on this node.
+    /// The agent's TLS certificate (PEM): with --tls-key and --tls-ca the
+    /// API is HTTPS with mutual TLS, and an https:// director is checked
+    /// against the cluster CA.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM, mode 0600).
+    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_ca"])]
+    pub tls_key: Option<PathBuf>,
+    /// The cluster CA's certificate (PEM).
+    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_key"])]
+    pub tls_ca: Option<PathBuf>,
+    /// Serve the API beyond loopback without a token or TLS, or heartbeat
+    /// to a director beyond loopback over plain http://: anyone who
+    /// reaches or overhears it can then run code on this node.
     #[arg(long)]
     pub insecure: bool,
     /// The heartbeat interval in milliseconds [default: 1000].
@@ -249,6 +268,13 @@ impl Cli {
             }
         }
         config.warnings.extend(warnings);
+        if let (Some(cert), Some(key), Some(ca)) = (&self.tls_cert, &self.tls_key, &self.tls_ca) {
+            config.tls = Some(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: ca.clone(),
+            });
+        }
         config.insecure |= self.insecure;
         if let Some(ms) = self.heartbeat_ms {
             flag(
@@ -331,6 +357,9 @@ const AGENT_KEYS: &[&str] = &[
     "port_range",
     "token_file",
     "token",
+    "tls_cert_file",
+    "tls_key_file",
+    "tls_ca_file",
     "heartbeat_interval",
     "stop_grace",
     "restart_backoff",
@@ -347,6 +376,7 @@ fn read_agent(
     config: &mut AgentConfig,
     errors: &mut Vec<ConfigError>,
 ) {
+    let mut tls_paths = BTreeMap::new();
     for (key, value) in table {
         let full = format!("agent.{key}");
         let mut fail = |message: String| {
@@ -395,6 +425,13 @@ fn read_agent(
                 config.token = Some(v);
                 Ok(())
             }),
+            "tls_cert_file" | "tls_key_file" | "tls_ca_file" => string().and_then(|s| {
+                if s.trim().is_empty() {
+                    return Err("must not be empty".into());
+                }
+                tls_paths.insert(key.as_str(), base.join(s));
+                Ok(())
+            }),
             "heartbeat_interval" => duration()
                 .and_then(check_heartbeat)
                 .map(|v| config.heartbeat = v),
@@ -424,6 +461,22 @@ fn read_agent(
         };
         if let Err(message) = r {
             fail(message);
+        }
+    }
+    match tls_files(&mut tls_paths) {
+        Ok(files) => config.tls = files,
+        Err(missing) => {
+            let given = table
+                .iter()
+                .find(|(k, _)| k.starts_with("tls_"))
+                .map(|(k, v)| (k.clone(), v.span()));
+            if let Some((key, span)) = given {
+                errors.push(doc.error(
+                    Some(span),
+                    Some(&format!("agent.{key}")),
+                    format!("TLS needs tls_cert_file, tls_key_file and tls_ca_file: {missing} is missing"),
+                ));
+            }
         }
     }
     let sup = &config.supervisor;
@@ -516,19 +569,32 @@ pub fn split_host_port(s: &str) -> (&str, Option<&str>) {
     }
 }
 
-/// An `http://` URL; the trailing slash is dropped.
+/// The three TLS files given by `tls_*_file` keys (`None` when none is),
+/// or the name of the one missing.
+fn tls_files(given: &mut BTreeMap<&str, PathBuf>) -> Result<Option<TlsFiles>, &'static str> {
+    if given.is_empty() {
+        return Ok(None);
+    }
+    let mut take = |key: &'static str| given.remove(key).ok_or(key);
+    Ok(Some(TlsFiles {
+        cert: take("tls_cert_file")?,
+        key: take("tls_key_file")?,
+        ca: take("tls_ca_file")?,
+    }))
+}
+
+/// An `http://` or `https://` URL; the trailing slash is dropped.
 pub fn parse_director(s: &str) -> Result<String, String> {
     let s = s.trim();
     let url = reqwest::Url::parse(s)
-        .map_err(|e| format!("`{s}` is not a URL ({e}); such as \"http://10.0.0.1:7300\""))?;
+        .map_err(|e| format!("`{s}` is not a URL ({e}); such as \"https://10.0.0.1:7300\""))?;
     match url.scheme() {
-        "http" => {}
-        "https" => {
+        "http" | "https" => {}
+        other => {
             return Err(format!(
-                "`{s}`: https is not supported by this build; use http:// (on a trusted network) or a TLS-terminating proxy"
+                "`{s}`: the scheme must be http or https, not {other}"
             ))
         }
-        other => return Err(format!("`{s}`: the scheme must be http, not {other}")),
     }
     if url.host_str().is_none_or(str::is_empty) {
         return Err(format!("`{s}` has no host"));
@@ -567,7 +633,10 @@ impl AgentConfig {
     /// Refuses an open bind: an API beyond loopback without a token, unless
     /// `insecure` is set.
     pub fn check(&self) -> Result<(), String> {
-        if !self.listen.ip().is_loopback() && self.token.is_none() && !self.insecure {
+        if self.insecure {
+            return Ok(());
+        }
+        if !self.listen.ip().is_loopback() && self.token.is_none() {
             return Err(format!(
                 "refusing to serve the API on {} without a token: anyone who reaches it could \
                  run code on this node; set token_file (or TEMPEST_AGENT_TOKEN), listen on a \
@@ -575,7 +644,47 @@ impl AgentConfig {
                 self.listen
             ));
         }
+        if !self.listen.ip().is_loopback() && self.tls.is_none() {
+            return Err(format!(
+                "refusing to serve the API on {} without TLS: its token and its processes' \
+                 secrets would cross the network in clear; set tls_cert_file, tls_key_file and \
+                 tls_ca_file (`tempest cluster init` makes them), listen on a loopback address, \
+                 or pass --insecure",
+                self.listen
+            ));
+        }
+        if let Some(url) = &self.director {
+            if url.starts_with("http://") && !is_loopback_url(url) {
+                return Err(format!(
+                    "refusing to heartbeat to {url} over plain http: the agent token would cross \
+                     the network in clear; use an https:// director URL with tls_ca_file, or pass \
+                     --insecure"
+                ));
+            }
+            if url.starts_with("https://") && self.tls.is_none() {
+                return Err(format!(
+                    "the director {url} is https: set tls_cert_file, tls_key_file and tls_ca_file \
+                     (the agent checks the director against the cluster CA and shows its own \
+                     certificate)"
+                ));
+            }
+        }
         Ok(())
+    }
+}
+
+/// Whether `url`'s host is a loopback address or `localhost`.
+pub fn is_loopback_url(url: &str) -> bool {
+    let Some(url) = reqwest::Url::parse(url).ok() else {
+        return false;
+    };
+    match url.host_str() {
+        Some("localhost") => true,
+        Some(host) => host
+            .trim_matches(['[', ']'])
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback()),
+        None => false,
     }
 }
 

@@ -79,6 +79,8 @@ pub struct Agent {
     pub stats: Stats,
     /// The HTTP client for the director and the scrapes.
     pub client: reqwest::Client,
+    /// Failed authentications per client address (rate-limited).
+    pub failures: tempest_control::failures::FailureLimiter,
     /// The runtime the agent's own tasks run on (the API's handlers run on
     /// actix's threads and hand work that needs the client over to it).
     pub runtime: tokio::runtime::Handle,
@@ -270,9 +272,21 @@ pub async fn run(mut config: AgentConfig) -> anyhow::Result<()> {
 
     let supervisor = Supervisor::open(&data_dir, config.supervisor.clone())
         .with_context(|| format!("opening the supervisor over {}", data_dir.display()))?;
+    let identity = match &config.tls {
+        Some(files) => Some(files.load().context("loading the agent's TLS files")?),
+        None => None,
+    };
+    // The director is checked against the cluster CA, and shown the
+    // agent's certificate; without TLS the client trusts no https server.
+    let client_tls = match &identity {
+        Some(id) => id.client_config(),
+        None => tempest_control::tls::client_trusting_nothing(),
+    }
+    .context("the agent's TLS client configuration")?;
     // No proxy from the environment: the scrapes go to 127.0.0.1, and the
     // director is reached as configured.
     let client = reqwest::Client::builder()
+        .use_preconfigured_tls(client_tls)
         .no_proxy()
         .connect_timeout(Duration::from_secs(3))
         .build()
@@ -309,6 +323,7 @@ pub async fn run(mut config: AgentConfig) -> anyhow::Result<()> {
         assigner,
         stats: Stats::default(),
         client,
+        failures: Default::default(),
         runtime: tokio::runtime::Handle::current(),
     });
     let reconciling = tokio::spawn(reconciler.run());
@@ -339,10 +354,23 @@ pub async fn run(mut config: AgentConfig) -> anyhow::Result<()> {
     })
     .workers(2)
     .disable_signals()
-    .shutdown_timeout(2)
-    .listen(listener)
-    .context("serving the API")?
-    .run();
+    .shutdown_timeout(2);
+    // With TLS, only clients with a certificate of the cluster (the
+    // director) get past the handshake.
+    let (server, scheme) = match &identity {
+        Some(id) => (
+            server
+                .listen_rustls_0_23(
+                    listener,
+                    id.server_config(tempest_control::tls::ClientAuth::Required)
+                        .context("the API's TLS configuration")?,
+                )
+                .context("serving the API")?,
+            "https",
+        ),
+        None => (server.listen(listener).context("serving the API")?, "http"),
+    };
+    let server = server.run();
     let handle = server.handle();
     let mut serving = tokio::spawn(server);
     tracing::info!(
@@ -358,7 +386,22 @@ pub async fn run(mut config: AgentConfig) -> anyhow::Result<()> {
             config.listen
         );
     }
-    println!("tempest-agent {id} listening on http://{local}");
+    if !config.listen.ip().is_loopback() && identity.is_none() {
+        tracing::warn!(
+            "--insecure: serving the API on {} without TLS: its token and its processes' \
+             secrets cross the network in clear",
+            config.listen
+        );
+    }
+    if let Some(d) = config.director.as_deref() {
+        if d.starts_with("http://") && !config::is_loopback_url(d) {
+            tracing::warn!(
+                "--insecure: heartbeating to {d} over plain http: the agent token crosses the \
+                 network in clear"
+            );
+        }
+    }
+    println!("tempest-agent {id} listening on {scheme}://{local}");
     {
         use std::io::Write;
         let _ = std::io::stdout().flush();

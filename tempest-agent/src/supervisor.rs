@@ -756,7 +756,12 @@ impl Inner {
         // gets its deployment's data-plane secret in `launch.env`).
         for var in tempest_control::credentials::CREDENTIAL_ENVS
             .iter()
-            .chain([&tempest_control::credentials::DATA_SECRET_ENV])
+            .chain(&[
+                tempest_control::credentials::DATA_SECRET_ENV,
+                tempest_control::tls::DATA_TLS_CERT_ENV,
+                tempest_control::tls::DATA_TLS_KEY_ENV,
+                tempest_control::tls::DATA_TLS_CA_ENV,
+            ])
         {
             command.env_remove(var);
         }
@@ -1100,7 +1105,7 @@ fn run_loop(weak: Weak<Inner>, wake: Arc<Wake>) {
             let Some(inner) = weak.upgrade() else {
                 return;
             };
-            let rotate = ticks % ROTATE_EVERY_TICKS == 0;
+            let rotate = ticks.is_multiple_of(ROTATE_EVERY_TICKS);
             let result =
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.tick(rotate)));
             if result.is_err() {

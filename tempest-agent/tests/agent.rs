@@ -241,6 +241,7 @@ fn spec(id: &str, package: &str, role: Role) -> ProcessSpec {
         config: None,
         env: BTreeMap::new(),
         data_secret: None,
+        data_tls: None,
         generation: 1,
     }
 }
@@ -716,12 +717,20 @@ fn every_call_but_health_needs_the_token_and_typed_bodies() {
         "/api/v1/assignment",
         "/api/v1/nothing/here",
     ] {
-        for token in [None, Some("wrong")] {
+        // (A wrong token on half of them: ten wrong tokens from one
+        // address shut it out for a while, as the next test shows.)
+        let wrong = path.contains("process").then_some("wrong");
+        for token in [None, wrong] {
             let r = agent.proc.get_as(path, token);
             assert_eq!(r.status, 401, "{path} {token:?}: {}", r.body);
             assert!(r.json()["error"].is_string());
         }
-        assert_ne!(agent.get(path).status, 401, "{path} with the token");
+        let r = agent.get(path);
+        assert!(
+            r.status != 401 && r.status != 429,
+            "{path} with the token: {}",
+            r.status
+        );
     }
     // Every change.
     for (token, why) in [(None, "needs the agent token"), (Some("wrong"), "wrong")] {
@@ -763,6 +772,35 @@ fn every_call_but_health_needs_the_token_and_typed_bodies() {
     let r = agent.assign(Some(TOKEN), vec![spec("k/server", &hash, Role::Topology)]);
     assert_eq!(r.status, 200, "{}", r.body);
     agent.wait_running(&["k/server"]);
+}
+
+#[test]
+fn wrong_tokens_from_one_address_are_rate_limited() {
+    let tmp = tempdir();
+    let agent = Agent::secured(&tmp.path().join("data"), &["--port-range", &port_range(4)]);
+    // No token at all is not counted: only wrong ones.
+    for _ in 0..20 {
+        assert_eq!(agent.proc.get_as("/api/v1/node", None).status, 401);
+    }
+    for i in 0..10 {
+        let r = agent.proc.get_as("/api/v1/node", Some("wrong"));
+        assert_eq!(r.status, 401, "attempt {i}: {}", r.body);
+    }
+    // The eleventh is refused before its token is looked at, the right
+    // one included, with when to come back.
+    for token in [Some("wrong"), Some(TOKEN)] {
+        let r = agent.proc.get_as("/api/v1/node", token);
+        assert_eq!(r.status, 429, "{token:?}: {}", r.body);
+        let after: u64 = r.header("retry-after").unwrap().parse().unwrap();
+        assert!((1..=60).contains(&after), "{after}");
+        assert!(
+            r.json()["error"].as_str().unwrap().contains("too many"),
+            "{}",
+            r.body
+        );
+    }
+    // The health check stays open.
+    assert_eq!(agent.proc.get_as("/api/v1/health", None).status, 200);
 }
 
 #[test]
@@ -1297,14 +1335,36 @@ fn refuses_an_open_api_beyond_loopback() {
     );
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
     assert!(!data.exists(), "nothing was made");
-    // With a token it serves; --insecure serves without one, warning.
-    let agent = AgentProcess::start_with_token(
-        &data,
-        &["--listen", "0.0.0.0:0", "--port-range", &port_range(4)],
-        Some(TOKEN),
+    // A token is not enough: beyond loopback the API (its token, its
+    // processes' secrets) needs TLS too.
+    let out = std::process::Command::new(cargo_bin("tempest-agent", "tempest-agent"))
+        .args(["--listen", "0.0.0.0:0", "--data-dir"])
+        .arg(&data)
+        .env("TEMPEST_AGENT_TOKEN", TOKEN)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("without TLS") && err.contains("tls_cert_file") && err.contains("--insecure"),
+        "{err}"
     );
-    assert_eq!(agent.get("/api/v1/processes").status, 200);
-    drop(agent);
+    assert!(!data.exists(), "nothing was made");
+    // Nor does it heartbeat in clear to a director beyond loopback.
+    let out = std::process::Command::new(cargo_bin("tempest-agent", "tempest-agent"))
+        .args(["--director", "http://10.1.2.3:7300", "--data-dir"])
+        .arg(&data)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("plain http") && err.contains("https://"),
+        "{err}"
+    );
+    // --insecure serves without either, warning.
     let agent = AgentProcess::start(
         &tmp.path().join("open"),
         &[
@@ -1317,4 +1377,5 @@ fn refuses_an_open_api_beyond_loopback() {
     );
     let log = std::fs::read_to_string(&agent.daemon.log).unwrap_or_default();
     assert!(log.contains("WARN") && log.contains("--insecure"), "{log}");
+    assert!(log.contains("without TLS"), "{log}");
 }

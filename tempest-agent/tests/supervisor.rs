@@ -89,6 +89,7 @@ fn spec(id: &str, generation: u64) -> ProcessSpec {
         config: None,
         env: BTreeMap::new(),
         data_secret: None,
+        data_tls: None,
         generation,
     }
 }

@@ -25,6 +25,8 @@ use tempest_control::Secret;
 
 /// The director's default URL.
 pub const DEFAULT_DIRECTOR: &str = "http://127.0.0.1:7300";
+/// The director's default listen address.
+const DEFAULT_LISTEN: &str = "127.0.0.1:7300";
 
 /// Where a setting came from, for error messages.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -64,6 +66,8 @@ pub struct ConnArgs {
     pub token: Option<String>,
     /// `--cluster`.
     pub cluster: Option<PathBuf>,
+    /// `--ca`.
+    pub ca: Option<PathBuf>,
 }
 
 /// The director and token, resolved.
@@ -77,6 +81,8 @@ pub struct Target {
     pub token: Option<Secret>,
     /// Where the token came from.
     pub token_origin: Option<Origin>,
+    /// The cluster CA an https:// director is checked against.
+    pub ca: Option<PathBuf>,
 }
 
 /// The director's URL and the admin token a `Cluster.toml` gives.
@@ -89,6 +95,8 @@ pub struct FromFile {
     /// file's directory), else the old `[director] token`. (The agent's
     /// token is not an admin's.)
     pub token: Option<Secret>,
+    /// The cluster CA: `[director] tls_ca_file`, else `[agent]`'s.
+    pub ca: Option<PathBuf>,
 }
 
 /// Reads what the CLI needs from a `Cluster.toml`. The daemons validate
@@ -113,12 +121,21 @@ fn parse_cluster_toml(text: &str, base: &Path) -> std::result::Result<FromFile, 
     };
     let agent = section("agent");
     let director = section("director");
+    let ca = string(director, "tls_ca_file")
+        .or_else(|| string(agent, "tls_ca_file"))
+        .map(|f| base.join(f));
+    // A director with its own certificate serves https.
+    let scheme = if string(director, "tls_cert_file").is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let url = match string(agent, "director") {
         Some(url) => Some(url),
         None => match string(director, "listen") {
-            Some(listen) => Some(format!("http://{}", reachable(&listen)?)),
+            Some(listen) => Some(format!("{scheme}://{}", reachable(&listen)?)),
             // A director configured here listens on its default address.
-            None => director.map(|_| DEFAULT_DIRECTOR.to_owned()),
+            None => director.map(|_| format!("{scheme}://{DEFAULT_LISTEN}")),
         },
     };
     let token = match string(director, "admin_token_file") {
@@ -130,7 +147,7 @@ fn parse_cluster_toml(text: &str, base: &Path) -> std::result::Result<FromFile, 
             .map(|t| Secret::new(&t, "key `director.token`").map_err(|e| e.to_string()))
             .transpose()?,
     };
-    Ok(FromFile { url, token })
+    Ok(FromFile { url, token, ca })
 }
 
 /// A listen address as a client reaches it: every interface becomes
@@ -174,7 +191,7 @@ fn env(var: &'static str) -> Option<String> {
 }
 
 /// Normalises a director URL: `HOST:PORT` gets `http://`, a trailing `/`
-/// goes; only `http://` is supported.
+/// goes; `http://` and `https://` are supported.
 pub fn normalise_url(url: &str) -> Result<String> {
     let url = url.trim();
     let url = if url.contains("://") {
@@ -182,14 +199,18 @@ pub fn normalise_url(url: &str) -> Result<String> {
     } else {
         format!("http://{url}")
     };
-    let Some(rest) = url.strip_prefix("http://") else {
-        bail!("`{url}`: only http:// director URLs are supported");
+    let Some((scheme, rest)) = url
+        .strip_prefix("http://")
+        .map(|r| ("http", r))
+        .or_else(|| url.strip_prefix("https://").map(|r| ("https", r)))
+    else {
+        bail!("`{url}`: a director URL is http:// or https://");
     };
     let rest = rest.trim_end_matches('/');
     if rest.is_empty() {
         bail!("`{url}` has no host");
     }
-    Ok(format!("http://{rest}"))
+    Ok(format!("{scheme}://{rest}"))
 }
 
 impl Target {
@@ -227,6 +248,10 @@ impl Target {
         // elsewhere. No file is read once a flag or the environment named
         // the director; the `tempest dev` file comes after ./Cluster.toml.
         let files = cluster_files(args.cluster.as_deref())?;
+        let mut ca = args
+            .ca
+            .clone()
+            .or_else(|| env("TEMPEST_CA").map(PathBuf::from));
         if url.is_none() {
             for file in files {
                 let from = read_cluster_toml(&file)?;
@@ -234,6 +259,9 @@ impl Target {
                     url = Some((u, Origin::File(file.clone())));
                     if token.is_none() {
                         token = from.token.map(|t| (t, Origin::File(file)));
+                    }
+                    if ca.is_none() {
+                        ca = from.ca;
                     }
                     break;
                 }
@@ -251,6 +279,7 @@ impl Target {
             url_origin,
             token,
             token_origin,
+            ca,
         })
     }
 }
@@ -267,7 +296,22 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 impl Client {
     /// A client of `target`.
     pub fn new(target: Target) -> Result<Client> {
+        // An https director is checked against the cluster CA, and nothing
+        // else: the system's authorities do not vouch for a cluster.
+        let tls = match &target.ca {
+            Some(ca) => tempest_control::tls::client_verifying(ca)
+                .with_context(|| format!("the cluster CA {}", ca.display()))?,
+            None => tempest_control::tls::client_trusting_nothing()?,
+        };
+        if target.url.starts_with("https://") && target.ca.is_none() {
+            bail!(
+                "the director {} is https: give the cluster CA's certificate with --ca, \
+                 TEMPEST_CA or tls_ca_file in Cluster.toml",
+                target.url
+            );
+        }
         let http = Http::builder()
+            .use_preconfigured_tls(tls)
             .connect_timeout(Duration::from_secs(5))
             .timeout(None)
             .user_agent(concat!("tempest-cli/", env!("CARGO_PKG_VERSION")))
@@ -513,7 +557,9 @@ mod tests {
             "http://127.0.0.1:7300"
         );
         assert_eq!(normalise_url("http://h:1/").unwrap(), "http://h:1");
-        assert!(normalise_url("https://h:1").is_err());
+        assert_eq!(normalise_url("https://h:1/").unwrap(), "https://h:1");
+        assert!(normalise_url("ftp://h:1").is_err());
+        assert!(normalise_url("https://").is_err());
         assert!(normalise_url("http://").is_err());
     }
 

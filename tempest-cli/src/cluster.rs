@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 use anyhow::{anyhow, bail, Context, Result};
-use tempest_control::credentials::{write_secret_file, ADMIN_TOKEN_ENV};
+use tempest_control::credentials::{write_private_file, write_secret_file, ADMIN_TOKEN_ENV};
+use tempest_control::tls::ClusterCa;
 use tempest_control::Secret;
 
 use crate::client::ConnArgs;
@@ -33,7 +34,27 @@ pub struct InitArgs {
     /// then refuse to listen beyond loopback without --insecure).
     #[arg(long)]
     pub no_token: bool,
+    /// A host name or IP address the director and the agents are reached
+    /// by, besides localhost, 127.0.0.1, ::1 and this machine's name: it
+    /// goes into their certificates (repeat for several).
+    #[arg(long = "host", value_name = "NAME")]
+    pub hosts: Vec<String>,
+    /// Make no cluster CA and no certificates (the daemons then refuse to
+    /// listen beyond loopback without --insecure).
+    #[arg(long)]
+    pub no_tls: bool,
 }
+
+/// The TLS files `tempest cluster init` writes beside the Cluster.toml
+/// (keys mode 0600).
+pub const TLS_FILES: [&str; 6] = [
+    "ca.crt",
+    "ca.key",
+    "director.crt",
+    "director.key",
+    "agent.crt",
+    "agent.key",
+];
 
 /// The token files `tempest cluster init` writes, beside the Cluster.toml:
 /// (the key that names it, its file name).
@@ -45,7 +66,7 @@ pub const TOKEN_FILES: [(&str, &str); 3] = [
 
 /// The Cluster.toml text: the example with the token files named (when
 /// `tokens`) and the agent's `director` set to this machine's.
-pub fn cluster_toml(tokens: bool) -> Result<String> {
+pub fn cluster_toml(tokens: bool, tls: bool, hosts: &[String]) -> Result<String> {
     let header = "# Cluster.toml: the settings of a Tempest cluster's daemons.\n";
     let mut text = EXAMPLE.replacen(
         header,
@@ -59,27 +80,63 @@ pub fn cluster_toml(tokens: bool) -> Result<String> {
         ),
         1,
     );
-    let mut replace = |from: &str, to: &str, times: usize| -> Result<()> {
+    let replace = |text: &mut String, from: &str, to: &str, times: usize| -> Result<()> {
         if text.matches(from).count() != times {
             bail!("Cluster.toml.example no longer has {times} line(s) `{from}`: update `tempest cluster init`");
         }
-        text = text.replace(from, to);
+        *text = text.replace(from, to);
         Ok(())
     };
+    let scheme = if tls { "https" } else { "http" };
     replace(
-        "# director = \"http://10.0.0.1:7300\"\n",
-        "director = \"http://127.0.0.1:7300\"\n",
+        &mut text,
+        "# director = \"https://10.0.0.1:7300\"\n",
+        &format!("director = \"{scheme}://127.0.0.1:7300\"\n"),
         1,
     )?;
+    if tls {
+        for (key, file) in [
+            ("tls_cert_file", "agent.crt"),
+            ("tls_key_file", "agent.key"),
+            ("tls_ca_file", "ca.crt"),
+            ("tls_cert_file", "director.crt"),
+            ("tls_key_file", "director.key"),
+            ("tls_ca_file", "ca.crt"),
+            ("tls_ca_key_file", "ca.key"),
+        ] {
+            let line = format!("# {key} = \"{file}\"\n");
+            let at = text.find(&line).ok_or_else(|| {
+                anyhow!(
+                    "Cluster.toml.example no longer has `{line}`: update `tempest cluster init`"
+                )
+            })?;
+            text.replace_range(at..at + 2, "");
+        }
+    }
+    let names: Vec<String> = hosts
+        .iter()
+        .filter(|h| h.parse::<std::net::IpAddr>().is_err())
+        .map(|h| format!("{h:?}"))
+        .collect();
+    if !names.is_empty() {
+        replace(
+            &mut text,
+            "# hosts = [\"director.example.internal\"]\n",
+            &format!("hosts = [{}]\n", names.join(", ")),
+            1,
+        )?;
+    }
     if tokens {
         for (key, file) in TOKEN_FILES {
             replace(
+                &mut text,
                 &format!("# {key} = \"{file}\"\n"),
                 &format!("{key} = \"{file}\"\n"),
                 1,
             )?;
         }
         replace(
+            &mut text,
             "# token_file = \"agent.token\"\n",
             "token_file = \"agent.token\"\n",
             1,
@@ -110,6 +167,45 @@ pub fn init(args: &InitArgs, admin: Option<Secret>) -> Result<()> {
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     let mut written = Vec::new();
+    if !args.no_tls {
+        let files: Vec<PathBuf> = TLS_FILES.iter().map(|f| dir.join(f)).collect();
+        if let Some(f) = files.iter().find(|f| f.exists()) {
+            return Err(exists(f));
+        }
+        for h in &args.hosts {
+            if h.parse::<std::net::IpAddr>().is_err() {
+                tempest_director_host(h)?;
+            }
+        }
+        let mut names = vec![
+            "localhost".to_owned(),
+            "127.0.0.1".to_owned(),
+            "::1".to_owned(),
+            tempest_core::metrics::hostname(),
+        ];
+        for h in &args.hosts {
+            if !names.contains(h) {
+                names.push(h.clone());
+            }
+        }
+        let ca = ClusterCa::generate()?;
+        let director = ca.issue("Tempest director", &names)?;
+        let agent = ca.issue("Tempest agent", &names)?;
+        let ca_key = ca.key_pem();
+        let contents: [&str; 6] = [
+            ca.cert_pem(),
+            ca_key.expose(),
+            &director.cert_pem,
+            director.key_pem.expose(),
+            &agent.cert_pem,
+            agent.key_pem.expose(),
+        ];
+        for (file, text) in files.iter().zip(contents) {
+            write_private_file(file, text.as_bytes())
+                .with_context(|| format!("writing {}", file.display()))?;
+            written.push(file.clone());
+        }
+    }
     if !args.no_token {
         let files: Vec<PathBuf> = TOKEN_FILES.iter().map(|(_, f)| dir.join(f)).collect();
         if let Some(f) = files.iter().find(|f| f.exists()) {
@@ -125,7 +221,7 @@ pub fn init(args: &InitArgs, admin: Option<Secret>) -> Result<()> {
             written.push(file.clone());
         }
     }
-    let text = cluster_toml(!args.no_token)?;
+    let text = cluster_toml(!args.no_token, !args.no_tls, &args.hosts)?;
     let mut file = create_new_private(out).map_err(|e| {
         if e.kind() == std::io::ErrorKind::AlreadyExists {
             exists(out)
@@ -137,22 +233,34 @@ pub fn init(args: &InitArgs, admin: Option<Secret>) -> Result<()> {
         .and_then(|_| file.sync_all())
         .with_context(|| format!("writing {}", out.display()))?;
     if written.is_empty() {
-        outln!("wrote {} without tokens", out.display());
+        outln!("wrote {} without tokens or certificates", out.display());
     } else {
         let names: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
         outln!(
-            "wrote {} and its tokens {} (each readable by you only)",
+            "wrote {} and {} (each readable by you only)",
             out.display(),
             names.join(", ")
         );
         outln!(
-            "copy agent.token (only) to the agents' nodes, beside their Cluster.toml; keep \
-             admin.token to yourself"
+            "copy agent.token, agent.crt, agent.key and ca.crt (only) to the agents' nodes, \
+             beside their Cluster.toml; keep admin.token and ca.key to yourself and the director"
         );
     }
     outln!(
         "start the director with `tempest director` and an agent with `tempest agent` next to it"
     );
+    Ok(())
+}
+
+/// A host name a certificate and the director's `hosts` can hold.
+fn tempest_director_host(h: &str) -> Result<()> {
+    let ok = !h.is_empty()
+        && h.len() <= 253
+        && h.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.'));
+    if !ok {
+        bail!("--host `{h}` is not a host name (letters, digits, `-`, `.`) or an IP address");
+    }
     Ok(())
 }
 
@@ -272,7 +380,7 @@ mod tests {
 
     #[test]
     fn the_written_file_names_the_token_files_and_the_agents_director() {
-        let text = cluster_toml(true).unwrap();
+        let text = cluster_toml(true, false, &[]).unwrap();
         assert!(text.contains("\ndirector = \"http://127.0.0.1:7300\"\n"));
         assert!(text.contains("Written by `tempest cluster init`"));
         let t: toml::Table = text.parse().unwrap();
@@ -281,7 +389,18 @@ mod tests {
             assert_eq!(t["director"][key].as_str(), Some(file), "{key}");
         }
         assert!(!text.contains("\ntoken ="), "no token in the file itself");
-        let without = cluster_toml(false).unwrap();
+        let tls = cluster_toml(true, true, &["node1".into(), "10.0.0.1".into()]).unwrap();
+        assert!(tls.contains("\ndirector = \"https://127.0.0.1:7300\"\n"));
+        let t: toml::Table = tls.parse().unwrap();
+        assert_eq!(t["agent"]["tls_cert_file"].as_str(), Some("agent.crt"));
+        assert_eq!(t["agent"]["tls_ca_file"].as_str(), Some("ca.crt"));
+        assert_eq!(
+            t["director"]["tls_cert_file"].as_str(),
+            Some("director.crt")
+        );
+        assert_eq!(t["director"]["tls_ca_key_file"].as_str(), Some("ca.key"));
+        assert_eq!(t["director"]["hosts"].as_array().map(Vec::len), Some(1));
+        let without = cluster_toml(false, false, &[]).unwrap();
         assert!(!without.contains("\nadmin_token_file ="));
         assert!(!without.contains("\ntoken_file ="));
     }

@@ -535,6 +535,7 @@ pub fn run(args: &DevArgs) -> Result<ExitCode> {
         url_origin: Origin::File(cluster_toml.clone()),
         token: Some(token.clone()),
         token_origin: Some(Origin::File(cluster_toml.clone())),
+        ca: None,
     })?;
     let started = deploy(
         &client,

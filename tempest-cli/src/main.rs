@@ -101,7 +101,7 @@ struct Cli {
 
 #[derive(Args, Debug)]
 struct Global {
-    /// The director's URL, http://HOST:PORT [env: TEMPEST_DIRECTOR].
+    /// The director's URL, https://HOST:PORT or (loopback) http://HOST:PORT [env: TEMPEST_DIRECTOR].
     #[arg(long, global = true, value_name = "URL")]
     director: Option<String>,
     /// A file holding the admin token [env: TEMPEST_ADMIN_TOKEN].
@@ -114,6 +114,10 @@ struct Global {
     /// The Cluster.toml to read the director and token from [default: ./Cluster.toml].
     #[arg(long, global = true, value_name = "FILE")]
     cluster: Option<PathBuf>,
+    /// The cluster CA's certificate, to check an https:// director with
+    /// [env: TEMPEST_CA; default: the Cluster.toml's tls_ca_file].
+    #[arg(long, global = true, value_name = "FILE")]
+    ca: Option<PathBuf>,
     /// Print JSON for scripts (on stdout) instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -422,6 +426,7 @@ fn conn(g: &Global) -> client::ConnArgs {
         token_file: g.token_file.clone(),
         token: g.token.clone(),
         cluster: g.cluster.clone(),
+        ca: g.ca.clone(),
     }
 }
 

@@ -9,6 +9,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::Duration;
@@ -123,9 +124,19 @@ fn an_unreachable_director_is_one_line_naming_it_and_where_it_came_from() {
     );
     let r = run(
         dir.path(),
+        &["kill", "x", "--director", "ftp://example.invalid"],
+    );
+    assert!(r.one_line_error().contains("http:// or https://"), "{r:#?}");
+    // An https director needs the cluster CA to be checked against.
+    let r = run(
+        dir.path(),
         &["kill", "x", "--director", "https://example.invalid"],
     );
-    assert!(r.one_line_error().contains("only http://"), "{r:#?}");
+    let line = r.one_line_error();
+    assert!(
+        line.contains("--ca") && line.contains("TEMPEST_CA"),
+        "{line}"
+    );
     std::fs::write(dir.path().join("Cluster.toml"), "[director\n").unwrap();
     let r = run(dir.path(), &["list"]);
     assert!(r.one_line_error().contains("Cluster.toml"), "{r:#?}");
@@ -133,7 +144,6 @@ fn an_unreachable_director_is_one_line_naming_it_and_where_it_came_from() {
 
 #[test]
 fn cluster_init_writes_a_file_both_daemons_accept_and_never_overwrites_it() {
-    use std::os::unix::fs::PermissionsExt;
     let dir = tempdir("tempest-cli-init");
     let r = run(dir.path(), &["cluster", "init"]).ok();
     assert!(r.stdout.contains("wrote Cluster.toml"), "{r:#?}");
@@ -166,7 +176,31 @@ fn cluster_init_writes_a_file_both_daemons_accept_and_never_overwrites_it() {
         "the agent token"
     );
     assert!(director.warnings.is_empty(), "{:?}", director.warnings);
-    assert_eq!(agent.director.as_deref(), Some("http://127.0.0.1:7300"));
+    assert_eq!(agent.director.as_deref(), Some("https://127.0.0.1:7300"));
+    // A cluster CA and certificates for both daemons, keys private, each
+    // daemon pointed at its own.
+    for name in [
+        "ca.crt",
+        "ca.key",
+        "director.crt",
+        "director.key",
+        "agent.crt",
+        "agent.key",
+    ] {
+        let mode = std::fs::metadata(dir.path().join(name))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{name}: {mode:o}");
+    }
+    let tls = director.tls.as_ref().expect("the director's TLS files");
+    assert_eq!(tls.cert, dir.path().join("director.crt"));
+    assert_eq!(tls.ca, dir.path().join("ca.crt"));
+    assert_eq!(director.tls_ca_key, Some(dir.path().join("ca.key")));
+    let tls = agent.tls.as_ref().expect("the agent's TLS files");
+    assert_eq!(tls.cert, dir.path().join("agent.crt"));
+    assert_eq!(tls.key, dir.path().join("agent.key"));
+    tls.load().expect("the agent's files load");
     assert!(
         text.lines().filter(|l| l.starts_with('#')).count() > 50,
         "commented"
@@ -184,13 +218,24 @@ fn cluster_init_writes_a_file_both_daemons_accept_and_never_overwrites_it() {
         tokens[0]
     );
 
+    std::fs::create_dir(dir.path().join("second")).unwrap();
     let r = run(
         dir.path(),
-        &["cluster", "init", "--output", "other.toml", "--no-token"],
+        &[
+            "cluster",
+            "init",
+            "--output",
+            "second/other.toml",
+            "--no-token",
+            "--no-tls",
+        ],
     )
     .ok();
     assert!(r.stdout.contains("without tokens"), "{r:#?}");
-    let other = dir.path().join("other.toml");
+    let other = dir.path().join("second/other.toml");
+    let a = tempest_agent::config::load(&other).unwrap();
+    assert!(a.tls.is_none());
+    assert_eq!(a.director.as_deref(), Some("http://127.0.0.1:7300"));
     let d = tempest_director::config::parse_cluster_toml(
         &std::fs::read_to_string(&other).unwrap(),
         &other,
@@ -228,6 +273,52 @@ fn cluster_init_writes_a_file_both_daemons_accept_and_never_overwrites_it() {
     assert_ne!(exposed(&a.token).as_deref(), Some("given-admin-token"));
 }
 
+/// `GET url+path` over TLS checked against `ca`, showing `identity`
+/// (certificate and key files) when given: the status and body, or the
+/// error (a refused handshake) as text.
+fn tls_get(
+    url: &str,
+    path: &str,
+    ca: &Path,
+    identity: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    token: Option<&str>,
+) -> Result<(u16, String), String> {
+    use tempest_control::tls::{client_verifying, TlsFiles};
+    let config = match identity {
+        Some((cert, key)) => TlsFiles {
+            cert,
+            key,
+            ca: ca.to_path_buf(),
+        }
+        .load()
+        .and_then(|id| id.client_config()),
+        None => client_verifying(ca),
+    }
+    .map_err(|e| e.to_string())?;
+    let client = reqwest::blocking::Client::builder()
+        .use_preconfigured_tls(config)
+        .no_proxy()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut req = client.get(format!("{url}{path}"));
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let res = req.send().map_err(|e| {
+        let mut s = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(inner) = source {
+            s.push_str(": ");
+            s.push_str(&inner.to_string());
+            source = inner.source();
+        }
+        s
+    })?;
+    let status = res.status().as_u16();
+    Ok((status, res.text().unwrap_or_default()))
+}
+
 /// A daemon started through `tempest director|agent`; killed when dropped.
 struct Started {
     child: Child,
@@ -243,10 +334,11 @@ impl Drop for Started {
     }
 }
 
-fn start_through_cli(dir: &Path, which: &str) -> Started {
+/// (`RUST_LOG`, which the agent's processes inherit, is `log`.)
+fn start_through_cli(dir: &Path, which: &str, log: &str) -> Started {
     let mut child = tempest(dir)
         .arg(which)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", log)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -255,7 +347,7 @@ fn start_through_cli(dir: &Path, which: &str) -> Started {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(addr) = line.split("listening on http://").nth(1) {
+            if let Some(addr) = line.split("listening on https://").nth(1) {
                 let _ = tx.send(addr.trim().to_owned());
             }
         }
@@ -281,8 +373,8 @@ fn director_and_agent_start_with_the_cluster_toml_of_cluster_init() {
             &format!("listen = \"{listen}\""),
         )
         .replace(
-            "director = \"http://127.0.0.1:7300\"",
-            &format!("director = \"http://{listen}\""),
+            "director = \"https://127.0.0.1:7300\"",
+            &format!("director = \"https://{listen}\""),
         )
         .replace("listen = \"127.0.0.1:7400\"", "listen = \"127.0.0.1:0\"")
         .replace(
@@ -299,26 +391,149 @@ fn director_and_agent_start_with_the_cluster_toml_of_cluster_init() {
     let r = run(dir.path(), &["director", "--help"]).ok();
     assert!(r.stdout.contains("--data-dir"), "{r:#?}");
 
-    let director = start_through_cli(dir.path(), "director");
+    let director = start_through_cli(dir.path(), "director", "warn");
     assert_eq!(director.addr, listen);
     assert!(dir.path().join("tempest-director-data").is_dir());
-    let agent = start_through_cli(dir.path(), "agent");
-    // The agent's heartbeats carry the agent token of its file: the
-    // director, which needs it, lists the agent as up.
-    let admin = std::fs::read_to_string(dir.path().join("admin.token")).unwrap();
+    // Its processes say whether their data plane is TLS.
+    let agent = start_through_cli(
+        dir.path(),
+        "agent",
+        "warn,tempest_topology::server=info,tempest_task::worker=info",
+    );
+    let file = |name: &str| dir.path().join(name);
+    let admin = std::fs::read_to_string(file("admin.token")).unwrap();
     let admin = admin.trim();
+    let agent_token = std::fs::read_to_string(file("agent.token")).unwrap();
+    let agent_token = agent_token.trim();
+    let director_url = format!("https://{}", director.addr);
+    let agent_url = format!("https://{}", agent.addr);
+    let ca = file("ca.crt");
+    let as_director = Some((file("director.crt"), file("director.key")));
+    let as_agent = Some((file("agent.crt"), file("agent.key")));
+    // The director serves HTTPS only: plain HTTP gets no answer.
+    assert!(
+        http::try_send(&director.addr, "GET", "/api/v1/health", None, b"").is_err()
+            || http::try_send(&director.addr, "GET", "/api/v1/health", None, b"")
+                .is_ok_and(|r| r.status == 400),
+        "plain HTTP is not served"
+    );
     assert_eq!(
-        http::get(&director.addr, "/api/v1/agents").status,
+        tls_get(&director_url, "/api/v1/agents", &ca, None, None)
+            .unwrap()
+            .0,
         401,
         "reads need a token"
     );
+    // The agent's heartbeats carry the agent token of its file and its
+    // certificate: the director, which needs both, lists the agent as up.
     wait_for("the agent up at the director", WAIT, || {
-        let v = http::send(&director.addr, "GET", "/api/v1/agents", Some(admin), b"").json();
+        let (_, body) = tls_get(&director_url, "/api/v1/agents", &ca, None, Some(admin)).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
         (v.as_array()?
             .iter()
             .any(|a| a["up"] == true && a["address"] == agent.addr.as_str()))
         .then_some(())
     });
+    // The agent token alone, without the agents' certificate, is refused.
+    let (status, body) = tls_get(
+        &director_url,
+        "/api/v1/packages",
+        &ca,
+        None,
+        Some(agent_token),
+    )
+    .unwrap();
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("mutual TLS"), "{body}");
+    let (status, body) = tls_get(
+        &director_url,
+        "/api/v1/packages",
+        &ca,
+        as_agent.clone(),
+        Some(agent_token),
+    )
+    .unwrap();
+    assert_eq!(status, 403, "an agent cannot list packages: {body}");
+    assert!(
+        !body.contains("mutual TLS"),
+        "the certificate was taken: {body}"
+    );
+    // The agent's API takes only clients with a certificate of the
+    // cluster (the director's), and then still needs the token.
+    let e = tls_get(
+        &agent_url,
+        "/api/v1/processes",
+        &ca,
+        None,
+        Some(agent_token),
+    )
+    .unwrap_err();
+    assert!(!e.is_empty());
+    let (status, _) = tls_get(
+        &agent_url,
+        "/api/v1/processes",
+        &ca,
+        as_director.clone(),
+        None,
+    )
+    .unwrap();
+    assert_eq!(status, 401);
+    let (status, _) = tls_get(
+        &agent_url,
+        "/api/v1/processes",
+        &ca,
+        as_director.clone(),
+        Some(agent_token),
+    )
+    .unwrap();
+    assert_eq!(status, 200);
+    // The web UI's session cookie is Secure under TLS.
+    let browser = reqwest::blocking::Client::builder()
+        .use_preconfigured_tls(tempest_control::tls::client_verifying(&ca).unwrap())
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let res = browser
+        .post(format!("{director_url}/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("token={admin}&next=%2F"))
+        .send()
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 303);
+    let cookie = res
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|c| c.starts_with("tempest_session="))
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        cookie.contains("Secure") && cookie.contains("HttpOnly"),
+        "{cookie}"
+    );
+    // Another cluster's CA and certificates are refused both ways.
+    let stranger = tempdir("tempest-cli-stranger");
+    run(stranger.path(), &["cluster", "init"]).ok();
+    let theirs = |n: &str| stranger.path().join(n);
+    let e = tls_get(
+        &agent_url,
+        "/api/v1/processes",
+        &ca,
+        Some((theirs("director.crt"), theirs("director.key"))),
+        Some(agent_token),
+    )
+    .unwrap_err();
+    assert!(!e.is_empty());
+    let e = tls_get(
+        &director_url,
+        "/api/v1/health",
+        &theirs("ca.crt"),
+        None,
+        None,
+    )
+    .unwrap_err();
+    assert!(e.contains("certificate"), "{e}");
     // And the CLI finds the director and the token in the same file.
     let r = run(dir.path(), &["agents", "--json"]).ok();
     assert_eq!(r.json().as_array().unwrap().len(), 1, "{r:#?}");
@@ -335,6 +550,81 @@ fn director_and_agent_start_with_the_cluster_toml_of_cluster_init() {
         line.contains("refused the token (from the command line)"),
         "{line}"
     );
+
+    // A deployment gets its own data-plane certificate from the cluster
+    // CA: its processes hold it (files only they and the agent can read)
+    // and no token, and its links are TLS end to end.
+    let (archive, _) = tempest_testkit::cluster::wordcount_package(
+        dir.path(),
+        tempest_testkit::cluster::WORDCOUNT_TOML,
+    );
+    std::fs::write(file("wordcount.tar.gz"), &archive).unwrap();
+    let r = run(
+        dir.path(),
+        &[
+            "deploy",
+            "wordcount.tar.gz",
+            "--set",
+            "source.kind=generator",
+            "--set",
+            "source.config.count=100000000",
+            "--set",
+            "source.config.rate=2000.0",
+            "--wait",
+        ],
+    )
+    .ok();
+    assert!(r.stderr.contains("all 5 processes running"), "{r:#?}");
+    let detail = |path: &str| -> serde_json::Value {
+        let (status, body) = tls_get(&director_url, path, &ca, None, Some(admin)).unwrap();
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    };
+    wait_for("every root acked over TLS", WAIT, || {
+        let t = detail("/api/v1/topologies/wordcount");
+        (t["acked"].as_u64()? >= 1000 && t["tasks"]["output"]["messages_in"].as_u64()? > 0)
+            .then_some(())
+    });
+    let t = detail("/api/v1/topologies/wordcount");
+    let pids: Vec<u64> = t["placement"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["pid"].as_u64())
+        .collect();
+    assert_eq!(pids.len(), 5, "{t}");
+    for pid in pids {
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+        let vars: Vec<String> = environ
+            .split(|b| *b == 0)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .collect();
+        for var in [
+            "TEMPEST_DATA_TLS_CERT",
+            "TEMPEST_DATA_TLS_KEY",
+            "TEMPEST_DATA_TLS_CA",
+        ] {
+            let path = vars
+                .iter()
+                .find_map(|v| v.strip_prefix(&format!("{var}=")))
+                .unwrap_or_else(|| panic!("process {pid} has no {var}"));
+            let mode = std::fs::metadata(path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o077, 0, "{path}: {mode:o}");
+        }
+        assert!(
+            !vars.iter().any(|v| v.contains("_TOKEN=")),
+            "process {pid} holds a token"
+        );
+    }
+    let mut tls_lines = 0;
+    let logs = dir.path().join("tempest-agent-data/logs");
+    for entry in std::fs::read_dir(&logs).unwrap() {
+        let log =
+            std::fs::read_to_string(entry.unwrap().path().join("stderr.log")).unwrap_or_default();
+        assert!(!log.contains("data plane: plain text"), "{log}");
+        tls_lines += log.matches("data plane: TLS").count();
+    }
+    assert_eq!(tls_lines, 5, "the server and its four workers say TLS");
 }
 
 #[test]

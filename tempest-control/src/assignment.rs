@@ -66,6 +66,14 @@ pub struct ProcessSpec {
     /// only whether there is one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_secret: Option<Secret>,
+    /// The deployment's data-plane certificate and key, issued by the
+    /// cluster CA (when the director has the CA's key): the agent writes
+    /// them to files only it and the process can read and passes their
+    /// paths as [`DATA_TLS_CERT_ENV`](crate::tls::DATA_TLS_CERT_ENV) and its
+    /// siblings, so the topology's links are TLS with both sides checked.
+    /// Never shown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_tls: Option<crate::tls::IssuedCert>,
     /// Bumped each time the director re-places or changes this process; a
     /// process of an older generation is stopped and replaced (fencing).
     #[serde(default)]
@@ -249,6 +257,7 @@ mod tests {
             config: None,
             env: BTreeMap::new(),
             data_secret: Some(Secret::new("s3cret-of-the-deployment", "test").unwrap()),
+            data_tls: None,
             generation: 3,
         };
         let json = serde_json::to_string(&Assignment {
@@ -275,6 +284,7 @@ mod tests {
             instances: None,
             topology_addr: None,
             data_secret: None,
+            data_tls: None,
             ..spec
         };
         let json = serde_json::to_string(&server).unwrap();

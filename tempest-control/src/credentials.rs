@@ -171,10 +171,18 @@ pub fn is_private(path: &Path) -> bool {
 /// writable by its owner only (mode 0600). An existing file is not
 /// overwritten.
 pub fn write_secret_file(path: &Path, secret: &Secret) -> Result<(), CredentialError> {
-    let fail = |source| CredentialError::File {
-        path: path.to_path_buf(),
-        source,
-    };
+    write_private_file(path, format!("{}\n", secret.expose()).as_bytes()).map_err(|source| {
+        CredentialError::File {
+            path: path.to_path_buf(),
+            source,
+        }
+    })
+}
+
+/// Writes `bytes` to a new file at `path`, readable and writable by its
+/// owner only (mode 0600, whatever the umask), synced. An existing file is
+/// not overwritten: secrets (tokens, private keys) are made once.
+pub fn write_private_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create_new(true);
     #[cfg(unix)]
@@ -182,10 +190,8 @@ pub fn write_secret_file(path: &Path, secret: &Secret) -> Result<(), CredentialE
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(0o600);
     }
-    let mut file = opts.open(path).map_err(fail)?;
-    file.write_all(format!("{}\n", secret.expose()).as_bytes())
-        .and_then(|()| file.sync_all())
-        .map_err(fail)
+    let mut file = opts.open(path)?;
+    file.write_all(bytes).and_then(|()| file.sync_all())
 }
 
 #[cfg(test)]

@@ -10,7 +10,9 @@
 pub mod assignment;
 pub mod credentials;
 pub mod exposition;
+pub mod failures;
 pub mod package;
+pub mod tls;
 
 pub use assignment::{
     check_env_var, check_name, ApiError, Assignment, Heartbeat, NodeInfo, ProcessSpec,

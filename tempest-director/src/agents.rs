@@ -45,22 +45,38 @@ pub struct Answer {
 pub struct AgentClient {
     http: reqwest::Client,
     token: Option<Secret>,
+    scheme: &'static str,
 }
 
 impl AgentClient {
-    /// A client sending `token` (the agent token) with every call.
-    pub fn new(token: Option<Secret>) -> Result<AgentClient, CallError> {
+    /// A client sending `token` (the agent token) with every call; with
+    /// `identity`, over https: the agents are checked against the cluster
+    /// CA and shown the director's certificate (mutual TLS).
+    pub fn new(
+        token: Option<Secret>,
+        identity: Option<&tempest_control::tls::Identity>,
+    ) -> Result<AgentClient, CallError> {
+        let tls = match identity {
+            Some(id) => id.client_config(),
+            None => tempest_control::tls::client_trusting_nothing(),
+        }
+        .map_err(|e| CallError::Client(e.to_string()))?;
         let http = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
             .no_proxy()
             .connect_timeout(CONNECT_TIMEOUT)
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("tempest-director/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| CallError::Client(chain(&e)))?;
-        Ok(AgentClient { http, token })
+        Ok(AgentClient {
+            http,
+            token,
+            scheme: if identity.is_some() { "https" } else { "http" },
+        })
     }
 
-    /// `GET http://{addr}{path}`, reading at most `limit` bytes of the
+    /// `GET http(s)://{addr}{path}`, reading at most `limit` bytes of the
     /// answer, all within `timeout`.
     pub async fn get(
         &self,
@@ -69,7 +85,7 @@ impl AgentClient {
         limit: usize,
         timeout: Duration,
     ) -> Result<Answer, CallError> {
-        let url = format!("http://{addr}{path}");
+        let url = format!("{}://{addr}{path}", self.scheme);
         let mut req = self.http.get(&url).timeout(timeout);
         if let Some(t) = &self.token {
             req = req.bearer_auth(t.expose());

@@ -37,12 +37,15 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// The state of a director over `director`, guarded by `auth`.
+    /// The state of a director over `director`, guarded by `auth`, calling
+    /// the agents over https with `identity` when given.
     pub fn new(
         director: Arc<Director>,
         auth: crate::auth::Auth,
+        identity: Option<&tempest_control::tls::Identity>,
     ) -> Result<AppState, crate::agents::CallError> {
-        let agents = crate::agents::AgentClient::new(auth.credentials.for_agents().cloned())?;
+        let agents =
+            crate::agents::AgentClient::new(auth.credentials.for_agents().cloned(), identity)?;
         Ok(AppState {
             director,
             auth: Arc::new(auth),

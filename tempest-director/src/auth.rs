@@ -22,7 +22,6 @@
 //! one.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use actix_web::dev::ServiceRequest;
@@ -38,12 +37,7 @@ use crate::error::Error;
 pub const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
 /// The most sessions kept; past it the oldest go first.
 pub const MAX_SESSIONS: usize = 10_000;
-/// Failed authentications an address may make within [`FAILURE_WINDOW`].
-pub const MAX_FAILURES: u32 = 10;
-/// The window of [`MAX_FAILURES`].
-pub const FAILURE_WINDOW: Duration = Duration::from_secs(60);
-/// The most addresses whose failures are remembered.
-pub const MAX_TRACKED: usize = 4096;
+pub use tempest_control::failures::{FailureLimiter, FAILURE_WINDOW, MAX_FAILURES, MAX_TRACKED};
 /// The web UI's session cookie.
 pub const SESSION_COOKIE: &str = "tempest_session";
 /// How long a login link ([`Sessions::ticket`]) may wait to be opened.
@@ -319,80 +313,6 @@ impl Sessions {
     }
 }
 
-/// Failed authentications per client address: a token bucket of
-/// [`MAX_FAILURES`] per address, refilled over [`FAILURE_WINDOW`].
-#[derive(Debug, Default)]
-pub struct FailureLimiter {
-    table: Mutex<HashMap<IpAddr, Bucket>>,
-}
-
-#[derive(Clone, Copy, Debug)]
-struct Bucket {
-    /// Failures the address may still make.
-    tokens: f64,
-    at: Instant,
-}
-
-impl Bucket {
-    fn refill(&mut self, now: Instant) {
-        let rate = f64::from(MAX_FAILURES) / FAILURE_WINDOW.as_secs_f64();
-        let gained = now.saturating_duration_since(self.at).as_secs_f64() * rate;
-        self.tokens = (self.tokens + gained).min(f64::from(MAX_FAILURES));
-        self.at = now;
-    }
-
-    fn full(&self) -> bool {
-        self.tokens >= f64::from(MAX_FAILURES)
-    }
-}
-
-impl FailureLimiter {
-    /// `Err(wait)` while `ip` has used up its failures: how long until it
-    /// may try again.
-    pub fn check(&self, ip: IpAddr) -> Result<(), Duration> {
-        let now = Instant::now();
-        let mut table = self.table.lock();
-        let Some(b) = table.get_mut(&ip) else {
-            return Ok(());
-        };
-        b.refill(now);
-        if b.tokens >= 1.0 {
-            return Ok(());
-        }
-        let rate = f64::from(MAX_FAILURES) / FAILURE_WINDOW.as_secs_f64();
-        Err(Duration::from_secs_f64((1.0 - b.tokens) / rate))
-    }
-
-    /// Counts a failure of `ip`.
-    pub fn fail(&self, ip: IpAddr) {
-        let now = Instant::now();
-        let mut table = self.table.lock();
-        if !table.contains_key(&ip) && table.len() >= MAX_TRACKED {
-            // Forget those that have nothing against them any more; if
-            // none, the one with the fewest failures.
-            table.retain(|_, b| {
-                b.refill(now);
-                !b.full()
-            });
-            if table.len() >= MAX_TRACKED {
-                if let Some(least) = table
-                    .iter()
-                    .max_by(|a, b| a.1.tokens.total_cmp(&b.1.tokens))
-                    .map(|(ip, _)| *ip)
-                {
-                    table.remove(&least);
-                }
-            }
-        }
-        let b = table.entry(ip).or_insert(Bucket {
-            tokens: f64::from(MAX_FAILURES),
-            at: now,
-        });
-        b.refill(now);
-        b.tokens = (b.tokens - 1.0).max(0.0);
-    }
-}
-
 /// Why a request was refused: the error, and how long to wait before
 /// trying again (a 429's `Retry-After`).
 #[derive(Debug)]
@@ -466,6 +386,11 @@ pub struct Auth {
     /// Whether the director serves TLS (its cookies are then `Secure`).
     pub tls: bool,
 }
+
+/// Marks a TLS connection whose client showed a certificate of the
+/// cluster CA (checked in the handshake): an agent's, under mutual TLS.
+#[derive(Copy, Clone, Debug)]
+pub struct ClusterPeer;
 
 /// Who a request is, once let through.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -568,6 +493,15 @@ impl Auth {
                  viewer token), or log in to the web UI",
             ));
         };
+        if self.tls && role == Role::Agent && req.conn_data::<ClusterPeer>().is_none() {
+            // The agent token alone is not enough under TLS: an agent also
+            // proves itself with the cluster's certificate.
+            return Err(Refusal::new(Error::Forbidden(
+                "the agent token is taken only from a client with a certificate of the \
+                 cluster CA (mutual TLS): set the agent's tls_cert_file and tls_key_file"
+                    .into(),
+            )));
+        }
         if !role.allows(need) {
             let what = match need {
                 Need::Read => "reads need the admin or viewer token",
@@ -700,24 +634,5 @@ mod tests {
             v.expires = Instant::now() - Duration::from_secs(1);
         });
         assert_eq!(s.role(&id), None);
-    }
-
-    #[test]
-    fn failures_are_limited_per_address() {
-        let l = FailureLimiter::default();
-        let a: IpAddr = "10.0.0.1".parse().unwrap();
-        let b: IpAddr = "10.0.0.2".parse().unwrap();
-        for _ in 0..MAX_FAILURES {
-            assert!(l.check(a).is_ok());
-            l.fail(a);
-        }
-        let wait = l.check(a).unwrap_err();
-        assert!(wait > Duration::ZERO && wait <= FAILURE_WINDOW, "{wait:?}");
-        assert!(l.check(b).is_ok(), "another address is not affected");
-        // The table stays bounded.
-        for i in 0..(MAX_TRACKED as u32 + 10) {
-            l.fail(IpAddr::from(i.to_be_bytes()));
-        }
-        assert!(l.table.lock().len() <= MAX_TRACKED);
     }
 }

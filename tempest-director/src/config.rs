@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use tempest_control::tls::TlsFiles;
 use tempest_control::Secret;
 
 /// The default API address.
@@ -30,6 +31,10 @@ const KEYS: &[&str] = &[
     "agent_token_file",
     "token",
     "hosts",
+    "tls_cert_file",
+    "tls_key_file",
+    "tls_ca_file",
+    "tls_ca_key_file",
     "agent_timeout",
     "max_upload",
     "metrics_interval",
@@ -53,7 +58,16 @@ pub struct DirectorConfig {
     /// The host names the API answers to (besides `localhost` and IP
     /// addresses): a request whose `Host` names another is refused.
     pub hosts: Vec<String>,
-    /// Serve beyond loopback without credentials (logged as a warning).
+    /// The director's certificate, key and the cluster CA: with them the
+    /// API and the web UI are HTTPS, agents must show a certificate of the
+    /// cluster to heartbeat or download, and the director calls the
+    /// agents' APIs over https with its certificate.
+    pub tls: Option<TlsFiles>,
+    /// The cluster CA's key (PEM, 0600): with it the director issues each
+    /// deployment a data-plane certificate, so its links are TLS too.
+    pub tls_ca_key: Option<PathBuf>,
+    /// Serve beyond loopback without credentials or TLS (logged as a
+    /// warning).
     pub insecure: bool,
     /// Warnings found while reading the settings, logged at start (a token
     /// file others can read, a deprecated flag).
@@ -77,6 +91,8 @@ impl Default for DirectorConfig {
             viewer_token: None,
             agent_token: None,
             hosts: Vec::new(),
+            tls: None,
+            tls_ca_key: None,
             insecure: false,
             warnings: Vec::new(),
             agent_timeout: DEFAULT_AGENT_TIMEOUT,
@@ -144,6 +160,7 @@ pub fn parse_cluster_toml(text: &str, path: &Path) -> Result<DirectorConfig, Con
     };
     let mut found = Vec::new();
     let mut legacy_token = None;
+    let mut tls_paths = std::collections::BTreeMap::new();
     for (key, value) in section {
         let line = line_of(text, key);
         let at = format!("{file}:{line}: key `director.{key}`");
@@ -201,6 +218,20 @@ pub fn parse_cluster_toml(text: &str, path: &Path) -> Result<DirectorConfig, Con
                 .and_then(|s| parse_timeout(&s))
                 .map(|d| config.metrics_interval = d),
             "log_level" => string().map(|s| config.log_level = s),
+            "tls_cert_file" | "tls_key_file" | "tls_ca_file" => string().and_then(|s| {
+                if s.trim().is_empty() {
+                    return Err("must not be empty".into());
+                }
+                tls_paths.insert(key.as_str(), base.join(s));
+                Ok(())
+            }),
+            "tls_ca_key_file" => string().and_then(|s| {
+                if s.trim().is_empty() {
+                    return Err("must not be empty".into());
+                }
+                config.tls_ca_key = Some(base.join(s));
+                Ok(())
+            }),
             _ => Err(format!(
                 "unknown key; the [director] keys are {}",
                 KEYS.join(", ")
@@ -222,6 +253,30 @@ pub fn parse_cluster_toml(text: &str, path: &Path) -> Result<DirectorConfig, Con
             ));
         } else {
             config.admin_token = Some(t);
+        }
+    }
+    if !tls_paths.is_empty() {
+        let given: Vec<&str> = tls_paths.keys().copied().collect();
+        let mut take = |key: &str| tls_paths.remove(key).ok_or(key.to_owned());
+        match (
+            take("tls_cert_file"),
+            take("tls_key_file"),
+            take("tls_ca_file"),
+        ) {
+            (Ok(cert), Ok(key), Ok(ca)) => config.tls = Some(TlsFiles { cert, key, ca }),
+            (c, k, a) => {
+                let missing: Vec<String> = [c, k, a].into_iter().filter_map(Result::err).collect();
+                let line = line_of(text, given[0]);
+                found.push((
+                    line,
+                    format!(
+                        "{file}:{line}: key `director.{}`: TLS needs tls_cert_file, tls_key_file \
+                         and tls_ca_file: {} missing",
+                        given[0],
+                        missing.join(", ")
+                    ),
+                ));
+            }
         }
     }
     // In the file's order, not the keys'.
@@ -282,11 +337,27 @@ impl DirectorConfig {
                     .into(),
             );
         }
+        if self.tls_ca_key.is_some() && self.tls.is_none() {
+            return Err(
+                "tls_ca_key_file is set without tls_cert_file, tls_key_file and tls_ca_file: \
+                 the director issues data-plane certificates only in a TLS cluster"
+                    .into(),
+            );
+        }
         if !self.listen.ip().is_loopback() && !self.has_credentials() && !self.insecure {
             return Err(format!(
                 "refusing to listen on {} without credentials: anyone who reaches it could run \
                  code on every agent; set admin_token_file (or TEMPEST_ADMIN_TOKEN), listen on \
                  a loopback address, or pass --insecure",
+                self.listen
+            ));
+        }
+        if !self.listen.ip().is_loopback() && self.tls.is_none() && !self.insecure {
+            return Err(format!(
+                "refusing to listen on {} without TLS: tokens and deploy secrets would cross \
+                 the network in clear; set tls_cert_file, tls_key_file and tls_ca_file \
+                 (`tempest cluster init` makes them), listen on a loopback address, or pass \
+                 --insecure",
                 self.listen
             ));
         }

@@ -50,6 +50,9 @@ pub struct Settings {
     pub agent_timeout: Duration,
     /// The largest package upload, in bytes.
     pub max_upload: u64,
+    /// The cluster CA (with its key): each deployment gets a data-plane
+    /// certificate from it. Without it topology links are plain TCP.
+    pub ca: Option<std::sync::Arc<tempest_control::tls::ClusterCa>>,
 }
 
 /// A deploy request.
@@ -320,20 +323,32 @@ impl Director {
         let mut store = Store::open(&settings.data_dir)?;
         let mut s = store.load()?;
         // Topologies deployed by a director that made no data-plane secret
-        // get one now (their processes restart once, with it).
+        // (or, now that it has the cluster CA, no certificate) get one now
+        // (their processes restart once, with it).
         let mut given = Vec::new();
-        for t in s
-            .topologies
-            .values_mut()
-            .filter(|t| t.data_secret.is_none())
-        {
-            t.data_secret = Some(Secret::generate()?);
-            given.push(t.name.clone());
+        for t in s.topologies.values_mut() {
+            let secret = t.data_secret.is_none();
+            if secret {
+                t.data_secret = Some(Secret::generate()?);
+            }
+            let cert = match (&settings.ca, &t.data_tls) {
+                (Some(ca), None) => {
+                    t.data_tls = Some(ca.issue_data(&t.name)?);
+                    true
+                }
+                _ => false,
+            };
+            if secret || cert {
+                given.push(t.name.clone());
+            }
         }
         if !given.is_empty() {
             let records: Vec<&TopologyRecord> = given.iter().map(|n| &s.topologies[n]).collect();
             store.save(&records, &[], &s.placements, s.next_generation)?;
-            tracing::info!("gave a data-plane secret to {}", given.join(", "));
+            tracing::info!(
+                "gave a data-plane secret or certificate to {}",
+                given.join(", ")
+            );
         }
         let mut effective = HashMap::new();
         for t in s.topologies.values() {
@@ -638,6 +653,10 @@ impl Director {
         check_workers(&workers)?;
         check_env(&req.env)?;
         let data_secret = Secret::generate().map_err(Error::internal)?;
+        let data_tls = match &self.settings.ca {
+            Some(ca) => Some(ca.issue_data(&req.name).map_err(Error::internal)?),
+            None => None,
+        };
         let effective = Configs::of(
             &req.name,
             pkg.topology_toml.as_deref(),
@@ -652,6 +671,7 @@ impl Director {
             workers,
             env: req.env,
             data_secret: Some(data_secret),
+            data_tls,
             generation: 1,
             created_at_ms: now_ms(),
         };
@@ -1113,6 +1133,7 @@ impl Inner {
                 config: Some(configs.processes.clone()),
                 env: t.env.clone(),
                 data_secret: t.data_secret.clone(),
+                data_tls: t.data_tls.clone(),
                 generation: p.generation,
             });
         }
@@ -1356,6 +1377,7 @@ mod tests {
                 // No agent counts as down during a test.
                 agent_timeout: Duration::from_secs(3600),
                 max_upload: 1 << 20,
+                ca: None,
             },
             Box::new(LeastLoaded),
         )

@@ -98,11 +98,50 @@ pub async fn run(config: DirectorConfig) -> anyhow::Result<()> {
             config.listen
         );
     }
+    if config.insecure && config.tls.is_none() && !config.listen.ip().is_loopback() {
+        tracing::warn!(
+            "--insecure: serving {} without TLS: tokens, sessions and deploy secrets cross \
+             the network in clear",
+            config.listen
+        );
+    }
+    let identity = match &config.tls {
+        Some(files) => Some(
+            files
+                .load()
+                .map_err(|e| anyhow::anyhow!("loading the director's TLS files: {e}"))?,
+        ),
+        None => None,
+    };
+    let ca = match &config.tls_ca_key {
+        Some(key) => {
+            let cert = config
+                .tls
+                .as_ref()
+                .map(|f| f.ca.clone())
+                .unwrap_or_default();
+            Some(
+                tempest_control::tls::ClusterCa::load(&cert, key)
+                    .map_err(|e| anyhow::anyhow!("loading the cluster CA: {e}"))?,
+            )
+        }
+        None => {
+            if identity.is_some() {
+                tracing::warn!(
+                    "no tls_ca_key_file: deployments get no data-plane certificate, so \
+                     topology links are plain TCP (authenticated by the deployment's secret, \
+                     not encrypted)"
+                );
+            }
+            None
+        }
+    };
     let director = Arc::new(Director::open(
         Settings {
             data_dir: config.data_dir.clone(),
             agent_timeout: config.agent_timeout,
             max_upload: config.max_upload,
+            ca: ca.map(Arc::new),
         },
         Box::new(LeastLoaded),
     )?);
@@ -116,9 +155,12 @@ pub async fn run(config: DirectorConfig) -> anyhow::Result<()> {
         // Every interface: the machine's own name too.
         hosts.push(tempest_core::metrics::hostname());
     }
+    let mut gate = auth::Auth::new(credentials, auth::Hosts::new(hosts));
+    gate.tls = identity.is_some();
     let state = web::Data::new(api::AppState::new(
         director.clone(),
-        auth::Auth::new(credentials, auth::Hosts::new(hosts)),
+        gate,
+        identity.as_ref(),
     )?);
     let agents = state.agents.clone();
     let signals = tempest_core::shutdown::Signals::install();
@@ -127,14 +169,40 @@ pub async fn run(config: DirectorConfig) -> anyhow::Result<()> {
         // shuts down it must not judge agents (which cannot reach it) down.
         .disable_signals()
         .shutdown_timeout(2)
-        .bind(config.listen)
-        .map_err(|e| anyhow::anyhow!("binding {}: {e}", config.listen))?;
+        // Under TLS, a connection whose client showed a certificate of the
+        // cluster (an agent's) is marked so.
+        .on_connect(|conn, ext| {
+            use actix_tls::accept::rustls_0_23::TlsStream;
+            if let Some(tls) = conn.downcast_ref::<TlsStream<actix_web::rt::net::TcpStream>>() {
+                if tls.get_ref().1.peer_certificates().is_some() {
+                    ext.insert(auth::ClusterPeer);
+                }
+            }
+        });
+    let (server, scheme) = match &identity {
+        Some(id) => (
+            server
+                .bind_rustls_0_23(
+                    config.listen,
+                    id.server_config(tempest_control::tls::ClientAuth::Optional)
+                        .map_err(|e| anyhow::anyhow!("the director's TLS configuration: {e}"))?,
+                )
+                .map_err(|e| anyhow::anyhow!("binding {}: {e}", config.listen))?,
+            "https",
+        ),
+        None => (
+            server
+                .bind(config.listen)
+                .map_err(|e| anyhow::anyhow!("binding {}: {e}", config.listen))?,
+            "http",
+        ),
+    };
     let addr = server
         .addrs()
         .first()
         .copied()
         .ok_or_else(|| anyhow::anyhow!("bound no address"))?;
-    println!("tempest-director listening on http://{addr}");
+    println!("tempest-director listening on {scheme}://{addr}");
     let ticker = director.clone();
     let reconciling = actix_web::rt::spawn(async move {
         let mut interval = tokio::time::interval(TICK);

@@ -42,8 +42,23 @@ struct Args {
     /// (repeat for several); a request for another is refused.
     #[arg(long = "host", value_name = "NAME")]
     hosts: Vec<String>,
-    /// Listen beyond loopback even without credentials: anyone who reaches
-    /// the port can then run code on every agent.
+    /// The director's TLS certificate (PEM): with --tls-key and --tls-ca
+    /// the API and the UI are HTTPS, and agents must show a certificate of
+    /// the cluster CA.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM, mode 0600).
+    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_ca"])]
+    tls_key: Option<PathBuf>,
+    /// The cluster CA's certificate (PEM).
+    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_key"])]
+    tls_ca: Option<PathBuf>,
+    /// The cluster CA's key (PEM, mode 0600): with it each deployment gets
+    /// a data-plane certificate, so its links are TLS too.
+    #[arg(long, value_name = "FILE")]
+    tls_ca_key: Option<PathBuf>,
+    /// Listen beyond loopback without credentials or without TLS: anyone
+    /// who reaches or overhears the port can then run code on every agent.
     #[arg(long)]
     insecure: bool,
     /// An agent silent for this long is down, e.g. "10s" [default: 10s].
@@ -121,6 +136,12 @@ fn settings(args: Args) -> Result<DirectorConfig, String> {
     for h in &args.hosts {
         c.hosts
             .push(config::parse_host(h).map_err(|e| format!("command line: key `--host`: {e}"))?);
+    }
+    if let (Some(cert), Some(key), Some(ca)) = (args.tls_cert, args.tls_key, args.tls_ca) {
+        c.tls = Some(tempest_control::tls::TlsFiles { cert, key, ca });
+    }
+    if let Some(k) = args.tls_ca_key {
+        c.tls_ca_key = Some(k);
     }
     c.insecure |= args.insecure;
     c.warnings.extend(warnings);

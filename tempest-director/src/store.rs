@@ -63,6 +63,9 @@ pub struct TopologyRecord {
     /// Its data-plane secret, made at deploy (kept across stops, starts and
     /// rebalances; a new deploy makes a new one).
     pub data_secret: Option<Secret>,
+    /// Its data-plane certificate and key, issued by the cluster CA at
+    /// deploy when the director has the CA's key (kept like the secret).
+    pub data_tls: Option<tempest_control::tls::IssuedCert>,
     /// Bumped by every deploy, start and rebalance.
     pub generation: u64,
     /// When it was deployed, Unix milliseconds.
@@ -116,7 +119,7 @@ CREATE TABLE IF NOT EXISTS packages (
 CREATE TABLE IF NOT EXISTS topologies (
     name TEXT PRIMARY KEY, package TEXT NOT NULL, config TEXT NOT NULL, state TEXT NOT NULL,
     workers TEXT NOT NULL, generation INTEGER NOT NULL, created_at_ms INTEGER NOT NULL,
-    env TEXT NOT NULL DEFAULT '{}', data_secret TEXT);
+    env TEXT NOT NULL DEFAULT '{}', data_secret TEXT, data_tls TEXT);
 CREATE TABLE IF NOT EXISTS placements (
     process TEXT PRIMARY KEY, topology TEXT NOT NULL, agent TEXT NOT NULL,
     generation INTEGER NOT NULL);
@@ -138,6 +141,9 @@ fn migrate(db: &Connection) -> rusqlite::Result<()> {
     }
     if !columns.iter().any(|c| c == "data_secret") {
         db.execute_batch("ALTER TABLE topologies ADD COLUMN data_secret TEXT")?;
+    }
+    if !columns.iter().any(|c| c == "data_tls") {
+        db.execute_batch("ALTER TABLE topologies ADD COLUMN data_tls TEXT")?;
     }
     Ok(())
 }
@@ -290,7 +296,7 @@ impl Store {
         }
         let mut q = self.db.prepare(
             "SELECT name, package, config, state, workers, generation, created_at_ms, env, \
-             data_secret FROM topologies",
+             data_secret, data_tls FROM topologies",
         )?;
         for t in q.query_map([], |r| {
             let state: String = r.get(3)?;
@@ -306,6 +312,9 @@ impl Store {
                 data_secret: r
                     .get::<_, Option<String>>(8)?
                     .and_then(|s| Secret::new(&s, "data_secret").ok()),
+                data_tls: r
+                    .get::<_, Option<String>>(9)?
+                    .and_then(|s| serde_json::from_str(&s).ok()),
             })
         })? {
             let t = t?;
@@ -429,8 +438,8 @@ impl Store {
             tx.execute(
                 "INSERT OR REPLACE INTO topologies
                  (name, package, config, state, workers, generation, created_at_ms, env,
-                  data_secret)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                  data_secret, data_tls)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                 params![
                     t.name,
                     t.package,
@@ -440,7 +449,8 @@ impl Store {
                     t.generation as i64,
                     t.created_at_ms as i64,
                     to_json(&t.env),
-                    t.data_secret.as_ref().map(Secret::expose)
+                    t.data_secret.as_ref().map(Secret::expose),
+                    t.data_tls.as_ref().map(to_json)
                 ],
             )?;
         }

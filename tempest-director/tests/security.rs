@@ -310,11 +310,28 @@ fn it_refuses_an_open_bind_beyond_loopback() {
     );
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
     assert!(!tmp.path().join("d").exists(), "nothing was made");
+    // Credentials are not enough: beyond loopback they would cross the
+    // network in clear without TLS.
+    let out = Command::new(&bin)
+        .args(["--listen", "0.0.0.0:0", "--data-dir"])
+        .arg(tmp.path().join("d"))
+        .env("TEMPEST_ADMIN_TOKEN", "an-admin-token-of-the-test")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("without TLS") && err.contains("tls_cert_file") && err.contains("--insecure"),
+        "{err}"
+    );
+    assert!(!tmp.path().join("d").exists(), "nothing was made");
 
     // --insecure starts it, with a warning.
     let d = DirectorProcess::start(&tmp.path().join("d"), "0.0.0.0:0", &["--insecure"]);
     let log = std::fs::read_to_string(&d.daemon.log).unwrap_or_default();
     assert!(log.contains("--insecure"), "{log}");
+    assert!(log.contains("without TLS"), "{log}");
     assert!(log.contains("WARN"), "{log}");
 }
 

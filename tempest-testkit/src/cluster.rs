@@ -234,12 +234,15 @@ impl Tokens {
 
 /// Every environment variable a daemon may take a credential from: none
 /// is inherited from the test's own environment.
-const CREDENTIAL_ENVS: [&str; 5] = [
+const CREDENTIAL_ENVS: [&str; 8] = [
     "TEMPEST_TOKEN",
     "TEMPEST_ADMIN_TOKEN",
     "TEMPEST_VIEWER_TOKEN",
     "TEMPEST_AGENT_TOKEN",
     "TEMPEST_DATA_SECRET",
+    "TEMPEST_DATA_TLS_CERT",
+    "TEMPEST_DATA_TLS_KEY",
+    "TEMPEST_DATA_TLS_CA",
 ];
 
 /// A daemon process that prints `... listening on http://ADDR` as its first

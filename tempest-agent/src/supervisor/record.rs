@@ -181,6 +181,7 @@ mod tests {
                 config: Some("name = \"t\"".into()),
                 env: BTreeMap::from([("A".into(), "1".into())]),
                 data_secret: None,
+                data_tls: None,
                 generation: 7,
             },
             program,

@@ -56,6 +56,7 @@ fn fixture_with(credentials: crate::auth::Credentials) -> Fixture {
             data_dir: dir.path().join("data"),
             agent_timeout: Duration::from_secs(10),
             max_upload: MAX_UPLOAD,
+            ca: None,
         },
         Box::new(LeastLoaded),
     )
@@ -67,6 +68,7 @@ fn fixture_with(credentials: crate::auth::Credentials) -> Fixture {
             AppState::new(
                 Arc::new(director),
                 crate::auth::Auth::new(credentials, crate::auth::Hosts::new([])),
+                None,
             )
             .unwrap(),
         ),
