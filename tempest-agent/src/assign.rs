@@ -190,6 +190,11 @@ pub struct LaunchContext {
     pub advertise_host: String,
     /// Where configs given in specs are written.
     pub configs_dir: PathBuf,
+    /// The agent runs with `--insecure`: a deployment without a data-plane
+    /// certificate gets `--insecure` too (its links beyond loopback are
+    /// then plain TCP, with a warning); without it such processes refuse
+    /// to listen beyond loopback.
+    pub insecure: bool,
 }
 
 /// The command line and environment of `spec`'s process.
@@ -250,6 +255,9 @@ pub fn build_launch(
     }
     if let Some(c) = config {
         args.extend(["--config".into(), c.display().to_string()]);
+    }
+    if ctx.insecure && spec.data_tls.is_none() && !ctx.server_ip.is_loopback() {
+        args.push("--insecure".into());
     }
     let metrics_address = format!("127.0.0.1:{}", ports.metrics);
     args.extend([
@@ -839,6 +847,7 @@ mod tests {
             server_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             advertise_host: "node1".into(),
             configs_dir: "/c".into(),
+            insecure: false,
         }
     }
 
@@ -958,6 +967,32 @@ mod tests {
         assert_eq!(ports.get("wc/count/1"), Some(worker_held));
         assert_eq!(ports.allocate(&w).unwrap(), worker_held);
         assert_eq!(ports.allocate(&s).unwrap(), held);
+    }
+
+    #[test]
+    fn an_insecure_agent_passes_insecure_only_to_a_deployment_without_a_certificate() {
+        let package = package();
+        let held = Held {
+            listen: 7512,
+            metrics: 7513,
+        };
+        let mut ctx = ctx();
+        ctx.server_ip = "10.1.2.3".parse().unwrap();
+        let mut w = spec("wc/count/1", Role::Task);
+        let insecure = |ctx: &LaunchContext, w: &ProcessSpec| {
+            build_launch(w, &package, held, None, ctx)
+                .args
+                .contains(&"--insecure".to_owned())
+        };
+        assert!(!insecure(&ctx, &w), "a secure agent never does");
+        ctx.insecure = true;
+        assert!(insecure(&ctx, &w));
+        let ca = tempest_control::tls::ClusterCa::generate().unwrap();
+        w.data_tls = Some(ca.issue_data("wc").unwrap());
+        assert!(!insecure(&ctx, &w), "a deployment with a certificate has TLS");
+        w.data_tls = None;
+        ctx.server_ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        assert!(!insecure(&ctx, &w), "loopback needs nothing");
     }
 
     #[test]

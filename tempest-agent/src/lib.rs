@@ -305,6 +305,7 @@ pub async fn run(mut config: AgentConfig) -> anyhow::Result<()> {
         server_ip: config.listen.ip(),
         advertise_host: host,
         configs_dir: data_dir.join("configs"),
+        insecure: config.insecure,
     };
     let (assigner, reconciler) = Reconciler::new(
         supervisor.clone(),

@@ -243,6 +243,12 @@ pub struct WireArgs {
     /// certificate must chain to.
     #[arg(long, value_name = "PATH", env = tempest_transport::tls::CA_ENV)]
     pub tls_ca: Option<PathBuf>,
+    /// Accept links beyond loopback without TLS (still only with the
+    /// secret), with a warning: the messages cross the network in clear.
+    /// An agent started with --insecure passes it on to a deployment that
+    /// has no data-plane certificate.
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 /// Starts `tracing` output on stderr at `level`, unless `RUST_LOG` is set.
@@ -421,7 +427,13 @@ fn run(cli: Cli, build: impl FnOnce() -> Topology) -> anyhow::Result<()> {
                 heartbeat: std::time::Duration::from_millis(heartbeat_ms.max(10)),
                 ..ServerConfig::default()
             };
-            refuse_open_bind(server.listen, server.secret.is_some(), "worker connections")?;
+            refuse_open_bind(
+                server.listen,
+                &wire,
+                server.secret.is_some(),
+                server.tls.is_some(),
+                "worker connections",
+            )?;
             topology_server(topology, server)
         }
         Mode::Task {
@@ -457,7 +469,13 @@ fn run(cli: Cli, build: impl FnOnce() -> Topology) -> anyhow::Result<()> {
             worker.credit = credit.max(1);
             worker.peer_listen = peer_listen;
             worker.peer_advertise = peer_advertise;
-            refuse_open_bind(peer_listen, worker.secret.is_some(), "peer links")?;
+            refuse_open_bind(
+                peer_listen,
+                &wire,
+                worker.secret.is_some(),
+                worker.tls.is_some(),
+                "peer links",
+            )?;
             let mut labels = vec![
                 ("topology", topology.settings.name.clone()),
                 ("host", tempest_core::metrics::hostname()),
@@ -498,13 +516,34 @@ fn run(cli: Cli, build: impl FnOnce() -> Topology) -> anyhow::Result<()> {
     }
 }
 
-/// A data-plane port beyond loopback must want a secret: otherwise anyone
-/// on the network could join the topology or feed it messages.
-fn refuse_open_bind(addr: std::net::SocketAddr, secret: bool, what: &str) -> anyhow::Result<()> {
-    if !addr.ip().is_loopback() && !secret {
+/// A data-plane port beyond loopback must want a secret (otherwise anyone
+/// on the network could join the topology or feed it messages), and TLS
+/// unless `--insecure` (otherwise its messages cross the network in clear).
+fn refuse_open_bind(
+    addr: std::net::SocketAddr,
+    wire: &WireArgs,
+    secret: bool,
+    tls: bool,
+    what: &str,
+) -> anyhow::Result<()> {
+    if addr.ip().is_loopback() {
+        return Ok(());
+    }
+    if !secret {
         anyhow::bail!(
             "refusing to accept {what} on {addr} without a data-plane secret: set {} (or --secret-file), or listen on a loopback address",
             tempest_transport::auth::SECRET_ENV
+        );
+    }
+    if !tls {
+        if !wire.insecure {
+            anyhow::bail!(
+                "refusing to accept {what} on {addr} without TLS: the topology's messages would cross the network in clear; set {} (or --tls-cert, --tls-key and --tls-ca; the director gives each deployment a certificate when it has the cluster CA's key, tls_ca_key_file), listen on a loopback address, or pass --insecure",
+                tempest_transport::tls::CERT_ENV
+            );
+        }
+        tracing::warn!(
+            "--insecure: accepting {what} on {addr} without TLS: the topology's messages cross the network in clear (authenticated by the data-plane secret, not encrypted)"
         );
     }
     Ok(())

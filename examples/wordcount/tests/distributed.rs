@@ -609,3 +609,55 @@ fn sigterm_on_a_worker_finishes_its_batch() {
         c.fail("the replacement count/0 handled nothing");
     }
 }
+
+/// A data-plane port beyond loopback needs the deployment's secret, and TLS
+/// unless `--insecure` (which warns): a topology's messages never cross a
+/// network in clear by accident.
+#[test]
+fn a_port_beyond_loopback_needs_the_secret_and_tls_unless_insecure() {
+    let secret = "a-data-plane-secret-of-this-test";
+    let refused = |args: &[&str], secret: Option<&str>| -> String {
+        let mut cmd = common::command(args);
+        if let Some(s) = secret {
+            cmd.env("TEMPEST_DATA_SECRET", s);
+        }
+        let out = cmd.output().unwrap();
+        assert!(!out.status.success(), "{args:?} started");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let server = ["topology", "--host", "0.0.0.0", "--port", "0"];
+    let err = refused(&server, None);
+    assert!(err.contains("without a data-plane secret"), "{err}");
+    let err = refused(&server, Some(secret));
+    assert!(
+        err.contains("without TLS")
+            && err.contains("TEMPEST_DATA_TLS_CERT")
+            && err.contains("--insecure"),
+        "{err}"
+    );
+    let worker = task_args("split", "0", "127.0.0.1:9", "/nonexistent", &[]);
+    let mut worker: Vec<&str> = worker.iter().map(String::as_str).collect();
+    worker.truncate(worker.len() - 2); // no --config
+    worker.extend(["--peer-listen", "0.0.0.0:0"]);
+    let err = refused(&worker, Some(secret));
+    assert!(
+        err.contains("peer links") && err.contains("without TLS"),
+        "{err}"
+    );
+    // --insecure: it listens, and says what it gives up.
+    let mut cmd = common::command(&[&server[..], &["--insecure"]].concat());
+    cmd.env("TEMPEST_DATA_SECRET", secret);
+    let mut p = common::Proc::spawn("server", cmd);
+    tempest_testkit::cluster::wait_for(
+        "the insecure server listening, warning",
+        Duration::from_secs(30),
+        || {
+            let log = p.stderr.text();
+            (common::listening_addr(&p.stdout.text()).is_some()
+                && log.contains("WARN")
+                && log.contains("without TLS"))
+            .then_some(())
+        },
+    );
+    assert!(p.running(), "{}", p.stderr.text());
+}
