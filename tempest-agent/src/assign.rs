@@ -989,7 +989,10 @@ mod tests {
         assert!(insecure(&ctx, &w));
         let ca = tempest_control::tls::ClusterCa::generate().unwrap();
         w.data_tls = Some(ca.issue_data("wc").unwrap());
-        assert!(!insecure(&ctx, &w), "a deployment with a certificate has TLS");
+        assert!(
+            !insecure(&ctx, &w),
+            "a deployment with a certificate has TLS"
+        );
         w.data_tls = None;
         ctx.server_ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
         assert!(!insecure(&ctx, &w), "loopback needs nothing");

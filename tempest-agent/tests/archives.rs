@@ -30,9 +30,11 @@ const TOKEN: &str = "archives-test-token";
 /// hand-written package uploaded once: the upload path is warm, and the
 /// hostile archives' encoding is known to be sound.
 fn agent(tmp: &tempfile::TempDir) -> AgentProcess {
-    let agent = AgentProcess::start(
+    // The token in its environment, never on its command line.
+    let agent = AgentProcess::start_with_token(
         &tmp.path().join("agent"),
-        &["--token", TOKEN, "--port-range", &port_range(4)],
+        &["--port-range", &port_range(4)],
+        Some(TOKEN),
     );
     let r = put(&agent, &valid_package()).expect("the agent answers");
     assert_eq!(r.status, 200, "a well-formed package: {}", r.body);

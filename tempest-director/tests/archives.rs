@@ -11,7 +11,7 @@
 #[path = "hostile/mod.rs"]
 mod hostile;
 
-use tempest_testkit::cluster::{free_addr, tempdir, DirectorProcess};
+use tempest_testkit::cluster::{free_addr, tempdir, DirectorProcess, Tokens};
 use tempest_testkit::http::{self, Response};
 
 use hostile::{
@@ -19,17 +19,21 @@ use hostile::{
     MAX_GROWTH,
 };
 
-const TOKEN: &str = "archives-test-token";
+/// The admin token of [`tokens`].
+const TOKEN: &str = "archives-test-admin-token";
+
+/// The test director's credentials (in its environment, never on its
+/// command line).
+fn tokens() -> Tokens {
+    Tokens::new("archives-test")
+}
 
 /// A director with the default upload limit (512 MiB, so binaries of up to
 /// 2 GiB), and a hand-written package uploaded once: the upload path is
 /// warm, and the hostile archives' encoding is known to be sound.
 fn director(tmp: &tempfile::TempDir) -> DirectorProcess {
-    let director = DirectorProcess::start(
-        &tmp.path().join("director"),
-        &free_addr(),
-        &["--token", TOKEN],
-    );
+    let director =
+        DirectorProcess::start_secured(&tmp.path().join("director"), &free_addr(), &[], &tokens());
     let r = upload(&director, &valid_package());
     assert_eq!(r.status, 201, "a well-formed package: {}", r.body);
     director
