@@ -21,6 +21,7 @@ pub mod source;
 pub mod sources;
 pub mod task;
 pub mod topology;
+pub mod watermark;
 pub mod work;
 
 pub use async_trait::async_trait;
