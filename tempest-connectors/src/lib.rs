@@ -7,13 +7,19 @@
 //!   stream, with recovery of entries a crashed consumer left pending and a
 //!   dead-letter stream) and [`redis::RedisOutput`] (stream `XADD` and hash
 //!   increments from a task, written in the task's `flush`);
-//! - `nats`: [`nats::JetStreamSource`] (a durable JetStream pull consumer).
+//! - `nats`: [`nats::JetStreamSource`] (a durable JetStream pull consumer);
+//! - `kafka`: [`kafka::KafkaSource`] (a consumer-group member that commits
+//!   the low watermark of acked offsets, with a dead-letter topic) and
+//!   [`kafka::KafkaOutput`] (idempotent batched produce, delivered in the
+//!   task's `flush`).
 //!
-//! [`register`] adds their kinds (`redis`, `nats`) to a topology so that
+//! [`register`] adds their kinds (`redis`, `nats`, `kafka`) to a topology so that
 //! `Topology.toml` can select them with `[source] kind`.
 
 #![warn(missing_docs)]
 
+#[cfg(feature = "kafka")]
+pub mod kafka;
 #[cfg(feature = "nats")]
 pub mod nats;
 #[cfg(feature = "redis")]
@@ -27,4 +33,6 @@ pub fn register(kinds: &mut SourceKinds) {
     kinds.register::<redis::RedisStreamSource>("redis");
     #[cfg(feature = "nats")]
     kinds.register::<nats::JetStreamSource>("nats");
+    #[cfg(feature = "kafka")]
+    kinds.register::<kafka::KafkaSource>("kafka");
 }

@@ -14,6 +14,7 @@
 
 pub mod cluster;
 pub mod http;
+pub mod kafka;
 pub mod statsd;
 
 pub use statsd::StatsdListener;
