@@ -564,6 +564,106 @@ fn record_format_carries_headers_and_timestamp_to_tasks() {
     );
 }
 
+#[test]
+fn a_rebalance_commits_what_completed_and_hands_what_was_in_flight_to_the_new_owner() {
+    let server = server();
+    let bootstrap = server.bootstrap();
+    create_topic(&bootstrap, "rb", 4);
+    for p in 0..4 {
+        produce(&bootstrap, "rb", &format!("p{p}-"), 10, Some(p));
+    }
+    let group = "rb-group";
+    let offsets_of = |source: &KafkaSource, msgs: &[SourceMsg]| -> BTreeMap<i32, Vec<i64>> {
+        let mut by: BTreeMap<i32, Vec<i64>> = BTreeMap::new();
+        for m in msgs {
+            let (_, p, o) = source.position(m.id).unwrap();
+            by.entry(p).or_default().push(o);
+        }
+        by
+    };
+    block_on(async {
+        let mut a = KafkaSource::new(KafkaSourceConfig {
+            poll_ms: 20,
+            ..config(&server, "rb", group)
+        });
+        let a_stats = a.kafka_stats();
+        a.connect().await.unwrap();
+        let first = poll_n(&mut a, 40).await;
+        assert_eq!(a.assignment().len(), 4);
+        // Per partition, offsets 0, 1, 2 and 4 are done; 3 and 5..9 are in
+        // flight: the watermark is 3.
+        let mut in_flight = HashMap::new();
+        let mut done = Vec::new();
+        for m in &first {
+            let (_, p, o) = a.position(m.id).unwrap();
+            if [0, 1, 2, 4].contains(&o) {
+                done.push(m.id);
+            } else {
+                in_flight.insert((p, o), m.id);
+            }
+        }
+        a.ack(&done).await.unwrap();
+        wait_until("the watermarks are committed", WAIT, || {
+            committed(&bootstrap, group, "rb", 4) == Some(vec![3; 4])
+        });
+
+        // A second member joins: the partitions are split between them.
+        let mut b = KafkaSource::new(KafkaSourceConfig {
+            poll_ms: 20,
+            ..config(&server, "rb", group)
+        });
+        b.connect().await.unwrap();
+        let (mut a_again, mut b_got) = (Vec::new(), Vec::new());
+        let deadline = Instant::now() + WAIT;
+        while !(a.assignment().len() == 2
+            && b.assignment().len() == 2
+            && a_again.len() == 14
+            && b_got.len() == 14)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "no split: a has {:?} ({} read again), b has {:?} ({} read)",
+                a.assignment(),
+                a_again.len(),
+                b.assignment(),
+                b_got.len()
+            );
+            if let Polled::Msgs(m) = a.poll(100).await.unwrap() {
+                a_again.extend(m);
+            }
+            if let Polled::Msgs(m) = b.poll(100).await.unwrap() {
+                b_got.extend(m);
+            }
+        }
+        assert!(a_stats.revoked() >= 4);
+        assert_eq!(a_stats.dropped_in_flight(), 4 * 6, "3 and 5..9 of each");
+        assert_eq!(a_stats.left_uncommitted(), 4 * 7, "3..9 of each");
+        // Each member reads its partitions from the committed offset: the
+        // records in flight at the revocation are read again.
+        let expect: Vec<i64> = (3..10).collect();
+        for (p, offsets) in offsets_of(&a, &a_again)
+            .into_iter()
+            .chain(offsets_of(&b, &b_got))
+        {
+            assert_eq!(offsets, expect, "partition {p}");
+        }
+        // Acks of the first reading are stale now: nothing is committed.
+        let stale: Vec<SourceId> = in_flight.values().copied().collect();
+        a.ack(&stale).await.unwrap();
+        assert_eq!(a_stats.stale_acks(), stale.len() as u64);
+        assert_eq!(committed(&bootstrap, group, "rb", 4), Some(vec![3; 4]));
+        // The new readings complete: everything is committed.
+        let ids = |msgs: &[SourceMsg]| msgs.iter().map(|m| m.id).collect::<Vec<_>>();
+        a.ack(&ids(&a_again)).await.unwrap();
+        b.ack(&ids(&b_got)).await.unwrap();
+        wait_until("everything is committed", WAIT, || {
+            committed(&bootstrap, group, "rb", 4) == Some(vec![10; 4])
+        });
+        a.shutdown().await.unwrap();
+        b.shutdown().await.unwrap();
+    });
+}
+
 // ---------------------------------------------------------------------------
 // Failures
 
@@ -749,7 +849,13 @@ fn connecting_to_nothing_is_a_retryable_connect_error_and_health_follows_the_bro
         assert!(!source.health().await.is_healthy());
         assert!(source.connect().await.unwrap_err().retryable);
         server.restart().unwrap();
-        source.connect().await.unwrap();
+        // librdkafka reconnects with its own back-off: the runtime calls
+        // connect again until it succeeds.
+        let deadline = Instant::now() + WAIT;
+        while let Err(e) = source.connect().await {
+            assert!(e.retryable, "{e}");
+            assert!(Instant::now() < deadline, "no reconnect: {e}");
+        }
         assert!(source.health().await.is_healthy());
         source.shutdown().await.unwrap();
     });
