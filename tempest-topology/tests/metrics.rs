@@ -308,7 +308,7 @@ async fn the_scrape_endpoint_serves_real_histograms() {
 
     let endpoint = ScrapeEndpoint::start(registry.clone(), "127.0.0.1:0").unwrap();
     let url = format!("http://{}/metrics", endpoint.local_addr());
-    let response = reqwest::get(&url).await.unwrap();
+    let response = http_client().get(&url).send().await.unwrap();
     assert_eq!(response.status(), 200);
     let content_type = response.headers()["content-type"]
         .to_str()
@@ -409,7 +409,14 @@ async fn the_scrape_endpoint_serves_real_histograms() {
 
     // Live: a second scrape sees new values.
     h.record(3);
-    let body = reqwest::get(&url).await.unwrap().text().await.unwrap();
+    let body = http_client()
+        .get(&url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(
         body.contains(&format!(
             "tempest_task_handle_latency_seconds_count{{host=\"{host}\",task=\"split\",topology=\"scraped\"}} {}\n",
@@ -457,4 +464,14 @@ fn a_target_that_does_not_parse_stops_the_run_before_it_starts() {
         panic!("an invalid target is an error");
     };
     assert!(e.to_string().contains("address"), "{e}");
+}
+
+/// A plain-HTTP client: the workspace builds reqwest on rustls with no
+/// process-wide crypto provider, so every client is given its TLS
+/// configuration (here one that trusts nothing: the endpoints are http).
+fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .use_preconfigured_tls(tempest_control::tls::client_trusting_nothing().unwrap())
+        .build()
+        .unwrap()
 }
