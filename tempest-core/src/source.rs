@@ -12,6 +12,24 @@ use async_trait::async_trait;
 
 use crate::Msg;
 
+/// The environment variable that gives a topology server a stable identity
+/// towards its brokers: the same for every incarnation of one server slot
+/// of a deployment, wherever and however often it is (re)started.
+///
+/// The agent sets it for each topology server it launches (to the
+/// process's spec id, e.g. `wc/server`, cleaned up for use as a broker-side
+/// name); nothing sets it for workers, which read no source. A source with
+/// a notion of consumer identity uses it as its default name, so that a
+/// replacement of a killed server is the *same* consumer and takes over its
+/// predecessor's in-flight entries at once: the Redis Streams source uses it
+/// as its default `consumer`. Unset (standalone runs, servers started by
+/// hand), sources fall back to a per-process name.
+///
+/// It lives here because both sides depend on `tempest-core`: the agent
+/// (which sets it) and `tempest-connectors` (which reads it) do not depend
+/// on each other.
+pub const SOURCE_CONSUMER_ENV: &str = "TEMPEST_SOURCE_CONSUMER";
+
 /// A source's own handle for one message, returned to it in `ack` and `fail`.
 ///
 /// It is 128 bits so that a broker's position fits without allocating: a

@@ -4,7 +4,10 @@
 //! Several topology servers that consume the same stream with the same
 //! group split its entries between them: Redis hands each entry to one
 //! consumer, and entries a crashed consumer left pending are taken over by
-//! the others after `claim_idle_ms`.
+//! the others after `claim_idle_ms`. A topology server launched by an agent
+//! is named after its slot in the deployment
+//! ([`tempest_core::source::SOURCE_CONSUMER_ENV`]), so its replacement is the
+//! same consumer and resumes its predecessor's entries at once.
 //!
 //! In `Topology.toml` (after [`crate::register`]):
 //!

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisError, Value};
 use serde::Deserialize;
+use tempest_core::source::SOURCE_CONSUMER_ENV;
 use tempest_core::sources::SourceStats;
 use tempest_core::{
     async_trait, ConfigError, FailReason, FromConfig, Health, Polled, Settings, Source,
@@ -50,7 +51,7 @@ pub const MAX_BATCH_SIZE: usize = 1_000_000;
 /// url = "redis://127.0.0.1:6379"   # required; redis://[user:password@]host:port[/db]
 /// stream = "events"                # required
 /// group = "tempest"                # the consumer group (created unless create_group = false)
-/// # consumer = "node-1"            # default: <hostname>-<pid>, unique per process
+/// # consumer = "node-1"            # default: $TEMPEST_SOURCE_CONSUMER (set by the agent), else <hostname>-<pid>
 /// batch_size = 512                 # the most entries one read returns
 /// block_ms = 100                   # how long a read waits for new entries (0: does not wait)
 /// claim_idle_ms = 30000            # entries pending this long at another consumer are taken over
@@ -69,9 +70,12 @@ pub struct RedisSourceConfig {
     /// The consumer group (default `"tempest"`).
     #[serde(default = "default_group")]
     pub group: String,
-    /// This consumer's name in the group. Default: `<hostname>-<pid>` (with
-    /// `-2`, `-3`, ... for further sources of one process), so several
-    /// topology servers in one group get distinct names.
+    /// This consumer's name in the group. Default: the value of the
+    /// environment variable [`SOURCE_CONSUMER_ENV`]
+    /// (`TEMPEST_SOURCE_CONSUMER`), which the agent sets to a topology
+    /// server's stable identity in its deployment (`<topology>/server`),
+    /// else `<hostname>-<pid>`; either with `-2`, `-3`, ... for further
+    /// sources of one process. See [`RedisStreamSource`], "Consumer name".
     #[serde(default)]
     pub consumer: Option<String>,
     /// The most entries one read asks for (default 512); a poll asks for the
@@ -320,9 +324,40 @@ impl RedisStats {
 /// gone. A bad URL, a missing group with `create_group = false`, a key that
 /// is not a stream or refused credentials stop the topology.
 ///
-/// **Shutdown.** A consumer with a default name that has nothing pending
-/// is deleted from the group (`XGROUP DELCONSUMER`), so restarts do not pile
-/// up consumers; one with pending entries stays until they are taken over.
+/// **Consumer name.** The `consumer` key if given. Otherwise the value of
+/// [`SOURCE_CONSUMER_ENV`] (`TEMPEST_SOURCE_CONSUMER`) if set and not
+/// blank: the agent sets it for each topology server it launches to the
+/// server's slot in its deployment (`<topology>/server`), the same for
+/// every incarnation wherever it runs. Otherwise `<hostname>-<pid>`. A
+/// second, third, ... Redis source of one process gets `-2`, `-3`, ...
+/// appended to the default, in the order the sources are made.
+///
+/// A stable name is what makes a replaced server resume at once: a server
+/// killed with entries in flight leaves them pending for its name, and its
+/// replacement, being the same consumer, reads them again at its first poll
+/// (step 1 above), without waiting `claim_idle_ms` for another consumer's
+/// `XAUTOCLAIM`. With a per-process name (no agent, no `consumer` key) they
+/// are taken over only once idle for `claim_idle_ms`.
+///
+/// If the old server still runs when its replacement starts (a network
+/// partition between its agent and the director, say), both are the same
+/// consumer: both read that consumer's pending entries after a (re)connect,
+/// both keep them claimed, and an entry may be handled by both. Nothing is
+/// lost (an entry leaves the pending list only when acked, by either), but
+/// duplicates are possible until the old server is stopped, which the
+/// director's fencing does (its agent stops an incarnation of an older
+/// generation). New entries (`>`) are still delivered to one of the two
+/// only. Two deployments that share a group and a topology name would also
+/// share a consumer name; give them distinct `consumer` keys.
+///
+/// **Shutdown.** A consumer with a per-process default name
+/// (`<hostname>-<pid>`) that has nothing pending is deleted from the group
+/// (`XGROUP DELCONSUMER`), so restarts do not pile up consumers; one with
+/// pending entries stays until they are taken over. A stable name (from
+/// the environment or the `consumer` key) is never deleted: the next
+/// incarnation uses it again, so nothing piles up, and a delete could race
+/// with that incarnation (`XGROUP DELCONSUMER` drops the consumer's pending
+/// entries, which would then never be delivered again).
 ///
 /// ```no_run
 /// use tempest_connectors::redis::{RedisSourceConfig, RedisStreamSource};
@@ -344,7 +379,9 @@ impl RedisStats {
 pub struct RedisStreamSource {
     config: RedisSourceConfig,
     consumer: String,
-    consumer_defaulted: bool,
+    /// The name is `<hostname>-<pid>`: never used again after this process,
+    /// so the consumer is deleted at shutdown when nothing is pending.
+    consumer_per_process: bool,
     dead_letter: String,
     url: String,
     conn: Option<MultiplexedConnection>,
@@ -368,14 +405,14 @@ impl RedisStreamSource {
     /// A source with this configuration (checked by [`Source::configure`];
     /// [`RedisSourceConfig::validate`] checks it sooner).
     pub fn new(config: RedisSourceConfig) -> Self {
-        let (consumer, consumer_defaulted) = match &config.consumer {
+        let (consumer, consumer_per_process) = match &config.consumer {
             Some(c) => (c.clone(), false),
-            None => (default_consumer(), true),
+            None => default_consumer(),
         };
         let now = Instant::now();
         RedisStreamSource {
             consumer,
-            consumer_defaulted,
+            consumer_per_process,
             dead_letter: config.dead_letter_stream(),
             url: shown_url(&config.url),
             config,
@@ -718,22 +755,42 @@ fn is_bulk(v: &Value, want: &[u8]) -> bool {
     }
 }
 
-/// `<hostname>-<pid>`, with `-2`, `-3`, ... for further sources of one process.
-fn default_consumer() -> String {
+/// This process's default consumer name (see [`default_consumer_name`]),
+/// and whether it is per-process.
+fn default_consumer() -> (String, bool) {
     static SOURCES: AtomicU32 = AtomicU32::new(0);
+    let stable = std::env::var(SOURCE_CONSUMER_ENV).ok();
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .map(|h| h.trim().to_owned())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "tempest".into());
-    let n = SOURCES.fetch_add(1, Ordering::Relaxed);
-    let pid = std::process::id();
-    if n == 0 {
-        format!("{host}-{pid}")
+        .or_else(|| std::env::var("HOSTNAME").ok());
+    let nth = SOURCES.fetch_add(1, Ordering::Relaxed);
+    default_consumer_name(stable.as_deref(), host.as_deref(), std::process::id(), nth)
+}
+
+/// The default consumer name of the `nth` (from 0) Redis source of a
+/// process: `stable` (the value of [`SOURCE_CONSUMER_ENV`]) when set and not
+/// blank, else `<host>-<pid>` (`tempest` when the host name is unknown);
+/// with `-2`, `-3`, ... appended for the second, third, ... source. The
+/// flag is true for a per-process name.
+fn default_consumer_name(
+    stable: Option<&str>,
+    host: Option<&str>,
+    pid: u32,
+    nth: u32,
+) -> (String, bool) {
+    let (base, per_process) = match stable.map(str::trim).filter(|s| !s.is_empty()) {
+        Some(stable) => (stable.to_owned(), false),
+        None => {
+            let host = host.map(str::trim).filter(|h| !h.is_empty());
+            (format!("{}-{pid}", host.unwrap_or("tempest")), true)
+        }
+    };
+    let name = if nth == 0 {
+        base
     } else {
-        format!("{host}-{pid}-{}", n + 1)
-    }
+        format!("{base}-{}", nth + 1)
+    };
+    (name, per_process)
 }
 
 impl FromConfig for RedisStreamSource {
@@ -964,9 +1021,11 @@ impl Source for RedisStreamSource {
                 Err(e) => tracing::warn!(count = owed.len(), "acks lost at shutdown: {e}"),
             }
         }
-        if self.consumer_defaulted && self.in_flight.is_empty() {
-            // A default name is never used again: delete the consumer unless
-            // it still has pending entries for others to take over.
+        if self.consumer_per_process && self.in_flight.is_empty() {
+            // A per-process name is never used again: delete the consumer
+            // unless it still has pending entries for others to take over.
+            // (A stable name is kept: its next incarnation uses it, and may
+            // already be reading as it.)
             let mut pending = redis::cmd("XPENDING");
             pending
                 .arg(&self.config.stream)
@@ -995,5 +1054,56 @@ impl Source for RedisStreamSource {
         }
         self.conn = None;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_consumer_is_the_stable_identity_else_host_and_pid() {
+        let name = |stable, host, nth| default_consumer_name(stable, host, 4242, nth);
+        // Set by the agent: the deployment's slot, whatever the host or pid.
+        assert_eq!(
+            name(Some("wc/server"), Some("node1"), 0),
+            ("wc/server".to_owned(), false)
+        );
+        assert_eq!(
+            default_consumer_name(Some("wc/server"), Some("node2"), 7, 0),
+            ("wc/server".to_owned(), false)
+        );
+        assert_eq!(
+            name(Some(" wc/server\n"), None, 0),
+            ("wc/server".to_owned(), false)
+        );
+        // Further sources of one process.
+        assert_eq!(
+            name(Some("wc/server"), Some("node1"), 1),
+            ("wc/server-2".to_owned(), false)
+        );
+        assert_eq!(name(Some("wc/server"), Some("node1"), 2).0, "wc/server-3");
+        // Unset or blank: per process.
+        assert_eq!(
+            name(None, Some("node1\n"), 0),
+            ("node1-4242".to_owned(), true)
+        );
+        assert_eq!(
+            name(Some("  "), Some("node1"), 1),
+            ("node1-4242-2".to_owned(), true)
+        );
+        assert_eq!(name(None, None, 0), ("tempest-4242".to_owned(), true));
+        assert_eq!(name(None, Some(""), 0), ("tempest-4242".to_owned(), true));
+    }
+
+    #[test]
+    fn an_explicit_consumer_wins_and_is_kept_at_shutdown() {
+        let config = RedisSourceConfig {
+            consumer: Some("node-1".into()),
+            ..RedisSourceConfig::new("redis://127.0.0.1:6379", "s")
+        };
+        let source = RedisStreamSource::new(config);
+        assert_eq!(source.consumer(), "node-1");
+        assert!(!source.consumer_per_process);
     }
 }
