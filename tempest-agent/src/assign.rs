@@ -24,6 +24,7 @@ use tempest_control::tls::{
     IssuedCert, TlsFiles, DATA_TLS_CA_ENV, DATA_TLS_CERT_ENV, DATA_TLS_KEY_ENV,
 };
 use tempest_control::{Assignment, Heartbeat, ProcessSpec, ProcessState, ProcessStatus, Role};
+use tempest_core::source::SOURCE_CONSUMER_ENV;
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::config::{split_host_port, PortRange};
@@ -207,6 +208,13 @@ pub struct LaunchContext {
 /// launch's `address`. The spec's data-plane secret, if any, is the only
 /// secret it gets: as `TEMPEST_DATA_SECRET` in its environment (never on
 /// its command line, which every user can read).
+///
+/// A topology server also gets [`SOURCE_CONSUMER_ENV`]: its stable identity
+/// towards its brokers ([`source_consumer`]), the same for every
+/// incarnation of the slot, so that a replacement of a killed server (here
+/// or on another agent) takes over what its predecessor held at once. A
+/// value the spec's own environment gives wins. Workers read no source and
+/// do not get it.
 pub fn build_launch(
     spec: &ProcessSpec,
     package: &Package,
@@ -265,6 +273,10 @@ pub fn build_launch(
         format!("prometheus={metrics_address}"),
     ]);
     let mut env = spec.env.clone();
+    if spec.role == Role::Topology {
+        env.entry(SOURCE_CONSUMER_ENV.into())
+            .or_insert_with(|| source_consumer(spec));
+    }
     if let Some(secret) = &spec.data_secret {
         env.insert(
             tempest_control::credentials::DATA_SECRET_ENV.into(),
@@ -279,6 +291,25 @@ pub fn build_launch(
         address: Some(address),
         metrics_address: Some(metrics_address),
     }
+}
+
+/// The stable consumer identity of a topology server slot: its spec id
+/// (`<topology>/server`), which the director keeps across re-placements and
+/// generations, with every byte other than ASCII letters, digits and
+/// `-_.:/` replaced by `_` so it is a plain name at any broker (spec ids
+/// have no white space or control characters to begin with). Not the host
+/// or the pid: a replacement started elsewhere has the same one.
+pub fn source_consumer(spec: &ProcessSpec) -> String {
+    spec.id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.:/".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 /// `host:port`, with an IPv6 host in brackets.
@@ -967,6 +998,52 @@ mod tests {
         assert_eq!(ports.get("wc/count/1"), Some(worker_held));
         assert_eq!(ports.allocate(&w).unwrap(), worker_held);
         assert_eq!(ports.allocate(&s).unwrap(), held);
+    }
+
+    #[test]
+    fn the_server_gets_a_stable_source_consumer_and_workers_none() {
+        let package = package();
+        let ctx = ctx();
+        let held = Held {
+            listen: 7512,
+            metrics: 7513,
+        };
+        let consumer = |l: &Launch| l.env.get(SOURCE_CONSUMER_ENV).cloned();
+        let s = spec("wc/server", Role::Topology);
+        let l = build_launch(&s, &package, held, None, &ctx);
+        assert_eq!(consumer(&l).as_deref(), Some("wc/server"));
+        // The same on another agent, on other ports, in a later generation:
+        // from the deployment, not from the host or the process.
+        let mut elsewhere = ctx.clone();
+        elsewhere.advertise_host = "node2".into();
+        elsewhere.server_ip = "10.9.9.9".parse().unwrap();
+        let mut again = s.clone();
+        again.generation = 9;
+        let other = Held {
+            listen: 8000,
+            metrics: 8001,
+        };
+        let l2 = build_launch(&again, &package, other, None, &elsewhere);
+        assert_eq!(consumer(&l2), consumer(&l));
+        // Workers read no source.
+        for w in ["wc/count/0", "wc/split/0", "wc/output/0"] {
+            let l = build_launch(&spec(w, Role::Task), &package, held, None, &ctx);
+            assert_eq!(consumer(&l), None, "{w}");
+        }
+        // The spec's own environment wins.
+        let mut own = s.clone();
+        own.env.insert(SOURCE_CONSUMER_ENV.into(), "mine".into());
+        let l = build_launch(&own, &package, held, None, &ctx);
+        assert_eq!(consumer(&l).as_deref(), Some("mine"));
+        // Anything but a plain name is cleaned up.
+        assert_eq!(
+            source_consumer(&spec("wörd\"count/server", Role::Topology)),
+            "w_rd_count/server"
+        );
+        assert_eq!(
+            source_consumer(&spec("a-b_c.d:e/server", Role::Topology)),
+            "a-b_c.d:e/server"
+        );
     }
 
     #[test]
