@@ -41,6 +41,8 @@ mod wire;
 
 pub use output::RedisOutput;
 pub use source::{RedisSourceConfig, RedisStats, RedisStreamSource, MAX_BATCH_SIZE, MAX_BLOCK_MS};
+/// Re-exported from `tempest-core`, where it is defined for the agent too.
+pub use tempest_core::source::SOURCE_CONSUMER_ENV;
 
 use redis::RedisError;
 
