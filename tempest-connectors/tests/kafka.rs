@@ -41,10 +41,6 @@ fn server() -> KafkaServer {
     KafkaServer::start().expect("tansu (scripts/test installs it)")
 }
 
-fn durable_server() -> KafkaServer {
-    KafkaServer::start_durable().expect("tansu (scripts/test installs it)")
-}
-
 fn block_on<F: std::future::Future>(f: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -53,15 +49,23 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
         .block_on(f)
 }
 
+/// Creates a topic (on a thread of its own, so that an async test can call
+/// it too).
 fn create_topic(bootstrap: &str, topic: &str, partitions: i32) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .create()
         .unwrap();
-    let results = block_on(admin.create_topics(
-        &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
-        &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-    ))
+    let results = std::thread::scope(|s| {
+        s.spawn(|| {
+            block_on(admin.create_topics(
+                &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+            ))
+        })
+        .join()
+        .unwrap()
+    })
     .unwrap();
     for r in results {
         r.unwrap_or_else(|(t, e)| panic!("creating topic {t}: {e}"));
@@ -863,7 +867,7 @@ fn connecting_to_nothing_is_a_retryable_connect_error_and_health_follows_the_bro
 
 #[test]
 fn a_broker_restarted_mid_stream_loses_nothing() {
-    let mut server = durable_server();
+    let mut server = server();
     let bootstrap = server.bootstrap();
     create_topic(&bootstrap, "s", 3);
     let n = 2_000;
