@@ -418,6 +418,78 @@ fn every_record_is_handled_and_committed_and_a_second_run_reads_nothing_new() {
     });
 }
 
+/// Static membership (`group.instance.id`, which the source defaults to
+/// `TEMPEST_SOURCE_CONSUMER` on a topology server; set in `properties`
+/// here, as tests run in parallel and share the environment): a member
+/// that stops and comes back under the same id gets its partitions back
+/// at once, well within the session timeout that the group would wait
+/// for a member that left without coming back, and resumes at its commits.
+#[test]
+fn a_static_member_that_comes_back_gets_its_partitions_at_once() {
+    let server = server();
+    let bootstrap = server.bootstrap();
+    create_topic(&bootstrap, "static", 3);
+    let n = 300;
+    produce(&bootstrap, "static", "m", n, None);
+    let ends = end_offsets(&bootstrap, "static", 3);
+    let static_config = || {
+        let mut c = config(&server, "static", "gs");
+        c.properties
+            .insert("group.instance.id".into(), "wordcount/server".into());
+        c.properties
+            .insert("session.timeout.ms".into(), toml::Value::Integer(45_000));
+        c
+    };
+
+    let seen = Seen::default();
+    let run = Running::start(topology(
+        "static-1",
+        KafkaSource::new(static_config()),
+        recording_pipeline(&seen, Duration::ZERO),
+    ));
+    wait_until("every record is handled", WAIT, || seen.distinct() == n);
+    wait_until("the committed offsets reach the end offsets", WAIT, || {
+        committed(&bootstrap, "gs", "static", 3).as_ref() == Some(&ends)
+    });
+    let report = run.stop();
+    assert_eq!(report.acked(), n as u64);
+    assert_eq!(seen.total(), n, "a record was handled twice");
+
+    // Back under the same id: assigned every partition long before the
+    // 45 s session timeout, and reading only what is new.
+    let started = Instant::now();
+    let seen = Seen::default();
+    let source = KafkaSource::new(static_config());
+    let kafka_stats = source.kafka_stats();
+    let run = Running::start(topology(
+        "static-2",
+        source,
+        recording_pipeline(&seen, Duration::ZERO),
+    ));
+    wait_until(
+        "the static member gets its partitions back",
+        Duration::from_secs(20),
+        || kafka_stats.assigned() >= 3,
+    );
+    let rejoined = started.elapsed();
+    for p in 0..3 {
+        produce(&bootstrap, "static", &format!("marker{p}-"), 1, Some(p));
+    }
+    wait_until("the markers are handled", WAIT, || seen.distinct() == 3);
+    run.stop();
+    assert_eq!(
+        seen.snapshot(),
+        (0..3)
+            .map(|p| (format!("marker{p}-0"), 1))
+            .collect::<HashMap<_, _>>(),
+        "only the new records (rejoined in {rejoined:?})"
+    );
+    assert!(
+        rejoined < Duration::from_secs(20),
+        "rejoined in {rejoined:?}"
+    );
+}
+
 #[test]
 fn out_of_order_acks_never_commit_past_an_unacked_record() {
     let server = server();

@@ -92,6 +92,7 @@ pub struct KafkaSourceConfig {
     /// or booleans): security (`security.protocol`, `sasl.*`, `ssl.*`) and
     /// tuning (`fetch.*`, `session.timeout.ms`, `group.instance.id`, ...).
     /// The properties this source sets itself are refused.
+    /// `group.instance.id` defaults to [`Self::group_instance_id`].
     #[serde(default)]
     pub properties: BTreeMap<String, toml::Value>,
 }
@@ -279,16 +280,42 @@ impl KafkaSourceConfig {
         c
     }
 
-    /// The consumer's configuration: [`Self::client_config`] plus the group
-    /// and the settings commits by watermark need.
-    pub(crate) fn consumer_config(&self) -> ClientConfig {
+    /// The consumer's configuration: [`Self::client_config`] plus the group,
+    /// the settings commits by watermark need, and the static membership
+    /// of [`Self::group_instance_id`] (`stable` is the value of
+    /// [`tempest_core::source::SOURCE_CONSUMER_ENV`], read by the caller).
+    pub(crate) fn consumer_config(&self, stable: Option<String>) -> ClientConfig {
         let mut c = self.client_config();
+        if let Some(id) = self.group_instance_id(stable) {
+            c.set("group.instance.id", id);
+        }
         c.set("group.id", &self.group)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", "false")
             .set("auto.offset.reset", self.auto_offset_reset.as_str());
         c
+    }
+
+    /// The consumer's `group.instance.id` (static membership), given
+    /// `stable`, the value of [`tempest_core::source::SOURCE_CONSUMER_ENV`]
+    /// (`TEMPEST_SOURCE_CONSUMER`, which the agent sets on a topology server
+    /// to its slot's stable identity, such as `wordcount/server`):
+    ///
+    /// - `group.instance.id` in `properties`, when set: used as it is (the
+    ///   consumer config is built from `properties` already), so `None`;
+    /// - else `stable`, trimmed, when set and not blank: a replaced server
+    ///   rejoins as the same static member and gets its partitions back
+    ///   without waiting for a rebalance;
+    /// - else `None`: a dynamic member (standalone runs, servers started by
+    ///   hand).
+    pub fn group_instance_id(&self, stable: Option<String>) -> Option<String> {
+        if self.properties.contains_key("group.instance.id") {
+            return None;
+        }
+        stable
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
     }
 
     /// What the consumer subscribes to: the topics, or the regex (which
@@ -343,4 +370,59 @@ fn check_topic_name(t: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_properties(props: &[(&str, &str)]) -> KafkaSourceConfig {
+        let mut c = KafkaSourceConfig::new("127.0.0.1:9092", ["t"]);
+        for (k, v) in props {
+            c.properties
+                .insert((*k).to_owned(), toml::Value::String((*v).to_owned()));
+        }
+        c
+    }
+
+    fn instance_id(c: &ClientConfig) -> Option<&str> {
+        c.get("group.instance.id")
+    }
+
+    #[test]
+    fn the_stable_consumer_identity_is_the_default_group_instance_id() {
+        let c = with_properties(&[]);
+        assert_eq!(
+            c.group_instance_id(Some("wordcount/server".into())),
+            Some("wordcount/server".into())
+        );
+        assert_eq!(
+            c.group_instance_id(Some("  wordcount/server-2 \n".into())),
+            Some("wordcount/server-2".into()),
+            "trimmed"
+        );
+        let consumer = c.consumer_config(Some("wordcount/server".into()));
+        assert_eq!(instance_id(&consumer), Some("wordcount/server"));
+        assert_eq!(consumer.get("group.id"), Some("tempest"));
+    }
+
+    #[test]
+    fn without_a_stable_identity_the_member_is_dynamic() {
+        let c = with_properties(&[]);
+        assert_eq!(c.group_instance_id(None), None);
+        assert_eq!(c.group_instance_id(Some(String::new())), None);
+        assert_eq!(c.group_instance_id(Some(" \t".into())), None);
+        assert_eq!(instance_id(&c.consumer_config(None)), None);
+        assert_eq!(instance_id(&c.consumer_config(Some("  ".into()))), None);
+    }
+
+    #[test]
+    fn a_group_instance_id_in_properties_wins_over_the_environment() {
+        let c = with_properties(&[("group.instance.id", "mine")]);
+        assert!(c.validate().is_ok());
+        assert_eq!(c.group_instance_id(Some("wordcount/server".into())), None);
+        let consumer = c.consumer_config(Some("wordcount/server".into()));
+        assert_eq!(instance_id(&consumer), Some("mine"));
+        assert_eq!(instance_id(&c.consumer_config(None)), Some("mine"));
+    }
 }

@@ -16,6 +16,7 @@ use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tempest_core::source::SOURCE_CONSUMER_ENV;
 use tempest_core::sources::SourceStats;
 use tempest_core::watermark::Watermark;
 use tempest_core::{
@@ -366,6 +367,20 @@ impl ConsumerContext for Context {
 /// owner (their acks here are ignored). When partitions are assigned,
 /// reading resumes from the committed offset (or `auto_offset_reset`).
 ///
+/// **Static membership.** When `properties` has no `group.instance.id`,
+/// it defaults to the environment variable [`SOURCE_CONSUMER_ENV`]
+/// (`TEMPEST_SOURCE_CONSUMER`), which the agent sets on a topology server
+/// to its slot's stable identity (such as `wordcount/server`): a server
+/// replaced after a crash rejoins the group as the same static member and
+/// gets its partitions back at once, without a rebalance, and reads again
+/// from their committed offsets. A static member does not leave the group
+/// when it stops: its partitions wait for it for `session.timeout.ms`
+/// (librdkafka's default 45 s; set it in `properties`) before the group
+/// rebalances them to the others. Unset or blank (standalone runs, servers
+/// started by hand), the member is dynamic. Two Kafka sources of one
+/// process reading the same group need distinct `group.instance.id`s in
+/// their `properties`.
+///
 /// **Failures.** [`Source::fail`] (the failure policy gave up) writes the
 /// record, with its key and headers, to the dead-letter topic with the
 /// headers `tempest.reason`, `tempest.attempts` and `tempest.source`, and
@@ -619,9 +634,19 @@ impl Source for KafkaSource {
                 stats: self.kafka_stats.clone(),
                 group: self.config.group.clone(),
             };
-            let consumer =
-                StreamConsumer::from_config_and_context(&self.config.consumer_config(), context)
-                    .map_err(|e| SourceError::config(format!("kafka consumer: {e}")))?;
+            // Static membership by default on a topology server (see
+            // `KafkaSourceConfig::group_instance_id`).
+            let stable = std::env::var(SOURCE_CONSUMER_ENV).ok();
+            let consumer_config = self.config.consumer_config(stable);
+            if let Some(id) = consumer_config.get("group.instance.id") {
+                tracing::info!(
+                    group = %self.config.group,
+                    group_instance_id = %id,
+                    "kafka source: static group member"
+                );
+            }
+            let consumer = StreamConsumer::from_config_and_context(&consumer_config, context)
+                .map_err(|e| SourceError::config(format!("kafka consumer: {e}")))?;
             let subscription = self.config.subscription();
             let topics: Vec<&str> = subscription.iter().map(String::as_str).collect();
             consumer.subscribe(&topics).map_err(|e| {
