@@ -42,6 +42,8 @@ pub enum SourceKind {
     Redis,
     /// A NATS JetStream durable consumer.
     Nats,
+    /// A Kafka topic through a consumer group.
+    Kafka,
 }
 
 /// What `tempest new` was asked.
@@ -283,6 +285,7 @@ fn render_crate(name: &str, source: SourceKind, dep: &TempestDep) -> Vec<(String
     match source {
         SourceKind::Redis => deps.push_str(&connector("redis")),
         SourceKind::Nats => deps.push_str(&connector("nats")),
+        SourceKind::Kafka => deps.push_str(&connector("kafka")),
         SourceKind::Memory | SourceKind::File => {}
     }
     let sample_rs: String = SAMPLE.iter().map(|l| format!("    {l:?},\n")).collect();
@@ -293,6 +296,7 @@ fn render_crate(name: &str, source: SourceKind, dep: &TempestDep) -> Vec<(String
         }
         SourceKind::Redis => "\n# Another Redis server.\ntempest deploy --set source.config.url=redis://10.0.0.5:6379",
         SourceKind::Nats => "\n# Another NATS server.\ntempest deploy --set source.config.url=nats://10.0.0.5:4222",
+        SourceKind::Kafka => "\n# Other Kafka brokers.\ntempest deploy --set source.config.brokers=10.0.0.5:9092",
         SourceKind::Memory => "",
     };
     let (short, long, use_line, source_fn, kinds, toml, notes) = match source {
@@ -301,7 +305,7 @@ fn render_crate(name: &str, source: SourceKind, dep: &TempestDep) -> Vec<(String
             "sample lines held in memory (a start: replace them with a broker's source)".to_owned(),
             "use tempest::sources::MemorySource;\nuse tempest::{Grouping, Msg, Pipeline, Task, TaskResult, Topology};".to_owned(),
             format!(
-                "/// Sample lines to run on. `tempest new --source file|redis|nats` starts from\n\
+                "/// Sample lines to run on. `tempest new --source file|redis|nats|kafka` starts from\n\
                  /// a real source; Topology.toml's [source] can select one too.\n\
                  const SAMPLE: [&str; {}] = [\n{sample_rs}];\n\n\
                  /// The source given in code: the sample lines.\n\
@@ -401,6 +405,37 @@ fn render_crate(name: &str, source: SourceKind, dep: &TempestDep) -> Vec<(String
                 "\n`cargo run -- standalone` reads the JetStream stream `{name}` on\n\
                  `NATS_URL` (default `nats://127.0.0.1:4222`); feed it with\n\n\
                  ```sh\nnats pub {name}.input \"the cow jumped over the moon\"\n```\n"
+            ),
+        ),
+        SourceKind::Kafka => (
+            "Kafka topic".to_owned(),
+            format!("the records of the Kafka topic `{name}` through the consumer group `{name}`"),
+            "use tempest::{Grouping, Msg, Pipeline, Task, TaskResult, Topology};\nuse tempest_connectors::kafka::{KafkaSource, KafkaSourceConfig};".to_owned(),
+            format!(
+                "/// The source given in code: the Kafka topic `{name}` on KAFKA_BROKERS\n\
+                 /// (default 127.0.0.1:9092), through the consumer group `{name}`.\n\
+                 /// Topology.toml's [source] replaces it on a cluster.\n\
+                 fn source() -> KafkaSource {{\n\
+                 \x20   let brokers = std::env::var(\"KAFKA_BROKERS\").unwrap_or_else(|_| \"127.0.0.1:9092\".into());\n\
+                 \x20   KafkaSource::new(KafkaSourceConfig {{\n\
+                 \x20       group: \"{name}\".into(),\n\
+                 \x20       ..KafkaSourceConfig::new(brokers, [\"{name}\"])\n\
+                 \x20   }})\n}}"
+            ),
+            "\n        // Lets Topology.toml select `kind = \"kafka\"`.\n        .source_kinds(tempest_connectors::register)".to_owned(),
+            format!(
+                "# The source: a Kafka topic through a consumer group. Each partition's\n\
+                 # offset is committed only up to the first record still in flight, so a\n\
+                 # crash loses nothing.\n\
+                 [source]\nkind = \"kafka\"\n\n[source.config]\n\
+                 brokers = \"127.0.0.1:9092\"\ngroup = \"{name}\"\ntopics = [\"{name}\"]\n\
+                 # Where roots the retry policy gives up on go.\ndead_letter_topic = \"{name}.dead\"\n"
+            ),
+            format!(
+                "\n`cargo run -- standalone` reads the Kafka topic `{name}` on\n\
+                 `KAFKA_BROKERS` (default `127.0.0.1:9092`); feed it with any Kafka\n\
+                 producer, e.g.\n\n\
+                 ```sh\necho \"the cow jumped over the moon\" | kcat -P -b 127.0.0.1:9092 -t {name}\n```\n"
             ),
         ),
     };
@@ -739,6 +774,7 @@ mod tests {
             SourceKind::File,
             SourceKind::Redis,
             SourceKind::Nats,
+            SourceKind::Kafka,
         ] {
             let files = render_crate("demo", kind, &dep);
             for (path, text) in &files {

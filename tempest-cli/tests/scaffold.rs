@@ -258,12 +258,12 @@ fn a_new_crate_builds_and_tests_then_grows_and_packages() {
     assert!(!archive.exists());
 }
 
-/// The other source kinds build and pass their tests too, with a task and
+/// The other source kinds (Kafka included) build and pass their tests too, with a task and
 /// a source generated (each kind builds its connector, in the scaffold's
 /// shared target directory).
 #[test]
 fn every_source_kind_builds_and_tests() {
-    for kind in ["memory", "redis", "nats"] {
+    for kind in ["memory", "redis", "nats", "kafka"] {
         let dir = tempdir("tempest-cli-kinds");
         let name = format!("demo_{kind}");
         run(dir.path(), &["new", &name, "--source", kind]).ok();
