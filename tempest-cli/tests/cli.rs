@@ -29,7 +29,7 @@ fn wrong_arguments_get_clap_usage_errors() {
         &["rebalance", "wc", "--workers", "count"],
         &["rebalance", "wc", "--workers", "count=0"],
         &["rebalance", "wc", "--workers", ".count=1"],
-        &["new", "x", "--source", "kafka"],
+        &["new", "x", "--source", "pulsar"],
         &["logs", "wc", "--instance", "1"],
         &["completions", "tcsh"],
     ] {
