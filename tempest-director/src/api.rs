@@ -22,7 +22,9 @@ use crate::director::{
 };
 use crate::error::Error;
 use crate::lifecycle::{Command, Lifecycle, Phase};
-use crate::metrics::{PipelineEdge, SamplePoint, SourceFigures, TaskFigures};
+use crate::metrics::{
+    PerSourceFigures, PipelineEdge, SamplePoint, SourceEdge, SourceFigures, TaskFigures,
+};
 
 /// What the handlers share.
 pub struct AppState {
@@ -111,7 +113,7 @@ pub struct AssignmentDoc {
         ErrorBody, Health, HeartbeatDoc, AssignmentDoc, AgentView, PackageView, ProcessView,
         DeployRequest, RebalanceRequest, TopologySummary, TopologyDetail, Lifecycle, Phase,
         ClusterSummary, RecentError, SamplePoint, SourceFigures, TaskFigures, LogTail,
-        PipelineEdge, LoginTicket
+        PipelineEdge, PerSourceFigures, SourceEdge, LoginTicket
     )),
     modifiers(&BearerAuth)
 )]
@@ -381,7 +383,8 @@ async fn list_topologies(data: Data) -> HttpResponse {
     HttpResponse::Ok().json(data.director.topologies())
 }
 
-/// One topology: its state, placement and processes.
+/// One topology: its state, placement and processes, and its figures per
+/// task and per source.
 #[utoipa::path(
     get, path = "/api/v1/topologies/{name}",
     params(("name" = String, Path, description = "the topology's name")),

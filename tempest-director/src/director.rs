@@ -23,7 +23,9 @@ use utoipa::ToSchema;
 
 use crate::error::Error;
 use crate::lifecycle::{Command, Lifecycle, Phase, Transition};
-use crate::metrics::{Figures, PipelineEdge, SamplePoint, SourceFigures, TaskFigures};
+use crate::metrics::{
+    Figures, PerSourceFigures, PipelineEdge, SamplePoint, SourceEdge, SourceFigures, TaskFigures,
+};
 use crate::placement::{AgentLoad, Scheduler};
 use crate::store::{AgentRecord, PackageRecord, PlacementRecord, Snapshot, Store, TopologyRecord};
 
@@ -249,11 +251,19 @@ pub struct TopologyDetail {
     pub placement: Vec<ProcessView>,
     /// Per task: workers, messages in, msgs/s, errors, handle p99, capacity.
     pub tasks: BTreeMap<String, TaskFigures>,
-    /// The source's figures.
+    /// The sources' figures, summed over every source.
     pub source: SourceFigures,
+    /// Per source, by name (`default` for a topology's one unnamed source):
+    /// health, polled, acked, failed, errors, in flight, acked/s. Empty
+    /// until its server reports them.
+    pub sources: BTreeMap<String, PerSourceFigures>,
     /// The pipeline's edges, as its running server reports them (empty
     /// until then).
     pub edges: Vec<PipelineEdge>,
+    /// The edges from sources to the tasks they feed, as its running server
+    /// reports them (empty until then, and from a server older than named
+    /// sources, whose one source feeds the task no edge leads to).
+    pub source_edges: Vec<SourceEdge>,
     /// Its processes that failed or are backing off.
     pub recent_errors: Vec<RecentError>,
 }
@@ -1052,7 +1062,9 @@ impl Director {
                 })
                 .collect(),
             source: figures.map(|f| f.source.clone()).unwrap_or_default(),
+            sources: figures.map(|f| f.sources.clone()).unwrap_or_default(),
             edges: figures.map(|f| f.edges.clone()).unwrap_or_default(),
+            source_edges: figures.map(|f| f.source_edges.clone()).unwrap_or_default(),
             recent_errors,
             placement,
         }

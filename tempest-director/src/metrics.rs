@@ -117,7 +117,8 @@ fn window(now: &[(f64, f64)], before: Option<&Vec<(f64, f64)>>) -> Vec<(f64, f64
     }
 }
 
-/// The figures of a topology's source (its topology server).
+/// The figures of a topology's sources (its topology server), summed over
+/// every source it reads.
 #[derive(Clone, Debug, Default, Serialize, ToSchema)]
 pub struct SourceFigures {
     /// Messages polled from the source.
@@ -134,10 +135,48 @@ pub struct SourceFigures {
     pub retried: u64,
     /// Errors from the source.
     pub errors: u64,
-    /// Whether the source reports healthy (`None` before the first scrape).
+    /// Whether every source reports healthy (`None` before the first
+    /// scrape).
     pub healthy: Option<bool>,
     /// Worker connections open at the topology server.
     pub worker_connections: u64,
+}
+
+/// The name under which a source without a `source` label (a topology
+/// with one unnamed source, or a process older than named sources) is
+/// shown.
+pub const DEFAULT_SOURCE: &str = "default";
+
+/// One source's figures, when a topology reads several named sources
+/// (Storm's spouts); a topology with one unnamed source has one, named
+/// `default`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, ToSchema)]
+pub struct PerSourceFigures {
+    /// Whether it reports healthy: `false` when any host reports it
+    /// unhealthy, `None` while no host reports its health.
+    pub healthy: Option<bool>,
+    /// Messages polled from it, in total.
+    pub polled: u64,
+    /// Its roots acked, in total.
+    pub acked: u64,
+    /// Its roots failed or timed out, in total.
+    pub failed: u64,
+    /// Errors from it, in total.
+    pub errors: u64,
+    /// Its roots in flight now.
+    pub in_flight: u64,
+    /// Its roots acked per second over the last scrape interval.
+    pub msgs_per_sec: f64,
+}
+
+/// An edge from a source to a task it feeds, as the topology server
+/// reports it (`tempest_pipeline_source_edge{source, to} 1`).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, ToSchema)]
+pub struct SourceEdge {
+    /// The source's name.
+    pub source: String,
+    /// The task it feeds.
+    pub to: String,
 }
 
 /// One task's figures.
@@ -160,8 +199,10 @@ pub struct TaskFigures {
 }
 
 /// One edge of a topology's pipeline, as its topology server reports it
-/// (`tempest_pipeline_edge{from, to, grouping} 1`). The source feeds the
-/// root, the one task no edge leads to.
+/// (`tempest_pipeline_edge{from, to, grouping} 1`). The sources feed the
+/// tasks their [`SourceEdge`]s name; a server that reports none (one
+/// unnamed source, or an older process) feeds the roots, the tasks no edge
+/// leads to.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, ToSchema)]
 pub struct PipelineEdge {
     /// The upstream task.
@@ -187,12 +228,17 @@ pub struct Figures {
     pub p50_ms: Option<f64>,
     /// The 99th percentile root complete latency over the last interval, ms.
     pub p99_ms: Option<f64>,
-    /// The source's figures.
+    /// The sources' figures, summed over every source.
     pub source: SourceFigures,
+    /// Per source, by name (`default` for an unnamed one).
+    pub sources: BTreeMap<String, PerSourceFigures>,
     /// Per task.
     pub tasks: BTreeMap<String, TaskFigures>,
     /// The pipeline's edges, sorted; empty until its server reports them.
     pub edges: Vec<PipelineEdge>,
+    /// The edges from sources to tasks, sorted; empty until its server
+    /// reports them (and always from a server older than named sources).
+    pub source_edges: Vec<SourceEdge>,
     /// When these were scraped, Unix milliseconds.
     #[serde(skip)]
     pub ts_ms: u64,
@@ -205,6 +251,27 @@ pub struct Figures {
     /// Each counter's raw sum at this scrape and the total shown for it.
     #[serde(skip)]
     pub counters: BTreeMap<String, (u64, u64)>,
+}
+
+/// The metrics a topology server reports per source (with a `source`
+/// label; without one, an older server's, they are the `default` source's).
+const PER_SOURCE: [&str; 11] = [
+    "tempest_source_polled_total",
+    "tempest_source_acked_total",
+    "tempest_source_failed_total",
+    "tempest_source_timed_out_total",
+    "tempest_source_dead_lettered_total",
+    "tempest_source_retried_total",
+    "tempest_source_errors_total",
+    "tempest_source_healthy",
+    "tempest_roots_in_flight",
+    "tempest_roots_lost_total",
+    "tempest_root_complete_latency_seconds_count",
+];
+
+/// The source a sample is of: its `source` label, `default` without one.
+fn source_of(s: &Sample) -> &str {
+    s.label("source").unwrap_or(DEFAULT_SOURCE)
 }
 
 /// Turns the raw sums of counters, which drop when a process restarts or
@@ -253,7 +320,7 @@ impl Figures {
             next: BTreeMap::new(),
         };
         let mut total = |name: &str| totals.total(name, count(name));
-        let source = SourceFigures {
+        let mut source = SourceFigures {
             polled: total("tempest_source_polled_total"),
             acked: total("tempest_source_acked_total"),
             failed: total("tempest_source_failed_total"),
@@ -261,10 +328,8 @@ impl Figures {
             dead_lettered: total("tempest_source_dead_lettered_total"),
             retried: total("tempest_source_retried_total"),
             errors: total("tempest_source_errors_total"),
-            healthy: mine
-                .iter()
-                .any(|s| s.name == "tempest_source_healthy")
-                .then(|| sum("tempest_source_healthy") > 0.0),
+            // Set from the sources' below.
+            healthy: None,
             worker_connections: count("tempest_worker_connections"),
         };
         let dt = prev
@@ -343,6 +408,75 @@ impl Figures {
             // A scrape that missed the server keeps the pipeline it had.
             edges = prev.map(|p| p.edges.clone()).unwrap_or_default();
         }
+        let mut source_edges: Vec<SourceEdge> = mine
+            .iter()
+            .filter(|s| s.name == "tempest_pipeline_source_edge" && s.value > 0.0)
+            .filter_map(|s| {
+                Some(SourceEdge {
+                    source: source_of(s).to_owned(),
+                    to: s.label("to")?.to_owned(),
+                })
+            })
+            .collect();
+        source_edges.sort();
+        source_edges.dedup();
+        if source_edges.is_empty() {
+            source_edges = prev.map(|p| p.source_edges.clone()).unwrap_or_default();
+        }
+        // Every source any sample or edge names, and those of the last
+        // scrape (a scrape that missed the server keeps them, their totals
+        // held).
+        let mut names: Vec<&str> = mine
+            .iter()
+            .filter(|s| PER_SOURCE.contains(&s.name.as_str()))
+            .map(|s| source_of(s))
+            .chain(source_edges.iter().map(|e| e.source.as_str()))
+            .chain(
+                prev.into_iter()
+                    .flat_map(|p| p.sources.keys().map(String::as_str)),
+            )
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        let mut sources = BTreeMap::new();
+        for name in names {
+            let of_source = |s: &&&Sample| source_of(s) == name;
+            let ssum = |metric: &str| -> u64 {
+                mine.iter()
+                    .filter(|s| s.name == metric)
+                    .filter(of_source)
+                    .map(|s| s.value)
+                    .sum::<f64>()
+                    .max(0.0) as u64
+            };
+            let mut stotal =
+                |metric: &str| totals.total(&format!("source {name}/{metric}"), ssum(metric));
+            let acked = stotal("tempest_source_acked_total");
+            let failed =
+                stotal("tempest_source_failed_total") + stotal("tempest_source_timed_out_total");
+            let health: Vec<f64> = mine
+                .iter()
+                .filter(|s| s.name == "tempest_source_healthy")
+                .filter(of_source)
+                .map(|s| s.value)
+                .collect();
+            let figures = PerSourceFigures {
+                // Unhealthy when any host reports it so.
+                healthy: (!health.is_empty()).then(|| health.iter().all(|v| *v > 0.0)),
+                polled: stotal("tempest_source_polled_total"),
+                acked,
+                failed,
+                errors: stotal("tempest_source_errors_total"),
+                in_flight: ssum("tempest_roots_in_flight"),
+                msgs_per_sec: rate(
+                    acked,
+                    prev.and_then(|p| p.sources.get(name)).map(|s| s.acked),
+                ),
+            };
+            sources.insert(name.to_owned(), figures);
+        }
+        let health: Vec<bool> = sources.values().filter_map(|s| s.healthy).collect();
+        source.healthy = (!health.is_empty()).then(|| health.iter().all(|h| *h));
         Figures {
             acked: source.acked,
             failed: source.failed + source.timed_out,
@@ -351,8 +485,10 @@ impl Figures {
             p50_ms: ms(quantile(&win, 0.5)),
             p99_ms: ms(quantile(&win, 0.99)),
             source,
+            sources,
             tasks,
             edges,
+            source_edges,
             ts_ms,
             latency,
             handle,
@@ -462,6 +598,109 @@ tempest_pipeline_edge{topology="wc",host="h2",from="split",to="count",grouping="
         assert_eq!(i.acked, 350);
         assert!((i.msgs_per_sec - 50.0).abs() < 1e-9);
         assert_eq!(i.source.acked, 350);
+    }
+
+    #[test]
+    fn figures_per_source_with_one_unhealthy() {
+        let text = r#"# TYPE tempest_source_acked_total counter
+tempest_source_polled_total{topology="t",host="h",source="orders"} 120
+tempest_source_polled_total{topology="t",host="h",source="refunds"} 12
+tempest_source_acked_total{topology="t",host="h",source="orders"} 100
+tempest_source_acked_total{topology="t",host="h",source="refunds"} 10
+tempest_source_failed_total{topology="t",host="h",source="orders"} 2
+tempest_source_timed_out_total{topology="t",host="h",source="orders"} 1
+tempest_source_timed_out_total{topology="t",host="h",source="refunds"} 1
+tempest_source_errors_total{topology="t",host="h",source="refunds"} 4
+tempest_source_healthy{topology="t",host="h",source="orders"} 1
+tempest_source_healthy{topology="t",host="h",source="refunds"} 1
+tempest_source_healthy{topology="t",host="h2",source="refunds"} 0
+tempest_source_healthy{topology="other",host="h",source="orders"} 0
+tempest_roots_in_flight{topology="t",host="h",source="orders"} 5
+tempest_roots_in_flight{topology="t",host="h",source="refunds"} 2
+tempest_pipeline_source_edge{topology="t",host="h",source="orders",to="parse"} 1
+tempest_pipeline_source_edge{topology="t",host="h",source="refunds",to="parse"} 1
+tempest_pipeline_source_edge{topology="t",host="h",source="refunds",to="audit"} 1
+tempest_pipeline_edge{topology="t",host="h",from="parse",to="store",grouping="key"} 1
+"#;
+        let samples = parse(text).unwrap();
+        let workers = BTreeMap::new();
+        let f = Figures::compute("t", &samples, &workers, None, 1000);
+        // The totals are sums over the sources.
+        assert_eq!((f.acked, f.failed, f.in_flight), (110, 4, 7));
+        assert_eq!((f.source.polled, f.source.errors), (132, 4));
+        // One unhealthy source makes the whole unhealthy.
+        assert_eq!(f.source.healthy, Some(false));
+        assert_eq!(f.sources.keys().collect::<Vec<_>>(), ["orders", "refunds"]);
+        let orders = &f.sources["orders"];
+        assert_eq!(orders.healthy, Some(true));
+        assert_eq!(
+            (orders.polled, orders.acked, orders.failed, orders.errors),
+            (120, 100, 3, 0)
+        );
+        assert_eq!(orders.in_flight, 5);
+        // A host reporting it unhealthy makes it unhealthy.
+        let refunds = &f.sources["refunds"];
+        assert_eq!(refunds.healthy, Some(false));
+        assert_eq!(
+            (
+                refunds.polled,
+                refunds.acked,
+                refunds.failed,
+                refunds.errors
+            ),
+            (12, 10, 1, 4)
+        );
+        let edge = |source: &str, to: &str| SourceEdge {
+            source: source.into(),
+            to: to.into(),
+        };
+        assert_eq!(
+            f.source_edges,
+            [
+                edge("orders", "parse"),
+                edge("refunds", "audit"),
+                edge("refunds", "parse")
+            ]
+        );
+        assert_eq!(f.edges.len(), 1);
+
+        // Rates per source; a scrape that misses the server keeps the
+        // sources and their edges, their totals held and health unknown.
+        let more = text.replace("source=\"orders\"} 100", "source=\"orders\"} 300");
+        let g = Figures::compute("t", &parse(&more).unwrap(), &workers, Some(&f), 3000);
+        assert!((g.sources["orders"].msgs_per_sec - 100.0).abs() < 1e-9);
+        assert_eq!(g.sources["refunds"].msgs_per_sec, 0.0);
+        assert!((g.msgs_per_sec - 100.0).abs() < 1e-9);
+        let h = Figures::compute("t", &[], &workers, Some(&g), 4000);
+        assert_eq!(h.sources["orders"].acked, 300);
+        assert_eq!(h.sources["orders"].healthy, None);
+        assert_eq!((h.source.healthy, h.acked), (None, 310));
+        assert_eq!(h.source_edges, g.source_edges);
+
+        // All healthy: healthy.
+        let fine = text.replace("source=\"refunds\"} 0", "source=\"refunds\"} 1");
+        let i = Figures::compute("t", &parse(&fine).unwrap(), &workers, None, 1000);
+        assert_eq!(i.source.healthy, Some(true));
+        assert_eq!(i.sources["refunds"].healthy, Some(true));
+    }
+
+    #[test]
+    fn an_older_server_shows_one_default_source() {
+        let text = r#"tempest_source_acked_total{topology="wc",host="h"} 100
+tempest_source_healthy{topology="wc",host="h"} 0
+tempest_roots_in_flight{topology="wc",host="h"} 5
+tempest_pipeline_edge{topology="wc",host="h",from="split",to="count",grouping="key"} 1
+"#;
+        let f = Figures::compute("wc", &parse(text).unwrap(), &BTreeMap::new(), None, 1000);
+        assert_eq!(f.sources.keys().collect::<Vec<_>>(), [DEFAULT_SOURCE]);
+        let d = &f.sources[DEFAULT_SOURCE];
+        assert_eq!((d.acked, d.in_flight, d.healthy), (100, 5, Some(false)));
+        assert_eq!(f.source.healthy, Some(false));
+        assert!(f.source_edges.is_empty());
+        // Nothing reported yet: no source, health unknown.
+        let none = Figures::compute("wc", &[], &BTreeMap::new(), None, 1000);
+        assert!(none.sources.is_empty());
+        assert_eq!(none.source.healthy, None);
     }
 
     #[test]
