@@ -520,6 +520,21 @@ struct TaskRow {
     capacity: String,
 }
 
+struct SourceRow {
+    name: String,
+    /// `healthy`, `unhealthy` or `unknown` (also its badge's class).
+    health: &'static str,
+    polled: u64,
+    acked: u64,
+    failed: u64,
+    errors: u64,
+    in_flight: u64,
+    rate: String,
+    /// The tasks it feeds, comma-separated (`–` when its server does not
+    /// say: it feeds the roots).
+    feeds: String,
+}
+
 struct ProcessRow {
     id: String,
     state: String,
@@ -547,6 +562,9 @@ struct TopologyPage {
     tasks: Vec<TaskRow>,
     source: SourceFigures,
     source_healthy: &'static str,
+    /// Whether to show the sources one by one: several, or one named.
+    per_source: bool,
+    sources: Vec<SourceRow>,
     throughput_chart: String,
     latency_chart: String,
     processes: Vec<ProcessRow>,
@@ -619,7 +637,55 @@ fn topology_view(
             grouping: &e.grouping,
         })
         .collect();
-    let dag = svg::dag("source", d.summary.msgs_per_sec, &dag_tasks, &dag_edges);
+    let dag_sources: Vec<svg::DagSource<'_>> = d
+        .sources
+        .iter()
+        .map(|(name, f)| svg::DagSource {
+            name,
+            rate: f.msgs_per_sec,
+            healthy: f.healthy,
+        })
+        .collect();
+    let dag_source_edges: Vec<svg::DagSourceEdge<'_>> = d
+        .source_edges
+        .iter()
+        .map(|e| svg::DagSourceEdge {
+            source: &e.source,
+            to: &e.to,
+        })
+        .collect();
+    let dag = svg::dag(&dag_sources, &dag_tasks, &dag_edges, &dag_source_edges);
+    let sources = d
+        .sources
+        .iter()
+        .map(|(name, f)| {
+            let feeds: Vec<&str> = d
+                .source_edges
+                .iter()
+                .filter(|e| &e.source == name)
+                .map(|e| e.to.as_str())
+                .collect();
+            SourceRow {
+                name: name.clone(),
+                health: match f.healthy {
+                    Some(true) => "healthy",
+                    Some(false) => "unhealthy",
+                    None => "unknown",
+                },
+                polled: f.polled,
+                acked: f.acked,
+                failed: f.failed,
+                errors: f.errors,
+                in_flight: f.in_flight,
+                rate: fmt::rate(f.msgs_per_sec),
+                feeds: if feeds.is_empty() {
+                    "–".into()
+                } else {
+                    feeds.join(", ")
+                },
+            }
+        })
+        .collect();
     let tasks = d
         .tasks
         .iter()
@@ -680,6 +746,11 @@ fn topology_view(
             None => "–",
         },
         source: d.source,
+        per_source: d.sources.len() > 1
+            || d.sources
+                .keys()
+                .any(|k| k != crate::metrics::DEFAULT_SOURCE),
+        sources,
         throughput_chart,
         latency_chart,
         processes,

@@ -226,6 +226,24 @@ pub struct DagEdge<'a> {
     pub grouping: &'a str,
 }
 
+/// A source as the DAG shows it.
+pub struct DagSource<'a> {
+    /// Its name.
+    pub name: &'a str,
+    /// Its roots acked per second.
+    pub rate: f64,
+    /// Whether it reports healthy (`None`: not reported).
+    pub healthy: Option<bool>,
+}
+
+/// An edge from a source to a task it feeds.
+pub struct DagSourceEdge<'a> {
+    /// The source.
+    pub source: &'a str,
+    /// The task it feeds.
+    pub to: &'a str,
+}
+
 const NODE_W: f64 = 160.0;
 const NODE_H: f64 = 46.0;
 const COL: f64 = 215.0;
@@ -242,16 +260,21 @@ fn clip(s: &str, n: usize) -> String {
     }
 }
 
-/// The layers of the DAG: the source in layer 0, each task at one more than
-/// its deepest upstream task. `None` when the edges are unknown.
-fn layers(tasks: &[DagTask<'_>], edges: &[DagEdge<'_>]) -> Option<BTreeMap<String, usize>> {
+/// The layers of the DAG: the sources in layer 0, each task at one more
+/// than its deepest upstream task. `None` when the edges are unknown (no
+/// edge between tasks nor from a source, and more than one task).
+fn layers(
+    tasks: &[DagTask<'_>],
+    edges: &[DagEdge<'_>],
+    fed_by_sources: bool,
+) -> Option<BTreeMap<String, usize>> {
     let names: BTreeSet<&str> = tasks.iter().map(|t| t.name).collect();
     let edges: Vec<(&str, &str)> = edges
         .iter()
         .filter(|e| names.contains(e.from) && names.contains(e.to) && e.from != e.to)
         .map(|e| (e.from, e.to))
         .collect();
-    if edges.is_empty() && tasks.len() != 1 {
+    if edges.is_empty() && !fed_by_sources && tasks.len() != 1 {
         return None;
     }
     // Longest path by relaxation; a cycle (which a validated pipeline never
@@ -273,16 +296,53 @@ fn layers(tasks: &[DagTask<'_>], edges: &[DagEdge<'_>]) -> Option<BTreeMap<Strin
     Some(depth)
 }
 
-/// The pipeline drawn left to right: the source, then the tasks by depth,
-/// each labelled with its rate. Without edges (the server has not reported
-/// its pipeline) the tasks stand in one column, unconnected.
+/// The pipeline drawn left to right: the sources in the first column, then
+/// the tasks by depth, each labelled with its rate; an unhealthy source is
+/// marked so (class `unhealthy`, and the word). Each source is linked to
+/// the tasks its `source_edges` name; without any (one unnamed source, or a
+/// server older than named sources) every source feeds the roots, the tasks
+/// no edge leads to. Without edges at all (the server has not reported its
+/// pipeline) the tasks stand in one column, unconnected. A source that an
+/// edge names but `sources` lacks is drawn too; with no source at all
+/// (before the server reports them) one node named `source` stands for
+/// them.
 pub fn dag(
-    source_label: &str,
-    source_rate: f64,
+    sources: &[DagSource<'_>],
     tasks: &[DagTask<'_>],
     edges: &[DagEdge<'_>],
+    source_edges: &[DagSourceEdge<'_>],
 ) -> String {
-    let known = layers(tasks, edges);
+    let task_names: BTreeSet<&str> = tasks.iter().map(|t| t.name).collect();
+    let source_edges: Vec<&DagSourceEdge<'_>> = source_edges
+        .iter()
+        .filter(|e| task_names.contains(e.to))
+        .collect();
+    let mut all_sources: Vec<DagSource<'_>> = sources
+        .iter()
+        .map(|s| DagSource {
+            name: s.name,
+            rate: s.rate,
+            healthy: s.healthy,
+        })
+        .collect();
+    for e in &source_edges {
+        if !all_sources.iter().any(|s| s.name == e.source) {
+            all_sources.push(DagSource {
+                name: e.source,
+                rate: 0.0,
+                healthy: None,
+            });
+        }
+    }
+    if all_sources.is_empty() {
+        // Before the server reports its sources, one node stands for them.
+        all_sources.push(DagSource {
+            name: "source",
+            rate: 0.0,
+            healthy: None,
+        });
+    }
+    let known = layers(tasks, edges, !source_edges.is_empty());
     let depth = |name: &str| {
         known
             .as_ref()
@@ -294,7 +354,13 @@ pub fn dag(
         by_layer.entry(depth(t.name)).or_default().push(t);
     }
     let columns = by_layer.keys().max().copied().unwrap_or(0) + 1;
-    let rows = by_layer.values().map(Vec::len).max().unwrap_or(0).max(1);
+    let rows = by_layer
+        .values()
+        .map(Vec::len)
+        .chain([all_sources.len()])
+        .max()
+        .unwrap_or(0)
+        .max(1);
     let width = PAD * 2.0 + COL * (columns - 1) as f64 + NODE_W;
     let height =
         PAD * 2.0 + ROW * (rows - 1) as f64 + NODE_H + if known.is_none() { 22.0 } else { 0.0 };
@@ -310,7 +376,11 @@ pub fn dag(
             pos.insert(t.name, place(*layer, i, ts.len()));
         }
     }
-    let source = place(0, 0, 1);
+    let source_pos: BTreeMap<&str, (f64, f64)> = all_sources
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.name, place(0, i, all_sources.len())))
+        .collect();
     let mut out = String::new();
     let _ = write!(
         out,
@@ -341,24 +411,29 @@ pub fn dag(
                 }
             }
         }
-        // The source feeds the root: the task no edge leads to.
-        for t in tasks
-            .iter()
-            .filter(|t| !fed.contains(t.name) && l.contains_key(t.name))
-        {
-            link(
-                &mut out,
-                source,
-                pos[t.name],
-                &format!("source → {}", t.name),
-            );
+        if source_edges.is_empty() {
+            // Every source feeds the roots: the tasks no edge leads to.
+            for t in tasks
+                .iter()
+                .filter(|t| !fed.contains(t.name) && l.contains_key(t.name))
+            {
+                for (name, at) in &source_pos {
+                    link(&mut out, *at, pos[t.name], &format!("{name} → {}", t.name));
+                }
+            }
+        } else {
+            for e in &source_edges {
+                if let (Some(a), Some(b)) = (source_pos.get(e.source), pos.get(e.to)) {
+                    link(&mut out, *a, *b, &format!("{} → {}", e.source, e.to));
+                }
+            }
         }
     }
     let node = |out: &mut String,
                 id: &str,
                 class: &str,
                 at: (f64, f64),
-                title: &str,
+                (title, full): (&str, &str),
                 line2: &str,
                 value: f64| {
         let _ = write!(
@@ -371,19 +446,31 @@ pub fn dag(
             ty1 = at.1 + 19.0,
             ty2 = at.1 + 36.0,
             title = esc(&clip(title, 19)),
-            full = esc(title),
+            full = esc(full),
             line2 = esc(line2),
         );
     };
-    node(
-        &mut out,
-        "dag-source",
-        "source",
-        source,
-        source_label,
-        &format!("{} acked/s", rate(source_rate)),
-        source_rate,
-    );
+    for s in &all_sources {
+        let acked = format!("{} acked/s", rate(s.rate));
+        let (class, full, line2) = match s.healthy {
+            Some(false) => (
+                "source unhealthy",
+                format!("source {}: unhealthy", s.name),
+                format!("unhealthy · {acked}"),
+            ),
+            Some(true) => ("source", format!("source {}: healthy", s.name), acked),
+            None => ("source", format!("source {}", s.name), acked),
+        };
+        node(
+            &mut out,
+            &format!("dag-source-{}", s.name),
+            class,
+            source_pos[s.name],
+            (s.name, &full),
+            &line2,
+            s.rate,
+        );
+    }
     for t in tasks {
         let line2 = format!("{} msg/s · ×{}", rate(t.rate), t.workers);
         node(
@@ -391,7 +478,7 @@ pub fn dag(
             &format!("dag-task-{}", t.name),
             "task",
             pos[t.name],
-            t.name,
+            (t.name, t.name),
             &line2,
             t.rate,
         );
@@ -449,32 +536,178 @@ mod tests {
                 grouping: "all",
             },
         ];
-        let l = layers(&tasks, &edges).unwrap();
+        let l = layers(&tasks, &edges, false).unwrap();
         assert_eq!(
             (l["split"], l["count"], l["output"], l["audit"]),
             (1, 2, 3, 2)
         );
-        let svg = dag("wc", 3.0, &tasks, &edges);
+        let svg = dag(&[source("default", Some(true))], &tasks, &edges, &[]);
         // Four task edges and one from the source into the root.
         assert_eq!(svg.matches("class=\"edge\"").count(), 5, "{svg}");
         assert!(svg.contains("id=\"dag-task-count\""));
         assert!(svg.contains("12.5 msg/s · ×2"));
+        assert!(svg.contains("id=\"dag-source-default\" class=\"node source\""));
+        assert!(svg.contains("<title>default → split</title>"), "{svg}");
+        assert!(!svg.contains("unhealthy"));
         assert!(!svg.contains("edges appear"));
+    }
+
+    fn source(name: &str, healthy: Option<bool>) -> DagSource<'_> {
+        DagSource {
+            name,
+            rate: 3.0,
+            healthy,
+        }
+    }
+
+    /// The `(x, y)` of the node with `id`.
+    fn at(svg: &str, id: &str) -> (f64, f64) {
+        let from = svg.find(&format!("id=\"{id}\"")).unwrap();
+        let rect = &svg[from..][svg[from..].find("<rect").unwrap()..];
+        let num = |attr: &str| -> f64 {
+            let v = &rect[rect.find(attr).unwrap() + attr.len()..];
+            v[..v.find('"').unwrap()].parse().unwrap()
+        };
+        (num(" x=\""), num(" y=\""))
+    }
+
+    #[test]
+    fn several_sources_each_feed_their_tasks() {
+        let tasks = [task("parse"), task("audit"), task("store")];
+        let edges = [DagEdge {
+            from: "parse",
+            to: "store",
+            grouping: "key",
+        }];
+        let source_edges = [
+            DagSourceEdge {
+                source: "orders",
+                to: "parse",
+            },
+            DagSourceEdge {
+                source: "refunds",
+                to: "parse",
+            },
+            DagSourceEdge {
+                source: "refunds",
+                to: "audit",
+            },
+            // A task the topology does not have: not drawn.
+            DagSourceEdge {
+                source: "refunds",
+                to: "ghost",
+            },
+            // A source the figures lack yet: drawn all the same.
+            DagSourceEdge {
+                source: "late",
+                to: "audit",
+            },
+        ];
+        let svg = dag(
+            &[source("orders", Some(true)), source("refunds", Some(false))],
+            &tasks,
+            &edges,
+            &source_edges,
+        );
+        // One task edge and four from sources.
+        assert_eq!(svg.matches("class=\"edge\"").count(), 5, "{svg}");
+        for title in [
+            "orders → parse",
+            "refunds → parse",
+            "refunds → audit",
+            "late → audit",
+            "parse → store (key)",
+        ] {
+            assert!(
+                svg.contains(&format!("<title>{title}</title>")),
+                "{title}: {svg}"
+            );
+        }
+        assert!(!svg.contains("ghost"));
+        assert!(svg.contains("id=\"dag-source-orders\" class=\"node source\""));
+        assert!(svg.contains("<title>source orders: healthy</title>"));
+        // The unhealthy source is marked, in its class and in words.
+        assert!(
+            svg.contains("id=\"dag-source-refunds\" class=\"node source unhealthy\""),
+            "{svg}"
+        );
+        assert!(svg.contains("<title>source refunds: unhealthy</title>"));
+        assert!(svg.contains(">unhealthy · 3.00 acked/s<"), "{svg}");
+        assert_eq!(svg.matches("unhealthy").count(), 3, "{svg}");
+        assert!(svg.contains("id=\"dag-source-late\" class=\"node source\""));
+        // The sources stand in the first column, one above the other; the
+        // roots in the second, the rest after them.
+        let (o, r, l) = (
+            at(&svg, "dag-source-orders"),
+            at(&svg, "dag-source-refunds"),
+            at(&svg, "dag-source-late"),
+        );
+        assert!(o.0 == r.0 && r.0 == l.0 && o.1 < r.1 && r.1 < l.1, "{svg}");
+        let (p, a, s) = (
+            at(&svg, "dag-task-parse"),
+            at(&svg, "dag-task-audit"),
+            at(&svg, "dag-task-store"),
+        );
+        assert!(o.0 < p.0 && p.0 == a.0 && a.0 < s.0, "{svg}");
+        assert!(!svg.contains("edges appear"));
+
+        // Source edges alone place the tasks (they are all roots).
+        let svg = dag(
+            &[source("orders", None)],
+            &tasks[..2],
+            &[],
+            &source_edges[..3],
+        );
+        assert!(!svg.contains("edges appear"));
+        assert_eq!(svg.matches("class=\"edge\"").count(), 3, "{svg}");
+    }
+
+    #[test]
+    fn without_source_edges_every_source_feeds_the_roots() {
+        let tasks = [task("split"), task("count")];
+        let edges = [DagEdge {
+            from: "split",
+            to: "count",
+            grouping: "key",
+        }];
+        let svg = dag(
+            &[source("a", None), source("b", Some(false))],
+            &tasks,
+            &edges,
+            &[],
+        );
+        assert_eq!(svg.matches("class=\"edge\"").count(), 3, "{svg}");
+        assert!(svg.contains("<title>a → split</title>"));
+        assert!(svg.contains("<title>b → split</title>"));
+        assert!(svg.contains("<title>source a</title>"));
+        // Before any report, one node stands for the sources.
+        let svg = dag(&[], &tasks, &edges, &[]);
+        assert!(svg.contains("id=\"dag-source-source\""), "{svg}");
+        assert!(svg.contains("<title>source → split</title>"), "{svg}");
     }
 
     #[test]
     fn without_edges_the_tasks_stand_unconnected() {
-        let svg = dag("wc", 0.0, &[task("a"), task("b")], &[]);
+        let svg = dag(&[], &[task("a"), task("b")], &[], &[]);
         assert_eq!(svg.matches("class=\"edge\"").count(), 0);
         assert!(svg.contains("edges appear"));
         // One task needs no edges: the source feeds it.
-        let svg = dag("wc", 0.0, &[task("a")], &[]);
+        let svg = dag(&[], &[task("a")], &[], &[]);
         assert_eq!(svg.matches("class=\"edge\"").count(), 1);
     }
 
     #[test]
     fn names_are_escaped() {
-        let svg = dag("<s>", 0.0, &[task("a\"<b>")], &[]);
+        let svg = dag(
+            &[source("<s>", Some(false))],
+            &[task("a\"<b>")],
+            &[],
+            &[DagSourceEdge {
+                source: "<i>",
+                to: "a\"<b>",
+            }],
+        );
+        assert!(!svg.contains("<s>") && !svg.contains("<i>"), "{svg}");
         assert!(!svg.contains("<b>") && !svg.contains("<s>"), "{svg}");
         assert!(svg.contains("a&quot;&lt;b&gt;"));
         let c = chart("c\"", "<t>", "msg/s", 1000, 1000, &[]);

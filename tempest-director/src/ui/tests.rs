@@ -543,6 +543,74 @@ async fn the_topology_page_and_its_buttons() {
 }
 
 /// The session cookie a login answer sets, as `name=value`.
+#[actix_web::test]
+async fn the_topology_page_and_api_show_every_source() {
+    let f = fixture(None);
+    f.state.director.upload(&f.archive).unwrap();
+    let app = test::init_service(crate::app(f.state.clone())).await;
+    let p = call!(
+        &app,
+        form("/packages/deploy", &deploy_body("wc", &f.hash, "", ""))
+    )
+    .await;
+    assert_eq!(p.status, StatusCode::SEE_OTHER);
+    let text = r#"tempest_source_acked_total{topology="wc",host="h",source="orders"} 100
+tempest_source_acked_total{topology="wc",host="h",source="refunds"} 10
+tempest_source_healthy{topology="wc",host="h",source="orders"} 1
+tempest_source_healthy{topology="wc",host="h",source="refunds"} 0
+tempest_pipeline_source_edge{topology="wc",host="h",source="orders",to="split"} 1
+tempest_pipeline_source_edge{topology="wc",host="h",source="refunds",to="split"} 1
+tempest_pipeline_edge{topology="wc",host="h",from="split",to="count",grouping="key"} 1
+tempest_pipeline_edge{topology="wc",host="h",from="count",to="output",grouping="shuffle"} 1
+"#;
+    let samples = crate::metrics::parse(text).unwrap();
+    f.state.director.record_metrics(&samples, now_ms()).unwrap();
+
+    let p = call!(&app, TestRequest::get().uri("/topologies/wc")).await;
+    assert_eq!(p.status, StatusCode::OK);
+    for needle in [
+        "id=\"dag-source-orders\" class=\"node source\"",
+        "id=\"dag-source-refunds\" class=\"node source unhealthy\"",
+        "<title>source refunds: unhealthy</title>",
+        "<title>refunds → split</title>",
+        "<h2>Sources</h2>",
+        "id=\"source-healthy\">no<",
+        "id=\"source-row-orders\"",
+        "<span class=\"badge unhealthy\" id=\"source-health-refunds\">unhealthy</span>",
+        "<span class=\"badge healthy\" id=\"source-health-orders\">healthy</span>",
+    ] {
+        assert!(p.body.contains(needle), "no {needle} in {}", p.body);
+    }
+
+    let p = call!(&app, TestRequest::get().uri("/api/v1/topologies/wc")).await;
+    assert_eq!(p.status, StatusCode::OK);
+    let v: serde_json::Value = serde_json::from_str(&p.body).unwrap();
+    assert_eq!(v["acked"], 110);
+    assert_eq!(v["source"]["healthy"], false);
+    assert_eq!(v["sources"]["orders"]["healthy"], true);
+    assert_eq!(v["sources"]["orders"]["acked"], 100);
+    assert_eq!(v["sources"]["refunds"]["healthy"], false);
+    assert_eq!(
+        v["source_edges"],
+        serde_json::json!([
+            {"source": "orders", "to": "split"},
+            {"source": "refunds", "to": "split"}
+        ])
+    );
+    // The OpenAPI document describes them.
+    let p = call!(&app, TestRequest::get().uri("/api/v1/openapi.json")).await;
+    let doc: serde_json::Value = serde_json::from_str(&p.body).unwrap();
+    let schemas = &doc["components"]["schemas"];
+    assert!(schemas["PerSourceFigures"]["properties"]["healthy"].is_object());
+    assert!(schemas["SourceEdge"]["properties"]["source"].is_object());
+    let detail = &schemas["TopologyDetail"]["allOf"][1]["properties"];
+    assert!(
+        detail["sources"]["additionalProperties"].is_object(),
+        "{detail}"
+    );
+    assert!(detail["source_edges"]["items"].is_object(), "{detail}");
+}
+
 fn session_of(p: &Page) -> String {
     p.cookies()
         .into_iter()
