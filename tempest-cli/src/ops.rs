@@ -5,6 +5,7 @@
 //! `--json` (on standard output; progress goes to standard error).
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -53,6 +54,8 @@ struct Detail {
     placement: Vec<ProcessView>,
     tasks: BTreeMap<String, TaskFigures>,
     source: SourceFigures,
+    sources: BTreeMap<String, PerSource>,
+    source_edges: Vec<SourceEdge>,
     recent_errors: Vec<RecentError>,
 }
 
@@ -96,6 +99,27 @@ struct SourceFigures {
     errors: u64,
     healthy: Option<bool>,
     worker_connections: u64,
+}
+
+/// One of a topology's sources (`default` names a topology's one unnamed
+/// source, or that of a server older than named sources).
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct PerSource {
+    healthy: Option<bool>,
+    polled: u64,
+    acked: u64,
+    failed: u64,
+    errors: u64,
+    in_flight: u64,
+    msgs_per_sec: f64,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct SourceEdge {
+    source: String,
+    to: String,
 }
 
 #[derive(Deserialize, Default)]
@@ -244,6 +268,70 @@ pub fn status(client: &Client, name: &str, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// The `sources:` section of `tempest status`: a line saying which are
+/// unhealthy, then one row per source with its health, rate and figures,
+/// and the tasks it feeds.
+fn render_sources(d: &Detail) -> String {
+    let unhealthy: Vec<&str> = d
+        .sources
+        .iter()
+        .filter(|(_, f)| f.healthy == Some(false))
+        .map(|(n, _)| n.as_str())
+        .collect();
+    let mut out = format!("sources: {}", d.sources.len());
+    if !unhealthy.is_empty() {
+        let _ = write!(
+            out,
+            ", {} UNHEALTHY ({})",
+            unhealthy.len(),
+            unhealthy.join(", ")
+        );
+    }
+    out.push('\n');
+    let mut t = Table::new(&[
+        "SOURCE",
+        "HEALTH",
+        ">ACKED/S",
+        ">POLLED",
+        ">ACKED",
+        ">FAILED",
+        ">ERRORS",
+        ">IN FLIGHT",
+        "FEEDS",
+    ]);
+    for (name, f) in &d.sources {
+        let feeds: Vec<&str> = d
+            .source_edges
+            .iter()
+            .filter(|e| &e.source == name)
+            .map(|e| e.to.as_str())
+            .collect();
+        t.row(vec![
+            name.clone(),
+            match f.healthy {
+                Some(true) => "healthy",
+                Some(false) => "unhealthy",
+                None => "-",
+            }
+            .into(),
+            rate(f.msgs_per_sec),
+            count(f.polled),
+            count(f.acked),
+            count(f.failed),
+            count(f.errors),
+            count(f.in_flight),
+            if feeds.is_empty() {
+                // A server that does not say feeds the roots.
+                "-".into()
+            } else {
+                feeds.join(", ")
+            },
+        ]);
+    }
+    out.push_str(&t.render());
+    out
+}
+
 fn render_status(d: &Detail) -> String {
     let s = &d.summary;
     let mut out = String::new();
@@ -272,8 +360,15 @@ fn render_status(d: &Detail) -> String {
         ms(s.p99_ms)
     ));
     let src = &d.source;
+    // Several sources (or one named): their totals here, each below.
+    let per_source = d.sources.len() > 1 || d.sources.keys().any(|k| k != "default");
     line(format!(
-        "source: polled {}, acked {}, failed {}, timed out {}, dead-lettered {}, retried {}, errors {}, {}; {} worker connection{}",
+        "{}: polled {}, acked {}, failed {}, timed out {}, dead-lettered {}, retried {}, errors {}, {}; {} worker connection{}",
+        if d.sources.len() > 1 {
+            "sources (in all)"
+        } else {
+            "source"
+        },
         count(src.polled),
         count(src.acked),
         count(src.failed),
@@ -289,6 +384,10 @@ fn render_status(d: &Detail) -> String {
         src.worker_connections,
         if src.worker_connections == 1 { "" } else { "s" }
     ));
+    if per_source {
+        out.push('\n');
+        out.push_str(&render_sources(d));
+    }
     out.push('\n');
     let mut tasks = Table::new(&[
         "TASK",
@@ -1301,6 +1400,74 @@ mod tests {
         );
         assert!(
             text.contains("count/1 on a1: backoff after 2 restarts: exited with status 1"),
+            "{text}"
+        );
+        // One unnamed source: no sources section.
+        assert!(text.contains("\nsource: polled 10,003"), "{text}");
+        assert!(!text.contains("sources"), "{text}");
+    }
+
+    #[test]
+    fn status_shows_every_source_and_the_unhealthy_ones() {
+        let v = json!({
+            "name": "shop", "state": "running", "phase": "running",
+            "workers": {"parse": 1, "audit": 1},
+            "msgs_per_sec": 130.0, "acked": 1100, "failed": 4, "in_flight": 7,
+            "source": {"polled": 1212, "acked": 1100, "healthy": false, "worker_connections": 2},
+            "sources": {
+                "orders": {"healthy": true, "polled": 1200, "acked": 1000, "failed": 3,
+                           "errors": 0, "in_flight": 5, "msgs_per_sec": 123.4},
+                "refunds": {"healthy": false, "polled": 12, "acked": 100, "failed": 1,
+                            "errors": 4, "in_flight": 2, "msgs_per_sec": 6.5}
+            },
+            "source_edges": [{"source": "orders", "to": "parse"},
+                             {"source": "refunds", "to": "audit"},
+                             {"source": "refunds", "to": "parse"}]
+        });
+        let d: Detail = parse(&v, "t").unwrap();
+        let text = render_status(&d);
+        assert!(text.contains("sources (in all): polled 1,212"), "{text}");
+        assert!(
+            text.contains("\nsources: 2, 1 UNHEALTHY (refunds)\n"),
+            "{text}"
+        );
+        let row = |name: &str| {
+            text.lines()
+                .find(|l| l.starts_with(name))
+                .unwrap_or_else(|| panic!("no {name} in {text}"))
+                .split_whitespace()
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            row("orders"),
+            ["orders", "healthy", "123", "1,200", "1,000", "3", "0", "5", "parse"]
+        );
+        assert_eq!(
+            row("refunds"),
+            [
+                "refunds",
+                "unhealthy",
+                "6.5",
+                "12",
+                "100",
+                "1",
+                "4",
+                "2",
+                "audit,",
+                "parse"
+            ]
+        );
+        // A source of an older server, named by the director, with no edges.
+        let v = json!({"name": "old", "sources": {"default": {"healthy": null}},
+                       "source": {}});
+        let text = render_status(&parse(&v, "t").unwrap());
+        assert!(!text.contains("sources"), "{text}");
+        let v = json!({"name": "one", "sources": {"orders": {"healthy": true, "acked": 5}}});
+        let text = render_status(&parse(&v, "t").unwrap());
+        assert!(text.contains("\nsources: 1\n"), "{text}");
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("orders") && l.contains("healthy") && l.ends_with('-')),
             "{text}"
         );
     }
