@@ -1055,7 +1055,7 @@ fn topology_toml_errors_name_the_file_line_and_key() {
     )
     .unwrap();
     file.apply(&mut t).unwrap();
-    assert!(t.source.is_some());
+    assert!(t.has_source(tempest_core::DEFAULT_SOURCE));
 }
 
 #[test]

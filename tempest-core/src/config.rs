@@ -20,8 +20,15 @@
 //!
 //! [source]
 //! kind = "file"                 # a kind registered with TopologyBuilder::source_kind
+//! max_pending = 5000            # this source's own cap (default: max_pending)
 //! [source.config]               # handed to that kind's FromConfig
 //! path = "input.txt"
+//!
+//! # Several named sources instead: one table each, the names the
+//! # pipeline's edge_from_source edges use.
+//! # [sources.orders]
+//! # kind = "redis"
+//! # config = { url = "redis://127.0.0.1/", stream = "orders" }
 //!
 //! [tasks.count]
 //! workers = 4
@@ -61,6 +68,7 @@ use toml::Spanned;
 
 use crate::metrics::TargetSpec;
 use crate::pipeline::MAX_WORKERS;
+use crate::source::DEFAULT_SOURCE;
 use crate::topology::{FailurePolicy, Topology};
 
 /// The `Topology.toml` schema version this build reads (`version = 1`).
@@ -197,10 +205,16 @@ impl FailureOverride {
 
 #[derive(Clone, Debug)]
 struct SourceOverride {
-    kind: Item<String>,
+    /// The source's name ([`DEFAULT_SOURCE`] for `[source]`).
+    name: String,
+    /// Where its table is: `[source]` or `[sources.NAME]`.
+    at: Vec<Seg>,
+    /// The kind, when the file builds the source.
+    kind: Option<Item<String>>,
     config: toml::Table,
-    /// Where `[source.config]` is, when given.
+    /// Where its `config` table is, when given.
     config_span: Option<Range<usize>>,
+    max_pending: Option<usize>,
 }
 
 /// A parsed and checked `Topology.toml`: overrides for a topology's settings
@@ -217,7 +231,7 @@ pub struct TopologyFile {
     grace_period: Option<Duration>,
     batch_size: Option<usize>,
     failure: FailureOverride,
-    source: Option<SourceOverride>,
+    sources: Vec<SourceOverride>,
     workers: BTreeMap<String, u32>,
     flush_interval: Option<Duration>,
     targets: Option<Vec<TargetSpec>>,
@@ -287,11 +301,22 @@ impl TopologyFile {
 
     /// The source kind the file selects (`[source] kind`), if any.
     pub fn source_kind(&self) -> Option<&str> {
-        self.source.as_ref().map(|s| s.kind.value.as_str())
+        self.source_kind_of(DEFAULT_SOURCE)
+    }
+
+    /// The kind the file selects for the source called `name`
+    /// (`[sources.NAME] kind`; `[source]` is the unnamed one), if any.
+    pub fn source_kind_of(&self, name: &str) -> Option<&str> {
+        self.sources
+            .iter()
+            .find(|s| s.name == name)
+            .and_then(|s| s.kind.as_ref())
+            .map(|k| k.value.as_str())
     }
 
     /// Applies the file over a topology's settings (and, with `[source]
-    /// kind`, replaces its source). On error the topology is left unchanged.
+    /// kind` or `[sources.NAME] kind`, replaces or adds those sources). On
+    /// error the topology is left unchanged.
     pub fn apply(&self, topology: &mut Topology) -> Result<(), ConfigErrors> {
         let tree = DeTable::parse(&self.text).ok();
         let doc = Doc {
@@ -333,26 +358,34 @@ impl TopologyFile {
             }
         }
 
-        let mut source = None;
-        if let Some(s) = &self.source {
-            match topology.source_kinds.build(&s.kind.value, &s.config) {
-                Some(Ok(built)) => source = Some(built),
-                Some(Err(e)) => errors.push(doc.locate_source_error(e, s.config_span.clone())),
+        let mut sources = Vec::new();
+        for s in &self.sources {
+            if let Some(n) = s.max_pending {
+                settings.source_max_pending.insert(s.name.clone(), n);
+            }
+            let Some(kind) = &s.kind else { continue };
+            match topology.source_kinds.build(&kind.value, &s.config) {
+                Some(Ok(built)) => sources.push((s.name.clone(), built)),
+                Some(Err(e)) => {
+                    errors.push(doc.locate_source_error(e, &s.at, s.config_span.clone()))
+                }
                 None => {
                     let known: Vec<&str> = topology.source_kinds.names().collect();
                     let message = if known.is_empty() {
                         format!(
                             "unknown source kind {:?}: this topology registers no source kinds",
-                            s.kind.value
+                            kind.value
                         )
                     } else {
                         format!(
                             "unknown source kind {:?}; the registered kinds are: {}",
-                            s.kind.value,
+                            kind.value,
                             known.join(", ")
                         )
                     };
-                    errors.push(doc.error(Some(s.kind.span.clone()), "source.kind", message));
+                    let mut key = s.at.clone();
+                    key.push(Seg::Key("kind".into()));
+                    errors.push(doc.error(Some(kind.span.clone()), &fmt_path(&key), message));
                 }
             }
         }
@@ -361,8 +394,8 @@ impl TopologyFile {
             return Err(ConfigErrors(errors));
         }
         topology.settings = settings;
-        if source.is_some() {
-            topology.source = source;
+        for (name, source) in sources {
+            topology.set_source(name, source);
         }
         Ok(())
     }
@@ -522,6 +555,7 @@ struct RawFile {
     batch_size: Option<Val>,
     failure: Option<RawFailure>,
     source: Option<RawSource>,
+    sources: Option<BTreeMap<String, RawSource>>,
     tasks: Option<BTreeMap<String, RawTask>>,
     metric: Option<RawMetric>,
 }
@@ -536,10 +570,14 @@ struct RawFailure {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields, expecting = "a [source] table")]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a source table ([source] or [sources.NAME])"
+)]
 struct RawSource {
     kind: Option<Val>,
     config: Option<Spanned<toml::Table>>,
+    max_pending: Option<Val>,
 }
 
 #[derive(Deserialize)]
@@ -645,17 +683,21 @@ impl Doc<'_> {
     }
 
     /// Places an error from a source's `FromConfig`: its key is relative to
-    /// `[source.config]`.
+    /// the `config` table of the source's table `at` (`[source]`,
+    /// `[sources.NAME]`).
     fn locate_source_error(
         &self,
         e: ConfigError,
+        at: &[Seg],
         config_span: Option<Range<usize>>,
     ) -> ConfigError {
         if e.file.is_some() {
             // The source read a file of its own and says where.
             return e;
         }
-        let mut path = vec![Seg::Key("source".into()), Seg::Key("config".into())];
+        let mut path = at.to_vec();
+        path.push(Seg::Key("config".into()));
+        let base = path.len();
         if let Some(key) = &e.key {
             let rel = parse_path(key);
             let rel = match rel.as_slice() {
@@ -669,7 +711,7 @@ impl Doc<'_> {
         // The deepest part of the path that is in the file.
         let mut span = None;
         if let Some(tree) = &self.tree {
-            for len in (2..=path.len()).rev() {
+            for len in (base..=path.len()).rev() {
                 if let Some(s) = lookup(tree.get_ref(), &path[..len]) {
                     span = Some(s);
                     break;
@@ -745,8 +787,55 @@ impl Check<'_, '_> {
         if let Some(f) = &raw.failure {
             file.failure = self.failure(f);
         }
+        let both = raw.source.is_some()
+            && raw
+                .sources
+                .as_ref()
+                .is_some_and(|m| m.contains_key(DEFAULT_SOURCE));
         if let Some(s) = raw.source {
-            file.source = self.source(s);
+            let at = vec![Seg::Key("source".into())];
+            file.sources
+                .extend(self.source(DEFAULT_SOURCE.to_owned(), at, s));
+        }
+        for (name, s) in raw.sources.into_iter().flatten() {
+            let at = vec![Seg::Key("sources".into()), Seg::Key(name.clone())];
+            if !crate::pipeline::valid_source_name(&name) {
+                let span = self
+                    .doc
+                    .tree
+                    .as_ref()
+                    .and_then(|t| lookup(t.get_ref(), &at));
+                if let Some(span) = span {
+                    self.push(
+                        span,
+                        &fmt_path(&at),
+                        "not a valid source name: use 1 to 64 letters, digits, `_` or `-`",
+                    );
+                } else if self.errors.len() < MAX_ERRORS {
+                    self.errors.push(self.doc.error(
+                        None,
+                        &fmt_path(&at),
+                        "not a valid source name: use 1 to 64 letters, digits, `_` or `-`",
+                    ));
+                }
+                continue;
+            }
+            if both && name == DEFAULT_SOURCE {
+                let span = self
+                    .doc
+                    .tree
+                    .as_ref()
+                    .and_then(|t| lookup(t.get_ref(), &at));
+                if self.errors.len() < MAX_ERRORS {
+                    self.errors.push(self.doc.error(
+                        span,
+                        &fmt_path(&at),
+                        "[sources.default] is the unnamed [source]: give one of the two",
+                    ));
+                }
+                continue;
+            }
+            file.sources.extend(self.source(name, at, s));
         }
         for (task, t) in raw.tasks.iter().flatten() {
             if let Some(v) = &t.workers {
@@ -856,12 +945,24 @@ impl Check<'_, '_> {
         out
     }
 
-    fn source(&mut self, s: RawSource) -> Option<SourceOverride> {
+    fn source(&mut self, name: String, at: Vec<Seg>, s: RawSource) -> Option<SourceOverride> {
+        let key = |last: &str| {
+            let mut k = at.clone();
+            k.push(Seg::Key(last.into()));
+            fmt_path(&k)
+        };
+        let max_pending = match &s.max_pending {
+            Some(v) => Some(
+                self.int(v, &key("max_pending"), 1, i64::MAX)
+                    .and_then(|n| usize::try_from(n).ok())?,
+            ),
+            None => None,
+        };
         let kind = match &s.kind {
-            Some(v) => match self.string(v, "source.kind") {
+            Some(v) => match self.string(v, &key("kind")) {
                 Some(k) if k.trim().is_empty() => {
-                    self.push(v.span(), "source.kind", "the source kind is empty");
-                    None
+                    self.push(v.span(), &key("kind"), "the source kind is empty");
+                    return None;
                 }
                 Some(k) => Some(Item {
                     value: k,
@@ -872,23 +973,23 @@ impl Check<'_, '_> {
             None => None,
         };
         let config_span = s.config.as_ref().map(Spanned::span);
-        match kind {
-            Some(kind) => Some(SourceOverride {
-                kind,
-                config: s.config.map(Spanned::into_inner).unwrap_or_default(),
-                config_span,
-            }),
-            None => {
-                if let (None, Some(span)) = (&s.kind, &config_span) {
-                    self.push(
-                        span.clone(),
-                        "source.config",
-                        "source.config needs source.kind: name the kind of source it configures",
-                    );
-                }
-                None
-            }
+        if let (None, Some(span)) = (&kind, &config_span) {
+            let message = format!(
+                "{} needs {}: name the kind of source it configures",
+                key("config"),
+                key("kind")
+            );
+            self.push(span.clone(), &key("config"), message);
+            return None;
         }
+        Some(SourceOverride {
+            name,
+            at,
+            kind,
+            config: s.config.map(Spanned::into_inner).unwrap_or_default(),
+            config_span,
+            max_pending,
+        })
     }
 
     fn targets(&mut self, targets: &[Val]) -> Vec<TargetSpec> {
@@ -1307,7 +1408,7 @@ mod tests {
     fn topology() -> Topology {
         Topology {
             settings: Settings::new("from-code"),
-            source: None,
+            sources: Vec::new(),
             source_kinds: SourceKinds::default(),
             pipeline: Pipeline::new(),
         }
@@ -1452,7 +1553,7 @@ targets = [{ kind = "console" }, { kind = "log", level = "debug" }]
                 }
             ]
         );
-        assert!(t.source.is_some());
+        assert!(t.has_source(DEFAULT_SOURCE));
         assert!(s.problems().is_empty(), "{:?}", s.problems());
     }
 
@@ -1777,7 +1878,7 @@ flush_interval = "5ms"
         )
         .unwrap();
         file.apply(&mut t).unwrap();
-        assert!(t.source.is_some());
+        assert!(t.has_source(DEFAULT_SOURCE));
     }
 
     #[test]
@@ -1792,7 +1893,7 @@ flush_interval = "5ms"
         assert_eq!((e.line, e.column), (Some(2), Some(8)));
         assert!(e.message.contains("\"kafka\""), "{e}");
         assert!(e.message.contains("other, test"), "{e}");
-        assert!(t.source.is_none());
+        assert!(t.sources.is_empty());
 
         let errs = apply_errors("[source]\nkind = \"kafka\"\n", &mut topology());
         assert!(
@@ -1835,6 +1936,50 @@ flush_interval = "5ms"
         // No [source.config] at all.
         let errs = apply_errors("[source]\nkind = \"test\"\n", &mut t);
         assert_eq!(errs[0].key.as_deref(), Some("source.config"));
+    }
+
+    #[test]
+    fn named_sources_are_built_and_capped() {
+        let mut t = topology();
+        t.source_kinds.register::<TestSource>("test");
+        let text = "max_pending = 50\n[source]\nmax_pending = 7\n\n[sources.orders]\nkind = \"test\"\nmax_pending = 5\n[sources.orders.config]\npath = \"o.txt\"\n\n[sources.refunds]\nkind = \"test\"\nconfig = { path = \"r.txt\" }\n";
+        let file = TopologyFile::parse(text, None).unwrap();
+        assert_eq!(file.source_kind_of("orders"), Some("test"));
+        assert_eq!(file.source_kind(), None);
+        file.apply(&mut t).unwrap();
+        assert!(t.has_source("orders") && t.has_source("refunds"));
+        assert!(!t.has_source(DEFAULT_SOURCE));
+        assert_eq!(t.settings.max_pending_of("orders"), 5);
+        assert_eq!(t.settings.max_pending_of("refunds"), 50);
+        assert_eq!(t.settings.max_pending_of(DEFAULT_SOURCE), 7);
+    }
+
+    #[test]
+    fn named_source_errors_name_the_table() {
+        let mut t = topology();
+        t.source_kinds.register::<TestSource>("test");
+        let text =
+            "[sources.orders]\nkind = \"test\"\n[sources.orders.config]\npath = \"o\"\nlimt = 3\n";
+        let errs = apply_errors(text, &mut t);
+        assert_eq!(errs[0].key.as_deref(), Some("sources.orders.config.limt"));
+        assert_eq!(errs[0].line, Some(5));
+        let errs = apply_errors("[sources.x]\nkind = \"kafka\"\n", &mut t);
+        assert_eq!(errs[0].key.as_deref(), Some("sources.x.kind"));
+        assert_eq!(errs[0].line, Some(2));
+
+        let e = one_error("[sources.orders]\nmax_pending = 0\n");
+        assert_eq!(e.key.as_deref(), Some("sources.orders.max_pending"));
+        assert_eq!(e.line, Some(2));
+        let e = one_error("[sources.orders]\nkind = \"x\"\nmax_pendin = 3\n");
+        assert_eq!(e.line, Some(3), "{e}");
+        let e = one_error("[sources.orders]\nconfig = { a = 1 }\n");
+        assert_eq!(e.key.as_deref(), Some("sources.orders.config"));
+        assert!(e.message.contains("needs sources.orders.kind"), "{e}");
+        let e = one_error("[sources.\"bad name\"]\nkind = \"x\"\n");
+        assert!(e.message.contains("not a valid source name"), "{e}");
+        assert_eq!(e.line, Some(1));
+        let e = one_error("[source]\nkind = \"x\"\n[sources.default]\nkind = \"y\"\n");
+        assert!(e.message.contains("unnamed [source]"), "{e}");
     }
 
     #[test]
@@ -1922,7 +2067,7 @@ flush_interval = "5ms"
         let mut t = topology();
         t.source_kinds.register::<AnySource>("file");
         file.apply(&mut t).unwrap_or_else(|e| panic!("{e}"));
-        assert!(t.source.is_some());
+        assert!(t.has_source(DEFAULT_SOURCE));
     }
 
     #[test]

@@ -29,13 +29,14 @@ pub use bytes::Bytes;
 pub use config::{ConfigError, ConfigErrors, TopologyFile};
 pub use ledger::{EdgeId, EdgeIds, Ledger, RootId};
 pub use msg::Msg;
-pub use pipeline::{Dag, Grouping, Pipeline, PipelineError, PipelineErrors, TaskIdx};
+pub use pipeline::{Dag, DagSource, Grouping, Pipeline, PipelineError, PipelineErrors, TaskIdx};
 pub use source::{
     FailReason, FromConfig, Health, Polled, Source, SourceError, SourceErrorKind, SourceId,
-    SourceMsg,
+    SourceMsg, DEFAULT_SOURCE,
 };
 pub use task::{Task, TaskContext, TaskError, TaskFactory, TaskResult};
 pub use topology::{
-    BuildError, FailurePolicy, MetricSettings, Settings, SourceKinds, Topology, TopologyBuilder,
+    BuildError, FailurePolicy, MetricSettings, NamedSource, Settings, SourceKinds, SourcesError,
+    Topology, TopologyBuilder,
 };
 pub use work::{Delivery, Handled};

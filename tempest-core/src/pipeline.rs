@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::source::DEFAULT_SOURCE;
 use crate::task::{Task, TaskFactory};
 
 /// How an edge spreads messages over the instances of its target task.
@@ -56,7 +57,9 @@ struct EdgeSpec {
 /// A DAG of tasks under construction.
 ///
 /// The first task added is the root, the one that receives messages from the
-/// source, unless [`Pipeline::root`] names another.
+/// source, unless [`Pipeline::root`] names another. A topology with several
+/// sources says which tasks each feeds with [`Pipeline::edge_from_source`]
+/// instead; every task a source feeds is then an entry of the DAG.
 ///
 /// ```
 /// use tempest_core::{Grouping, Msg, Pipeline, TaskResult};
@@ -80,6 +83,7 @@ struct EdgeSpec {
 pub struct Pipeline {
     tasks: Vec<TaskSpec>,
     edges: Vec<EdgeSpec>,
+    source_edges: Vec<(String, String)>,
     root: Option<String>,
 }
 
@@ -137,9 +141,36 @@ impl Pipeline {
         self
     }
 
-    /// Names the root task (by default the first task added).
+    /// Names the root task (by default the first task added): the task the
+    /// topology's one source feeds. (With several sources, use
+    /// [`Pipeline::edge_from_source`].)
     pub fn root(mut self, name: impl Into<String>) -> Self {
         self.root = Some(name.into());
+        self
+    }
+
+    /// Feeds the roots polled from the source called `source` to `task`
+    /// (Storm's spout → bolt edge). A source may feed several tasks (each
+    /// gets every root, as one tree), and several sources may feed one task.
+    /// Once a pipeline has such edges, every source of the topology needs
+    /// one, and the tasks they feed take no other input.
+    ///
+    /// ```
+    /// use tempest_core::{Msg, Pipeline, TaskResult};
+    ///
+    /// let noop = || |_m: Msg| -> TaskResult { Ok(None) };
+    /// let dag = Pipeline::new()
+    ///     .task("orders", noop)
+    ///     .task("payments", noop)
+    ///     .edge_from_source("orders", "orders")
+    ///     .edge_from_source("payments", "payments")
+    ///     .validate()
+    ///     .unwrap();
+    /// assert_eq!(dag.sources().len(), 2);
+    /// assert_eq!(dag.sources()[1].name, "payments");
+    /// ```
+    pub fn edge_from_source(mut self, source: impl Into<String>, task: impl Into<String>) -> Self {
+        self.source_edges.push((source.into(), task.into()));
         self
     }
 
@@ -183,16 +214,64 @@ impl Pipeline {
             }
         }
 
-        let root = match &self.root {
-            Some(r) => match index.get(r.as_str()) {
-                Some(&i) => Some(i),
-                None => {
-                    errors.push(PipelineError::UnknownRoot(r.clone()));
-                    None
+        // The sources and the tasks they feed (the entries).
+        let mut sources: Vec<DagSource> = Vec::new();
+        if self.source_edges.is_empty() {
+            let root = match &self.root {
+                Some(r) => match index.get(r.as_str()) {
+                    Some(&i) => Some(i),
+                    None => {
+                        errors.push(PipelineError::UnknownRoot(r.clone()));
+                        None
+                    }
+                },
+                None => Some(0),
+            };
+            if let Some(root) = root {
+                sources.push(DagSource {
+                    name: DEFAULT_SOURCE.to_owned(),
+                    feeds: vec![TaskIdx(root as u16)],
+                });
+            }
+        } else {
+            if let Some(r) = &self.root {
+                errors.push(PipelineError::RootWithSourceEdges(r.clone()));
+            }
+            for (source, task) in &self.source_edges {
+                if !valid_source_name(source) {
+                    errors.push(PipelineError::BadSourceName(source.clone()));
                 }
-            },
-            None => Some(0),
-        };
+                let Some(&t) = index.get(task.as_str()) else {
+                    errors.push(PipelineError::UnknownTask {
+                        edge: format!("source {source} -> {task}"),
+                        task: task.clone(),
+                    });
+                    continue;
+                };
+                let t = TaskIdx(t as u16);
+                match sources.iter_mut().find(|s| &s.name == source) {
+                    Some(s) if s.feeds.contains(&t) => {
+                        errors.push(PipelineError::DuplicateEdge {
+                            from: format!("source {source}"),
+                            to: task.clone(),
+                        });
+                    }
+                    Some(s) => s.feeds.push(t),
+                    None => sources.push(DagSource {
+                        name: source.clone(),
+                        feeds: vec![t],
+                    }),
+                }
+            }
+        }
+        let mut entries: Vec<usize> = Vec::new();
+        for s in &sources {
+            for t in &s.feeds {
+                if !entries.contains(&t.get()) {
+                    entries.push(t.get());
+                }
+            }
+        }
 
         let mut out: Vec<Vec<Edge>> = vec![Vec::new(); self.tasks.len()];
         let mut seen_edges = HashSet::new();
@@ -215,9 +294,10 @@ impl Pipeline {
                     });
                     continue;
                 }
-                if root == Some(t) {
+                if entries.contains(&t) {
                     errors.push(PipelineError::EdgeIntoRoot {
                         from: e.from.clone(),
+                        to: e.to.clone(),
                     });
                 }
                 out[f].push(Edge {
@@ -236,10 +316,12 @@ impl Pipeline {
             ));
         }
 
-        if let Some(root) = root {
+        if !entries.is_empty() {
             let mut reached = vec![false; self.tasks.len()];
-            let mut queue = VecDeque::from([root]);
-            reached[root] = true;
+            let mut queue = VecDeque::from(entries.clone());
+            for &e in &entries {
+                reached[e] = true;
+            }
             while let Some(i) = queue.pop_front() {
                 for e in &out[i] {
                     let t = e.to.0 as usize;
@@ -260,8 +342,8 @@ impl Pipeline {
             errors.push(PipelineError::TooManyTasks(self.tasks.len()));
         }
 
-        match (errors.is_empty(), root) {
-            (true, Some(root)) => {
+        match (errors.is_empty(), entries.first()) {
+            (true, Some(&root)) => {
                 let mut keyed_input = vec![false; self.tasks.len()];
                 for edges in &out {
                     for e in edges {
@@ -286,6 +368,8 @@ impl Pipeline {
                 Ok(Dag {
                     tasks,
                     root: TaskIdx(root as u16),
+                    entries: entries.into_iter().map(|e| TaskIdx(e as u16)).collect(),
+                    sources,
                 })
             }
             _ => Err(PipelineErrors(errors)),
@@ -394,17 +478,51 @@ impl fmt::Debug for DagTask {
     }
 }
 
+/// True for a name a source may have: letters, digits, `_` and `-` (it is a
+/// metric label value and a `Topology.toml` key).
+pub fn valid_source_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// One source of a validated pipeline and the tasks it feeds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DagSource {
+    /// The source's name ([`DEFAULT_SOURCE`] for a pipeline without
+    /// [`Pipeline::edge_from_source`]).
+    pub name: String,
+    /// The tasks every root of this source is delivered to.
+    pub feeds: Vec<TaskIdx>,
+}
+
 /// A validated pipeline.
 #[derive(Debug)]
 pub struct Dag {
     tasks: Vec<DagTask>,
     root: TaskIdx,
+    entries: Vec<TaskIdx>,
+    sources: Vec<DagSource>,
 }
 
 impl Dag {
-    /// The root task, which receives source messages.
+    /// The root task: the first task a source feeds (with one source and no
+    /// [`Pipeline::edge_from_source`], the only one).
     pub fn root(&self) -> TaskIdx {
         self.root
+    }
+
+    /// Every task a source feeds, each once.
+    pub fn entries(&self) -> &[TaskIdx] {
+        &self.entries
+    }
+
+    /// The sources, in the order their first edge was added, by index (the
+    /// index a runtime keeps for each root).
+    pub fn sources(&self) -> &[DagSource] {
+        &self.sources
     }
 
     /// A task by index.
@@ -465,12 +583,20 @@ pub enum PipelineError {
         /// Downstream task.
         to: String,
     },
-    /// An edge into the root (the root only takes source messages).
-    #[error("edge from `{from}` leads into the root task; the root only receives source messages")]
+    /// An edge into a task a source feeds (it only takes source messages).
+    #[error("edge from `{from}` leads into `{to}`, which a source feeds; a task fed by a source only receives source messages")]
     EdgeIntoRoot {
         /// Upstream task.
         from: String,
+        /// The task a source feeds.
+        to: String,
     },
+    /// [`Pipeline::root`] and [`Pipeline::edge_from_source`] together.
+    #[error("the root is named (`{0}`) and sources have edges: with edge_from_source, the sources say which tasks they feed; drop root()")]
+    RootWithSourceEdges(String),
+    /// A source name that cannot be a label or a `Topology.toml` key.
+    #[error("source name `{0}` is not valid: use 1 to 64 letters, digits, `_` or `-`")]
+    BadSourceName(String),
     /// The tasks on a cycle, first repeated at the end.
     #[error("the pipeline has a cycle: {}", .0.join(" -> "))]
     Cycle(Vec<String>),
@@ -596,9 +722,91 @@ mod tests {
             "{e:?}"
         );
         assert!(
-            e.contains(&PipelineError::EdgeIntoRoot { from: "b".into() }),
+            e.contains(&PipelineError::EdgeIntoRoot {
+                from: "b".into(),
+                to: "a".into()
+            }),
             "{e:?}"
         );
+    }
+
+    #[test]
+    fn sources_feed_their_entries() {
+        let dag = Pipeline::new()
+            .task("parse", || noop)
+            .task("audit", || noop)
+            .task("join", || noop)
+            .edge("parse", "join")
+            .edge("audit", "join")
+            .edge_from_source("orders", "parse")
+            .edge_from_source("orders", "audit")
+            .edge_from_source("refunds", "parse")
+            .validate()
+            .unwrap();
+        let (parse, audit) = (dag.find("parse").unwrap(), dag.find("audit").unwrap());
+        assert_eq!(
+            dag.sources(),
+            [
+                DagSource {
+                    name: "orders".into(),
+                    feeds: vec![parse, audit]
+                },
+                DagSource {
+                    name: "refunds".into(),
+                    feeds: vec![parse]
+                }
+            ]
+        );
+        assert_eq!(dag.entries(), [parse, audit]);
+        assert_eq!(dag.root(), parse);
+
+        // Without source edges: one source, `default`, feeding the root.
+        let dag = Pipeline::new().task("a", || noop).validate().unwrap();
+        assert_eq!(dag.sources().len(), 1);
+        assert_eq!(dag.sources()[0].name, DEFAULT_SOURCE);
+        assert_eq!(dag.sources()[0].feeds, [dag.root()]);
+    }
+
+    #[test]
+    fn bad_source_edges_are_named() {
+        let e = errors(
+            Pipeline::new()
+                .task("a", || noop)
+                .task("b", || noop)
+                .edge("a", "b")
+                .root("a")
+                .edge_from_source("orders", "a")
+                .edge_from_source("orders", "a")
+                .edge_from_source("orders", "zzz")
+                .edge_from_source("bad name", "a")
+                .edge_from_source("late", "b"),
+        );
+        for want in [
+            PipelineError::RootWithSourceEdges("a".into()),
+            PipelineError::DuplicateEdge {
+                from: "source orders".into(),
+                to: "a".into(),
+            },
+            PipelineError::UnknownTask {
+                edge: "source orders -> zzz".into(),
+                task: "zzz".into(),
+            },
+            PipelineError::BadSourceName("bad name".into()),
+            PipelineError::EdgeIntoRoot {
+                from: "a".into(),
+                to: "b".into(),
+            },
+        ] {
+            assert!(e.contains(&want), "{want:?} not in {e:?}");
+        }
+        // A task no source reaches.
+        let e = errors(
+            Pipeline::new()
+                .task("a", || noop)
+                .task("b", || noop)
+                .edge_from_source("orders", "a"),
+        );
+        assert_eq!(e, [PipelineError::Unreachable("b".into())]);
     }
 
     #[test]

@@ -30,6 +30,11 @@ use crate::Msg;
 /// on each other.
 pub const SOURCE_CONSUMER_ENV: &str = "TEMPEST_SOURCE_CONSUMER";
 
+/// The name of a topology's source when it has one and does not name it
+/// (`TopologyBuilder::source`, `[source]` in `Topology.toml`): the value of
+/// the `source` label on its metrics.
+pub const DEFAULT_SOURCE: &str = "default";
+
 /// A source's own handle for one message, returned to it in `ack` and `fail`.
 ///
 /// It is 128 bits so that a broker's position fits without allocating: a

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use crate::config::{ConfigError, TopologyFile};
 use crate::metrics::TargetSpec;
-use crate::pipeline::{Dag, Pipeline, PipelineErrors};
-use crate::source::{FromConfig, Source};
+use crate::pipeline::{valid_source_name, Dag, Pipeline, PipelineErrors};
+use crate::source::{FromConfig, Source, DEFAULT_SOURCE};
 
 /// What happens to a root whose tree errored or timed out.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -101,8 +101,11 @@ pub struct Settings {
     pub name: String,
     /// A root not complete within this time fails with a timeout.
     pub message_timeout: Duration,
-    /// The most roots in flight; polling stops at this count.
+    /// The most roots in flight of each source; polling that source stops at
+    /// this count.
     pub max_pending: usize,
+    /// `max_pending` of single sources, by source name, over the one above.
+    pub source_max_pending: BTreeMap<String, usize>,
     /// What happens to failed roots.
     pub failure: FailurePolicy,
     /// How long a shutdown waits for roots in flight.
@@ -116,12 +119,21 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// The `max_pending` of the source called `source`.
+    pub fn max_pending_of(&self, source: &str) -> usize {
+        self.source_max_pending
+            .get(source)
+            .copied()
+            .unwrap_or(self.max_pending)
+    }
+
     /// Defaults for a topology called `name`.
     pub fn new(name: impl Into<String>) -> Self {
         Settings {
             name: name.into(),
             message_timeout: Duration::from_secs(30),
             max_pending: 10_000,
+            source_max_pending: BTreeMap::new(),
             failure: FailurePolicy::BestEffort,
             grace_period: Duration::from_secs(10),
             batch_size: 256,
@@ -163,13 +175,22 @@ impl SourceKinds {
     }
 }
 
-/// A source, a pipeline and their settings, as written in code. Run it with a
+/// A source of a topology and its name (the `source` label of its metrics,
+/// the name its pipeline edges use).
+pub struct NamedSource {
+    /// The name ([`DEFAULT_SOURCE`] when the topology does not name it).
+    pub name: String,
+    /// The source.
+    pub source: Box<dyn Source>,
+}
+
+/// Sources, a pipeline and their settings, as written in code. Run it with a
 /// runtime; `Topology.toml` may override its settings first.
 pub struct Topology {
     /// The settings.
     pub settings: Settings,
-    /// The source given in code, if any.
-    pub source: Option<Box<dyn Source>>,
+    /// The sources given so far (in code, then by `Topology.toml`), by name.
+    pub sources: Vec<NamedSource>,
     /// Source kinds that `Topology.toml` may select.
     pub source_kinds: SourceKinds,
     /// The pipeline.
@@ -200,7 +221,7 @@ impl Topology {
         TopologyBuilder {
             topology: Topology {
                 settings: Settings::new(name),
-                source: None,
+                sources: Vec::new(),
                 source_kinds,
                 pipeline: Pipeline::new(),
             },
@@ -233,10 +254,82 @@ impl Topology {
         }
     }
 
-    /// Takes the source out, for the runtime that polls it.
-    pub fn take_source(&mut self) -> Option<Box<dyn Source>> {
-        self.source.take()
+    /// Sets the source called `name`, replacing one of that name.
+    pub fn set_source(&mut self, name: impl Into<String>, source: Box<dyn Source>) {
+        let name = name.into();
+        match self.sources.iter_mut().find(|s| s.name == name) {
+            Some(s) => s.source = source,
+            None => self.sources.push(NamedSource { name, source }),
+        }
     }
+
+    /// True when a source called `name` is given.
+    pub fn has_source(&self, name: &str) -> bool {
+        self.sources.iter().any(|s| s.name == name)
+    }
+
+    /// Takes the sources out for the runtime that polls them, in the order
+    /// of `dag`'s sources (so index `i` feeds `dag.sources()[i].feeds`).
+    /// Every source the pipeline names must be given, and every source given
+    /// must feed a task.
+    pub fn take_sources(&mut self, dag: &Dag) -> Result<Vec<NamedSource>, SourcesError> {
+        if self.sources.is_empty() {
+            return Err(SourcesError::None);
+        }
+        let mut problems = Vec::new();
+        for given in &self.sources {
+            if !dag.sources().iter().any(|s| s.name == given.name) {
+                problems.push(if dag.sources().len() == 1 && given.name == DEFAULT_SOURCE {
+                    format!(
+                        "the topology's unnamed source feeds no task: the pipeline names its sources ({}); name this one with named_source or [sources.NAME]",
+                        dag.sources()[0].name
+                    )
+                } else {
+                    format!(
+                        "source `{}` feeds no task: add edge_from_source(\"{}\", <task>) to the pipeline",
+                        given.name, given.name
+                    )
+                });
+            }
+        }
+        for wanted in dag.sources() {
+            if !self.has_source(&wanted.name) {
+                let feeds: Vec<&str> = wanted
+                    .feeds
+                    .iter()
+                    .map(|t| dag.task(*t).name.as_str())
+                    .collect();
+                problems.push(format!(
+                    "source `{}` (which feeds {}) is not given: give it in code or as [sources.{}] kind in Topology.toml",
+                    wanted.name,
+                    feeds.join(", "),
+                    wanted.name
+                ));
+            }
+        }
+        if !problems.is_empty() {
+            return Err(SourcesError::Mismatch(BuildError(problems)));
+        }
+        let mut given = std::mem::take(&mut self.sources);
+        let mut out = Vec::with_capacity(given.len());
+        for wanted in dag.sources() {
+            if let Some(i) = given.iter().position(|s| s.name == wanted.name) {
+                out.push(given.swap_remove(i));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The sources given do not match the ones the pipeline names.
+#[derive(Debug, thiserror::Error)]
+pub enum SourcesError {
+    /// No source at all.
+    #[error("the topology has no source: give one in code or as [source] kind in Topology.toml")]
+    None,
+    /// Sources missing, or given and feeding nothing.
+    #[error("{0}")]
+    Mismatch(BuildError),
 }
 
 /// Builds a [`Topology`]. See [`Topology::builder`].
@@ -245,9 +338,54 @@ pub struct TopologyBuilder {
 }
 
 impl TopologyBuilder {
-    /// The source in code (a `Topology.toml` `[source] kind` replaces it).
+    /// The source in code, for a topology with one source (a
+    /// `Topology.toml` `[source] kind` replaces it). Its name is
+    /// [`DEFAULT_SOURCE`] and it feeds the pipeline's root.
     pub fn source(mut self, source: impl Source) -> Self {
-        self.topology.source = Some(Box::new(source));
+        self.topology.set_source(DEFAULT_SOURCE, Box::new(source));
+        self
+    }
+
+    /// A source called `name`, one of several (Storm's spouts): it feeds the
+    /// tasks the pipeline's [`Pipeline::edge_from_source`] edges name, has
+    /// its own `max_pending`, and its roots are acked, failed and replayed at
+    /// it alone. A `Topology.toml` `[sources.NAME] kind` replaces it.
+    ///
+    /// ```
+    /// use tempest_core::{Msg, Pipeline, Topology, TaskResult};
+    /// use tempest_core::sources::MemorySource;
+    ///
+    /// let noop = || |_m: Msg| -> TaskResult { Ok(None) };
+    /// let mut topology = Topology::builder("shop")
+    ///     .named_source("orders", MemorySource::new(["o1", "o2"]))
+    ///     .named_source("refunds", MemorySource::new(["r1"]))
+    ///     .source_max_pending("refunds", 100)
+    ///     .pipeline(
+    ///         Pipeline::new()
+    ///             .task("orders", noop)
+    ///             .task("refunds", noop)
+    ///             .edge_from_source("orders", "orders")
+    ///             .edge_from_source("refunds", "refunds"),
+    ///     )
+    ///     .build()
+    ///     .unwrap();
+    /// assert_eq!(topology.settings.max_pending_of("refunds"), 100);
+    /// let dag = topology.dag().unwrap();
+    /// let sources = topology.take_sources(&dag).unwrap();
+    /// assert_eq!(sources[1].name, "refunds");
+    /// ```
+    pub fn named_source(mut self, name: impl Into<String>, source: impl Source) -> Self {
+        self.topology.set_source(name, Box::new(source));
+        self
+    }
+
+    /// The most roots in flight of the source called `name` (default: the
+    /// topology's `max_pending`).
+    pub fn source_max_pending(mut self, name: impl Into<String>, n: usize) -> Self {
+        self.topology
+            .settings
+            .source_max_pending
+            .insert(name.into(), n);
         self
     }
 
@@ -343,6 +481,18 @@ impl Settings {
         }
         if self.max_pending == 0 {
             p.push("max_pending must be at least 1".to_string());
+        }
+        for (source, &n) in &self.source_max_pending {
+            if n == 0 {
+                p.push(format!(
+                    "max_pending of source `{source}` must be at least 1"
+                ));
+            }
+            if !valid_source_name(source) {
+                p.push(format!(
+                    "source name `{source}` is not valid: use 1 to 64 letters, digits, `_` or `-`"
+                ));
+            }
         }
         if self.batch_size == 0 || self.batch_size > 65_536 {
             p.push(format!(

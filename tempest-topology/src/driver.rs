@@ -1,6 +1,8 @@
-//! The source driver: the one async task that owns the [`Source`].
+//! The source driver: the one async task that owns a [`Source`].
 //!
-//! It polls while fewer than `max_pending` roots are in flight (and the
+//! A topology runs one driver per source, side by side: a slow or broken
+//! source only holds up its own driver. Each polls while fewer than its
+//! source's `max_pending` roots of that source are in flight (and the
 //! runtime has room), hands polled messages to the runtime's [`Admission`],
 //! acks and fails roots at the source in batches as they settle, sweeps timeouts and replays on a timer, and reconnects
 //! with back-off after a retryable source error. On shutdown it stops
@@ -17,7 +19,7 @@ use tokio::sync::watch;
 use tempest_core::metrics::{catalog, Counter, Gauge, Labels, Registry};
 use tempest_core::{Health, Polled, Settings, Source, SourceError};
 
-use crate::roots::{Admission, SourceWork};
+use crate::roots::{Admission, SourceIdx, SourceWork};
 
 /// How the driver ended.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -49,6 +51,8 @@ const MAX_RECONNECT_WAIT: Duration = Duration::from_secs(5);
 /// Drives `source` into a runtime's [`Admission`] (the standalone hub or a
 /// topology server) until it is exhausted or `shutdown` turns true.
 pub struct Driver<A> {
+    src: SourceIdx,
+    name: String,
     source: Box<dyn Source>,
     runtime: Arc<Mutex<A>>,
     max_pending: usize,
@@ -61,24 +65,30 @@ pub struct Driver<A> {
 }
 
 impl<A: Admission> Driver<A> {
-    /// A driver for `source` feeding `runtime`.
+    /// A driver for `source`, the source at index `src` of the DAG's
+    /// sources and called `name`, feeding `runtime`.
     pub fn new(
+        src: SourceIdx,
+        name: &str,
         source: Box<dyn Source>,
         runtime: Arc<Mutex<A>>,
         settings: &Settings,
         registry: &Registry,
         on_exhausted: OnExhausted,
     ) -> Self {
+        let labels = Labels::new([("source", name)]);
         Driver {
+            src,
+            name: name.to_owned(),
             source,
             runtime,
-            max_pending: settings.max_pending,
+            max_pending: settings.max_pending_of(name),
             batch: settings.batch_size,
             grace: settings.grace_period,
             on_exhausted,
             settings: settings.clone(),
-            errors: registry.counter(&catalog::SOURCE_ERRORS, &Labels::default()),
-            healthy: registry.gauge(&catalog::SOURCE_HEALTHY, &Labels::default()),
+            errors: registry.counter(&catalog::SOURCE_ERRORS, &labels),
+            healthy: registry.gauge(&catalog::SOURCE_HEALTHY, &labels),
         }
     }
 
@@ -87,7 +97,16 @@ impl<A: Admission> Driver<A> {
         mut self,
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<DriveEnd, SourceError> {
-        let wake = self.runtime.lock().roots().driver_waker();
+        let span = tracing::info_span!("source", name = %self.name);
+        tracing::Instrument::instrument(self.drive(&mut shutdown), span).await
+    }
+
+    async fn drive(
+        &mut self,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<DriveEnd, SourceError> {
+        let src = self.src;
+        let wake = self.runtime.lock().roots().driver_waker(src);
         self.source.configure(&self.settings).await?;
         let mut connected = false;
         let mut reconnect_wait = Duration::from_millis(100);
@@ -110,9 +129,14 @@ impl<A: Admission> Driver<A> {
             let (work, in_flight, room, next_sweep) = {
                 let mut runtime = self.runtime.lock();
                 let next = runtime.sweep();
-                let room = runtime.room();
+                let room = runtime.room(src);
                 let roots = runtime.roots();
-                (roots.take_source_work(), roots.in_flight(), room, next)
+                (
+                    roots.take_source_work(src),
+                    roots.in_flight_of(src),
+                    room,
+                    next,
+                )
             };
             if !work.is_empty() {
                 self.settle_at_source(work).await;
@@ -162,7 +186,7 @@ impl<A: Admission> Driver<A> {
                     match self.source.poll(want).await {
                         Ok(Polled::Msgs(msgs)) => {
                             idle_wait = Duration::from_millis(1);
-                            self.runtime.lock().admit(msgs);
+                            self.runtime.lock().admit(src, msgs);
                             // Let the workers on this thread run before polling again.
                             tokio::task::yield_now().await;
                             continue;
@@ -192,7 +216,7 @@ impl<A: Admission> Driver<A> {
             tokio::select! {
                 _ = wake.notified() => {}
                 _ = tokio::time::sleep(wait) => {}
-                _ = tempest_core::shutdown::changed(&mut shutdown), if drain_until.is_none() => {}
+                _ = tempest_core::shutdown::changed(shutdown), if drain_until.is_none() => {}
             }
         }
         self.shutdown_source().await;

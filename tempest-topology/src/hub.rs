@@ -24,7 +24,7 @@ use tempest_core::pipeline::{Dag, TaskIdx};
 use tempest_core::route::{route, Target};
 use tempest_core::{Delivery, Handled, Msg, Settings};
 
-use crate::roots::{Admission, Roots};
+use crate::roots::{Admission, Roots, SourceIdx};
 pub use crate::roots::{FailAction, RootEvent, SourceWork};
 
 struct TaskQueue {
@@ -68,9 +68,23 @@ impl TaskQueue {
     }
 }
 
-/// Sets `tempest_pipeline_edge` to 1 for every edge of `dag`: how dashboards
-/// draw the DAG.
+/// Sets `tempest_pipeline_edge` to 1 for every edge of `dag`, and
+/// `tempest_pipeline_source_edge` for every edge from a source: how
+/// dashboards draw the DAG.
 pub fn register_edges(dag: &Dag, registry: &Registry) {
+    for s in dag.sources() {
+        for &t in &s.feeds {
+            registry
+                .gauge(
+                    &catalog::PIPELINE_SOURCE_EDGE,
+                    &Labels::new([
+                        ("source", s.name.as_str()),
+                        ("to", dag.task(t).name.as_str()),
+                    ]),
+                )
+                .set(1.0);
+        }
+    }
     for (_, t) in dag.tasks() {
         for e in &t.edges {
             let grouping = e.grouping.to_string();
@@ -117,7 +131,7 @@ impl Hub {
             })
             .collect();
         Hub {
-            roots: Roots::new(settings, registry, false),
+            roots: Roots::new(settings, registry, false, dag.sources()),
             queues,
             sink_outputs: None,
             dag,
@@ -154,9 +168,9 @@ impl Hub {
         }
     }
 
-    /// The notifier the source driver waits on.
-    pub fn driver_waker(&self) -> Arc<Notify> {
-        self.roots.driver_waker()
+    /// The notifier the driver of source `src` waits on.
+    pub fn driver_waker(&self, src: SourceIdx) -> Arc<Notify> {
+        self.roots.driver_waker(src)
     }
 
     /// Roots in flight, replays waiting included: what `max_pending` caps.
@@ -249,9 +263,9 @@ impl Hub {
         }
     }
 
-    /// Takes the acks and fails gathered for the source.
-    pub fn take_source_work(&mut self) -> SourceWork {
-        self.roots.take_source_work()
+    /// Takes the acks and fails gathered for source `src`.
+    pub fn take_source_work(&mut self, src: SourceIdx) -> SourceWork {
+        self.roots.take_source_work(src)
     }
 
     /// Takes the root events recorded so far.
@@ -278,9 +292,16 @@ impl Admission for Hub {
     }
 
     fn dispatch(&mut self) {
-        let q = &mut self.queues[self.dag.root().get()];
-        q.shared.extend(self.roots.drain_admitted());
-        q.wake_all();
+        let queues = &mut self.queues;
+        for (task, d) in self.roots.drain_admitted() {
+            queues[task.get()].shared.push_back(d);
+        }
+        for &task in self.dag.entries() {
+            let q = &mut queues[task.get()];
+            if !q.shared.is_empty() {
+                q.wake_all();
+            }
+        }
     }
 
     fn sweep(&mut self) -> Duration {
@@ -329,7 +350,7 @@ mod tests {
     fn a_root_is_acked_once_its_whole_tree_is_handled() {
         let mut h = hub();
         let (a, b) = (TaskIdx(0), TaskIdx(1));
-        h.admit(vec![SourceMsg::new(1u64, "x")]);
+        h.admit(0, vec![SourceMsg::new(1u64, "x")]);
         let mut batch = Vec::new();
         h.exchange(a, 0, &mut Vec::new(), 10, &mut batch);
         assert_eq!(batch.len(), 1);
@@ -342,10 +363,13 @@ mod tests {
         assert_eq!(batch.len(), 2);
         let mut first = handled(&batch[..1], |_| Ok(None));
         h.exchange(b, 1, &mut first, 0, &mut Vec::new());
-        assert!(h.take_source_work().acks.is_empty(), "one child still open");
+        assert!(
+            h.take_source_work(0).acks.is_empty(),
+            "one child still open"
+        );
         let mut second = handled(&batch[1..], |_| Ok(None));
         h.exchange(b, 1, &mut second, 0, &mut Vec::new());
-        assert_eq!(h.take_source_work().acks, [SourceId::from(1u64)]);
+        assert_eq!(h.take_source_work(0).acks, [SourceId::from(1u64)]);
         assert_eq!(h.in_flight(), 0);
     }
 
@@ -353,7 +377,10 @@ mod tests {
     fn work_of_a_failed_root_is_dropped() {
         let mut h = hub();
         let (a, b) = (TaskIdx(0), TaskIdx(1));
-        h.admit(vec![SourceMsg::new(1u64, "x"), SourceMsg::new(2u64, "y")]);
+        h.admit(
+            0,
+            vec![SourceMsg::new(1u64, "x"), SourceMsg::new(2u64, "y")],
+        );
         let mut batch = Vec::new();
         h.exchange(a, 0, &mut Vec::new(), 10, &mut batch);
         let mut done = handled(&batch, |d| Ok(Some(vec![d.msg.clone()])));
@@ -368,7 +395,7 @@ mod tests {
         assert_eq!(rest.len(), 1);
         assert_eq!(rest[0].root, batch[1].root);
         // Best effort (the default policy) acks the failed root anyway.
-        assert_eq!(h.take_source_work().acks, [SourceId::from(1u64)]);
+        assert_eq!(h.take_source_work(0).acks, [SourceId::from(1u64)]);
         let ev = h.take_events();
         assert!(
             matches!(

@@ -3,12 +3,17 @@
 //! Both runtimes of a topology keep their roots here: the standalone hub
 //! (which routes messages in process) and the topology server (whose workers
 //! route them among themselves and send ack reports). `Roots` admits polled
-//! messages as roots and leaves their first delivery in
-//! [`Roots::take_admitted`] for the caller to send to the root task; applies
-//! ack reports; hands failed and timed-out roots to the failure policy;
-//! replays roots whose worker was lost; and gathers what the source must
-//! hear (acks, fails, releases) for the driver. It does no I/O and never
-//! waits.
+//! messages as roots and leaves their first deliveries in
+//! [`Roots::take_admitted`] for the caller to send to the tasks their source
+//! feeds; applies ack reports; hands failed and timed-out roots to the
+//! failure policy; replays roots whose worker was lost; and gathers what
+//! each source must hear (acks, fails, releases) for its driver. It does no
+//! I/O and never waits.
+//!
+//! A topology may have several sources. Each root remembers its source (by
+//! index into the DAG's sources), and everything per source is kept apart:
+//! the count in flight that its `max_pending` caps, the work for its driver,
+//! the notifier that driver waits on, and its metrics (labelled `source`).
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -19,9 +24,13 @@ use tokio::sync::Notify;
 
 use tempest_core::ledger::{EdgeIds, Ledger, RootId, Settled, SlotMask, Tick};
 use tempest_core::metrics::{catalog, Counter, Gauge, Histogram, Labels, Registry};
+use tempest_core::pipeline::{DagSource, TaskIdx};
 use tempest_core::{
     Delivery, FailReason, FailurePolicy, Msg, Settings, SourceId, SourceMsg, TaskError,
 };
+
+/// A source's position among the DAG's sources ([`tempest_core::Dag::sources`]).
+pub type SourceIdx = usize;
 
 /// A root lost with a crashed worker this many times is no longer replayed
 /// for free: the next crash goes to the failure policy like an error (a
@@ -43,6 +52,9 @@ pub enum Loss {
 /// What is kept beside each root's ledger entry.
 #[derive(Default)]
 struct RootTag {
+    /// Which source it came from.
+    src: u16,
+    /// That source's id of it.
     source: SourceId,
     /// The root message, kept when it may be replayed.
     payload: Option<Msg>,
@@ -120,6 +132,19 @@ struct RootMetrics {
     complete_latency: Histogram,
 }
 
+/// What is kept per source.
+struct PerSource {
+    /// The tasks its roots are delivered to.
+    feeds: Vec<TaskIdx>,
+    /// Its roots in flight, replays waiting included.
+    in_flight: usize,
+    /// What its driver must do at the source.
+    work: SourceWork,
+    /// Wakes its driver when there is source work or room to poll.
+    driver: Arc<Notify>,
+    metrics: RootMetrics,
+}
+
 /// A replay waiting for its back-off to pass.
 struct Replay {
     due: Instant,
@@ -153,26 +178,53 @@ pub struct Roots {
     timeout: Duration,
     replays: BinaryHeap<Reverse<Replay>>,
     replay_seq: u64,
-    admitted: Vec<Delivery>,
-    work: SourceWork,
-    /// Wakes the source driver when there is source work or room to poll.
-    driver: Arc<Notify>,
+    admitted: Vec<(TaskIdx, Delivery)>,
+    sources: Vec<PerSource>,
     events: Option<Vec<RootEvent>>,
-    metrics: RootMetrics,
 }
 
 impl Roots {
-    /// Roots under `settings`, recording metrics in `registry`. With
-    /// `replayable`, every root's message is kept until it completes, so a
-    /// root lost with a worker can be replayed whatever the policy (the
-    /// topology server); otherwise only the retry policy keeps them.
-    pub fn new(settings: &Settings, registry: &Registry, replayable: bool) -> Self {
-        let none = Labels::default();
+    /// Roots of `sources` (a DAG's) under `settings`, recording metrics in
+    /// `registry`. With `replayable`, every root's message is kept until it
+    /// completes, so a root lost with a worker can be replayed whatever the
+    /// policy (the topology server); otherwise only the retry policy keeps
+    /// them.
+    pub fn new(
+        settings: &Settings,
+        registry: &Registry,
+        replayable: bool,
+        sources: &[DagSource],
+    ) -> Self {
+        let capacity: usize = sources
+            .iter()
+            .map(|s| settings.max_pending_of(&s.name))
+            .fold(0, usize::saturating_add);
+        let sources = sources
+            .iter()
+            .map(|s| {
+                let labels = Labels::new([("source", s.name.as_str())]);
+                PerSource {
+                    feeds: s.feeds.clone(),
+                    in_flight: 0,
+                    work: SourceWork::default(),
+                    driver: Arc::new(Notify::new()),
+                    metrics: RootMetrics {
+                        polled: registry.counter(&catalog::SOURCE_POLLED, &labels),
+                        acked: registry.counter(&catalog::SOURCE_ACKED, &labels),
+                        failed: registry.counter(&catalog::SOURCE_FAILED, &labels),
+                        timed_out: registry.counter(&catalog::SOURCE_TIMED_OUT, &labels),
+                        dead_lettered: registry.counter(&catalog::SOURCE_DEAD_LETTERED, &labels),
+                        retried: registry.counter(&catalog::SOURCE_RETRIED, &labels),
+                        lost: registry.counter(&catalog::ROOTS_LOST, &labels),
+                        in_flight: registry.gauge(&catalog::ROOTS_IN_FLIGHT, &labels),
+                        complete_latency: registry
+                            .histogram(&catalog::ROOT_COMPLETE_LATENCY, &labels),
+                    },
+                }
+            })
+            .collect();
         Roots {
-            ledger: Ledger::with_capacity(
-                settings.message_timeout,
-                settings.max_pending.min(1 << 20),
-            ),
+            ledger: Ledger::with_capacity(settings.message_timeout, capacity.min(1 << 20)),
             ids: EdgeIds::new(),
             keep_payloads: replayable || matches!(settings.failure, FailurePolicy::Retry { .. }),
             policy: settings.failure.clone(),
@@ -180,20 +232,8 @@ impl Roots {
             replays: BinaryHeap::new(),
             replay_seq: 0,
             admitted: Vec::new(),
-            work: SourceWork::default(),
-            driver: Arc::new(Notify::new()),
+            sources,
             events: None,
-            metrics: RootMetrics {
-                polled: registry.counter(&catalog::SOURCE_POLLED, &none),
-                acked: registry.counter(&catalog::SOURCE_ACKED, &none),
-                failed: registry.counter(&catalog::SOURCE_FAILED, &none),
-                timed_out: registry.counter(&catalog::SOURCE_TIMED_OUT, &none),
-                dead_lettered: registry.counter(&catalog::SOURCE_DEAD_LETTERED, &none),
-                retried: registry.counter(&catalog::SOURCE_RETRIED, &none),
-                lost: registry.counter(&catalog::ROOTS_LOST, &none),
-                in_flight: registry.gauge(&catalog::ROOTS_IN_FLIGHT, &none),
-                complete_latency: registry.histogram(&catalog::ROOT_COMPLETE_LATENCY, &none),
-            },
         }
     }
 
@@ -202,14 +242,30 @@ impl Roots {
         self.events = Some(Vec::new());
     }
 
-    /// The notifier the source driver waits on.
-    pub fn driver_waker(&self) -> Arc<Notify> {
-        self.driver.clone()
+    /// The notifier the driver of source `src` waits on.
+    pub fn driver_waker(&self, src: SourceIdx) -> Arc<Notify> {
+        self.sources[src].driver.clone()
     }
 
-    /// Roots in flight, replays waiting included: what `max_pending` caps.
+    /// The number of sources.
+    pub fn source_count(&self) -> usize {
+        self.sources.len()
+    }
+
+    /// The tasks the roots of source `src` are delivered to.
+    pub fn feeds(&self, src: SourceIdx) -> &[TaskIdx] {
+        &self.sources[src].feeds
+    }
+
+    /// Roots in flight of every source, replays waiting included.
     pub fn in_flight(&self) -> usize {
         self.ledger.len() + self.replays.len()
+    }
+
+    /// Roots in flight of source `src`, replays waiting included: what its
+    /// `max_pending` caps.
+    pub fn in_flight_of(&self, src: SourceIdx) -> usize {
+        self.sources[src].in_flight
     }
 
     /// The current ledger time.
@@ -233,14 +289,17 @@ impl Roots {
         self.ledger.mark(root, slots)
     }
 
-    /// Admits polled messages as roots; their deliveries wait in
-    /// [`Roots::take_admitted`].
-    pub fn admit(&mut self, msgs: Vec<SourceMsg>) {
+    /// Admits messages polled from source `src` as roots; their deliveries
+    /// (one per task the source feeds) wait in [`Roots::take_admitted`].
+    pub fn admit(&mut self, src: SourceIdx, msgs: Vec<SourceMsg>) {
         let now = self.ledger.now();
-        self.metrics.polled.add(msgs.len() as u64);
-        self.admitted.reserve(msgs.len());
+        let per = &mut self.sources[src];
+        per.metrics.polled.add(msgs.len() as u64);
+        per.in_flight += msgs.len();
+        self.admitted.reserve(msgs.len() * per.feeds.len());
         for SourceMsg { id, msg } in msgs {
             let tag = RootTag {
+                src: src as u16,
                 source: id,
                 payload: self.keep_payloads.then(|| msg.clone()),
                 attempts: 1,
@@ -250,21 +309,48 @@ impl Roots {
         }
     }
 
+    /// Enters a root in the ledger with one delivery per task its source
+    /// feeds; the root's tree starts as the XOR of those deliveries' edges.
     fn admit_root(&mut self, tag: RootTag, msg: Msg, now: Tick) {
-        let edge = self.ids.next_id();
-        let root = self.ledger.admit(tag, edge, now);
-        self.admitted.push(Delivery { root, edge, msg });
+        let src = usize::from(tag.src);
+        let start = self.admitted.len();
+        let mut xor = 0;
+        let feeds = &self.sources[src].feeds;
+        let mut msg = Some(msg);
+        for (i, &task) in feeds.iter().enumerate() {
+            let edge = self.ids.next_id();
+            xor ^= edge;
+            // The last delivery takes the message, the others a copy.
+            let msg = if i + 1 == feeds.len() {
+                msg.take()
+            } else {
+                msg.clone()
+            }
+            .unwrap_or_default();
+            self.admitted.push((
+                task,
+                Delivery {
+                    root: RootId(0),
+                    edge,
+                    msg,
+                },
+            ));
+        }
+        let root = self.ledger.admit(tag, xor, now);
+        for (_, d) in &mut self.admitted[start..] {
+            d.root = root;
+        }
     }
 
     /// Moves the deliveries of the roots admitted or replayed since the last
-    /// call into `into`, in admission order.
-    pub fn take_admitted(&mut self, into: &mut Vec<Delivery>) {
+    /// call into `into`, in admission order, each with the task it goes to.
+    pub fn take_admitted(&mut self, into: &mut Vec<(TaskIdx, Delivery)>) {
         into.append(&mut self.admitted);
     }
 
     /// Drains the deliveries of the roots admitted or replayed since the
-    /// last call, in admission order.
-    pub fn drain_admitted(&mut self) -> std::vec::Drain<'_, Delivery> {
+    /// last call, in admission order, each with the task it goes to.
+    pub fn drain_admitted(&mut self) -> std::vec::Drain<'_, (TaskIdx, Delivery)> {
         self.admitted.drain(..)
     }
 
@@ -285,9 +371,12 @@ impl Roots {
         }
     }
 
-    /// Wakes the driver after a round of acks completed roots.
+    /// Wakes every source's driver (after a round of acks completed roots,
+    /// or when the runtime has room again).
     pub fn wake_driver(&self) {
-        self.driver.notify_one();
+        for s in &self.sources {
+            s.driver.notify_one();
+        }
     }
 
     /// Fails a live root at once, as if a task had returned `error` for it.
@@ -296,9 +385,10 @@ impl Roots {
         let now = self.ledger.now();
         match self.ledger.remove(root, now) {
             Some((tag, _)) => {
-                self.metrics.failed.inc();
+                let src = usize::from(tag.src);
+                self.sources[src].metrics.failed.inc();
                 self.fail(tag, error);
-                self.driver.notify_one();
+                self.sources[src].driver.notify_one();
                 true
             }
             None => false,
@@ -316,7 +406,7 @@ impl Roots {
             self.replay_lost(tag, why, loss);
         }
         if n > 0 {
-            self.driver.notify_one();
+            self.wake_driver();
         }
         n
     }
@@ -327,8 +417,9 @@ impl Roots {
         let now = self.ledger.now();
         match self.ledger.remove(root, now) {
             Some((tag, _)) => {
+                let src = usize::from(tag.src);
                 self.replay_lost(tag, why, Loss::Crash);
-                self.driver.notify_one();
+                self.sources[src].driver.notify_one();
                 true
             }
             None => false,
@@ -336,10 +427,11 @@ impl Roots {
     }
 
     fn replay_lost(&mut self, mut tag: RootTag, why: &str, loss: Loss) {
-        self.metrics.lost.inc();
+        let per = &self.sources[usize::from(tag.src)];
+        per.metrics.lost.inc();
         let crash = loss == Loss::Crash;
         if (crash && tag.losses >= MAX_FREE_LOSSES) || tag.payload.is_none() {
-            self.metrics.failed.inc();
+            per.metrics.failed.inc();
             let err = TaskError::new(format!(
                 "{why} (lost with a worker {} times)",
                 u32::from(tag.losses) + 1
@@ -361,9 +453,11 @@ impl Roots {
     }
 
     fn complete(&mut self, tag: RootTag, age: Duration) {
-        self.metrics.acked.inc();
-        self.metrics.complete_latency.record(age.as_micros() as u64);
-        self.work.acks.push(tag.source);
+        let per = &mut self.sources[usize::from(tag.src)];
+        per.metrics.acked.inc();
+        per.metrics.complete_latency.record(age.as_micros() as u64);
+        per.work.acks.push(tag.source);
+        per.in_flight = per.in_flight.saturating_sub(1);
         if let Some(ev) = &mut self.events {
             ev.push(RootEvent::Acked {
                 id: tag.source,
@@ -378,18 +472,19 @@ impl Roots {
             message: error.message().to_string(),
             attempts: tag.attempts,
         };
+        let per = &mut self.sources[usize::from(tag.src)];
         let action = match &self.policy {
             FailurePolicy::BestEffort => {
-                self.work.acks.push(tag.source);
+                per.work.acks.push(tag.source);
                 FailAction::AckedAnyway
             }
             FailurePolicy::None => {
-                self.work.releases.push((tag.source, reason.clone()));
+                per.work.releases.push((tag.source, reason.clone()));
                 FailAction::LeftUnacked
             }
             FailurePolicy::Retry { .. } => match self.policy.replay_delay(tag.attempts) {
                 Some(delay) if error.is_retryable() && tag.payload.is_some() => {
-                    self.metrics.retried.inc();
+                    per.metrics.retried.inc();
                     tag.attempts += 1;
                     self.replay_seq += 1;
                     let id = tag.source;
@@ -402,12 +497,14 @@ impl Roots {
                     return;
                 }
                 _ => {
-                    self.metrics.dead_lettered.inc();
-                    self.work.fails.push((tag.source, reason.clone()));
+                    per.metrics.dead_lettered.inc();
+                    per.work.fails.push((tag.source, reason.clone()));
                     FailAction::DeadLettered
                 }
             },
         };
+        // It leaves for good: the source hears of it.
+        per.in_flight = per.in_flight.saturating_sub(1);
         self.record_failure(tag.source, reason, action);
     }
 
@@ -426,7 +523,7 @@ impl Roots {
         if !expired.is_empty() {
             let err = TaskError::new(format!("timed out after {:?}", self.timeout));
             for tag in expired {
-                self.metrics.timed_out.inc();
+                self.sources[usize::from(tag.src)].metrics.timed_out.inc();
                 self.fail(tag, &err);
             }
         }
@@ -438,7 +535,9 @@ impl Roots {
             let msg = tag.payload.clone().unwrap_or_default();
             self.admit_root(tag, msg, now);
         }
-        self.metrics.in_flight.set(self.in_flight() as f64);
+        for per in &self.sources {
+            per.metrics.in_flight.set(per.in_flight as f64);
+        }
         let next_timeout = self.ledger.next_deadline(now).unwrap_or(self.timeout);
         let next_replay = self
             .replays
@@ -447,14 +546,14 @@ impl Roots {
         next_timeout.min(next_replay)
     }
 
-    /// Takes the acks and fails gathered for the source.
-    pub fn take_source_work(&mut self) -> SourceWork {
-        std::mem::take(&mut self.work)
+    /// Takes the acks and fails gathered for source `src`.
+    pub fn take_source_work(&mut self, src: SourceIdx) -> SourceWork {
+        std::mem::take(&mut self.sources[src].work)
     }
 
-    /// True when there is source work waiting.
-    pub fn has_source_work(&self) -> bool {
-        !self.work.is_empty()
+    /// True when there is work waiting for source `src`.
+    pub fn has_source_work(&self, src: SourceIdx) -> bool {
+        !self.sources[src].work.is_empty()
     }
 
     /// Takes the root events recorded so far.
@@ -463,25 +562,27 @@ impl Roots {
     }
 }
 
-/// What the source driver needs of a runtime: its [`Roots`], and a place for
-/// the roots it admits. The standalone hub queues them for in-process
-/// instances; the topology server sends them to the root task's workers.
+/// What the source drivers need of a runtime: its [`Roots`], and a place
+/// for the roots they admit. The standalone hub queues them for in-process
+/// instances; the topology server sends them to the workers of the tasks
+/// their source feeds.
 pub trait Admission: Send + 'static {
     /// The roots.
     fn roots(&mut self) -> &mut Roots;
 
-    /// Sends what [`Roots::take_admitted`] holds towards the root task.
+    /// Sends what [`Roots::take_admitted`] holds towards the tasks it names.
     fn dispatch(&mut self);
 
-    /// How many more roots could be admitted now without queueing beyond the
-    /// runtime's bounds (before `max_pending`, which the driver applies).
-    fn room(&self) -> usize {
+    /// How many more roots of source `src` could be admitted now without
+    /// queueing beyond the runtime's bounds (before `max_pending`, which the
+    /// driver applies).
+    fn room(&self, _src: SourceIdx) -> usize {
         usize::MAX
     }
 
-    /// Admits polled messages and dispatches them.
-    fn admit(&mut self, msgs: Vec<SourceMsg>) {
-        self.roots().admit(msgs);
+    /// Admits messages polled from source `src` and dispatches them.
+    fn admit(&mut self, src: SourceIdx, msgs: Vec<SourceMsg>) {
+        self.roots().admit(src, msgs);
         self.dispatch();
     }
 
@@ -501,19 +602,30 @@ mod tests {
     use super::*;
     use tempest_core::ledger::slot_bit;
 
+    fn one_source() -> Vec<DagSource> {
+        vec![DagSource {
+            name: "default".into(),
+            feeds: vec![TaskIdx(0)],
+        }]
+    }
+
     fn roots(policy: FailurePolicy, replayable: bool) -> Roots {
         let mut settings = Settings::new("r");
         settings.failure = policy;
-        let mut r = Roots::new(&settings, &Registry::default(), replayable);
+        let mut r = Roots::new(&settings, &Registry::default(), replayable, &one_source());
         r.record_events();
         r
     }
 
-    fn admit(r: &mut Roots, n: u64) -> Vec<Delivery> {
-        r.admit((0..n).map(|i| SourceMsg::new(i, vec![b'x'])).collect());
+    fn take(r: &mut Roots) -> Vec<Delivery> {
         let mut out = Vec::new();
         r.take_admitted(&mut out);
-        out
+        out.into_iter().map(|(_, d)| d).collect()
+    }
+
+    fn admit(r: &mut Roots, n: u64) -> Vec<Delivery> {
+        r.admit(0, (0..n).map(|i| SourceMsg::new(i, vec![b'x'])).collect());
+        take(r)
     }
 
     #[test]
@@ -526,12 +638,14 @@ mod tests {
             r.ack(d[1].root, d[1].edge ^ 99, bit, r.now());
             r.mark(d[2].root, bit);
             assert_eq!(r.lose(bit, "worker x lost", Loss::Crash), 2);
-            let mut again = Vec::new();
-            r.take_admitted(&mut again);
+            let again = take(&mut r);
             assert_eq!(again.len(), 2, "replayed at once, no back-off");
             assert!(!r.is_live(d[1].root) && r.is_live(again[0].root));
             assert_eq!(r.in_flight(), 3);
-            assert!(r.take_source_work().is_empty(), "nothing acked or released");
+            assert!(
+                r.take_source_work(0).is_empty(),
+                "nothing acked or released"
+            );
             let ev = r.take_events();
             assert!(ev.iter().all(|e| matches!(
                 e,
@@ -553,6 +667,82 @@ mod tests {
     }
 
     #[test]
+    fn each_root_goes_back_to_its_own_source() {
+        let sources = [
+            DagSource {
+                name: "orders".into(),
+                feeds: vec![TaskIdx(0), TaskIdx(1)],
+            },
+            DagSource {
+                name: "refunds".into(),
+                feeds: vec![TaskIdx(1)],
+            },
+        ];
+        let mut settings = Settings::new("r");
+        settings.failure = FailurePolicy::None;
+        let registry = Registry::default();
+        let mut r = Roots::new(&settings, &registry, false, &sources);
+        r.admit(0, vec![SourceMsg::new(7u64, "o")]);
+        r.admit(
+            1,
+            vec![SourceMsg::new(7u64, "r"), SourceMsg::new(8u64, "r2")],
+        );
+        let mut d = Vec::new();
+        r.take_admitted(&mut d);
+        // One delivery per task the source feeds; one tree per root.
+        let tasks: Vec<(TaskIdx, &str)> = d
+            .iter()
+            .map(|(t, d)| (*t, d.msg.payload_str().unwrap_or_default()))
+            .collect();
+        assert_eq!(
+            tasks,
+            [
+                (TaskIdx(0), "o"),
+                (TaskIdx(1), "o"),
+                (TaskIdx(1), "r"),
+                (TaskIdx(1), "r2")
+            ]
+        );
+        assert_eq!(d[0].1.root, d[1].1.root);
+        assert_eq!(
+            (r.in_flight_of(0), r.in_flight_of(1), r.in_flight()),
+            (1, 2, 3)
+        );
+
+        // The order's root completes only when both its deliveries are acked.
+        assert!(!r.ack(d[0].1.root, d[0].1.edge, 0, r.now()));
+        assert!(r.ack(d[1].1.root, d[1].1.edge, 0, r.now()));
+        assert_eq!(r.take_source_work(0).acks, [SourceId::from(7u64)]);
+        assert!(r.take_source_work(1).is_empty(), "refunds heard nothing");
+        // A refund fails: released at its own source only.
+        assert!(r.fail_root(d[3].1.root, &TaskError::new("bad")));
+        let work = r.take_source_work(1);
+        assert_eq!(work.releases.len(), 1);
+        assert_eq!(work.releases[0].0, SourceId::from(8u64));
+        assert!(r.take_source_work(0).is_empty());
+        assert_eq!((r.in_flight_of(0), r.in_flight_of(1)), (0, 1));
+
+        r.sweep();
+        let snap = registry.snapshot();
+        assert_eq!(
+            snap.counter("tempest_source_acked", &[("source", "orders")]),
+            1
+        );
+        assert_eq!(
+            snap.counter("tempest_source_polled", &[("source", "refunds")]),
+            2
+        );
+        assert_eq!(
+            snap.counter("tempest_source_failed", &[("source", "refunds")]),
+            1
+        );
+        assert_eq!(
+            snap.gauge("tempest_roots_in_flight", &[("source", "refunds")]),
+            Some(1.0)
+        );
+    }
+
+    #[test]
     fn a_root_lost_too_often_goes_to_the_policy() {
         let mut r = roots(FailurePolicy::retry(1), true);
         let bit = slot_bit(0, 0);
@@ -560,20 +750,18 @@ mod tests {
         for _ in 0..MAX_FREE_LOSSES {
             r.mark(d[0].root, bit);
             assert_eq!(r.lose(bit, "lost", Loss::Crash), 1);
-            d.clear();
-            r.take_admitted(&mut d);
+            d = take(&mut r);
             assert_eq!(d.len(), 1);
         }
         // Departures are free however many.
         for _ in 0..10 {
             r.mark(d[0].root, bit);
             assert_eq!(r.lose(bit, "left", Loss::Departure), 1);
-            d.clear();
-            r.take_admitted(&mut d);
+            d = take(&mut r);
         }
         r.mark(d[0].root, bit);
         r.lose(bit, "lost", Loss::Crash);
-        let work = r.take_source_work();
+        let work = r.take_source_work(0);
         assert_eq!(work.fails.len(), 1, "dead-lettered: {work:?}");
         assert!(work.fails[0]
             .1

@@ -51,7 +51,7 @@ use tempest_transport::wire::{
 use tempest_transport::DEFAULT_MAX_FRAME;
 
 use crate::hub::register_edges;
-use crate::roots::{Admission, Loss, Roots};
+use crate::roots::{Admission, Loss, Roots, SourceIdx};
 use crate::standalone::{Parts, RunError, RunReport};
 
 /// How the server listens and talks to workers.
@@ -140,7 +140,7 @@ pub struct Control {
     outbox: Arc<Outbox>,
     members: watch::Sender<Arc<Members>>,
     max_message: usize,
-    scratch: Vec<Delivery>,
+    scratch: Vec<(TaskIdx, Delivery)>,
 }
 
 /// Why a worker may not join.
@@ -381,12 +381,11 @@ impl Admission for Control {
     }
 
     fn dispatch(&mut self) {
-        let root_task = self.dag.root();
         let mut batch = std::mem::take(&mut self.scratch);
         self.roots.take_admitted(&mut batch);
         {
             let mut placer = self.outbox.lock();
-            for d in batch.drain(..) {
+            for (task, d) in batch.drain(..) {
                 let size = delivery_size(&d);
                 if size > self.max_message {
                     let limit = self.max_message;
@@ -399,7 +398,7 @@ impl Admission for Control {
                     continue;
                 }
                 let root = d.root;
-                if let Some((_, bit)) = placer.place(root_task, Target::Any, d) {
+                if let Some((_, bit)) = placer.place(task, Target::Any, d) {
                     self.roots.mark(root, bit);
                 }
             }
@@ -407,8 +406,13 @@ impl Admission for Control {
         self.scratch = batch;
     }
 
-    fn room(&self) -> usize {
-        self.outbox.room(self.dag.root())
+    fn room(&self, src: SourceIdx) -> usize {
+        self.roots
+            .feeds(src)
+            .iter()
+            .map(|&task| self.outbox.room(task))
+            .min()
+            .unwrap_or(0)
     }
 }
 
@@ -740,8 +744,28 @@ impl TopologyServer {
         let (settings, dag, registry) = (&parts.settings, parts.dag.clone(), &parts.registry);
         register_edges(&dag, registry);
         let session = random_u64();
-        let roots = Roots::new(settings, registry, true);
-        let driver_waker = roots.driver_waker();
+        let roots = Roots::new(settings, registry, true, dag.sources());
+        // The outbox wakes the drivers when it has room again: one driver
+        // directly, several through a task that wakes each.
+        let drivers: Vec<_> = (0..roots.source_count())
+            .map(|src| roots.driver_waker(src))
+            .collect();
+        let (driver_waker, forwarder) = match &drivers[..] {
+            [one] => (one.clone(), None),
+            _ => {
+                let room = Arc::new(tokio::sync::Notify::new());
+                let wait = room.clone();
+                let forwarder = tokio::spawn(async move {
+                    loop {
+                        wait.notified().await;
+                        for d in &drivers {
+                            d.notify_one();
+                        }
+                    }
+                });
+                (room, Some(forwarder))
+            }
+        };
         let (lost_tx, mut lost_rx) = mpsc::unbounded_channel::<SlotRef>();
         let names: Vec<String> = dag.tasks().map(|(_, t)| t.name.clone()).collect();
         let max_frame = self.config.max_frame;
@@ -759,7 +783,7 @@ impl TopologyServer {
                 max_frame,
                 heartbeat: self.config.heartbeat,
             },
-            &[dag.root()],
+            dag.entries(),
             &names,
             registry,
             tokio::runtime::Handle::current(),
@@ -824,6 +848,9 @@ impl TopologyServer {
         }
         outbox.close();
         lost_task.abort();
+        if let Some(forwarder) = forwarder {
+            forwarder.abort();
+        }
         Admission::sweep(&mut *control.lock()); // final gauges
         Ok(self.parts.finish(end?, started).await)
     }

@@ -15,7 +15,9 @@ use tokio::sync::watch;
 use tempest_core::metrics::targets::{push_targets, spawn_flusher, Flusher};
 use tempest_core::metrics::{catalog, Labels, Registry, Snapshot, TargetSpec};
 use tempest_core::pipeline::TaskIdx;
-use tempest_core::{BuildError, PipelineErrors, Source, SourceError, TaskContext, Topology};
+use tempest_core::{
+    BuildError, NamedSource, PipelineErrors, SourceError, SourcesError, TaskContext, Topology,
+};
 use tempest_task::{Instance, TaskMetrics};
 
 use crate::driver::{DriveEnd, Driver, OnExhausted};
@@ -35,9 +37,20 @@ pub enum RunError {
     /// Neither the code nor `Topology.toml` gave a source.
     #[error("the topology has no source: give one in code or as [source] kind in Topology.toml")]
     NoSource,
+    /// The sources given do not match the ones the pipeline names.
+    #[error("{0}")]
+    Sources(BuildError),
     /// The source failed in a way retrying cannot fix.
     #[error("source: {0}")]
     Source(#[from] SourceError),
+    /// A named source (one of several) failed in a way retrying cannot fix.
+    #[error("source `{name}`: {error}")]
+    NamedSource {
+        /// The source's name.
+        name: String,
+        /// What failed.
+        error: SourceError,
+    },
     /// Binding or serving the network.
     #[error("{context}: {source}")]
     Io {
@@ -212,7 +225,7 @@ pub(crate) struct Parts {
     pub settings: tempest_core::Settings,
     pub dag: Arc<tempest_core::Dag>,
     pub registry: Registry,
-    source: Option<Box<dyn Source>>,
+    sources: Vec<NamedSource>,
     flusher: Flusher,
     scrape: Vec<ScrapeEndpoint>,
 }
@@ -226,7 +239,10 @@ impl Parts {
         }
         let settings = topology.settings.clone();
         let dag = Arc::new(topology.dag()?);
-        let source: Box<dyn Source> = topology.take_source().ok_or(RunError::NoSource)?;
+        let sources = topology.take_sources(&dag).map_err(|e| match e {
+            SourcesError::None => RunError::NoSource,
+            SourcesError::Mismatch(problems) => RunError::Sources(problems),
+        })?;
         let registry = registry.unwrap_or_else(|| Registry::for_topology(&settings.name));
         let scrape = start_scrape(&registry, &settings.metrics.targets)?;
         let flusher = spawn_flusher(
@@ -238,28 +254,78 @@ impl Parts {
             settings,
             dag,
             registry,
-            source: Some(source),
+            sources,
             flusher,
             scrape,
         })
     }
 
-    /// Runs the source driver into `runtime` until the source is exhausted
-    /// or the drain ends.
+    /// Runs one driver per source into `runtime`, side by side, until
+    /// every source is exhausted or the drain ends. A source that fails in
+    /// a way retrying cannot fix stops the others too (they drain), and its
+    /// error is returned.
     pub async fn drive<A: Admission>(
         &mut self,
         runtime: Arc<Mutex<A>>,
-        shutdown: watch::Receiver<bool>,
+        mut shutdown: watch::Receiver<bool>,
     ) -> Result<DriveEnd, RunError> {
-        let source = self.source.take().ok_or(RunError::NoSource)?;
-        let driver = Driver::new(
-            source,
-            runtime,
-            &self.settings,
-            &self.registry,
-            OnExhausted::Finish,
-        );
-        Ok(driver.run(shutdown).await?)
+        let sources = std::mem::take(&mut self.sources);
+        if sources.is_empty() {
+            return Err(RunError::NoSource);
+        }
+        let named = sources.len() > 1;
+        let (stop, stopping) = watch::channel(*shutdown.borrow());
+        let mut drivers = tokio::task::JoinSet::new();
+        for (src, NamedSource { name, source }) in sources.into_iter().enumerate() {
+            let driver = Driver::new(
+                src,
+                &name,
+                source,
+                runtime.clone(),
+                &self.settings,
+                &self.registry,
+                OnExhausted::Finish,
+            );
+            let stopping = stopping.clone();
+            drivers.spawn(async move { (name, driver.run(stopping).await) });
+        }
+        let mut left = 0;
+        let mut drained = false;
+        let mut failed: Option<RunError> = None;
+        loop {
+            tokio::select! {
+                joined = drivers.join_next() => {
+                    let Some(joined) = joined else { break };
+                    let error = match joined {
+                        Ok((_, Ok(DriveEnd::Exhausted))) => continue,
+                        Ok((_, Ok(DriveEnd::Shutdown { left: l }))) => {
+                            drained = true;
+                            left += l;
+                            continue;
+                        }
+                        Ok((name, Err(error))) if named => RunError::NamedSource { name, error },
+                        Ok((_, Err(error))) => RunError::Source(error),
+                        Err(e) => RunError::Source(SourceError::fatal(
+                            tempest_core::SourceErrorKind::Poll,
+                            format!("a source driver ended abnormally: {e}"),
+                        )),
+                    };
+                    tracing::error!("{error}: stopping the other sources");
+                    failed.get_or_insert(error);
+                    let _ = stop.send(true);
+                }
+                _ = tempest_core::shutdown::changed(&mut shutdown), if !*stop.borrow() => {
+                    if *shutdown.borrow() {
+                        let _ = stop.send(true);
+                    }
+                }
+            }
+        }
+        match failed {
+            Some(e) => Err(e),
+            None if drained => Ok(DriveEnd::Shutdown { left }),
+            None => Ok(DriveEnd::Exhausted),
+        }
     }
 
     /// Flushes the metrics a last time and makes the report.

@@ -146,7 +146,10 @@ impl TestRuntime {
     pub async fn run_async(mut self) -> Result<TestReport, RunError> {
         let input_len = self.input.as_ref().map(|i| i.len() as u64);
         if let Some(input) = self.input.take() {
-            self.topology.source = Some(Box::new(MemorySource::new(input)));
+            self.topology.set_source(
+                tempest_core::DEFAULT_SOURCE,
+                Box::new(MemorySource::new(input)),
+            );
         }
         let (stop, shutdown) = watch::channel(false);
         let deadline = self.deadline;

@@ -667,7 +667,7 @@ async fn reconnect_back_off_holds_while_the_hub_wakes_the_driver() {
     let (_stop, shutdown) = watch::channel(false);
     let run = tokio::spawn(
         Standalone::new(topology)
-            .with_hub(move |hub| *w.lock() = Some(hub.driver_waker()))
+            .with_hub(move |hub| *w.lock() = Some(hub.driver_waker(0)))
             .run(shutdown),
     );
     // Wake the driver constantly, as settling work would, until the run ends.

@@ -338,12 +338,6 @@ fn shutdown_on_signal() -> watch::Receiver<bool> {
 /// `check`: everything a process of the topology checks before it runs.
 fn check(mut topology: Topology, json: bool) -> anyhow::Result<()> {
     let mut problems = target_problems(&topology.settings.metrics.targets);
-    if topology.source.is_none() {
-        problems.push(format!(
-            "topology `{}` has no source: give one in code or a [source] in Topology.toml",
-            topology.settings.name
-        ));
-    }
     let dag = match topology.dag() {
         Ok(dag) => Some(dag),
         Err(e) => {
@@ -351,6 +345,30 @@ fn check(mut topology: Topology, json: bool) -> anyhow::Result<()> {
             None
         }
     };
+    let mut sources = Vec::new();
+    if let Some(dag) = &dag {
+        match topology.take_sources(dag) {
+            Ok(given) => {
+                sources = dag
+                    .sources()
+                    .iter()
+                    .zip(&given)
+                    .map(|(s, g)| {
+                        let feeds: Vec<&str> =
+                            s.feeds.iter().map(|t| dag.task(*t).name.as_str()).collect();
+                        serde_json::json!({"name": g.name, "feeds": feeds})
+                    })
+                    .collect();
+            }
+            Err(tempest_core::SourcesError::None) => problems.push(format!(
+                "topology `{}` has no source: give one in code or a [source] in Topology.toml",
+                topology.settings.name
+            )),
+            Err(tempest_core::SourcesError::Mismatch(e)) => {
+                problems.extend(e.0);
+            }
+        }
+    }
     if !problems.is_empty() {
         anyhow::bail!("{}", problems.join("; "));
     }
@@ -369,10 +387,26 @@ fn check(mut topology: Topology, json: bool) -> anyhow::Result<()> {
         })
         .collect();
     if json {
-        let v = serde_json::json!({"name": topology.settings.name, "tasks": tasks});
+        let v =
+            serde_json::json!({"name": topology.settings.name, "sources": sources, "tasks": tasks});
         println!("{v}");
     } else {
         println!("topology {}: ok", topology.settings.name);
+        if sources.len() > 1 {
+            for s in &sources {
+                let feeds: Vec<&str> = s["feeds"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|f| f.as_str())
+                    .collect();
+                println!(
+                    "  source {} -> {}",
+                    s["name"].as_str().unwrap_or(""),
+                    feeds.join(", ")
+                );
+            }
+        }
         for t in &tasks {
             let edges: Vec<String> = t["edges"]
                 .as_array()

@@ -45,17 +45,17 @@ macro_rules! metrics {
 }
 
 metrics! {
-    SOURCE_POLLED: Counter, "tempest_source_polled", [], "Messages polled from the source (roots admitted).";
-    SOURCE_ACKED: Counter, "tempest_source_acked", [], "Roots whose tree completed and that were acked at the source.";
-    SOURCE_FAILED: Counter, "tempest_source_failed", [], "Roots whose tree had an error (each attempt counts).";
-    SOURCE_TIMED_OUT: Counter, "tempest_source_timed_out", [], "Roots that did not complete within message_timeout (each attempt counts).";
-    SOURCE_DEAD_LETTERED: Counter, "tempest_source_dead_lettered", [], "Roots handed to the source's fail after the failure policy gave up.";
-    SOURCE_RETRIED: Counter, "tempest_source_retried", [], "Root replays scheduled by the retry policy.";
-    SOURCE_ERRORS: Counter, "tempest_source_errors", [], "Errors from the source (connect, poll, ack, fail).";
-    SOURCE_HEALTHY: Gauge, "tempest_source_healthy", [], "1 while the source reports healthy, 0 otherwise.";
-    ROOTS_IN_FLIGHT: Gauge, "tempest_roots_in_flight", [], "Roots admitted and not yet completed, failed or timed out.";
-    ROOT_COMPLETE_LATENCY: Histogram, "tempest_root_complete_latency", [], "Time from admitting a root to acking it (microseconds).";
-    ROOTS_LOST: Counter, "tempest_roots_lost", [], "Roots replayed at once because a worker that held or had been sent their messages was lost (or a peer link to it broke).";
+    SOURCE_POLLED: Counter, "tempest_source_polled", ["source"], "Messages polled from the source (roots admitted).";
+    SOURCE_ACKED: Counter, "tempest_source_acked", ["source"], "Roots whose tree completed and that were acked at the source.";
+    SOURCE_FAILED: Counter, "tempest_source_failed", ["source"], "Roots whose tree had an error (each attempt counts).";
+    SOURCE_TIMED_OUT: Counter, "tempest_source_timed_out", ["source"], "Roots that did not complete within message_timeout (each attempt counts).";
+    SOURCE_DEAD_LETTERED: Counter, "tempest_source_dead_lettered", ["source"], "Roots handed to the source's fail after the failure policy gave up.";
+    SOURCE_RETRIED: Counter, "tempest_source_retried", ["source"], "Root replays scheduled by the retry policy.";
+    SOURCE_ERRORS: Counter, "tempest_source_errors", ["source"], "Errors from the source (connect, poll, ack, fail).";
+    SOURCE_HEALTHY: Gauge, "tempest_source_healthy", ["source"], "1 while the source reports healthy, 0 otherwise.";
+    ROOTS_IN_FLIGHT: Gauge, "tempest_roots_in_flight", ["source"], "Roots admitted and not yet completed, failed or timed out.";
+    ROOT_COMPLETE_LATENCY: Histogram, "tempest_root_complete_latency", ["source"], "Time from admitting a root to acking it (microseconds).";
+    ROOTS_LOST: Counter, "tempest_roots_lost", ["source"], "Roots replayed at once because a worker that held or had been sent their messages was lost (or a peer link to it broke).";
     WORKER_CONNECTIONS: Gauge, "tempest_worker_connections", [], "Task worker connections open at the topology server.";
     WORKER_REJECTED: Counter, "tempest_worker_rejected", [], "Worker connections refused at the handshake (bad version, token, task, instance or layout) or by malformed frames.";
     PEER_LINKS: Gauge, "tempest_peer_links", ["direction"], "Peer links open at a process: `out` to the task instances it sends to, `in` from those that send to it.";
@@ -68,7 +68,8 @@ metrics! {
     TASK_HANDLE_LATENCY: Histogram, "tempest_task_handle_latency", ["task"], "Time in handle per message (microseconds; a batch's time spread over its messages).";
     TASK_QUEUE_DEPTH: Gauge, "tempest_task_queue_depth", ["task"], "Messages queued for the task and not yet sent to an instance (at the topology server: roots; at a worker: its output for that task).";
     TASK_BUSY: Counter, "tempest_task_busy_micros", ["task"], "Microseconds the task's instances spent in handle.";
-    PIPELINE_EDGE: Gauge, "tempest_pipeline_edge", ["from", "to", "grouping"], "1 for each edge of the pipeline, set at start (how dashboards draw the DAG; the source feeds the task no edge leads to).";
+    PIPELINE_EDGE: Gauge, "tempest_pipeline_edge", ["from", "to", "grouping"], "1 for each edge of the pipeline, set at start (how dashboards draw the DAG; `tempest_pipeline_source_edge` gives the sources' edges).";
+    PIPELINE_SOURCE_EDGE: Gauge, "tempest_pipeline_source_edge", ["source", "to"], "1 for each edge from a source to a task it feeds, set at start (how dashboards draw the sources).";
     TASK_CAPACITY: Gauge, "tempest_task_capacity", ["task"], "Fraction of the last interval the task's instances were busy (Storm's capacity).";
 }
 
