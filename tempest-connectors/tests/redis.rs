@@ -937,6 +937,80 @@ fn a_broker_restarted_mid_stream_loses_nothing() {
     assert_eq!(pending(&url, "s", "tempest"), Some(0));
 }
 
+/// Two sources in one topology, each on its own broker; one broker is
+/// killed: the other source's roots keep flowing, the stopped one is
+/// unhealthy in the metrics (and healthy again once its broker is back).
+#[test]
+fn two_sources_one_broker_stopped_the_other_flows_on() {
+    let mut orders_broker = server();
+    let refunds_broker = server();
+    let (ou, ru) = (orders_broker.url(), refunds_broker.url());
+    add_entries(&ou, "orders", "o", 200);
+    add_entries(&ru, "refunds", "r", 200);
+    let seen = Seen::default();
+    let topology = Topology::builder("two-brokers")
+        .named_source(
+            "orders",
+            RedisStreamSource::new(config(&orders_broker, "orders")),
+        )
+        .named_source(
+            "refunds",
+            RedisStreamSource::new(config(&refunds_broker, "refunds")),
+        )
+        .pipeline(
+            recording_pipeline(&seen, Duration::ZERO)
+                .edge_from_source("orders", "parse")
+                .edge_from_source("refunds", "parse"),
+        )
+        .grace_period(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let run = Running::start(topology);
+    let healthy = |source: &str| {
+        run.registry
+            .snapshot()
+            .gauge("tempest_source_healthy", &[("source", source)])
+    };
+    wait_until("both streams are handled", WAIT, || seen.distinct() == 400);
+
+    orders_broker.kill();
+    add_entries(&ru, "refunds", "after", 300);
+    wait_until("refunds flow on while orders' broker is down", WAIT, || {
+        seen.distinct() == 700
+    });
+    wait_until("every refund is acked", WAIT, || {
+        pending(&ru, "refunds", "tempest") == Some(0)
+    });
+    wait_until("orders is unhealthy in the metrics", WAIT, || {
+        healthy("orders") == Some(0.0)
+    });
+    assert_eq!(healthy("refunds"), Some(1.0));
+    let errors = run
+        .registry
+        .snapshot()
+        .counter("tempest_source_errors", &[("source", "orders")]);
+    assert!(errors >= 1, "orders' errors are counted");
+
+    orders_broker.restart().unwrap();
+    add_entries(&ou, "orders", "late", 50);
+    wait_until("orders flows again once its broker is back", WAIT, || {
+        seen.distinct() == 750
+    });
+    wait_until("orders is healthy again", WAIT, || {
+        healthy("orders") == Some(1.0)
+    });
+    let report = run.stop();
+    assert_eq!(
+        report
+            .metrics
+            .counter("tempest_source_acked", &[("source", "refunds")]),
+        500
+    );
+    for i in 0..50 {
+        assert!(seen.get(&format!("late{i}")) >= 1, "late{i} lost");
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Configuration
 
