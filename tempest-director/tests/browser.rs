@@ -378,6 +378,11 @@ async fn session(c: &Client, base: &str, archive: &Path, hash: &str, token: &str
     let live = text(c, "#live-status").await.unwrap_or_default();
     assert!(live.starts_with("live"), "{live}");
     assert!(c.find(Locator::Css("#dag #dag-task-count")).await.is_ok());
+    // Its one unnamed source, named `default`, feeds the pipeline.
+    assert!(c
+        .find(Locator::Css("#dag #dag-source-default"))
+        .await
+        .is_ok());
     until(c, "the throughput chart drawn", WAIT, || async {
         let svg = c
             .find(Locator::Css("#throughput-chart"))
