@@ -1152,7 +1152,7 @@ fn topology_toml_selects_kind_kafka_and_its_errors_name_the_file_line_and_key() 
     )
     .unwrap();
     file.apply(&mut t).unwrap();
-    assert!(t.source.is_some());
+    assert!(t.has_source(tempest_core::DEFAULT_SOURCE));
 }
 
 #[test]
