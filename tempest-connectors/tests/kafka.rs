@@ -657,9 +657,12 @@ fn a_rebalance_commits_what_completed_and_hands_what_was_in_flight_to_the_new_ow
         }
         by
     };
+    // The records in flight are never acked within this grace.
+    let grace = Duration::from_millis(1_500);
     block_on(async {
         let mut a = KafkaSource::new(KafkaSourceConfig {
             poll_ms: 20,
+            revoke_grace_ms: grace.as_millis() as u64,
             ..config(&server, "rb", group)
         });
         let a_stats = a.kafka_stats();
@@ -691,6 +694,9 @@ fn a_rebalance_commits_what_completed_and_hands_what_was_in_flight_to_the_new_ow
         b.connect().await.unwrap();
         let (mut a_again, mut b_got) = (Vec::new(), Vec::new());
         let deadline = Instant::now() + WAIT;
+        // When the group revokes a's partitions, a waits out its grace
+        // (nothing it holds is acked) before it lets them go.
+        let (mut grace_began, mut grace_ended) = (None, None);
         while !(a.assignment().len() == 2
             && b.assignment().len() == 2
             && a_again.len() == 14
@@ -707,10 +713,26 @@ fn a_rebalance_commits_what_completed_and_hands_what_was_in_flight_to_the_new_ow
             if let Polled::Msgs(m) = a.poll(100).await.unwrap() {
                 a_again.extend(m);
             }
+            match (a.revoking().is_empty(), grace_began) {
+                (false, None) => grace_began = Some(Instant::now()),
+                (true, Some(_)) if grace_ended.is_none() => grace_ended = Some(Instant::now()),
+                _ => {}
+            }
             if let Polled::Msgs(m) = b.poll(100).await.unwrap() {
+                assert!(
+                    grace_ended.is_some(),
+                    "b read a partition while a was in its grace"
+                );
                 b_got.extend(m);
             }
         }
+        let waited = grace_ended.unwrap() - grace_began.expect("a waited in a grace");
+        assert!(
+            waited >= grace - Duration::from_millis(200),
+            "the grace ended after {waited:?}, before {grace:?}"
+        );
+        assert_eq!(a_stats.graces_expired(), 1);
+        assert_eq!(a_stats.completed_in_grace(), 0);
         assert!(a_stats.revoked() >= 4);
         assert_eq!(a_stats.dropped_in_flight(), 4 * 6, "3 and 5..9 of each");
         assert_eq!(a_stats.left_uncommitted(), 4 * 7, "3..9 of each");
@@ -738,6 +760,239 @@ fn a_rebalance_commits_what_completed_and_hands_what_was_in_flight_to_the_new_ow
         a.shutdown().await.unwrap();
         b.shutdown().await.unwrap();
     });
+}
+
+/// A second member joins while the first holds records in flight; the
+/// first acks them within its revocation grace. The group does not hand
+/// the partitions over before the first lets them go, its commits include
+/// those records, and neither member reads them again.
+#[test]
+fn records_acked_within_the_revocation_grace_are_committed_and_not_read_again() {
+    let server = server();
+    let bootstrap = server.bootstrap();
+    create_topic(&bootstrap, "grace", 4);
+    for p in 0..4 {
+        produce(&bootstrap, "grace", &format!("p{p}-"), 10, Some(p));
+    }
+    let group = "grace-group";
+    let member = |grace_ms: u64| {
+        KafkaSource::new(KafkaSourceConfig {
+            poll_ms: 20,
+            revoke_grace_ms: grace_ms,
+            ..config(&server, "grace", group)
+        })
+    };
+    block_on(async {
+        // A grace far longer than the test needs: it must end at the acks.
+        let mut a = member(60_000);
+        let a_stats = a.kafka_stats();
+        a.connect().await.unwrap();
+        let first = poll_n(&mut a, 40).await;
+        // Per partition, 0..5 are done and 5..10 in flight.
+        let (mut done, mut in_flight) = (Vec::new(), Vec::new());
+        for m in &first {
+            let (_, _, o) = a.position(m.id).unwrap();
+            if o < 5 {
+                done.push(m.id);
+            } else {
+                in_flight.push(m.id);
+            }
+        }
+        assert_eq!(in_flight.len(), 20);
+        a.ack(&done).await.unwrap();
+        wait_until("the watermarks are committed", WAIT, || {
+            committed(&bootstrap, group, "grace", 4) == Some(vec![5; 4])
+        });
+
+        // b joins: the group revokes a's partitions, and a waits for its
+        // records in flight, admitting nothing.
+        let mut b = member(60_000);
+        b.connect().await.unwrap();
+        let deadline = Instant::now() + WAIT;
+        while a.revoking().is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "a's partitions were never revoked"
+            );
+            assert!(matches!(a.poll(100).await.unwrap(), Polled::Idle));
+            assert!(matches!(b.poll(100).await.unwrap(), Polled::Idle));
+        }
+        assert_eq!(a.revoking().len(), 4);
+        let began = Instant::now();
+        // While a waits, the group gives b nothing.
+        while began.elapsed() < Duration::from_secs(1) {
+            assert!(matches!(a.poll(100).await.unwrap(), Polled::Idle));
+            assert!(matches!(b.poll(100).await.unwrap(), Polled::Idle));
+            assert!(b.assignment().is_empty(), "{:?}", b.assignment());
+        }
+        assert_eq!(
+            a.revoking().len(),
+            4,
+            "the grace ended with records in flight"
+        );
+        assert_eq!(committed(&bootstrap, group, "grace", 4), Some(vec![5; 4]));
+
+        // a's records complete within the grace: the revocation ends at
+        // that ack, commits them and lets the partitions go.
+        a.ack(&in_flight).await.unwrap();
+        assert!(
+            a.revoking().is_empty(),
+            "the revocation did not end at the acks"
+        );
+        assert_eq!(a_stats.completed_in_grace(), 20);
+        assert_eq!(a_stats.graces_expired(), 0);
+        assert_eq!(a_stats.dropped_in_flight(), 0);
+        assert_eq!(a_stats.left_uncommitted(), 0);
+        assert_eq!(a_stats.stale_acks(), 0);
+
+        // The split: each member resumes at the new commits. One marker per
+        // partition, produced after the split, is the first record either
+        // reads (a partition's records come in order): nothing is read again.
+        let mut got: Vec<(i32, String)> = Vec::new();
+        let deadline = Instant::now() + WAIT;
+        while !(a.assignment().len() == 2 && b.assignment().len() == 2) {
+            assert!(
+                Instant::now() < deadline,
+                "no split: a has {:?}, b has {:?}",
+                a.assignment(),
+                b.assignment()
+            );
+            for s in [&mut a, &mut b] {
+                if let Polled::Msgs(m) = s.poll(100).await.unwrap() {
+                    got.extend(
+                        m.iter()
+                            .map(|m| (0, m.msg.payload_str().unwrap().to_owned())),
+                    );
+                }
+            }
+        }
+        assert!(got.is_empty(), "read again after the split: {got:?}");
+        // librdkafka rejoined only once the commit at the revocation was
+        // answered: it is there.
+        assert_eq!(committed(&bootstrap, group, "grace", 4), Some(vec![10; 4]));
+        for p in 0..4 {
+            produce(&bootstrap, "grace", &format!("marker{p}-"), 1, Some(p));
+        }
+        let mut acks: Vec<(usize, SourceId)> = Vec::new();
+        let deadline = Instant::now() + WAIT;
+        while got.len() < 4 {
+            assert!(Instant::now() < deadline, "markers read: {got:?}");
+            for (i, s) in [&mut a, &mut b].into_iter().enumerate() {
+                if let Polled::Msgs(m) = s.poll(100).await.unwrap() {
+                    for m in m {
+                        let (_, p, _) = s.position(m.id).unwrap();
+                        got.push((p, m.msg.payload_str().unwrap().to_owned()));
+                        acks.push((i, m.id));
+                    }
+                }
+            }
+        }
+        got.sort();
+        assert_eq!(
+            got,
+            (0..4)
+                .map(|p| (p, format!("marker{p}-0")))
+                .collect::<Vec<_>>(),
+            "only the markers"
+        );
+        for (i, s) in [&mut a, &mut b].into_iter().enumerate() {
+            let ids: Vec<SourceId> = acks.iter().filter(|a| a.0 == i).map(|a| a.1).collect();
+            s.ack(&ids).await.unwrap();
+        }
+        wait_until("the markers are committed", WAIT, || {
+            committed(&bootstrap, group, "grace", 4) == Some(vec![11; 4])
+        });
+        a.shutdown().await.unwrap();
+        b.shutdown().await.unwrap();
+    });
+}
+
+/// Two standalone runs share a group: the second starts mid-stream, and the
+/// first's roots in flight at the revocation complete within its grace, so
+/// no record is handled twice and none is lost. (Records take 5 ms each on
+/// two workers, so that the first is still busy when the second joins.)
+#[test]
+fn a_member_joining_mid_stream_takes_over_without_duplicates() {
+    let server = server();
+    let bootstrap = server.bootstrap();
+    create_topic(&bootstrap, "join", 4);
+    let n = 4_000;
+    produce(&bootstrap, "join", "m", n, None);
+    let ends = end_offsets(&bootstrap, "join", 4);
+    assert!(ends.iter().all(|&e| e > 0), "{ends:?}");
+
+    let seen = Seen::default();
+    let run = |name: &str| {
+        let source = KafkaSource::new(KafkaSourceConfig {
+            batch_size: 100,
+            ..config(&server, "join", "join-group")
+        });
+        let stats = (source.stats(), source.kafka_stats());
+        let topology = Topology::builder(name)
+            .source(source)
+            .pipeline(recording_pipeline(&seen, Duration::from_millis(5)))
+            .max_pending(200)
+            .batch_size(100)
+            .grace_period(Duration::from_secs(10))
+            .build()
+            .unwrap();
+        (Running::start(topology), stats)
+    };
+    let (a, (a_stats, a_kafka)) = run("join-a");
+    wait_until("a has handled some records", WAIT, || {
+        seen.distinct() >= 400
+    });
+    let (b, (b_stats, b_kafka)) = run("join-b");
+    wait_until("every record is handled", WAIT, || seen.distinct() == n);
+    wait_until("everything is committed", WAIT, || {
+        committed(&bootstrap, "join-group", "join", 4).as_ref() == Some(&ends)
+    });
+    let (ra, rb) = (a.stop(), b.stop());
+    eprintln!(
+        "join mid-stream: a emitted {} (completed in grace {}, graces expired {}, skipped {}), \
+         b emitted {}; {} handled",
+        a_stats.emitted(),
+        a_kafka.completed_in_grace(),
+        a_kafka.graces_expired(),
+        a_kafka.skipped_revoking(),
+        b_stats.emitted(),
+        seen.total()
+    );
+    assert!(a_kafka.revoked() >= 4, "a's partitions were never revoked");
+    assert!(
+        a_kafka.completed_in_grace() > 0,
+        "nothing was in flight at the revocation"
+    );
+    assert!(
+        b_kafka.assigned() >= 1 && b_stats.emitted() > 0,
+        "b took nothing"
+    );
+    assert_eq!(a_kafka.graces_expired(), 0);
+    assert_eq!(a_kafka.dropped_in_flight(), 0);
+    assert_eq!(seen.total(), n, "a record was handled twice");
+    assert_eq!(ra.acked() + rb.acked(), n as u64);
+}
+
+#[test]
+fn the_revocation_grace_is_at_most_the_topologys_grace_period() {
+    let source = |ms: u64| {
+        KafkaSource::new(KafkaSourceConfig {
+            revoke_grace_ms: ms,
+            ..KafkaSourceConfig::new("h:9092", ["t"])
+        })
+    };
+    assert_eq!(source(5_000).revoke_grace(), Duration::from_secs(5));
+    let mut settings = tempest_core::Settings::new("t");
+    settings.grace_period = Duration::from_secs(2);
+    let mut s = source(5_000);
+    block_on(s.configure(&settings)).unwrap();
+    assert_eq!(s.revoke_grace(), Duration::from_secs(2), "capped");
+    let mut s = source(1_500);
+    block_on(s.configure(&settings)).unwrap();
+    assert_eq!(s.revoke_grace(), Duration::from_millis(1_500));
+    let mut s = source(0);
+    block_on(s.configure(&settings)).unwrap();
+    assert_eq!(s.revoke_grace(), Duration::ZERO);
 }
 
 // ---------------------------------------------------------------------------
@@ -1020,6 +1275,7 @@ fn every_key_is_read_and_defaults_apply() {
         dead_letter_topic = "dead"
         batch_size = 1000
         poll_ms = 0
+        revoke_grace_ms = 2500
         format = "record"
         [properties]
         "security.protocol" = "sasl_plaintext"
@@ -1039,6 +1295,7 @@ fn every_key_is_read_and_defaults_apply() {
     assert_eq!(c.auto_offset_reset, OffsetReset::Latest);
     assert_eq!(c.dead_letter_topic_for("a"), "dead");
     assert_eq!((c.batch_size, c.poll_ms), (1000, 0));
+    assert_eq!(c.revoke_grace_ms, 2500);
     assert_eq!(c.format, RecordFormat::Record);
     assert_eq!(c.properties.len(), 6);
 
@@ -1050,6 +1307,7 @@ fn every_key_is_read_and_defaults_apply() {
     assert_eq!(c.group, "tempest");
     assert_eq!(c.auto_offset_reset, OffsetReset::Earliest);
     assert_eq!((c.batch_size, c.poll_ms), (512, 100));
+    assert_eq!(c.revoke_grace_ms, 5000);
     assert_eq!(c.format, RecordFormat::Value);
     assert_eq!(c.dead_letter_topic_for("events-1"), "events-1.dead");
     assert_eq!(
@@ -1084,6 +1342,10 @@ fn config_errors_name_the_key() {
         ("dead_letter_topic = \"t\"", "dead_letter_topic"),
         ("dead_letter_topic = \"a b\"", "dead_letter_topic"),
         ("topics = \"t\"", "topics"),
+        ("revoke_grace_ms = \"soon\"", "revoke_grace_ms"),
+        ("revoke_grace_ms = -1", "revoke_grace_ms"),
+        ("revoke_grace_ms = 300001", "revoke_grace_ms"),
+        ("revoke_grac_ms = 5", "revoke_grac_ms"),
     ] {
         let text = if key == "topics" {
             format!("brokers = \"h:9092\"\n{extra}\n")
@@ -1127,6 +1389,16 @@ fn config_errors_name_the_key() {
     }
     let e = err(&format!("{base}[properties]\n\"group.id\" = \"x\"\n"));
     assert!(e.message.contains("use `group`"), "{e}");
+    // The grace must end before the broker gives up on the member.
+    let e = err(&format!(
+        "{base}revoke_grace_ms = 5000\n[properties]\n\"max.poll.interval.ms\" = 5000\n"
+    ));
+    assert_eq!(e.key.as_deref(), Some("revoke_grace_ms"), "{e}");
+    assert!(e.message.contains("max.poll.interval.ms"), "{e}");
+    assert!(KafkaSource::from_config(&table(&format!(
+        "{base}revoke_grace_ms = 4999\n[properties]\n\"max.poll.interval.ms\" = 5000\n"
+    )))
+    .is_ok());
 }
 
 #[test]
@@ -1144,6 +1416,19 @@ fn topology_toml_selects_kind_kafka_and_its_errors_name_the_file_line_and_key() 
     let errs = file.apply(&mut t).unwrap_err().0;
     assert_eq!(errs.len(), 1, "{errs:?}");
     assert_eq!(errs[0].key.as_deref(), Some("source.config.poll_ms"));
+    assert_eq!(errs[0].line, Some(6));
+
+    let file = TopologyFile::parse(
+        "[source]\nkind = \"kafka\"\n[source.config]\nbrokers = \"h:9092\"\ntopics = [\"t\"]\nrevoke_grace_ms = 1000000\n",
+        None,
+    )
+    .unwrap();
+    let errs = file.apply(&mut t).unwrap_err().0;
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert_eq!(
+        errs[0].key.as_deref(),
+        Some("source.config.revoke_grace_ms")
+    );
     assert_eq!(errs[0].line, Some(6));
 
     let file = TopologyFile::parse(

@@ -13,6 +13,12 @@ pub const MAX_BATCH_SIZE: usize = 1_000_000;
 /// runtime can ack and sweep.
 pub const MAX_POLL_MS: u64 = 60_000;
 
+/// The longest `revoke_grace_ms` accepted: librdkafka's default
+/// `max.poll.interval.ms`, the rebalance timeout a Kafka broker gives a
+/// member to rejoin (a member still waiting past it is dropped from the
+/// group, and its commits refused).
+pub const MAX_REVOKE_GRACE_MS: u64 = 300_000;
+
 /// librdkafka properties the source sets itself: a `properties` entry for
 /// one of them is an error (the key of the source's own table is named).
 const OWN_PROPERTIES: &[(&str, &str)] = &[
@@ -43,6 +49,9 @@ const OWN_PROPERTIES: &[(&str, &str)] = &[
 /// # dead_letter_topic = "sentences.dead" # default: "<topic of the record>.dead"
 /// batch_size = 512                       # the most records one poll returns
 /// poll_ms = 100                          # how long a poll waits for the first record
+/// revoke_grace_ms = 5000                 # how long a revoked partition's records in flight
+///                                        # may take to complete before its commit (at most
+///                                        # the topology's grace_period)
 /// format = "value"                       # "value": the payload is the record's value;
 ///                                        # "record": a KafkaRecord with headers and timestamp
 /// [source.config.properties]             # passed to librdkafka as they are: security and tuning
@@ -83,6 +92,16 @@ pub struct KafkaSourceConfig {
     /// 100); the rest of a batch is what has already arrived.
     #[serde(default = "default_poll_ms")]
     pub poll_ms: u64,
+    /// How long, in milliseconds, the records in flight from a partition
+    /// revoked by a rebalance may take to complete before the partition's
+    /// low watermark is committed and the partition let go (default 5000;
+    /// 0: at once). What completes within it is committed and not read
+    /// again by the partition's next owner; what does not is read again.
+    /// Never longer than the topology's `grace_period` (see
+    /// [`super::KafkaSource`]), and at most [`MAX_REVOKE_GRACE_MS`] (and
+    /// less than `max.poll.interval.ms` when that is set in `properties`).
+    #[serde(default = "default_revoke_grace_ms")]
+    pub revoke_grace_ms: u64,
     /// What a root's payload is: the record's value (default), or the whole
     /// record with its topic, partition, offset, timestamp and headers
     /// ([`super::KafkaRecord::decode`] reads it back in a task).
@@ -140,6 +159,9 @@ fn default_batch_size() -> usize {
 fn default_poll_ms() -> u64 {
     100
 }
+fn default_revoke_grace_ms() -> u64 {
+    5_000
+}
 
 impl KafkaSourceConfig {
     /// The defaults for `topics` on the brokers `brokers`.
@@ -167,6 +189,7 @@ impl KafkaSourceConfig {
             dead_letter_topic: None,
             batch_size: default_batch_size(),
             poll_ms: default_poll_ms(),
+            revoke_grace_ms: default_revoke_grace_ms(),
             format: RecordFormat::default(),
             properties: BTreeMap::new(),
         }
@@ -246,6 +269,33 @@ impl KafkaSourceConfig {
                     self.poll_ms
                 ),
             ));
+        }
+        if self.revoke_grace_ms > MAX_REVOKE_GRACE_MS {
+            return Err(ConfigError::at_key(
+                "revoke_grace_ms",
+                format!(
+                    "must be at most {MAX_REVOKE_GRACE_MS}, not {} (past librdkafka's default \
+                     max.poll.interval.ms, the broker drops a member that has not rejoined)",
+                    self.revoke_grace_ms
+                ),
+            ));
+        }
+        if let Some(interval) = self
+            .properties
+            .get("max.poll.interval.ms")
+            .and_then(|v| property_value(v).ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+        {
+            if self.revoke_grace_ms >= interval {
+                return Err(ConfigError::at_key(
+                    "revoke_grace_ms",
+                    format!(
+                        "must be less than properties.\"max.poll.interval.ms\" ({interval}), not {} \
+                         (the broker drops a member that has not rejoined within it)",
+                        self.revoke_grace_ms
+                    ),
+                ));
+            }
         }
         for (name, value) in &self.properties {
             let key = format!("properties.\"{name}\"");

@@ -4,17 +4,18 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
 use rdkafka::config::{FromClientConfigAndContext, RDKafkaLogLevel};
 use rdkafka::consumer::{
-    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer,
 };
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tempest_core::source::SOURCE_CONSUMER_ENV;
 use tempest_core::sources::SourceStats;
@@ -33,6 +34,14 @@ const METADATA_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// How long writing a record to the dead-letter topic may take.
 const DEAD_LETTER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How often every assigned partition's low watermark is committed again,
+/// changed or not. librdkafka reports nothing of an asynchronous commit
+/// made with `rd_kafka_commit` (rdkafka sets no `offset_commit_cb`), so a
+/// commit lost to a broker outage would otherwise stay lost until the
+/// partition's watermark moves again: at the end of a stream, never. (The
+/// Java client's auto-commit does the same, every 5 s.)
+const RECOMMIT_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Headers added to a dead-lettered record (after its own).
 pub const REASON_HEADER: &str = "tempest.reason";
@@ -57,6 +66,9 @@ struct KafkaCounters {
     revoked: AtomicU64,
     dropped_in_flight: AtomicU64,
     left_uncommitted: AtomicU64,
+    completed_in_grace: AtomicU64,
+    graces_expired: AtomicU64,
+    skipped_revoking: AtomicU64,
     stale_acks: AtomicU64,
     dead_lettered: AtomicU64,
 }
@@ -71,8 +83,11 @@ impl KafkaStats {
     pub fn commits(&self) -> u64 {
         self.inner.commits.load(Ordering::Relaxed)
     }
-    /// Commits the broker refused or that could not be sent (the offsets
-    /// are committed again with the next ack or poll).
+    /// Commits that could not be sent (the offsets are committed again
+    /// with the next ack or poll). A commit sent and then refused or lost
+    /// is not seen here (librdkafka reports nothing of an asynchronous
+    /// commit to this client): every partition's watermark is committed
+    /// again every 5 s instead.
     pub fn commit_errors(&self) -> u64 {
         self.inner.commit_errors.load(Ordering::Relaxed)
     }
@@ -84,16 +99,32 @@ impl KafkaStats {
     pub fn revoked(&self) -> u64 {
         self.inner.revoked.load(Ordering::Relaxed)
     }
-    /// Records in flight when their partition was revoked: left uncommitted
-    /// for the partition's next owner to read again.
+    /// Records still in flight when their partition was let go (after the
+    /// revocation's grace): left uncommitted for the partition's next owner
+    /// to read again.
     pub fn dropped_in_flight(&self) -> u64 {
         self.inner.dropped_in_flight.load(Ordering::Relaxed)
     }
     /// Records handed out and not under the committed watermark when their
-    /// partition was revoked (in flight, or done after one in flight):
+    /// partition was let go (in flight, or done after one in flight):
     /// what the partition's next owner reads again.
     pub fn left_uncommitted(&self) -> u64 {
         self.inner.left_uncommitted.load(Ordering::Relaxed)
+    }
+    /// Records in flight when their partition was revoked that completed
+    /// within the revocation's grace: committed here, not read again by
+    /// the partition's next owner.
+    pub fn completed_in_grace(&self) -> u64 {
+        self.inner.completed_in_grace.load(Ordering::Relaxed)
+    }
+    /// Revocations whose grace ran out with records still in flight.
+    pub fn graces_expired(&self) -> u64 {
+        self.inner.graces_expired.load(Ordering::Relaxed)
+    }
+    /// Records received from a partition while it was being revoked (in
+    /// its grace): not admitted, its next owner reads them.
+    pub fn skipped_revoking(&self) -> u64 {
+        self.inner.skipped_revoking.load(Ordering::Relaxed)
     }
     /// Acks of records whose partition was revoked since they were read
     /// (ignored: the next owner reads them again).
@@ -128,6 +159,33 @@ struct Part {
     /// unknown (a commit failed), so the next commit is sent anyway.
     committed: i64,
     held: HashMap<i64, Held>,
+    /// Records released (policy `none`): in flight for good, nobody acks
+    /// them, so a revocation does not wait for them.
+    released: usize,
+    /// Revoked by the group, waiting for its records in flight (the
+    /// grace): nothing more is admitted from it.
+    revoking: bool,
+}
+
+impl Part {
+    /// Records in flight that an ack or a fail may still complete.
+    fn awaited(&self) -> usize {
+        self.watermark
+            .as_ref()
+            .map_or(0, |w| w.in_flight().saturating_sub(self.released))
+    }
+}
+
+/// A revocation in its grace: the group took these partitions away, and
+/// librdkafka waits (the partitions paused, the member heartbeating) until
+/// the source lets them go with `unassign` / `incremental_unassign`.
+struct Revocation {
+    /// The revoked partitions, by slot.
+    slots: Vec<u32>,
+    started: Instant,
+    deadline: Instant,
+    /// What was awaited when the revocation began.
+    awaited: usize,
 }
 
 /// The source's book of partitions, shared with the consumer's callbacks
@@ -141,6 +199,17 @@ struct Book {
     /// The partitions assigned now, by slot.
     parts: Vec<Option<Part>>,
     next_epoch: u32,
+    /// The grace of a revocation (`revoke_grace_ms`, at most the
+    /// topology's grace period once configured).
+    grace: Duration,
+    /// The revocation in its grace, if any.
+    revocation: Option<Revocation>,
+    /// Set when the consumer is being closed: a revocation then lets go at
+    /// once (closing waits for it, and nothing will ack any more).
+    closing: bool,
+    /// When every partition's watermark is committed again
+    /// ([`RECOMMIT_INTERVAL`]).
+    recommit_at: Option<Instant>,
 }
 
 impl Book {
@@ -176,19 +245,85 @@ impl Book {
                 watermark: None,
                 committed: -1,
                 held: HashMap::new(),
+                released: 0,
+                revoking: false,
             });
         }
         KafkaStats::add(&stats.inner.assigned, tpl.count());
     }
 
-    /// Forgets the revoked partitions, returning the commits of what
-    /// completed in them.
-    fn revoke(&mut self, tpl: &TopicPartitionList, stats: &KafkaStats) -> TopicPartitionList {
+    /// Starts the grace of a revocation of `tpl`: its partitions admit
+    /// nothing more, and the source waits for their records in flight.
+    fn begin_revocation(&mut self, tpl: &TopicPartitionList, now: Instant) {
+        let slots = self.slots_of(tpl);
+        for &slot in &slots {
+            if let Some(part) = self.parts[slot as usize].as_mut() {
+                part.revoking = true;
+            }
+        }
+        let mut r = Revocation {
+            slots,
+            started: now,
+            deadline: now + self.grace,
+            awaited: 0,
+        };
+        r.awaited = self.awaited(&r);
+        self.revocation = Some(r);
+    }
+
+    /// The slots of the partitions of `tpl`.
+    fn slots_of(&mut self, tpl: &TopicPartitionList) -> Vec<u32> {
+        tpl.elements()
+            .iter()
+            .map(|e| self.slot(e.topic(), e.partition()))
+            .collect()
+    }
+
+    /// What the revocation in its grace still waits for.
+    fn awaited(&self, revocation: &Revocation) -> usize {
+        revocation
+            .slots
+            .iter()
+            .filter_map(|&slot| self.parts.get(slot as usize)?.as_ref())
+            .map(Part::awaited)
+            .sum()
+    }
+
+    /// The revocation in its grace, taken when it is over: nothing awaited
+    /// any more, or its deadline passed (`force`: whatever the state).
+    /// Returns it with what it still waits for.
+    fn revocation_over(&mut self, now: Instant, force: bool) -> Option<(Revocation, usize)> {
+        let r = self.revocation.as_ref()?;
+        let awaited = self.awaited(r);
+        if force || awaited == 0 || now >= r.deadline {
+            self.revocation.take().map(|r| (r, awaited))
+        } else {
+            None
+        }
+    }
+
+    /// The slots of every partition assigned now.
+    fn assigned_slots(&self) -> Vec<u32> {
+        (0..self.parts.len() as u32)
+            .filter(|&s| self.parts[s as usize].is_some())
+            .collect()
+    }
+
+    /// Forgets the revoked partitions (`slots`), returning them and the
+    /// commits of what completed in them.
+    fn revoke(
+        &mut self,
+        slots: &[u32],
+        stats: &KafkaStats,
+    ) -> (TopicPartitionList, TopicPartitionList) {
+        let mut revoked = TopicPartitionList::new();
         let mut commits = TopicPartitionList::new();
-        for e in tpl.elements() {
-            let Some(slot) = self.find(e.topic(), e.partition()) else {
-                continue;
+        for &slot in slots {
+            let (topic, partition) = match self.slots.get(slot as usize) {
+                Some((t, p)) => (t.clone(), *p),
+                None => continue,
             };
+            revoked.add_partition(&topic, partition);
             let Some(part) = self.parts[slot as usize].take() else {
                 continue;
             };
@@ -199,16 +334,13 @@ impl Book {
                     w.in_flight() + w.done_past_low(),
                 );
                 if w.low() != part.committed {
-                    let _ = commits.add_partition_offset(
-                        e.topic(),
-                        e.partition(),
-                        Offset::Offset(w.low()),
-                    );
+                    let _ =
+                        commits.add_partition_offset(&topic, partition, Offset::Offset(w.low()));
                 }
             }
         }
-        KafkaStats::add(&stats.inner.revoked, tpl.count());
-        commits
+        KafkaStats::add(&stats.inner.revoked, slots.len());
+        (revoked, commits)
     }
 
     /// The commits due: partitions whose watermark passed what was
@@ -228,6 +360,32 @@ impl Book {
             }
         }
         tpl
+    }
+
+    /// Every partition's low watermark (the partitions read from), due or
+    /// not: what [`RECOMMIT_INTERVAL`] sends again. They count as
+    /// committed from now on.
+    fn lows(&mut self) -> Option<TopicPartitionList> {
+        for part in self.parts.iter_mut().flatten() {
+            part.committed = -1;
+        }
+        self.due()
+    }
+
+    /// The commits to send now: those due, or, every
+    /// [`RECOMMIT_INTERVAL`], every partition's low watermark.
+    fn commits_now(&mut self, now: Instant) -> Option<TopicPartitionList> {
+        match self.recommit_at {
+            Some(at) if now >= at => {
+                self.recommit_at = Some(now + RECOMMIT_INTERVAL);
+                self.lows()
+            }
+            Some(_) => self.due(),
+            None => {
+                self.recommit_at = Some(now + RECOMMIT_INTERVAL);
+                self.due()
+            }
+        }
     }
 
     /// A commit failed: these partitions are committed again next time.
@@ -285,37 +443,27 @@ impl ClientContext for Context {
 }
 
 impl ConsumerContext for Context {
-    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        let Rebalance::Revoke(tpl) = rebalance else {
-            return;
-        };
-        let commits = lock(&self.book).revoke(tpl, &self.stats);
-        tracing::info!(
-            group = %self.group,
-            partitions = tpl.count(),
-            "partitions revoked: committing what completed, leaving the rest for the next owner"
-        );
-        if commits.count() == 0 {
-            return;
-        }
-        if consumer.assignment_lost() {
-            tracing::warn!(
-                group = %self.group,
-                "the assignment was lost (session timed out): its offsets cannot be committed"
-            );
-            return;
-        }
-        KafkaStats::add(&self.stats.inner.commits, 1);
-        // Synchronous, so the next owner reads from here.
-        if let Err(e) = consumer.commit(&commits, CommitMode::Sync) {
-            KafkaStats::add(&self.stats.inner.commit_errors, 1);
-            tracing::warn!(group = %self.group, "commit at revocation failed: {e}");
-        }
-    }
-
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        match rebalance {
-            Rebalance::Assign(tpl) => {
+    /// Replaces rdkafka's default (assign or unassign at once): an
+    /// assignment is taken at once, but a revocation may wait for its
+    /// grace, ended by [`settle_revocation`] from a later poll or ack.
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        // librdkafka starts no rebalance before the last revocation was let
+        // go; should one come anyway, the last one ends now.
+        settle_revocation(consumer, &self.book, &self.stats, &self.group, true);
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let taken = match consumer.rebalance_protocol() {
+                    RebalanceProtocol::Cooperative => consumer.incremental_assign(tpl),
+                    _ => consumer.assign(tpl),
+                };
+                if let Err(e) = taken {
+                    tracing::warn!(group = %self.group, "taking the assignment: {e}");
+                }
                 lock(&self.book).assign(tpl, &self.stats);
                 let names: Vec<String> = tpl
                     .elements()
@@ -324,17 +472,147 @@ impl ConsumerContext for Context {
                     .collect();
                 tracing::info!(group = %self.group, partitions = ?names, "partitions assigned");
             }
-            Rebalance::Error(e) => tracing::warn!(group = %self.group, "rebalance: {e}"),
-            Rebalance::Revoke(_) => {}
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                let lost = consumer.assignment_lost();
+                let (waiting, grace, slots) = {
+                    let mut book = lock(&self.book);
+                    if lost || book.closing || book.grace.is_zero() {
+                        (0, book.grace, book.slots_of(tpl))
+                    } else {
+                        book.begin_revocation(tpl, Instant::now());
+                        match book.revocation_over(Instant::now(), false) {
+                            Some((r, _)) => (0, book.grace, r.slots),
+                            None => (
+                                book.revocation.as_ref().map_or(0, |r| r.awaited),
+                                book.grace,
+                                Vec::new(),
+                            ),
+                        }
+                    }
+                };
+                if waiting > 0 {
+                    tracing::info!(
+                        group = %self.group,
+                        partitions = tpl.count(),
+                        in_flight = waiting,
+                        ?grace,
+                        "partitions revoked: admitting nothing more from them, waiting for \
+                         their records in flight before committing"
+                    );
+                } else {
+                    if lost {
+                        tracing::warn!(
+                            group = %self.group,
+                            "the assignment was lost (session timed out): its offsets cannot \
+                             be committed, the next owner reads what was not"
+                        );
+                    } else {
+                        tracing::info!(
+                            group = %self.group,
+                            partitions = tpl.count(),
+                            "partitions revoked with nothing in flight: committing and letting \
+                             them go"
+                        );
+                    }
+                    let_go(consumer, &self.book, &self.stats, &self.group, &slots, lost);
+                }
+            }
+            other => {
+                let code: RDKafkaErrorCode = other.into();
+                tracing::warn!(group = %self.group, "rebalance: {code}");
+                // As rdkafka's default: let go of what the error names
+                // (everything, with the eager protocol).
+                let slots = {
+                    let mut book = lock(&self.book);
+                    match consumer.rebalance_protocol() {
+                        RebalanceProtocol::Cooperative => book.slots_of(tpl),
+                        _ => book.assigned_slots(),
+                    }
+                };
+                let lost = consumer.assignment_lost();
+                let_go(consumer, &self.book, &self.stats, &self.group, &slots, lost);
+            }
         }
     }
 
+    /// (Only called for commits that librdkafka reports on the consumer's
+    /// queue, which `commit(.., Async)` is not: see `RECOMMIT_INTERVAL`.)
     fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
         if let Err(e) = result {
             KafkaStats::add(&self.stats.inner.commit_errors, 1);
             lock(&self.book).commit_failed(offsets);
             tracing::warn!(group = %self.group, "commit failed (sent again with the next ack): {e}");
         }
+    }
+}
+
+/// Ends the revocation in its grace if it is over: nothing in flight any
+/// more in its partitions, or its deadline passed, or `force`. Then lets
+/// its partitions go ([`let_go`]). Returns whether it ended.
+///
+/// Called from the rebalance callback (which runs inside a poll of the
+/// consumer) and from the source's own poll, ack, fail and release, all on
+/// the source's task: librdkafka is only ever told from there.
+fn settle_revocation<C: Consumer<Context>>(
+    consumer: &C,
+    book: &Mutex<Book>,
+    stats: &KafkaStats,
+    group: &str,
+    force: bool,
+) -> bool {
+    let now = Instant::now();
+    let Some((r, left)) = lock(book).revocation_over(now, force) else {
+        return false;
+    };
+    let completed = r.awaited.saturating_sub(left);
+    KafkaStats::add(&stats.inner.completed_in_grace, completed);
+    if left > 0 {
+        KafkaStats::add(&stats.inner.graces_expired, 1);
+    }
+    tracing::info!(
+        %group,
+        partitions = r.slots.len(),
+        waited = ?now.saturating_duration_since(r.started),
+        completed,
+        left,
+        "revocation: committing what completed, leaving what is still in flight to the next owner"
+    );
+    let lost = consumer.assignment_lost();
+    let_go(consumer, book, stats, group, &r.slots, lost);
+    true
+}
+
+/// Lets the revoked partitions `slots` go: forgets them (later acks of
+/// their records are stale), commits what completed in them unless the
+/// assignment was `lost` (the group has given them away already), and
+/// tells librdkafka (`unassign`, or `incremental_unassign` with the
+/// cooperative protocol), which then rejoins the group.
+///
+/// The commit is asynchronous: librdkafka finishes an unassign, and only
+/// then rejoins, once the commits sent before it are answered, so the next
+/// owner reads from these offsets without this thread waiting.
+fn let_go<C: Consumer<Context>>(
+    consumer: &C,
+    book: &Mutex<Book>,
+    stats: &KafkaStats,
+    group: &str,
+    slots: &[u32],
+    lost: bool,
+) {
+    let (revoked, commits) = lock(book).revoke(slots, stats);
+    if commits.count() > 0 && !lost {
+        KafkaStats::add(&stats.inner.commits, 1);
+        if let Err(e) = consumer.commit(&commits, CommitMode::Async) {
+            KafkaStats::add(&stats.inner.commit_errors, 1);
+            tracing::warn!(%group, "commit at revocation failed: {e}");
+        }
+    }
+    let released = match consumer.rebalance_protocol() {
+        RebalanceProtocol::Cooperative => consumer.incremental_unassign(&revoked),
+        _ => consumer.unassign(),
+    };
+    if let Err(e) = released {
+        tracing::warn!(%group, "letting the revoked partitions go: {e}");
     }
 }
 
@@ -358,14 +636,18 @@ impl ConsumerContext for Context {
 /// they are handed out and completes them as they are acked, in any order,
 /// and the source commits its low watermark (the first offset not done),
 /// never an offset past a record still in flight. Commits are asynchronous
-/// and sent after each ack and poll whose watermark moved; a failed commit
-/// is sent again.
+/// and sent after each ack and poll whose watermark moved; every 5 s every
+/// partition's watermark is committed again, changed or not, so a commit
+/// lost to a broker outage is made good once the broker is back.
 ///
 /// **Rebalances.** When partitions are revoked the source stops admitting
-/// from them, commits (synchronously) what completed, and forgets them:
-/// records still in flight stay uncommitted and are read again by the next
-/// owner (their acks here are ignored). When partitions are assigned,
-/// reading resumes from the committed offset (or `auto_offset_reset`).
+/// from them and gives their records in flight a grace (`revoke_grace_ms`,
+/// at most the topology's `grace_period`) to complete; then it commits what
+/// completed and lets the partitions go. What did not complete stays
+/// uncommitted and is read again by the next owner (its acks here are
+/// ignored). See the module documentation for how the grace waits without
+/// blocking acks. When partitions are assigned, reading resumes from the
+/// committed offset (or `auto_offset_reset`).
 ///
 /// **Static membership.** When `properties` has no `group.instance.id`,
 /// it defaults to the environment variable [`SOURCE_CONSUMER_ENV`]
@@ -408,17 +690,66 @@ impl std::fmt::Debug for KafkaSource {
     }
 }
 
+impl Drop for KafkaSource {
+    fn drop(&mut self) {
+        // Dropping the consumer closes it, which waits for the revocation
+        // in its grace: that ends now, and any later one at once.
+        lock(&self.book).closing = true;
+        self.settle_revocation(true);
+    }
+}
+
 impl KafkaSource {
     /// A source with this configuration (checked at `configure`; nothing
     /// connects until `connect`).
     pub fn new(config: KafkaSourceConfig) -> Self {
+        let book = Book {
+            grace: Duration::from_millis(config.revoke_grace_ms),
+            ..Book::default()
+        };
         KafkaSource {
             config,
             consumer: None,
             dead_letters: None,
-            book: Arc::default(),
+            book: Arc::new(Mutex::new(book)),
             stats: SourceStats::new(),
             kafka_stats: KafkaStats::default(),
+        }
+    }
+
+    /// How long a revocation waits for the revoked partitions' records in
+    /// flight: `revoke_grace_ms`, and at most the topology's grace period
+    /// once [`Source::configure`]d.
+    pub fn revoke_grace(&self) -> Duration {
+        lock(&self.book).grace
+    }
+
+    /// The partitions revoked by the group and still in their grace
+    /// (waiting for their records in flight), as `(topic, partition)`.
+    pub fn revoking(&self) -> Vec<(String, i32)> {
+        let book = lock(&self.book);
+        let mut v: Vec<(String, i32)> = book
+            .revocation
+            .iter()
+            .flat_map(|r| r.slots.iter())
+            .filter_map(|&s| book.slots.get(s as usize))
+            .map(|(t, p)| (t.to_string(), *p))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Ends the revocation in its grace if it is over (see
+    /// [`settle_revocation`]).
+    fn settle_revocation(&self, force: bool) {
+        if let Some(consumer) = &self.consumer {
+            settle_revocation(
+                consumer.as_ref(),
+                &self.book,
+                &self.kafka_stats,
+                &self.config.group,
+                force,
+            );
         }
     }
 
@@ -480,12 +811,13 @@ impl KafkaSource {
         SourceError::transient(kind, format!("not connected to {}", self.config.brokers))
     }
 
-    /// Sends the commits due, asynchronously.
+    /// Sends the commits due, asynchronously (and every
+    /// [`RECOMMIT_INTERVAL`] every partition's low watermark again).
     fn commit_due(&self) {
         let Some(consumer) = &self.consumer else {
             return;
         };
-        let Some(tpl) = lock(&self.book).due() else {
+        let Some(tpl) = lock(&self.book).commits_now(Instant::now()) else {
             return;
         };
         KafkaStats::add(&self.kafka_stats.inner.commits, 1);
@@ -503,6 +835,11 @@ impl KafkaSource {
         let mut book = lock(&self.book);
         let slot = book.find(topic, partition)?;
         let part = book.parts[slot as usize].as_mut()?;
+        if part.revoking {
+            // In its grace: the next owner reads it.
+            KafkaStats::add(&self.kafka_stats.inner.skipped_revoking, 1);
+            return None;
+        }
         let watermark = match &mut part.watermark {
             Some(w) => w,
             None => {
@@ -619,9 +956,21 @@ impl Source for KafkaSource {
         self.config
             .validate()
             .map_err(|e| SourceError::config(format!("kafka source: {e}")))?;
+        let asked = Duration::from_millis(self.config.revoke_grace_ms);
+        let grace = asked.min(settings.grace_period);
+        if grace < asked {
+            tracing::info!(
+                group = %self.config.group,
+                revoke_grace_ms = self.config.revoke_grace_ms,
+                grace_period = ?settings.grace_period,
+                "kafka source: the revocation grace is capped at the topology's grace period"
+            );
+        }
+        lock(&self.book).grace = grace;
         tracing::debug!(
             group = %self.config.group,
             message_timeout = ?settings.message_timeout,
+            revoke_grace = ?grace,
             "kafka source configured"
         );
         Ok(())
@@ -673,6 +1022,7 @@ impl Source for KafkaSource {
         let Some(consumer) = self.consumer.clone() else {
             return Err(self.disconnected(SourceErrorKind::Poll));
         };
+        self.settle_revocation(false);
         self.commit_due();
         let count = max.min(self.config.batch_size);
         if count == 0 {
@@ -687,6 +1037,10 @@ impl Source for KafkaSource {
             .await
             .ok()
             .flatten();
+        // librdkafka queues a connectivity error at each failed reconnect
+        // while the brokers are down; the ones already queued are one
+        // error (the runtime reconnects once for them, not once each).
+        let mut down = None;
         while let Some(received) = next {
             match received {
                 Ok(m) => {
@@ -695,13 +1049,10 @@ impl Source for KafkaSource {
                     }
                 }
                 Err(e) if is_connectivity(&e) => {
-                    if msgs.is_empty() {
-                        return Err(SourceError::transient(
-                            SourceErrorKind::Poll,
-                            format!("{}: {e}", self.config.brokers),
-                        ));
+                    if !msgs.is_empty() {
+                        break;
                     }
-                    break;
+                    down = Some(e);
                 }
                 Err(e) => tracing::warn!(group = %self.config.group, "kafka consumer: {e}"),
             }
@@ -711,6 +1062,12 @@ impl Source for KafkaSource {
             next = stream.next().now_or_never().flatten();
         }
         drop(stream);
+        if let (true, Some(e)) = (msgs.is_empty(), down) {
+            return Err(SourceError::transient(
+                SourceErrorKind::Poll,
+                format!("{}: {e}", self.config.brokers),
+            ));
+        }
         self.stats.record_emitted(msgs.len());
         Ok(if msgs.is_empty() {
             Polled::Idle
@@ -738,6 +1095,7 @@ impl Source for KafkaSource {
         }
         KafkaStats::add(&self.kafka_stats.inner.stale_acks, stale);
         self.stats.record_acked(ids);
+        self.settle_revocation(false);
         self.commit_due();
         Ok(())
     }
@@ -817,6 +1175,7 @@ impl Source for KafkaSource {
             "dead-lettered: {}",
             reason.message
         );
+        self.settle_revocation(false);
         self.commit_due();
         Ok(())
     }
@@ -826,8 +1185,11 @@ impl Source for KafkaSource {
         // the partition's next assignment.
         let (slot, epoch, offset) = decode_id(id);
         if let Some(part) = lock(&self.book).part_mut(slot, epoch) {
-            part.held.remove(&offset);
+            if part.held.remove(&offset).is_some() {
+                part.released += 1;
+            }
         }
+        self.settle_revocation(false);
         Ok(())
     }
 
@@ -842,9 +1204,14 @@ impl Source for KafkaSource {
         let Some(consumer) = self.consumer.take() else {
             return Ok(());
         };
-        let due = lock(&self.book).due();
+        // From now on a revocation lets go at once: closing waits for it.
+        lock(&self.book).closing = true;
+        // Every partition's watermark, due or not: an earlier commit may
+        // have been lost (see `RECOMMIT_INTERVAL`).
+        let due = lock(&self.book).lows();
         let group = self.config.group.clone();
         let stats = self.kafka_stats.clone();
+        let book = self.book.clone();
         // Committing synchronously and leaving the group block: off the
         // runtime's threads.
         let closed = tokio::task::spawn_blocking(move || {
@@ -855,6 +1222,9 @@ impl Source for KafkaSource {
                     tracing::warn!(%group, "commit at shutdown failed: {e}");
                 }
             }
+            // A revocation in its grace ends now (what completed was just
+            // committed).
+            settle_revocation(consumer.as_ref(), &book, &stats, &group, true);
             consumer.unsubscribe();
             drop(consumer);
         })
