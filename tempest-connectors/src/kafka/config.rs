@@ -354,7 +354,10 @@ impl KafkaSourceConfig {
     ///
     /// - `group.instance.id` in `properties`, when set: used as it is (the
     ///   consumer config is built from `properties` already), so `None`;
-    /// - else `stable`, trimmed, when set and not blank: a replaced server
+    /// - else `stable`, trimmed, when set and not blank, with every
+    ///   character Kafka refuses in an instance id (all but ASCII letters,
+    ///   digits, `.`, `_` and `-`) made a `.` (`wordcount/server` becomes
+    ///   `wordcount.server`) and cut to 249 bytes: a replaced server
     ///   rejoins as the same static member and gets its partitions back
     ///   without waiting for a rebalance;
     /// - else `None`: a dynamic member (standalone runs, servers started by
@@ -364,7 +367,19 @@ impl KafkaSourceConfig {
             return None;
         }
         stable
-            .map(|s| s.trim().to_owned())
+            .map(|s| {
+                s.trim()
+                    .chars()
+                    .map(|c| {
+                        if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                            c
+                        } else {
+                            '.'
+                        }
+                    })
+                    .take(249)
+                    .collect::<String>()
+            })
             .filter(|s| !s.is_empty())
     }
 
@@ -444,15 +459,20 @@ mod tests {
         let c = with_properties(&[]);
         assert_eq!(
             c.group_instance_id(Some("wordcount/server".into())),
-            Some("wordcount/server".into())
+            Some("wordcount.server".into()),
+            "only characters Kafka takes in an instance id"
         );
         assert_eq!(
             c.group_instance_id(Some("  wordcount/server-2 \n".into())),
-            Some("wordcount/server-2".into()),
+            Some("wordcount.server-2".into()),
             "trimmed"
         );
+        assert_eq!(
+            c.group_instance_id(Some("x".repeat(300))).map(|s| s.len()),
+            Some(249)
+        );
         let consumer = c.consumer_config(Some("wordcount/server".into()));
-        assert_eq!(instance_id(&consumer), Some("wordcount/server"));
+        assert_eq!(instance_id(&consumer), Some("wordcount.server"));
         assert_eq!(consumer.get("group.id"), Some("tempest"));
     }
 

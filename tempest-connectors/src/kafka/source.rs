@@ -671,6 +671,8 @@ fn let_go<C: Consumer<Context>>(
 /// stays before it until the partition is reassigned or the source
 /// restarts, and the record is read again then.
 pub struct KafkaSource {
+    /// Which Kafka source of the process this is (from 0).
+    nth: u32,
     config: KafkaSourceConfig,
     consumer: Option<Arc<StreamConsumer<Context>>>,
     dead_letters: Option<FutureProducer>,
@@ -707,7 +709,13 @@ impl KafkaSource {
             grace: Duration::from_millis(config.revoke_grace_ms),
             ..Book::default()
         };
+        // The how-manieth Kafka source of this process: the second and later
+        // ones get their own static identity (`.2`, `.3`, ...), so two
+        // sources of one server in one group never fence each other.
+        static SOURCES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let nth = SOURCES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         KafkaSource {
+            nth,
             config,
             consumer: None,
             dead_letters: None,
@@ -985,7 +993,12 @@ impl Source for KafkaSource {
             };
             // Static membership by default on a topology server (see
             // `KafkaSourceConfig::group_instance_id`).
-            let stable = std::env::var(SOURCE_CONSUMER_ENV).ok();
+            let stable = std::env::var(SOURCE_CONSUMER_ENV)
+                .ok()
+                .map(|s| match self.nth {
+                    0 => s,
+                    n => format!("{}.{}", s.trim(), n + 1),
+                });
             let consumer_config = self.config.consumer_config(stable);
             if let Some(id) = consumer_config.get("group.instance.id") {
                 tracing::info!(
