@@ -4,6 +4,7 @@
 //! one JSON object on the last line of stdout, so scripts and CI can record
 //! it. Targets live here, never in timed tests.
 
+mod kafka;
 mod redis;
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -83,6 +84,12 @@ enum Workload {
     Redis,
     /// The bare XREADGROUP + XACK loop over the same stream: the broker's ceiling.
     RedisRaw,
+    /// The passthrough pipeline reading 3-partition Kafka topics pre-filled
+    /// with `--messages` records through a consumer group, taking turns
+    /// with the raw loop (whose figure of the same run it reports beside).
+    Kafka,
+    /// A bare librdkafka consume-and-commit loop over the same kind of topic.
+    KafkaRaw,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -135,6 +142,11 @@ struct Args {
     /// free loopback port).
     #[arg(long)]
     redis_url: Option<String>,
+    /// The Kafka bootstrap servers for `kafka` and `kafka-raw`, `host:port`
+    /// separated by commas (default: start a tansu broker on a free loopback
+    /// port).
+    #[arg(long)]
+    kafka_brokers: Option<String>,
     /// Print one JSON object on the last line of stdout.
     #[arg(long)]
     json: bool,
@@ -173,11 +185,20 @@ fn main() -> anyhow::Result<()> {
         max_pending: args.max_pending,
         url: args.redis_url.clone(),
     };
+    let kafka_args = || kafka::KafkaArgs {
+        messages: args.messages.unwrap_or(200_000),
+        batch_size: args.batch_size,
+        max_pending: args.max_pending,
+        brokers: args.kafka_brokers.clone(),
+    };
     let result = match (args.workload, args.mode) {
         (Workload::Ledger, _) => ledger(args.messages.unwrap_or(1_000_000)),
         (Workload::Redis, Mode::Standalone) => redis::redis(&redis_args())?,
         (Workload::RedisRaw, _) => redis::redis_raw(&redis_args())?,
         (Workload::Redis, Mode::Distributed) => bail!("the redis workload runs standalone"),
+        (Workload::Kafka, Mode::Standalone) => kafka::kafka(&kafka_args())?,
+        (Workload::KafkaRaw, _) => kafka::kafka_raw(&kafka_args())?,
+        (Workload::Kafka, Mode::Distributed) => bail!("the kafka workload runs standalone"),
         (_, Mode::Standalone) => throughput(&args)?,
         (_, Mode::Distributed) => distributed(&args)?,
     };
@@ -249,6 +270,8 @@ fn workload_name(w: Workload) -> &'static str {
         Workload::Latency => "latency",
         Workload::Redis => "redis",
         Workload::RedisRaw => "redis-raw",
+        Workload::Kafka => "kafka",
+        Workload::KafkaRaw => "kafka-raw",
     }
 }
 
@@ -617,8 +640,14 @@ fn serve(args: &Args) -> anyhow::Result<()> {
 
 /// This process's user + system CPU time so far, in microseconds, from
 /// `/proc/self/stat` (fields 14 and 15, in clock ticks).
-fn process_cpu_micros() -> u64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+pub(crate) fn process_cpu_micros() -> u64 {
+    proc_cpu_micros("/proc/self/stat")
+}
+
+/// The user + system CPU time so far of the process whose `stat` file is
+/// `path` (`/proc/<pid>/stat`), in microseconds; 0 when it cannot be read.
+pub(crate) fn proc_cpu_micros(path: &str) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(path) else {
         return 0;
     };
     // The command name (field 2) may hold spaces: count from its closing ')'.
