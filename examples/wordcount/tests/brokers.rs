@@ -19,13 +19,13 @@
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use common::{port_of, sentence, task_args, words, Id, Run, Summary, SENTENCES};
+use common::{port_of, sentence, task_args, Id, Run, Summary, SENTENCES};
 use redis::Value;
 use tempest_testkit::{NatsServer, RedisServer};
 use wordcount::REDIS_ENV;
@@ -63,62 +63,6 @@ fn serial() -> MutexGuard<'static, ()> {
 /// The count of every word over the sentences `0..n`.
 fn cycled_counts(n: u64) -> HashMap<String, u64> {
     common::cycled_counts(&SENTENCES, n)
-}
-
-/// What the hash holds beyond the expected counts.
-#[derive(Debug)]
-struct Duplicates {
-    /// Σ (count − expected) over the words.
-    words: u64,
-    /// The fewest sentences handled twice that explain the hash: a sentence
-    /// handled once more adds at most 1 to each of its words, so each
-    /// sentence was handled again at least as often as the most duplicated
-    /// of the words that only it has (every sentence has some).
-    sentences_at_least: u64,
-}
-
-/// Checks the hash against the expected counts: every word counted at
-/// least as often as it occurs (zero lost) and no other word. Returns the
-/// duplicates, or every problem found.
-fn check_counts(
-    counts: &HashMap<String, u64>,
-    expected: &HashMap<String, u64>,
-) -> Result<Duplicates, String> {
-    let mut problems = Vec::new();
-    let mut dup = HashMap::new();
-    for (w, &e) in expected {
-        let got = counts.get(w).copied().unwrap_or(0);
-        if got < e {
-            problems.push(format!("`{w}`: {got} of {e} counted, {} lost", e - got));
-        } else {
-            dup.insert(w.as_str(), got - e);
-        }
-    }
-    for w in counts.keys() {
-        if !expected.contains_key(w) {
-            problems.push(format!("`{w}`: not a word of the input"));
-        }
-    }
-    if !problems.is_empty() {
-        problems.sort();
-        return Err(problems.join("\n"));
-    }
-    let mut sentences_at_least = 0;
-    for (i, s) in SENTENCES.iter().enumerate() {
-        let others: HashSet<String> = SENTENCES
-            .iter()
-            .enumerate()
-            .filter(|&(j, _)| j != i)
-            .flat_map(|(_, o)| words(o))
-            .collect();
-        let own: Vec<String> = words(s).filter(|w| !others.contains(w)).collect();
-        assert!(!own.is_empty(), "{s:?} has no word of its own");
-        sentences_at_least += own.iter().map(|w| dup[w.as_str()]).max().unwrap_or(0);
-    }
-    Ok(Duplicates {
-        words: dup.values().sum(),
-        sentences_at_least,
-    })
 }
 
 // ---------------------------------------------------------------- configs
@@ -575,7 +519,7 @@ fn redis_topology_server_kill_9_loses_nothing() {
     let summary = stop_topology(&mut run, server);
     let connections: Vec<u64> = workers.iter().map(|&w| stop_worker(&mut run, w)).collect();
     let counts = redis.counts().unwrap_or_else(|e| run.fail(&e));
-    let dup = check_counts(&counts, &expected)
+    let dup = common::check_counts(&counts, &expected)
         .unwrap_or_else(|e| run.fail(&format!("lost or wrong counts:\n{e}")));
     eprintln!(
         "redis_topology_server_kill_9_loses_nothing: at the kill {held} entries un-acked, \
@@ -637,7 +581,7 @@ fn two_topology_servers_share_one_redis_group() {
     let sa = stop_topology(&mut run, a);
     let sb = stop_topology(&mut run, b);
     let counts = redis.counts().unwrap_or_else(|e| run.fail(&e));
-    let dup = check_counts(&counts, &expected)
+    let dup = common::check_counts(&counts, &expected)
         .unwrap_or_else(|e| run.fail(&format!("lost or wrong counts:\n{e}")));
     eprintln!(
         "two_topology_servers_share_one_redis_group: a: {}; b: {}; took {:.1?}",
@@ -712,7 +656,7 @@ fn nats_topology_server_kill_9_loses_nothing() {
     let summary = stop_topology(&mut run, server);
     let connections: Vec<u64> = workers.iter().map(|&w| stop_worker(&mut run, w)).collect();
     let counts = redis.counts().unwrap_or_else(|e| run.fail(&e));
-    let dup = check_counts(&counts, &expected)
+    let dup = common::check_counts(&counts, &expected)
         .unwrap_or_else(|e| run.fail(&format!("lost or wrong counts:\n{e}")));
     eprintln!(
         "nats_topology_server_kill_9_loses_nothing: at the kill {held} messages un-acked, \
@@ -798,7 +742,7 @@ fn standalone_redis_broker_restart_resumes() {
         .count();
     let summary = stop_topology(&mut run, standalone);
     let counts = redis.counts().unwrap_or_else(|e| run.fail(&e));
-    let dup = check_counts(&counts, &expected)
+    let dup = common::check_counts(&counts, &expected)
         .unwrap_or_else(|e| run.fail(&format!("lost or wrong counts:\n{e}")));
     eprintln!(
         "standalone_redis_broker_restart_resumes: {before} of {the} `the` counted at the restart \

@@ -21,14 +21,14 @@
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use common::{
-    command_info, cycled_counts, listening_addr, port_of, sentence, task_args, words, Id, Proc,
-    Run, Summary, LISTENING, SENTENCES,
+    command_info, cycled_counts, listening_addr, port_of, sentence, task_args, Id, Proc, Run,
+    Summary, LISTENING, SENTENCES,
 };
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -427,62 +427,6 @@ fn counted_in(files: &[&Path]) -> HashMap<String, u64> {
     counts
 }
 
-/// What the counts hold beyond the expected ones.
-#[derive(Debug)]
-struct Duplicates {
-    /// Σ (count − expected) over the words.
-    words: u64,
-    /// The fewest sentences handled twice that explain the counts: a
-    /// sentence handled once more adds at most 1 to each of its words, so
-    /// each sentence was handled again at least as often as the most
-    /// duplicated of the words that only it has (every sentence has some).
-    sentences_at_least: u64,
-}
-
-/// Checks the counts against the expected ones (as `brokers.rs` does):
-/// every word counted at least as often as it occurs (zero lost) and no
-/// other word. Returns the duplicates, or every problem found.
-fn check_counts(
-    counts: &HashMap<String, u64>,
-    expected: &HashMap<String, u64>,
-) -> Result<Duplicates, String> {
-    let mut problems = Vec::new();
-    let mut dup = HashMap::new();
-    for (w, &e) in expected {
-        let got = counts.get(w).copied().unwrap_or(0);
-        if got < e {
-            problems.push(format!("`{w}`: {got} of {e} counted, {} lost", e - got));
-        } else {
-            dup.insert(w.as_str(), got - e);
-        }
-    }
-    for w in counts.keys() {
-        if !expected.contains_key(w) {
-            problems.push(format!("`{w}`: not a word of the input"));
-        }
-    }
-    if !problems.is_empty() {
-        problems.sort();
-        return Err(problems.join("\n"));
-    }
-    let mut sentences_at_least = 0;
-    for (i, s) in SENTENCES.iter().enumerate() {
-        let others: HashSet<String> = SENTENCES
-            .iter()
-            .enumerate()
-            .filter(|&(j, _)| j != i)
-            .flat_map(|(_, o)| words(o))
-            .collect();
-        let own: Vec<String> = words(s).filter(|w| !others.contains(w)).collect();
-        assert!(!own.is_empty(), "{s:?} has no word of its own");
-        sentences_at_least += own.iter().map(|w| dup[w.as_str()]).max().unwrap_or(0);
-    }
-    Ok(Duplicates {
-        words: dup.values().sum(),
-        sentences_at_least,
-    })
-}
-
 /// 100,000 sentences from a 3-partition topic, distributed (a server,
 /// split, count ×2, output); the topology server is killed with SIGKILL
 /// mid-stream and restarted on its port with the same stable identity, so
@@ -560,7 +504,7 @@ fn kafka_topology_server_kill_9_loses_nothing() {
         .map(|&w| stop_worker_counted(&mut run, w))
         .unzip();
     let counts = counted_in(&[&totals]);
-    let dup = check_counts(&counts, &expected)
+    let dup = common::check_counts(&counts, &expected)
         .unwrap_or_else(|e| run.fail(&format!("lost or wrong counts:\n{e}")));
     // The dead server's roots past its commits: `split` handled every root
     // of both servers (each record under the commits at least once).
@@ -705,7 +649,7 @@ fn two_topology_servers_share_one_kafka_group_and_a_stopped_ones_partitions_move
         stop_worker(&mut run, w);
     }
     let counts = counted_in(&[&totals_a, &totals_b]);
-    let dup = check_counts(&counts, &expected)
+    let dup = common::check_counts(&counts, &expected)
         .unwrap_or_else(|e| run.fail(&format!("lost or wrong counts:\n{e}")));
     eprintln!(
         "two_topology_servers_share_one_kafka_group_and_a_stopped_ones_partitions_move: split \
@@ -797,7 +741,7 @@ fn standalone_kafka_broker_down_at_start_and_restarted_mid_stream_resumes() {
     let connects = stderr.matches("connected to kafka").count();
     let summary = stop_topology(&mut run, standalone);
     let counts = counted_in(&[&totals]);
-    let dup = check_counts(&counts, &expected)
+    let dup = common::check_counts(&counts, &expected)
         .unwrap_or_else(|e| run.fail(&format!("lost or wrong counts:\n{e}")));
     eprintln!(
         "standalone_kafka_broker_down_at_start_and_restarted_mid_stream_resumes: {failed_connects} \

@@ -7,7 +7,7 @@
 
 #![allow(dead_code)]
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -574,4 +574,61 @@ impl Run {
             _ => self.fail("no single summary line"),
         }
     }
+}
+
+/// What the counts (a Redis hash, an output file) hold beyond the
+/// expected ones.
+#[derive(Debug)]
+pub struct Duplicates {
+    /// Σ (count − expected) over the words.
+    pub words: u64,
+    /// The fewest sentences handled twice that explain the hash: a sentence
+    /// handled once more adds at most 1 to each of its words, so each
+    /// sentence was handled again at least as often as the most duplicated
+    /// of the words that only it has (every sentence has some).
+    pub sentences_at_least: u64,
+}
+
+/// Checks the hash against the expected counts: every word counted at
+/// least as often as it occurs (zero lost) and no other word. Returns the
+/// duplicates, or every problem found.
+pub fn check_counts(
+    counts: &HashMap<String, u64>,
+    expected: &HashMap<String, u64>,
+) -> Result<Duplicates, String> {
+    let mut problems = Vec::new();
+    let mut dup = HashMap::new();
+    for (w, &e) in expected {
+        let got = counts.get(w).copied().unwrap_or(0);
+        if got < e {
+            problems.push(format!("`{w}`: {got} of {e} counted, {} lost", e - got));
+        } else {
+            dup.insert(w.as_str(), got - e);
+        }
+    }
+    for w in counts.keys() {
+        if !expected.contains_key(w) {
+            problems.push(format!("`{w}`: not a word of the input"));
+        }
+    }
+    if !problems.is_empty() {
+        problems.sort();
+        return Err(problems.join("\n"));
+    }
+    let mut sentences_at_least = 0;
+    for (i, s) in SENTENCES.iter().enumerate() {
+        let others: HashSet<String> = SENTENCES
+            .iter()
+            .enumerate()
+            .filter(|&(j, _)| j != i)
+            .flat_map(|(_, o)| words(o))
+            .collect();
+        let own: Vec<String> = words(s).filter(|w| !others.contains(w)).collect();
+        assert!(!own.is_empty(), "{s:?} has no word of its own");
+        sentences_at_least += own.iter().map(|w| dup[w.as_str()]).max().unwrap_or(0);
+    }
+    Ok(Duplicates {
+        words: dup.values().sum(),
+        sentences_at_least,
+    })
 }
