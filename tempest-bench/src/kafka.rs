@@ -35,14 +35,12 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::json;
 use tokio::sync::watch;
 
-use tempest::{
-    FailReason, Health, Pipeline, Polled, Settings, Source, SourceError, SourceId, Topology,
-};
+use tempest::{FailReason, Health, Polled, Settings, Source, SourceError, SourceId, Topology};
 use tempest_connectors::kafka::{KafkaSource, KafkaSourceConfig};
 use tempest_testkit::kafka::KafkaServer;
 use tempest_topology::Standalone;
 
-use crate::{passthrough, proc_cpu_micros, process_cpu_micros};
+use crate::{passthrough_pipeline, proc_cpu_micros, process_cpu_micros};
 
 /// The topic's partitions.
 const PARTITIONS: i32 = 3;
@@ -509,14 +507,7 @@ fn drain_tempest(
             clock: clock.clone(),
             broker_pid: broker.server.as_ref().and_then(|s| s.pid()),
         })
-        .pipeline(
-            Pipeline::new()
-                .task("t1", || passthrough)
-                .task("t2", || passthrough)
-                .task("t3", || passthrough)
-                .edge("t1", "t2")
-                .edge("t2", "t3"),
-        )
+        .pipeline(passthrough_pipeline())
         .batch_size(args.batch_size)
         .max_pending(args.max_pending)
         .message_timeout(Duration::from_secs(60))

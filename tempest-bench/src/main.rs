@@ -250,6 +250,17 @@ fn ledger(roots: u64) -> serde_json::Value {
     })
 }
 
+/// t1 → t2 → t3, each passing every message on: the pipeline behind the
+/// broker workloads (`redis`, `kafka`).
+pub(crate) fn passthrough_pipeline() -> Pipeline {
+    Pipeline::new()
+        .task("t1", || passthrough)
+        .task("t2", || passthrough)
+        .task("t3", || passthrough)
+        .edge("t1", "t2")
+        .edge("t2", "t3")
+}
+
 pub(crate) fn passthrough(m: Msg) -> TaskResult {
     Ok(Some(vec![m]))
 }

@@ -17,9 +17,9 @@ use redis::streams::{StreamReadOptions, StreamReadReply};
 use serde_json::json;
 use tokio::sync::watch;
 
-use tempest::{Pipeline, Topology};
+use tempest::Topology;
 
-use crate::{passthrough, Counted};
+use crate::{passthrough_pipeline, Counted};
 use tempest_connectors::redis::{RedisSourceConfig, RedisStreamSource};
 use tempest_testkit::RedisServer;
 use tempest_topology::Standalone;
@@ -127,14 +127,7 @@ fn tempest_drain(
             acked: acked.clone(),
             stop_at: Some((args.messages, stop)),
         })
-        .pipeline(
-            Pipeline::new()
-                .task("t1", || passthrough)
-                .task("t2", || passthrough)
-                .task("t3", || passthrough)
-                .edge("t1", "t2")
-                .edge("t2", "t3"),
-        )
+        .pipeline(passthrough_pipeline())
         .batch_size(args.batch_size)
         .max_pending(args.max_pending)
         .message_timeout(Duration::from_secs(60))
